@@ -1,0 +1,227 @@
+"""The ASGI application: admin endpoints, the proxy, start-up and shutdown, and hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from gateway import metrics
+from gateway.config import GatewayConfig, RouteConfig, default_config_path, load_config
+from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
+from gateway.proxy import Proxy, Receive, Scope, Send, create_upstream_session
+from gateway.responses import send_bytes, send_json
+from gateway.routing import Route, Router, Upstream
+from gateway.secrets import Secret
+from gateway.telemetry import Telemetry
+from gateway.tls import client_context
+
+logger = logging.getLogger("gateway")
+
+
+def _credential_key(name: str, route: RouteConfig) -> tuple[str, Any]:
+    # Config models are frozen and hashable; SecretStr hashes by value, so a changed secret is a new key.
+    return (name, route.auth)
+
+
+def build_router(
+    config: GatewayConfig,
+    ctx: BuildContext,
+    reuse: dict[tuple[str, Any], Credential] | None = None,
+) -> Router:
+    """Routes with their credentials; credentials whose auth config is unchanged are reused as they are."""
+    routes: list[Route] = []
+    for name, rc in config.routes.items():
+        key = _credential_key(name, rc)
+        credential = (reuse or {}).get(key) or build_credential(name, rc.auth, ctx)
+        headers: list[tuple[str, str | Secret]] = []
+        for header, spec in rc.headers.items():
+            value: str | Secret = (
+                spec
+                if isinstance(spec, str)
+                else resolve_secret(spec, f"routes.{name}.headers.{header}", ctx)
+            )
+            headers.append((header, value))
+        retry = rc.retry
+        routes.append(
+            Route(
+                name=name,
+                prefix=rc.path,
+                upstreams=[Upstream(u.url, priority=u.priority, weight=u.weight) for u in rc.upstream_list()],
+                credential=credential,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(
+                    total=rc.timeout_s, sock_connect=rc.connect_timeout_s, sock_read=rc.read_timeout_s
+                ),
+                max_body_bytes=config.max_body_bytes(rc),
+                replay_buffer_bytes=config.replay_buffer_bytes(rc),
+                retry_attempts=retry.attempts,
+                retry_statuses=frozenset(retry.on_statuses),
+                retry_on_connection_errors=retry.on_connection_errors,
+                backoff_base_s=retry.backoff_base_s,
+                backoff_max_s=retry.backoff_max_s,
+                retry_after_cap_s=retry.retry_after_cap_s,
+                budget_ratio=retry.budget_ratio,
+                deadline_s=retry.deadline_s,
+                outlier_failures=rc.outlier.consecutive_failures,
+                ejection_s=rc.outlier.ejection_s,
+                max_concurrent=rc.max_concurrent_requests,
+                queue_timeout_s=rc.queue_timeout_s,
+                credential_key=key,
+            )
+        )
+    return Router(routes)
+
+
+class GatewayApp:
+    """Raw ASGI: admin paths are a dictionary look-up, everything else goes to the proxy."""
+
+    def __init__(self, config: GatewayConfig, *, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.ssl_context = client_context(config.tls.ca_bundle)
+        self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
+        self.router = build_router(config, self.ctx)
+        self.telemetry = Telemetry(access_log=config.server.access_log)
+        self.proxy: Proxy | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self._admin: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics,
+        }
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def credentials(self) -> list[Credential]:
+        return [r.credential for r in self.router.routes]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            admin = self._admin.get(scope["path"])
+            if admin is not None:
+                await admin(scope, receive, send)
+                return
+            proxy = self.proxy
+            assert proxy is not None, "the lifespan protocol must run before requests"
+            await proxy.handle(scope, receive, send, self.router)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # surfaced by uvicorn as a failed start-up
+                    logger.error("start-up failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        connections = sum(
+            max(1, rc.max_connections) * len(rc.upstream_list()) for rc in self.config.routes.values()
+        )
+        self.session = create_upstream_session(self.ssl_context, connections=connections)
+        self.proxy = Proxy(
+            session=self.session,
+            telemetry=self.telemetry,
+            max_header_bytes=self.config.server.max_header_bytes,
+            max_header_count=self.config.server.max_header_count,
+        )
+        for credential in self.credentials:
+            await credential.start()
+        logger.info(
+            "gateway ready: %s",
+            ", ".join(
+                f"{r.name} {r.prefix} -> {', '.join(u.origin for u in r.upstreams)} ({r.credential.kind})"
+                for r in self.router.routes
+            ),
+        )
+
+    async def shutdown(self) -> None:
+        for credential in self.credentials:
+            await credential.close()
+        if self.session is not None:
+            await self.session.close()
+
+    async def reload(self, config: GatewayConfig) -> None:
+        """Swap to a validated config; unchanged credentials keep their state and cached tokens."""
+        async with self._reload_lock:
+            old = self.router
+            reuse = {r.credential_key: r.credential for r in old.routes}
+            ctx = BuildContext(ssl_context=self.ssl_context, source=self.ctx.source)
+            router = build_router(config, ctx, reuse)
+            kept = {id(r.credential) for r in router.routes}
+            for route in router.routes:
+                if route.credential not in reuse.values():
+                    await route.credential.start()
+            self.router = router  # atomic: requests in flight keep the Route objects they hold
+            self.config = config
+            for route in old.routes:
+                if id(route.credential) not in kept:
+                    await route.credential.close()
+            metrics.RELOADS.labels("ok").inc()
+            logger.warning("configuration reloaded: routes %s", ", ".join(r.name for r in router.routes))
+
+    async def reload_from_file(self) -> bool:
+        if not self.config_path:
+            return False
+        try:
+            config = load_config(self.config_path)
+            await self.reload(config)
+            return True
+        except Exception as exc:
+            metrics.RELOADS.labels("rejected").inc()
+            logger.error("configuration reload rejected, keeping the running config: %s", exc)
+            return False
+
+    # Admin endpoints
+
+    async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_bytes(send, 200, b'{"status":"ok"}', b"application/json")
+
+    def readiness(self) -> dict[str, Any]:
+        routes = []
+        for route in self.router.routes:
+            status = route.credential.status()
+            metrics.CREDENTIAL_READY.labels(route.name).set(1 if status.ready else 0)
+            routes.append({"name": route.name, "path": route.prefix, **status.as_dict()})
+        return {"ready": all(r["ready"] for r in routes), "routes": routes}
+
+    async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        report = self.readiness()
+        await send_json(send, 200 if report["ready"] else 503, report)
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.readiness()  # refreshes the credential gauges
+        for route in self.router.routes:
+            status = route.credential.status()
+            if status.expires_in_s is not None:
+                metrics.CREDENTIAL_EXPIRY.labels(route.name).set(status.expires_in_s)
+            if status.kind == "key" and status.active_slot:
+                for slot in ("primary", "secondary"):
+                    metrics.ACTIVE_KEY_SLOT.labels(route.name, slot).set(
+                        1 if slot == status.active_slot else 0
+                    )
+        body, content_type = metrics.render()
+        await send_bytes(send, 200, body, content_type.encode())
+
+
+def app_from_env() -> GatewayApp:
+    """uvicorn factory for multi-worker mode: each worker process builds its own app."""
+    from gateway import logs
+
+    logs.configure(os.environ.get("GATEWAY_LOG_LEVEL", "info"), os.environ.get("GATEWAY_LOG_FORMAT", "text"))
+    path = default_config_path()
+    return GatewayApp(load_config(path), config_path=path)

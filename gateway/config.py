@@ -1,0 +1,424 @@
+"""The configuration file: typed, validated models and the loader that names what is wrong and where."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "config/gateway.yaml"
+CONFIG_ENV = "GATEWAY_CONFIG"
+ADMIN_PATHS = ("/healthz", "/readyz", "/metrics")
+MIB = 1024 * 1024
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers the gateway owns on the upstream request; a route may not set them.
+_RESERVED_HEADERS = frozenset(
+    {"authorization", "host", "content-length", "transfer-encoding", "connection", "x-request-id"}
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnvRef(_Model):
+    """`{env: NAME}`: the value of an environment variable."""
+
+    env: str = Field(min_length=1)
+
+
+class FileRef(_Model):
+    """`{file: PATH}`: the content of a file, one trailing newline removed, re-read when it changes."""
+
+    file: str = Field(min_length=1)
+
+
+class LiteralRef(_Model):
+    """A secret written into the config file itself (allowed, with a start-up warning)."""
+
+    value: SecretStr
+
+
+def _secret_spec(value: Any) -> Any:
+    if isinstance(value, LiteralRef | EnvRef | FileRef):
+        return value
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("a secret must not be empty")
+        return LiteralRef(value=SecretStr(value))
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, inner),) = value.items()
+        if key in ("env", "file") and isinstance(inner, str) and inner:
+            return EnvRef(env=inner) if key == "env" else FileRef(file=inner)
+    raise ValueError("expected a string, {env: VARIABLE_NAME} or {file: /path/to/file}")
+
+
+SecretSpec = Annotated[LiteralRef | EnvRef | FileRef, PlainValidator(_secret_spec)]
+
+
+def _header_value(value: Any) -> Any:
+    if isinstance(value, str):
+        if "\r" in value or "\n" in value:
+            raise ValueError("a header value must not contain line breaks")
+        return value
+    return _secret_spec(value)
+
+
+# A plain string is an ordinary header value; {env:} and {file:} carry secrets such as API keys.
+HeaderValue = Annotated[str | EnvRef | FileRef, PlainValidator(_header_value)]
+
+
+class ServerConfig(_Model):
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. Loopback by default: a sidecar shares the pod's network.",
+    )
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="Worker processes (uvicorn).")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = Field(True, description="One line per proxied request at level info.")
+    max_body_bytes: int = Field(10 * MIB, ge=0, description="Default request body limit (413 above it).")
+    replay_buffer_bytes: int = Field(
+        2 * MIB, ge=0, description="Request bodies up to this size are kept so they can be re-sent."
+    )
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Total request header size (431 above it).")
+    max_header_count: int = Field(100, ge=8, description="Request header count (431 above it).")
+    grace_period_s: float = Field(
+        25.0, ge=0, description="How long in-flight requests may finish after SIGTERM."
+    )
+    keepalive_timeout_s: float = Field(5.0, gt=0, description="Idle client connections close after this.")
+    allow_unauthenticated_remote: bool = Field(
+        False, description="Allow a non-loopback host without inbound protection. Think twice."
+    )
+
+
+class TlsConfig(_Model):
+    ca_bundle: str | None = Field(
+        None,
+        description="PEM file of CAs trusted in addition to the system ones, for every outbound connection.",
+    )
+
+
+class CertificateConfig(_Model):
+    private_key: SecretSpec
+    certificate: SecretSpec
+
+
+class ManagedIdentityRef(_Model):
+    client_id: str | None = None
+    resource_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_id(self) -> ManagedIdentityRef:
+        if (self.client_id is None) == (self.resource_id is None):
+            raise ValueError("a user-assigned managed identity needs exactly one of client_id or resource_id")
+        return self
+
+
+class IdentityConfig(_Model):
+    """How the gateway proves who it is to Microsoft Entra ID. Unset fields fall back to AZURE_* variables."""
+
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: SecretSpec | None = None
+    certificate: CertificateConfig | None = None
+    federated_token_file: str | None = None
+    managed_identity: Literal["system"] | ManagedIdentityRef | None = None
+    authority_host: str | None = None
+    timeout_s: float = Field(10.0, gt=0, description="Timeout of one call to the identity provider.")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> IdentityConfig:
+        given = [
+            name
+            for name in ("client_secret", "certificate", "federated_token_file", "managed_identity")
+            if getattr(self, name) is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(
+                f"give only one of client_secret, certificate, federated_token_file, "
+                f"managed_identity (found {', '.join(given)})"
+            )
+        return self
+
+
+class EndpointRef(_Model):
+    """An Azure ML online endpoint in the control plane."""
+
+    subscription_id: str = Field(min_length=1)
+    resource_group: str = Field(min_length=1)
+    workspace: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+
+
+class NoneAuth(_Model):
+    type: Literal["none"]
+
+
+class KeyAuth(_Model):
+    type: Literal["key"]
+    primary: SecretSpec | None = None
+    secondary: SecretSpec | None = None
+    recheck_after_s: float = Field(300.0, gt=0, description="When a rejected key is tried again.")
+    from_endpoint: EndpointRef | None = Field(None, description="Fetch the keys with listKeys instead.")
+    identity: IdentityConfig | None = None
+    arm_url: str = "https://management.azure.com"
+    api_version: str = "2023-04-01"
+    refresh_every_s: float = Field(
+        900.0, gt=0, description="How often keys are fetched from the control plane."
+    )
+
+    @model_validator(mode="after")
+    def _keys_or_endpoint(self) -> KeyAuth:
+        if self.from_endpoint is None:
+            if self.primary is None:
+                raise ValueError(
+                    "a key route needs `primary` (and optionally `secondary`), or `from_endpoint`"
+                )
+            if self.identity is not None:
+                raise ValueError("`identity` is only used with `from_endpoint`")
+        elif self.primary is not None or self.secondary is not None:
+            raise ValueError("give either literal keys (`primary`/`secondary`) or `from_endpoint`, not both")
+        return self
+
+
+class AadTokenAuth(_Model):
+    type: Literal["aad_token"]
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)  # type: ignore[arg-type]
+    scope: str = "https://ml.azure.com/.default"
+
+
+class AmlTokenAuth(_Model):
+    type: Literal["aml_token"]
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)  # type: ignore[arg-type]
+    endpoint: EndpointRef
+    arm_url: str = "https://management.azure.com"
+    api_version: str = "2023-04-01"
+
+
+AuthConfig = Annotated[NoneAuth | KeyAuth | AadTokenAuth | AmlTokenAuth, Field(discriminator="type")]
+
+
+class UpstreamConfig(_Model):
+    url: str
+    priority: int = Field(0, description="Lower is preferred; equal priorities share traffic by weight.")
+    weight: int = Field(1, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, "url")
+
+
+class RetryConfig(_Model):
+    attempts: int = Field(3, ge=1, le=10, description="Upstream attempts per request, the first included.")
+    on_statuses: list[int] = Field(default_factory=lambda: [429, 502, 503, 504])
+    on_connection_errors: bool = True
+    backoff_base_s: float = Field(0.05, ge=0)
+    backoff_max_s: float = Field(2.0, ge=0)
+    retry_after_cap_s: float = Field(
+        5.0, ge=0, description="Longest Retry-After the gateway waits out itself."
+    )
+    budget_ratio: float = Field(
+        0.2, ge=0, le=1, description="Retries at most this fraction of recent requests."
+    )
+    deadline_s: float | None = Field(None, gt=0, description="Whole-request deadline across attempts.")
+
+
+class OutlierConfig(_Model):
+    consecutive_failures: int = Field(5, ge=1)
+    ejection_s: float = Field(30.0, gt=0)
+
+
+class RouteConfig(_Model):
+    path: str
+    upstream: str | None = None
+    upstreams: list[UpstreamConfig] | None = None
+    timeout_s: float = Field(60.0, gt=0, description="Total time for one upstream attempt.")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    headers: dict[str, HeaderValue] = Field(default_factory=dict)
+    auth: AuthConfig
+    max_body_bytes: int | None = Field(None, ge=0, description="Overrides server.max_body_bytes.")
+    replay_buffer_bytes: int | None = Field(None, ge=0, description="Overrides server.replay_buffer_bytes.")
+    read_timeout_s: float | None = Field(
+        None, gt=0, description="Longest wait for the next byte (first included)."
+    )
+    max_connections: int = Field(256, ge=1, description="Pooled upstream connections for this route.")
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="Upstream requests in flight at once; more wait, then get 503 overloaded."
+    )
+    queue_timeout_s: float = Field(1.0, ge=0, description="How long a request waits for a free slot.")
+    retry: RetryConfig = Field(default_factory=RetryConfig)  # type: ignore[arg-type]
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _one_upstream_form(self) -> RouteConfig:
+        if (self.upstream is None) == (self.upstreams is None):
+            raise ValueError("give either `upstream: URL` or `upstreams: [{url: ...}, ...]`")
+        if self.upstreams is not None and not self.upstreams:
+            raise ValueError("`upstreams` must list at least one upstream")
+        return self
+
+    def upstream_list(self) -> list[UpstreamConfig]:
+        if self.upstreams is not None:
+            return list(self.upstreams)
+        assert self.upstream is not None
+        return [UpstreamConfig(url=self.upstream)]  # type: ignore[call-arg]
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        if any(c in value for c in "?#%\\ \t") or "//" in value:
+            raise ValueError("must be a plain path without '?', '#', '%', '\\', spaces or '//'")
+        if any(segment in (".", "..") for segment in value.split("/")):
+            raise ValueError("must not contain '.' or '..' segments")
+        stripped = value.rstrip("/") or "/"
+        for admin in ADMIN_PATHS:
+            if stripped == "/" or admin == stripped or admin.startswith(stripped + "/"):
+                raise ValueError(f"would shadow the admin endpoint {admin}; choose another prefix")
+        return stripped
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value, "upstream")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"{name!r} is set by the gateway itself and cannot be configured")
+        return value
+
+
+def _check_url(value: str, what: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be an absolute http:// or https:// URL, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{what} must not have a query string or fragment")
+    if parts.username or parts.password:
+        raise ValueError(f"{what} must not carry credentials in the URL")
+    return value.rstrip("/")
+
+
+class GatewayConfig(_Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
+    routes: dict[str, RouteConfig] = Field(min_length=1)
+
+    @field_validator("routes")
+    @classmethod
+    def _route_names(cls, value: dict[str, RouteConfig]) -> dict[str, RouteConfig]:
+        seen: dict[str, str] = {}
+        for name, route in value.items():
+            if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+                raise ValueError(f"route name {name!r} may only use letters, digits, '_', '.', '-'")
+            if route.path in seen:
+                raise ValueError(
+                    f"routes {seen[route.path]!r} and {name!r} have the same path {route.path!r}"
+                )
+            seen[route.path] = name
+        return value
+
+    def max_body_bytes(self, route: RouteConfig) -> int:
+        return self.server.max_body_bytes if route.max_body_bytes is None else route.max_body_bytes
+
+    def replay_buffer_bytes(self, route: RouteConfig) -> int:
+        return (
+            self.server.replay_buffer_bytes
+            if route.replay_buffer_bytes is None
+            else route.replay_buffer_bytes
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        text = str(item)
+        # pydantic adds the union member it tried to the location; a reader knows only the file's keys.
+        if text in ("none", "key", "aad_token", "aml_token") or text.startswith(("function-", "literal[")):
+            continue
+        parts.append(text)
+    return ".".join(parts) or "(top level)"
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    lines: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for item in error.errors(include_url=False, include_input=False):
+        where = _location(tuple(item["loc"]))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and indentation)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        if (where, message) in seen:
+            continue
+        seen.add((where, message))
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: (top level): expected a mapping with `routes:`")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found (pass --config PATH or set {CONFIG_ENV})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
+    return parse_config(data, source)
+
+
+def default_config_path() -> str:
+    return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH

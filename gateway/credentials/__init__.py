@@ -1,0 +1,86 @@
+"""Credential kinds behind one interface (`base.Credential`), and the factory that builds them from config."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import (
+    AadTokenAuth,
+    AmlTokenAuth,
+    EnvRef,
+    FileRef,
+    KeyAuth,
+    LiteralRef,
+    NoneAuth,
+    SecretSpec,
+)
+from gateway.credentials.base import Credential, CredentialStatus, Grant, NoCredential
+from gateway.credentials.key import KeyCredential, KeySlot
+from gateway.errors import ConfigError, SecretError
+from gateway.secrets import EnvSecret, FileSecret, LiteralSecret, Secret
+
+__all__ = [
+    "BuildContext",
+    "Credential",
+    "CredentialStatus",
+    "Grant",
+    "build_credential",
+    "resolve_secret",
+]
+
+logger = logging.getLogger("gateway.config")
+
+
+@dataclass
+class BuildContext:
+    """What credentials share within one process: TLS policy and long-lived clients."""
+
+    ssl_context: ssl.SSLContext
+    source: str = "<config>"
+    warn_literals: bool = True
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_secret(spec: SecretSpec, where: str, ctx: BuildContext) -> Secret:
+    try:
+        if isinstance(spec, EnvRef):
+            return EnvSecret(spec.env)
+        if isinstance(spec, FileRef):
+            return FileSecret(spec.file)
+        if ctx.warn_literals:
+            logger.warning(
+                "%s: %s is a literal secret in the config file; prefer {env: NAME} or {file: PATH}",
+                ctx.source,
+                where,
+            )
+        assert isinstance(spec, LiteralRef)
+        return LiteralSecret(spec.value.get_secret_value())
+    except SecretError as exc:
+        raise ConfigError(f"{ctx.source}: {where}: {exc}") from None
+
+
+def build_credential(route: str, auth: Any, ctx: BuildContext) -> Credential:
+    where = f"routes.{route}.auth"
+    if isinstance(auth, NoneAuth):
+        return NoCredential(route)
+    if isinstance(auth, KeyAuth):
+        if auth.from_endpoint is not None:
+            from gateway.credentials.control_plane import build_control_plane_keys
+
+            return build_control_plane_keys(route, auth, ctx)
+        slots = [KeySlot("primary", resolve_secret(auth.primary, f"{where}.primary", ctx))]  # type: ignore[arg-type]
+        if auth.secondary is not None:
+            slots.append(KeySlot("secondary", resolve_secret(auth.secondary, f"{where}.secondary", ctx)))
+        return KeyCredential(route, slots, recheck_after_s=auth.recheck_after_s)
+    if isinstance(auth, AadTokenAuth):
+        from gateway.credentials.aad import build_aad_credential
+
+        return build_aad_credential(route, auth, ctx)
+    if isinstance(auth, AmlTokenAuth):
+        from gateway.credentials.aml import build_aml_credential
+
+        return build_aml_credential(route, auth, ctx)
+    raise ConfigError(f"{ctx.source}: {where}.type: unsupported auth type")

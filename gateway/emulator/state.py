@@ -1,0 +1,715 @@
+"""All mutable state of the emulator: credentials, identities, token signing, counters and fault switches.
+
+The HTTP handlers run on the emulator's event-loop thread while tests read counters and flip faults from
+their own thread, so every access goes through one lock. Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Collection, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Final, Literal
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.emulator.tls import thumbprints
+
+__all__ = [
+    "AML_RESOURCE",
+    "ARM_RESOURCE",
+    "FAULT_TARGETS",
+    "FEDERATED_AUDIENCE",
+    "FEDERATED_ISSUER",
+    "EmulatorState",
+    "Fault",
+    "ManagedIdentity",
+    "RegisteredApp",
+    "TokenValidationError",
+]
+
+AML_RESOURCE: Final = "https://ml.azure.com"
+ARM_RESOURCE: Final = "https://management.azure.com"
+# The audience Entra ID requires on workload-identity (federated) assertions.
+FEDERATED_AUDIENCE: Final = "api://AzureADTokenExchange"
+# A stand-in for a Kubernetes service-account issuer; `.invalid` guarantees nobody can resolve it.
+FEDERATED_ISSUER: Final = "https://oidc.emulator.invalid/"
+FAULT_TARGETS: Final = ("token", "mi", "arm", "score")
+
+KeySlot = Literal["primary", "secondary"]
+FaultTarget = Literal["token", "mi", "arm", "score"]
+
+_RECENT_SCORES = 200
+_DEFAULT_RESOURCES = (AML_RESOURCE, ARM_RESOURCE, "https://management.core.windows.net")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64url_uint(value: int) -> str:
+    return _b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+
+def normalize_resource(resource: str) -> str:
+    """`https://management.azure.com/` and `https://management.azure.com` name the same resource."""
+    return resource.rstrip("/")
+
+
+class TokenValidationError(Exception):
+    """A bearer token the emulator refuses; `reason` is a short machine-readable word."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RegisteredApp:
+    """An app registration (service principal) with the credentials Entra ID would accept for it."""
+
+    tenant_id: str
+    client_id: str
+    object_id: str
+    secret: str | None = field(default=None, repr=False)
+    certificate_pem: str | None = field(default=None, repr=False)
+    federated_subject: str | None = None
+    certificate_sha1: str | None = None
+    certificate_sha256: str | None = None
+
+    def public_json(self) -> dict[str, Any]:
+        return {
+            "tenant_id": self.tenant_id,
+            "client_id": self.client_id,
+            "object_id": self.object_id,
+            "credentials": [
+                kind
+                for kind, present in (
+                    ("secret", self.secret is not None),
+                    ("certificate", self.certificate_pem is not None),
+                    ("federated", self.federated_subject is not None),
+                )
+                if present
+            ],
+            "federated_subject": self.federated_subject,
+            "certificate_sha1": self.certificate_sha1,
+        }
+
+
+@dataclass(frozen=True)
+class ManagedIdentity:
+    client_id: str
+    object_id: str
+    resource_id: str
+    system_assigned: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What to do to the next requests of one target.
+
+    `status`: answer with this HTTP status and the target's Azure-shaped error body.
+    `retry_after`: seconds, sent as a Retry-After header along with `status`.
+    `remaining`: how many more requests are affected; None means until cleared.
+    `delay_s`: latency added before answering (normally, unless `status` is set too).
+    `hang_s`: hold the request this long, then fail it (with `status`, else 504): an unresponsive service.
+    """
+
+    target: str
+    status: int | None = None
+    retry_after: int | None = None
+    remaining: int | None = None
+    hang_s: float | None = None
+    delay_s: float | None = None
+
+    @property
+    def fails(self) -> bool:
+        return self.status is not None or self.hang_s is not None
+
+    @property
+    def failure_status(self) -> int:
+        return self.status if self.status is not None else 504
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _new_signing_material() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "emulated Entra ID token signing")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+class EmulatorState:
+    """Everything the emulated services know. Safe to use from any thread.
+
+    Lifetimes are plain attributes and can be changed at any time; they apply to tokens issued afterwards:
+    `token_lifetime_s` (Entra ID client-credential tokens), `refresh_in_s` (None: Entra's own rule, i.e.
+    half the lifetime when it is at least 2 h, else omitted; 0: never send `refresh_in`),
+    `mi_token_lifetime_s` (None: same as `token_lifetime_s`), `aml_token_lifetime_s` (ARM `token` op),
+    `score_delay_s` (model latency), `lro_retry_after_s` (Retry-After of regenerateKeys' 202).
+    """
+
+    def __init__(
+        self,
+        *,
+        primary_key: str | None = None,
+        secondary_key: str | None = None,
+        token_lifetime_s: int = 3600,
+        refresh_in_s: int | None = None,
+        mi_token_lifetime_s: int | None = None,
+        aml_token_lifetime_s: int = 3600,
+        score_delay_s: float = 0.0,
+        lro_retry_after_s: int = 10,
+        mi_tenant_id: str | None = None,
+        identity_header: str | None = None,
+        deployment: str = "blue",
+    ) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, str] = {
+            "primary": primary_key or secrets.token_urlsafe(32),
+            "secondary": secondary_key or secrets.token_urlsafe(32),
+        }
+        self.token_lifetime_s = token_lifetime_s
+        self.refresh_in_s = refresh_in_s
+        self.mi_token_lifetime_s = mi_token_lifetime_s
+        self.aml_token_lifetime_s = aml_token_lifetime_s
+        self.score_delay_s = score_delay_s
+        self.lro_retry_after_s = lro_retry_after_s
+        self.deployment = deployment
+
+        self._apps: dict[tuple[str, str], RegisteredApp] = {}
+        self._resources: set[str] = {normalize_resource(r) for r in _DEFAULT_RESOURCES}
+        self.mi_tenant_id = mi_tenant_id or str(uuid.uuid4())
+        # The secret App Service injects as IDENTITY_HEADER; it must come back in X-IDENTITY-HEADER.
+        self.identity_header = identity_header or secrets.token_urlsafe(24)
+        self.system_identity = self._make_identity("system", system_assigned=True)
+        self._user_identities: dict[str, ManagedIdentity] = {}
+
+        self._signing_key, self._signing_cert = _new_signing_material()
+        der = self._signing_cert.public_bytes(serialization.Encoding.DER)
+        # Entra ID uses the certificate's base64url SHA-1 thumbprint as both `kid` and `x5t`.
+        self.signing_kid = _b64url(self._signing_cert.fingerprint(hashes.SHA1()))  # noqa: S303
+        self._signing_der = der
+
+        self._aml_tokens: dict[str, float] = {}
+        self._faults: dict[str, Fault] = {}
+        self._init_counters()
+
+    # ----------------------------------------------------------------- endpoint keys
+    @property
+    def primary_key(self) -> str:
+        with self._lock:
+            return self._keys["primary"]
+
+    @property
+    def secondary_key(self) -> str:
+        with self._lock:
+            return self._keys["secondary"]
+
+    def keys(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._keys)
+
+    def regenerate_key(self, slot: str, value: str | None = None) -> str:
+        """Replace one key (like ARM regenerateKeys). Returns the new key; the old one stops working."""
+        slot = slot.lower()
+        if slot not in self._keys:
+            raise ValueError(f"slot must be 'primary' or 'secondary', not {slot!r}")
+        if value is not None and not value.strip():
+            raise ValueError("key value must not be empty")
+        new_key = value if value is not None else secrets.token_urlsafe(32)
+        with self._lock:
+            self._keys[slot] = new_key
+        return new_key
+
+    def match_key(self, candidate: str) -> str | None:
+        """Return the slot whose key equals `candidate`, comparing in constant time."""
+        with self._lock:
+            keys = dict(self._keys)
+        found = None
+        for slot, key in keys.items():
+            if secrets.compare_digest(candidate.encode(), key.encode()):
+                found = slot
+        return found
+
+    # ----------------------------------------------------------------- app registrations
+    def add_app(
+        self,
+        tenant_id: str,
+        client_id: str,
+        *,
+        secret: str | None = None,
+        certificate_pem: str | None = None,
+        federated_subject: str | None = None,
+    ) -> RegisteredApp:
+        """Register (or replace) an app in a tenant with any combination of credentials."""
+        if not (secret or certificate_pem or federated_subject):
+            raise ValueError("an app needs a secret, a certificate or a federated subject")
+        sha1 = sha256 = None
+        if certificate_pem:
+            sha1, sha256 = thumbprints(certificate_pem)
+        app = RegisteredApp(
+            tenant_id=tenant_id,
+            client_id=client_id,
+            object_id=str(uuid.uuid4()),
+            secret=secret,
+            certificate_pem=certificate_pem,
+            federated_subject=federated_subject,
+            certificate_sha1=sha1,
+            certificate_sha256=sha256,
+        )
+        with self._lock:
+            self._apps[(tenant_id.lower(), client_id.lower())] = app
+        return app
+
+    def get_app(self, tenant_id: str, client_id: str) -> RegisteredApp | None:
+        with self._lock:
+            return self._apps.get((tenant_id.lower(), client_id.lower()))
+
+    def apps(self) -> list[RegisteredApp]:
+        with self._lock:
+            return list(self._apps.values())
+
+    def add_resource(self, resource: str) -> None:
+        """Make Entra ID issue tokens for another resource (application ID URI)."""
+        with self._lock:
+            self._resources.add(normalize_resource(resource))
+
+    def knows_resource(self, resource: str) -> bool:
+        with self._lock:
+            return normalize_resource(resource) in self._resources
+
+    # ----------------------------------------------------------------- managed identities
+    def _make_identity(self, name: str, *, system_assigned: bool, client_id: str | None = None) -> ManagedIdentity:
+        sub = "00000000-0000-0000-0000-000000000000"
+        if system_assigned:
+            resource_id = f"/subscriptions/{sub}/resourceGroups/emulator/providers/Microsoft.Compute/virtualMachines/{name}"
+        else:
+            resource_id = (
+                f"/subscriptions/{sub}/resourceGroups/emulator/providers/"
+                f"Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+            )
+        return ManagedIdentity(
+            client_id=client_id or str(uuid.uuid4()),
+            object_id=str(uuid.uuid4()),
+            resource_id=resource_id,
+            system_assigned=system_assigned,
+        )
+
+    def add_user_assigned_identity(self, client_id: str | None = None, *, name: str | None = None) -> ManagedIdentity:
+        with self._lock:
+            identity = self._make_identity(
+                name or f"uami-{len(self._user_identities) + 1}", system_assigned=False, client_id=client_id
+            )
+            self._user_identities[identity.client_id.lower()] = identity
+        return identity
+
+    def user_assigned_identities(self) -> list[ManagedIdentity]:
+        with self._lock:
+            return list(self._user_identities.values())
+
+    def find_identity(
+        self, *, client_id: str | None = None, object_id: str | None = None, resource_id: str | None = None
+    ) -> ManagedIdentity | None:
+        """Resolve an MI selector the way IMDS does; no selector means the system-assigned identity."""
+        if not (client_id or object_id or resource_id):
+            return self.system_identity
+        with self._lock:
+            candidates = [self.system_identity, *self._user_identities.values()]
+        for identity in candidates:
+            if client_id and identity.client_id.lower() == client_id.lower():
+                return identity
+            if object_id and identity.object_id.lower() == object_id.lower():
+                return identity
+            if resource_id and identity.resource_id.lower() == resource_id.lower():
+                return identity
+        return None
+
+    # ----------------------------------------------------------------- token signing
+    def jwk(self) -> dict[str, Any]:
+        numbers = self._signing_key.public_key().public_numbers()
+        return {
+            "kty": "RSA",
+            "use": "sig",
+            "kid": self.signing_kid,
+            "x5t": self.signing_kid,
+            "n": _b64url_uint(numbers.n),
+            "e": _b64url_uint(numbers.e),
+            "x5c": [base64.b64encode(self._signing_der).decode()],
+        }
+
+    def public_key_pem(self) -> str:
+        return (
+            self._signing_key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        headers = {"typ": "JWT", "kid": self.signing_kid, "x5t": self.signing_kid}
+        return jwt.encode(claims, self._signing_key, algorithm="RS256", headers=headers)
+
+    def issue_access_token(
+        self,
+        *,
+        audience: str,
+        tenant_id: str,
+        appid: str,
+        oid: str | None = None,
+        lifetime_s: float | None = None,
+        appidacr: str = "1",
+        extra_claims: dict[str, Any] | None = None,
+    ) -> str:
+        """Sign an Entra-ID-shaped (v1) app-only access token. A negative lifetime yields an expired one."""
+        now = int(time.time())
+        lifetime = self.token_lifetime_s if lifetime_s is None else lifetime_s
+        issuer = f"https://sts.windows.net/{tenant_id}/"
+        object_id = oid or str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant_id}/{appid}"))
+        claims: dict[str, Any] = {
+            "aud": audience,
+            "iss": issuer,
+            "iat": now,
+            "nbf": now,
+            "exp": int(now + lifetime),
+            "appid": appid,
+            "appidacr": appidacr,
+            "idp": issuer,
+            "idtyp": "app",
+            "oid": object_id,
+            "sub": object_id,
+            "tid": tenant_id,
+            "uti": _b64url(secrets.token_bytes(16)),
+            "ver": "1.0",
+        }
+        claims.update(extra_claims or {})
+        return self._sign(claims)
+
+    def verify_access_token(self, token: str, *, audiences: Collection[str]) -> dict[str, Any]:
+        """Check signature, expiry and audience of a token this emulator issued; return its claims."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise TokenValidationError("malformed", "the token is not a JWT") from exc
+        if header.get("kid") != self.signing_kid or header.get("alg") != "RS256":
+            raise TokenValidationError("unknown_key", "the token was not signed by this identity provider")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._signing_key.public_key(),
+                algorithms=["RS256"],
+                options={"verify_aud": False, "require": ["exp", "aud", "iss"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise TokenValidationError("expired", "the token has expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise TokenValidationError("not_yet_valid", "the token is not valid yet") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise TokenValidationError("bad_signature", "the token signature is invalid") from exc
+        except jwt.PyJWTError as exc:
+            raise TokenValidationError("malformed", f"the token is invalid: {exc}") from exc
+        if not str(claims["iss"]).startswith("https://sts.windows.net/"):
+            raise TokenValidationError("wrong_issuer", "the token was not issued for a resource")
+        wanted = {normalize_resource(a) for a in audiences}
+        if normalize_resource(str(claims["aud"])) not in wanted:
+            raise TokenValidationError("wrong_audience", f"the token audience {claims['aud']!r} is not accepted")
+        return claims
+
+    def issue_federated_token(
+        self, subject: str, *, audience: str = FEDERATED_AUDIENCE, lifetime_s: float = 3600
+    ) -> str:
+        """A workload-identity token (what AKS projects into AZURE_FEDERATED_TOKEN_FILE) for `subject`."""
+        now = int(time.time())
+        claims = {
+            "iss": FEDERATED_ISSUER,
+            "sub": subject,
+            "aud": [audience],
+            "iat": now,
+            "nbf": now,
+            "exp": int(now + lifetime_s),
+            "jti": str(uuid.uuid4()),
+        }
+        return self._sign(claims)
+
+    def verify_federated_token(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise TokenValidationError("malformed", "the assertion is not a JWT") from exc
+        if header.get("kid") != self.signing_kid:
+            raise TokenValidationError("unknown_key", "the assertion was not signed by a trusted issuer")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._signing_key.public_key(),
+                algorithms=["RS256"],
+                audience=FEDERATED_AUDIENCE,
+                issuer=FEDERATED_ISSUER,
+                options={"require": ["exp", "sub", "aud", "iss"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise TokenValidationError("expired", "the assertion has expired") from exc
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
+            raise TokenValidationError("no_match", str(exc)) from exc
+        except jwt.PyJWTError as exc:
+            raise TokenValidationError("bad_signature", f"the assertion is invalid: {exc}") from exc
+        return claims
+
+    # ----------------------------------------------------------------- lifetimes
+    def entra_lifetimes(self) -> tuple[int, int | None]:
+        """(expires_in, refresh_in or None) for a new Entra ID token response."""
+        lifetime = int(self.token_lifetime_s)
+        if self.refresh_in_s is None:
+            return lifetime, (lifetime // 2 if lifetime >= 7200 else None)
+        return lifetime, (int(self.refresh_in_s) or None)
+
+    def mi_lifetime(self) -> int:
+        return int(self.mi_token_lifetime_s if self.mi_token_lifetime_s is not None else self.token_lifetime_s)
+
+    # ----------------------------------------------------------------- AML tokens
+    def issue_aml_token(self) -> tuple[str, int, int]:
+        """Issue an opaque endpoint token. Returns (token, expiry, refresh_after) in Unix seconds."""
+        now = time.time()
+        lifetime = self.aml_token_lifetime_s
+        token = secrets.token_urlsafe(48)
+        with self._lock:
+            # Drop expired tokens here so a long benchmark doesn't grow the table without bound.
+            self._aml_tokens = {t: exp for t, exp in self._aml_tokens.items() if exp > now}
+            self._aml_tokens[token] = now + lifetime
+        return token, int(now + lifetime), int(now + lifetime / 2)
+
+    def check_aml_token(self, token: str) -> str | None:
+        """None if `token` is a live AML token; "expired" or "unknown" otherwise."""
+        with self._lock:
+            expiry = self._aml_tokens.get(token)
+        if expiry is None:
+            return "unknown"
+        return None if expiry > time.time() else "expired"
+
+    def revoke_aml_tokens(self) -> int:
+        with self._lock:
+            count = len(self._aml_tokens)
+            self._aml_tokens.clear()
+        return count
+
+    # ----------------------------------------------------------------- faults
+    def set_fault(
+        self,
+        target: str,
+        *,
+        status: int | None = None,
+        retry_after: int | None = None,
+        count: int | None = None,
+        hang_s: float | None = None,
+        delay_s: float | None = None,
+    ) -> Fault:
+        """Arm a fault for `target` ("token", "mi", "arm", "score"), replacing any previous one.
+
+        `count` limits it to the next N requests; None keeps it until `clear_faults`.
+        """
+        if target not in FAULT_TARGETS:
+            raise ValueError(f"target must be one of {', '.join(FAULT_TARGETS)}, not {target!r}")
+        if status is None and hang_s is None and delay_s is None:
+            raise ValueError("a fault needs a status, hang_s or delay_s")
+        if status is not None and not 400 <= status <= 599:
+            raise ValueError("status must be an HTTP error status (400-599)")
+        if count is not None and count < 1:
+            raise ValueError("count must be at least 1")
+        for name, value in (("retry_after", retry_after), ("hang_s", hang_s), ("delay_s", delay_s)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative")
+        fault = Fault(target, status, retry_after, count, hang_s, delay_s)
+        with self._lock:
+            self._faults[target] = fault
+        return fault
+
+    def clear_faults(self, target: str | None = None) -> list[str]:
+        with self._lock:
+            if target is None:
+                cleared = list(self._faults)
+            else:
+                cleared = [target] if target in self._faults else []
+            for name in cleared:
+                del self._faults[name]
+        return cleared
+
+    def faults(self) -> dict[str, Fault]:
+        with self._lock:
+            return dict(self._faults)
+
+    def take_fault(self, target: str) -> Fault | None:
+        """Consume one use of the fault armed for `target`, if any."""
+        with self._lock:
+            fault = self._faults.get(target)
+            if fault is None:
+                return None
+            if fault.remaining is not None:
+                if fault.remaining <= 1:
+                    del self._faults[target]
+                else:
+                    self._faults[target] = replace(fault, remaining=fault.remaining - 1)
+            return fault
+
+    # ----------------------------------------------------------------- counters
+    def _init_counters(self) -> None:
+        self._token_requests: Counter[tuple[str, str]] = Counter()
+        self._mi_requests: Counter[tuple[str, str]] = Counter()
+        self._arm_calls: Counter[str] = Counter()
+        self._score_outcomes: Counter[str] = Counter()
+        self._score_auth: Counter[str] = Counter()
+        self._discovery_requests = 0
+        self._recent_scores: deque[dict[str, Any]] = deque(maxlen=_RECENT_SCORES)
+
+    def record_discovery(self) -> None:
+        with self._lock:
+            self._discovery_requests += 1
+
+    def record_token_request(self, client_id: str, scope: str) -> None:
+        with self._lock:
+            self._token_requests[(client_id, scope)] += 1
+
+    def record_mi_request(self, client_id: str, resource: str) -> None:
+        with self._lock:
+            self._mi_requests[(client_id, resource)] += 1
+
+    def record_arm_call(self, operation: str) -> None:
+        with self._lock:
+            self._arm_calls[operation] += 1
+
+    def record_score(self, outcome: str, *, auth: str | None, reason: str | None, request_id: str) -> None:
+        """Count a scoring request. `outcome` is "ok" or the status code; `auth` is how it authenticated."""
+        with self._lock:
+            self._score_outcomes[outcome] += 1
+            if auth:
+                self._score_auth[auth] += 1
+            self._recent_scores.append(
+                {"time": time.time(), "outcome": outcome, "auth": auth, "reason": reason, "request_id": request_id}
+            )
+
+    def token_request_count(self, client_id: str | None = None, scope: str | None = None) -> int:
+        with self._lock:
+            return sum(
+                n
+                for (c, s), n in self._token_requests.items()
+                if (client_id is None or c == client_id) and (scope is None or s == scope)
+            )
+
+    def mi_request_count(self, client_id: str | None = None, resource: str | None = None) -> int:
+        with self._lock:
+            return sum(
+                n
+                for (c, r), n in self._mi_requests.items()
+                if (client_id is None or c == client_id) and (resource is None or r == resource)
+            )
+
+    def arm_call_count(self, operation: str | None = None) -> int:
+        with self._lock:
+            return self._arm_calls[operation] if operation else sum(self._arm_calls.values())
+
+    def score_count(self, outcome: str | None = None) -> int:
+        with self._lock:
+            return self._score_outcomes[outcome] if outcome else sum(self._score_outcomes.values())
+
+    def score_auth_count(self, auth: str) -> int:
+        with self._lock:
+            return self._score_auth[auth]
+
+    @property
+    def discovery_count(self) -> int:
+        with self._lock:
+            return self._discovery_requests
+
+    def recent_scores(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._recent_scores)
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._init_counters()
+
+    # ----------------------------------------------------------------- admin view
+    def config(self) -> dict[str, Any]:
+        return {
+            "token_lifetime_s": self.token_lifetime_s,
+            "refresh_in_s": self.refresh_in_s,
+            "mi_token_lifetime_s": self.mi_token_lifetime_s,
+            "aml_token_lifetime_s": self.aml_token_lifetime_s,
+            "score_delay_s": self.score_delay_s,
+            "lro_retry_after_s": self.lro_retry_after_s,
+        }
+
+    def configure(self, **settings: Any) -> dict[str, Any]:
+        """Set lifetimes/knobs by name (the keys of `config()`); unknown names raise ValueError."""
+        allowed = set(self.config())
+        unknown = set(settings) - allowed
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        for name, value in settings.items():
+            if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be a number or null")
+            if value is None and name not in ("refresh_in_s", "mi_token_lifetime_s"):
+                raise ValueError(f"{name} must not be null")
+            setattr(self, name, value)
+        return self.config()
+
+    def snapshot(self, *, recent: int = 50) -> dict[str, Any]:
+        """A JSON-serializable view of counters, keys, faults and configuration."""
+
+        def rows(counter: Iterable[tuple[tuple[str, str], int]], names: tuple[str, str]) -> list[dict[str, Any]]:
+            return [{names[0]: a, names[1]: b, "count": n} for (a, b), n in sorted(counter)]
+
+        with self._lock:
+            counters = {
+                "token_requests_total": sum(self._token_requests.values()),
+                "token_requests": rows(self._token_requests.items(), ("client_id", "scope")),
+                "mi_token_requests_total": sum(self._mi_requests.values()),
+                "mi_token_requests": rows(self._mi_requests.items(), ("client_id", "resource")),
+                "discovery_requests": self._discovery_requests,
+                "arm_calls": {op: self._arm_calls[op] for op in ("listKeys", "token", "regenerateKeys")}
+                | dict(self._arm_calls),
+                "score_requests_total": sum(self._score_outcomes.values()),
+                "score_requests": dict(self._score_outcomes),
+                "score_requests_by_auth": dict(self._score_auth),
+            }
+            recent_scores = list(self._recent_scores)[-recent:] if recent else []
+            keys = dict(self._keys)
+            faults = {name: fault.to_json() for name, fault in self._faults.items()}
+            live_aml_tokens = sum(1 for exp in self._aml_tokens.values() if exp > time.time())
+        return {
+            "counters": counters,
+            "keys": keys,
+            "faults": faults,
+            "config": self.config(),
+            "live_aml_tokens": live_aml_tokens,
+            "recent_scores": recent_scores,
+            "apps": [app.public_json() for app in self.apps()],
+            "managed_identities": {
+                "tenant_id": self.mi_tenant_id,
+                "system": self.system_identity.to_json(),
+                "user_assigned": [i.to_json() for i in self.user_assigned_identities()],
+                "identity_header": self.identity_header,
+            },
+        }

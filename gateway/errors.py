@@ -1,0 +1,79 @@
+"""Every exception the gateway raises on purpose, in one place, so callers can catch precisely.
+
+GatewayError
+├── ConfigError                 invalid configuration (exit status 2)
+├── SecretError                 a secret source cannot be read
+└── ClientFacingError           turned into a JSON error response with a stable code
+    ├── RouteNotFound           404 route_not_found
+    ├── BadRequestPath          400 bad_request_path
+    ├── BodyTooLarge            413 body_too_large
+    ├── HeadersTooLarge         431 headers_too_large
+    ├── UpstreamUnreachable     502 upstream_unreachable
+    ├── UpstreamTimeout         504 upstream_timeout
+    ├── CredentialUnavailable   503 credential_unavailable
+    └── Overloaded              503 overloaded
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class of the gateway's own exceptions."""
+
+
+class ConfigError(GatewayError):
+    """The configuration file is invalid. The message names the file, the key path and the problem."""
+
+
+class SecretError(GatewayError):
+    """A secret source (environment variable or file) cannot be read. Never carries the value."""
+
+
+class ClientFacingError(GatewayError):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class RouteNotFound(ClientFacingError):
+    status = 404
+    code = "route_not_found"
+
+
+class BadRequestPath(ClientFacingError):
+    status = 400
+    code = "bad_request_path"
+
+
+class BodyTooLarge(ClientFacingError):
+    status = 413
+    code = "body_too_large"
+
+
+class HeadersTooLarge(ClientFacingError):
+    status = 431
+    code = "headers_too_large"
+
+
+class UpstreamUnreachable(ClientFacingError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(ClientFacingError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class CredentialUnavailable(ClientFacingError):
+    status = 503
+    code = "credential_unavailable"
+
+
+class Overloaded(ClientFacingError):
+    status = 503
+    code = "overloaded"

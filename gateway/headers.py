@@ -1,0 +1,112 @@
+"""Header rules, both ways: hop-by-hop headers are dropped (RFC 9110 section 7.6.1, plus the ones
+`Connection` names), the client's Authorization never reaches the upstream, and the gateway sets
+Host, X-Forwarded-* and x-request-id itself."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from gateway.errors import HeadersTooLarge
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Dropped from requests as well: the gateway sets these itself or the transport owns them.
+_REQUEST_OWNED = HOP_BY_HOP | {
+    b"authorization",
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
+}
+_RESPONSE_OWNED = HOP_BY_HOP | {b"x-request-id"}
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class InboundHeaders:
+    """What the proxy needs from the client's headers, read in a single pass."""
+
+    __slots__ = ("content_length", "forwarded", "host", "request_id", "xff")
+
+    def __init__(self) -> None:
+        self.forwarded: list[tuple[str, str]] = []
+        self.request_id: str | None = None
+        self.host: str | None = None
+        self.xff: str | None = None
+        self.content_length: int | None = None
+
+
+def read_request_headers(
+    raw: Iterable[tuple[bytes, bytes]], max_bytes: int, max_count: int
+) -> InboundHeaders:
+    """Split the client's headers into those to forward and the few the gateway itself uses."""
+    result = InboundHeaders()
+    forwarded = result.forwarded
+    dropped: set[bytes] | None = None
+    total = 0
+    count = 0
+    for name, value in raw:
+        count += 1
+        total += len(name) + len(value) + 4
+        if name in _REQUEST_OWNED:
+            if name == b"x-request-id":
+                result.request_id = value.decode("latin-1")
+            elif name == b"host":
+                result.host = value.decode("latin-1")
+            elif name == b"content-length":
+                try:
+                    result.content_length = int(value)
+                except ValueError:
+                    result.content_length = None
+            elif name == b"x-forwarded-for":
+                result.xff = value.decode("latin-1")
+            elif name == b"connection":
+                dropped = (dropped or set()) | connection_tokens(value)
+            continue
+        forwarded.append((name.decode("latin-1"), value.decode("latin-1")))
+    if count > max_count or total > max_bytes:
+        raise HeadersTooLarge(
+            f"the request has {count} headers of {total} bytes; the limit is {max_count} headers "
+            f"and {max_bytes} bytes"
+        )
+    if dropped:
+        result.forwarded = [(n, v) for n, v in forwarded if n.lower().encode("latin-1") not in dropped]
+    return result
+
+
+def response_headers(raw: Iterable[tuple[bytes, bytes]], request_id: bytes) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers as the client gets them: unchanged except for hop-by-hop ones."""
+    out: list[tuple[bytes, bytes]] = []
+    dropped: set[bytes] | None = None
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in _RESPONSE_OWNED:
+            if lowered == b"connection":
+                dropped = connection_tokens(value)
+            continue
+        out.append((name, value))
+    if dropped:
+        out = [(n, v) for n, v in out if n.lower() not in dropped]
+    out.append((b"x-request-id", request_id))
+    return out

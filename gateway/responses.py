@@ -1,0 +1,51 @@
+"""The gateway's own answers: a JSON error body with a stable code, and small JSON documents."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from gateway.errors import ClientFacingError
+from gateway.redaction import redact
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def error_body(code: str, message: str, request_id: str | None) -> bytes:
+    return json.dumps(
+        {"error": {"code": code, "message": redact(message), "request_id": request_id}}
+    ).encode()
+
+
+async def send_json(
+    send: Send, status: int, payload: Any, *, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps(payload, indent=None).encode()
+    await send_bytes(send, status, body, b"application/json", headers=headers)
+
+
+async def send_bytes(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    out = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if headers:
+        out.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Send, error: ClientFacingError, request_id: str | None) -> None:
+    headers: list[tuple[bytes, bytes]] = []
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
+    if error.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(error.retry_after))).encode()))
+    body = error_body(error.code, error.message, request_id)
+    await send_bytes(send, error.status, body, b"application/json", headers=headers)

@@ -1,0 +1,151 @@
+"""Secret values: a literal, an environment variable or a file that may be rotated while we run.
+
+A `Secret` never shows its value in `repr()` or `str()`. File secrets are re-checked at most once
+a second (mtime, size and inode of the file the path resolves to, so a Kubernetes secret volume,
+which swaps a symlink, is noticed); a failed re-read keeps the last good value and is logged once.
+Every value ever loaded is registered with `gateway.redaction` so no log line can carry it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from gateway import redaction
+from gateway.errors import SecretError
+
+logger = logging.getLogger("gateway.secrets")
+
+CHECK_INTERVAL_S = 1.0
+
+
+class Secret:
+    """A secret value and where it comes from. `value` is cheap: call it on every request."""
+
+    source: str
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.version = 0
+
+    @property
+    def value(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(source={self.source!r})"
+
+    __str__ = __repr__
+
+
+class LiteralSecret(Secret):
+    def __init__(self, value: str) -> None:
+        super().__init__("literal")
+        if not value:
+            raise SecretError("the literal secret is empty")
+        self._value = value
+        redaction.register(value)
+
+    @property
+    def value(self) -> str:
+        return self._value
+
+
+class EnvSecret(Secret):
+    """An environment variable, read once: a process's environment does not change under it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"env:{name}")
+        self.name = name
+        value = os.environ.get(name)
+        if value is None:
+            raise SecretError(f"environment variable {name} is not set")
+        if not value.strip():
+            raise SecretError(f"environment variable {name} is empty")
+        self._value = value.strip()
+        redaction.register(self._value)
+
+    @property
+    def value(self) -> str:
+        return self._value
+
+
+def _strip_newline(text: str) -> str:
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith("\n"):
+        return text[:-1]
+    return text
+
+
+class FileSecret(Secret):
+    """A file whose content (minus one trailing newline) is the value; re-read when it changes."""
+
+    def __init__(self, path: str | Path, *, strip: bool = True) -> None:
+        super().__init__(f"file:{path}")
+        self.path = Path(path)
+        self._strip = strip
+        self._signature: tuple[int, int, int] | None = None
+        self._next_check = 0.0
+        self._last_error: str | None = None
+        self._value = self._read()  # raises SecretError: a start-up failure is a config error
+
+    def _read(self) -> str:
+        try:
+            stat = os.stat(self.path)
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            raise SecretError(f"cannot read secret file {self.path}: {exc.strerror or exc}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SecretError(f"secret file {self.path} is not UTF-8 text") from None
+        value = _strip_newline(text) if self._strip else text
+        if not value.strip():
+            raise SecretError(f"secret file {self.path} is empty")
+        self._signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        self._next_check = time.monotonic() + CHECK_INTERVAL_S
+        redaction.register(value)
+        return value
+
+    @property
+    def value(self) -> str:
+        if time.monotonic() >= self._next_check:
+            self.refresh()
+        return self._value
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; return True when the value changed."""
+        self._next_check = time.monotonic() + CHECK_INTERVAL_S
+        try:
+            stat = os.stat(self.path)
+        except OSError as exc:
+            self._report(
+                f"cannot stat secret file {self.path}: {exc.strerror or exc}; keeping the last value"
+            )
+            return False
+        if (stat.st_mtime_ns, stat.st_size, stat.st_ino) == self._signature:
+            return False
+        try:
+            value = self._read()
+        except SecretError as exc:
+            self._report(f"{exc}; keeping the last value")
+            return False
+        self._last_error = None
+        if value == self._value:
+            return False
+        self._value = value
+        self.version += 1
+        logger.info("secret %s changed; using the new value", self.source)
+        return True
+
+    def _report(self, message: str) -> None:
+        if message != self._last_error:
+            self._last_error = message
+            logger.warning(message)
+
+    @property
+    def error(self) -> str | None:
+        return self._last_error

@@ -1,0 +1,77 @@
+"""Real servers on loopback ports for the tests: an ASGI app under uvicorn in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+
+def free_socket(host: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class ServerThread:
+    """Runs `app` with the gateway's own uvicorn settings until `stop()`."""
+
+    def __init__(self, app: Any, *, lifespan: str = "on", **options: Any) -> None:
+        self.app = app
+        self.sock = free_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,
+            loop="uvloop",
+            http="httptools",
+            lifespan=lifespan,
+            server_header=False,
+            date_header=False,
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=options.pop("timeout_graceful_shutdown", 2),
+            **options,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self) -> None:
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server for {self.app!r} did not start")
+            time.sleep(0.01)
+        return self
+
+    def call(self, coroutine: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's own loop (e.g. a reload) and wait for its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
