@@ -240,11 +240,19 @@ class ProcessSet:
         self.procs.append(proc)
         return proc
 
-    def close(self) -> None:
-        while self.procs:
-            proc = self.procs.pop()
+    def close(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every process group at once, wait up to `timeout_s` in total, SIGKILL what is left."""
+        procs, self.procs = self.procs[::-1], []
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in procs:
             try:
-                proc.stop()
+                proc.stop()  # SIGKILLs the group if anything in it is still alive
             except Exception as exc:  # keep stopping the others
                 log(f"failed to stop {proc.name} (pid {proc.pid}): {exc}")
 
@@ -1059,6 +1067,7 @@ def write_chart(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
 
         fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
         width = 0.8 / max(1, len(concurrencies))
@@ -1081,6 +1090,9 @@ def write_chart(
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
             ax.set_yscale("log")
+            plain = ticker.FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 10 else f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_title(title)
             ax.grid(axis="y", which="both", alpha=0.3)
             ax.legend(fontsize=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ import aiohttp
 from gateway import metrics
 from gateway.config import GatewayConfig, RouteConfig, default_config_path, load_config
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
+from gateway.errors import ClientFacingError
+from gateway.inbound import InboundGuard
 from gateway.proxy import Proxy, Receive, Scope, Send, create_upstream_session
 from gateway.responses import send_bytes, send_json
 from gateway.routing import Route, Router, Upstream
@@ -21,6 +24,16 @@ from gateway.telemetry import Telemetry
 from gateway.tls import client_context
 
 logger = logging.getLogger("gateway")
+
+CONFIG_POLL_S = 2.0
+
+
+def _file_signature(path: str) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 def _credential_key(name: str, route: RouteConfig) -> tuple[str, Any]:
@@ -87,6 +100,7 @@ class GatewayApp:
         self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
         self.router = build_router(config, self.ctx)
         self.telemetry = Telemetry(access_log=config.server.access_log)
+        self.guard = InboundGuard(config.inbound) if config.inbound.enabled else None
         self.proxy: Proxy | None = None
         self.session: aiohttp.ClientSession | None = None
         self._admin: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
@@ -95,6 +109,9 @@ class GatewayApp:
             "/metrics": self._metrics,
         }
         self._reload_lock = asyncio.Lock()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._config_signature: tuple[int, int, int] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def credentials(self) -> list[Credential]:
@@ -108,6 +125,13 @@ class GatewayApp:
                 return
             proxy = self.proxy
             assert proxy is not None, "the lifespan protocol must run before requests"
+            guard = self.guard
+            if guard is not None:
+                try:
+                    guard.check(scope)
+                except ClientFacingError as exc:
+                    await proxy.refuse(scope, send, exc)
+                    return
             await proxy.handle(scope, receive, send, self.router)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
@@ -141,6 +165,13 @@ class GatewayApp:
         )
         for credential in self.credentials:
             await credential.start()
+        if self.config_path:
+            self._config_signature = _file_signature(self.config_path)
+            self._watch_task = asyncio.create_task(self._watch_config())
+            try:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests) or no SIGHUP on this platform
         logger.info(
             "gateway ready: %s",
             ", ".join(
@@ -149,7 +180,24 @@ class GatewayApp:
             ),
         )
 
+    def _on_sighup(self) -> None:
+        logger.warning("SIGHUP received: reloading %s", self.config_path)
+        self._background.add(task := asyncio.create_task(self.reload_from_file()))
+        task.add_done_callback(self._background.discard)
+
+    async def _watch_config(self) -> None:
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(CONFIG_POLL_S)
+            signature = _file_signature(self.config_path)
+            if signature is not None and signature != self._config_signature:
+                self._config_signature = signature
+                logger.warning("%s changed: reloading", self.config_path)
+                await self.reload_from_file()
+
     async def shutdown(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         for credential in self.credentials:
             await credential.close()
         if self.session is not None:
@@ -167,6 +215,7 @@ class GatewayApp:
                 if route.credential not in reuse.values():
                     await route.credential.start()
             self.router = router  # atomic: requests in flight keep the Route objects they hold
+            self.guard = InboundGuard(config.inbound) if config.inbound.enabled else None
             self.config = config
             for route in old.routes:
                 if id(route.credential) not in kept:

@@ -123,8 +123,7 @@ def inbound_problem(config: GatewayConfig) -> str | None:
     server = config.server
     if is_loopback(server.host) or server.allow_unauthenticated_remote:
         return None
-    inbound = getattr(config, "inbound", None)
-    if inbound is not None and (inbound.allow_cidrs or inbound.api_keys):
+    if config.inbound.enabled:
         return None
     return (
         f"server.host is {server.host}, which is reachable from other machines, and no inbound protection "

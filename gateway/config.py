@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     SecretStr,
     ValidationError,
@@ -71,7 +72,17 @@ def _secret_spec(value: Any) -> Any:
     raise ValueError("expected a string, {env: VARIABLE_NAME} or {file: /path/to/file}")
 
 
-SecretSpec = Annotated[LiteralRef | EnvRef | FileRef, PlainValidator(_secret_spec)]
+def _dump_ref(value: Any) -> Any:
+    if isinstance(value, LiteralRef):
+        return "**********"
+    if isinstance(value, EnvRef | FileRef):
+        return value.model_dump()
+    return value
+
+
+SecretSpec = Annotated[
+    LiteralRef | EnvRef | FileRef, PlainValidator(_secret_spec), PlainSerializer(_dump_ref)
+]
 
 
 def _header_value(value: Any) -> Any:
@@ -83,7 +94,7 @@ def _header_value(value: Any) -> Any:
 
 
 # A plain string is an ordinary header value; {env:} and {file:} carry secrets such as API keys.
-HeaderValue = Annotated[str | EnvRef | FileRef, PlainValidator(_header_value)]
+HeaderValue = Annotated[str | EnvRef | FileRef, PlainValidator(_header_value), PlainSerializer(_dump_ref)]
 
 
 class ServerConfig(_Model):
@@ -109,6 +120,49 @@ class ServerConfig(_Model):
     allow_unauthenticated_remote: bool = Field(
         False, description="Allow a non-loopback host without inbound protection. Think twice."
     )
+
+
+class ApiKeyHash(_Model):
+    name: str = Field("client", description="Who holds the key; appears in logs, never the key.")
+    sha256: str = Field(description="Hex SHA-256 of the key: `printf %s KEY | sha256sum`.")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("must be 64 hex digits (the SHA-256 of the key, not the key itself)")
+        return value.lower()
+
+
+class InboundConfig(_Model):
+    """Who may use the gateway. Admin endpoints (/healthz, /readyz, /metrics) are always open."""
+
+    allow_cidrs: list[str] = Field(default_factory=list, description="Client networks allowed (empty: any).")
+    api_keys: list[ApiKeyHash] = Field(default_factory=list, description="Keys clients must present.")
+    api_key_header: str = Field("x-gateway-key", description="Header that carries the client's key.")
+
+    @field_validator("allow_cidrs")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP network such as 10.0.0.0/8 or 127.0.0.1/32"
+                ) from None
+        return value
+
+    @field_validator("api_key_header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if not _HEADER_NAME.match(value) or value.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"{value!r} cannot be used as the API key header")
+        return value.lower()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allow_cidrs or self.api_keys)
 
 
 class TlsConfig(_Model):
@@ -329,6 +383,7 @@ def _check_url(value: str, what: str) -> str:
 class GatewayConfig(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
+    inbound: InboundConfig = Field(default_factory=InboundConfig)  # type: ignore[arg-type]
     routes: dict[str, RouteConfig] = Field(min_length=1)
 
     @field_validator("routes")

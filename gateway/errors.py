@@ -6,6 +6,8 @@ GatewayError
 └── ClientFacingError           turned into a JSON error response with a stable code
     ├── RouteNotFound           404 route_not_found
     ├── BadRequestPath          400 bad_request_path
+    ├── ClientUnauthenticated   401 client_unauthenticated
+    ├── ClientNotAllowed        403 client_not_allowed
     ├── BodyTooLarge            413 body_too_large
     ├── HeadersTooLarge         431 headers_too_large
     ├── UpstreamUnreachable     502 upstream_unreachable
@@ -47,6 +49,16 @@ class RouteNotFound(ClientFacingError):
 class BadRequestPath(ClientFacingError):
     status = 400
     code = "bad_request_path"
+
+
+class ClientUnauthenticated(ClientFacingError):
+    status = 401
+    code = "client_unauthenticated"
+
+
+class ClientNotAllowed(ClientFacingError):
+    status = 403
+    code = "client_not_allowed"
 
 
 class BodyTooLarge(ClientFacingError):

@@ -85,6 +85,15 @@ class Proxy:
         self.max_header_bytes = max_header_bytes
         self.max_header_count = max_header_count
 
+    async def refuse(self, scope: Scope, send: Send, error: ClientFacingError) -> None:
+        """Answer with the gateway's own error before any routing (inbound protection)."""
+        record = RequestRecord(method=scope["method"], started=time.perf_counter())
+        record.request_id = new_request_id()
+        record.status = error.status
+        record.error = error.code
+        await send_error(send, error, record.request_id)
+        self.telemetry.request_done(record)
+
     async def handle(self, scope: Scope, receive: Receive, send: Send, router: Router) -> None:
         record = RequestRecord(method=scope["method"], started=time.perf_counter())
         try:

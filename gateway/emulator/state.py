@@ -212,7 +212,7 @@ class EmulatorState:
         self._signing_key, self._signing_cert = _new_signing_material()
         der = self._signing_cert.public_bytes(serialization.Encoding.DER)
         # Entra ID uses the certificate's base64url SHA-1 thumbprint as both `kid` and `x5t`.
-        self.signing_kid = _b64url(self._signing_cert.fingerprint(hashes.SHA1()))  # noqa: S303
+        self.signing_kid = _b64url(self._signing_cert.fingerprint(hashes.SHA1()))
         self._signing_der = der
 
         self._aml_tokens: dict[str, float] = {}
@@ -304,15 +304,14 @@ class EmulatorState:
             return normalize_resource(resource) in self._resources
 
     # ----------------------------------------------------------------- managed identities
-    def _make_identity(self, name: str, *, system_assigned: bool, client_id: str | None = None) -> ManagedIdentity:
-        sub = "00000000-0000-0000-0000-000000000000"
+    def _make_identity(
+        self, name: str, *, system_assigned: bool, client_id: str | None = None
+    ) -> ManagedIdentity:
+        group = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/emulator/providers"
         if system_assigned:
-            resource_id = f"/subscriptions/{sub}/resourceGroups/emulator/providers/Microsoft.Compute/virtualMachines/{name}"
+            resource_id = f"{group}/Microsoft.Compute/virtualMachines/{name}"
         else:
-            resource_id = (
-                f"/subscriptions/{sub}/resourceGroups/emulator/providers/"
-                f"Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
-            )
+            resource_id = f"{group}/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
         return ManagedIdentity(
             client_id=client_id or str(uuid.uuid4()),
             object_id=str(uuid.uuid4()),
@@ -320,7 +319,9 @@ class EmulatorState:
             system_assigned=system_assigned,
         )
 
-    def add_user_assigned_identity(self, client_id: str | None = None, *, name: str | None = None) -> ManagedIdentity:
+    def add_user_assigned_identity(
+        self, client_id: str | None = None, *, name: str | None = None
+    ) -> ManagedIdentity:
         with self._lock:
             identity = self._make_identity(
                 name or f"uami-{len(self._user_identities) + 1}", system_assigned=False, client_id=client_id
@@ -435,7 +436,9 @@ class EmulatorState:
             raise TokenValidationError("wrong_issuer", "the token was not issued for a resource")
         wanted = {normalize_resource(a) for a in audiences}
         if normalize_resource(str(claims["aud"])) not in wanted:
-            raise TokenValidationError("wrong_audience", f"the token audience {claims['aud']!r} is not accepted")
+            raise TokenValidationError(
+                "wrong_audience", f"the token audience {claims['aud']!r} is not accepted"
+            )
         return claims
 
     def issue_federated_token(
@@ -487,7 +490,9 @@ class EmulatorState:
         return lifetime, (int(self.refresh_in_s) or None)
 
     def mi_lifetime(self) -> int:
-        return int(self.mi_token_lifetime_s if self.mi_token_lifetime_s is not None else self.token_lifetime_s)
+        return int(
+            self.mi_token_lifetime_s if self.mi_token_lifetime_s is not None else self.token_lifetime_s
+        )
 
     # ----------------------------------------------------------------- AML tokens
     def issue_aml_token(self) -> tuple[str, int, int]:
@@ -606,7 +611,13 @@ class EmulatorState:
             if auth:
                 self._score_auth[auth] += 1
             self._recent_scores.append(
-                {"time": time.time(), "outcome": outcome, "auth": auth, "reason": reason, "request_id": request_id}
+                {
+                    "time": time.time(),
+                    "outcome": outcome,
+                    "auth": auth,
+                    "reason": reason,
+                    "request_id": request_id,
+                }
             )
 
     def token_request_count(self, client_id: str | None = None, scope: str | None = None) -> int:
@@ -678,7 +689,9 @@ class EmulatorState:
     def snapshot(self, *, recent: int = 50) -> dict[str, Any]:
         """A JSON-serializable view of counters, keys, faults and configuration."""
 
-        def rows(counter: Iterable[tuple[tuple[str, str], int]], names: tuple[str, str]) -> list[dict[str, Any]]:
+        def rows(
+            counter: Iterable[tuple[tuple[str, str], int]], names: tuple[str, str]
+        ) -> list[dict[str, Any]]:
             return [{names[0]: a, names[1]: b, "count": n} for (a, b), n in sorted(counter)]
 
         with self._lock:

@@ -1,0 +1,64 @@
+"""Inbound protection: which clients may use the gateway's credentials at all."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import MutableMapping
+from typing import Any
+
+from gateway.config import InboundConfig
+from gateway.errors import ClientNotAllowed, ClientUnauthenticated
+
+
+class InboundGuard:
+    def __init__(self, config: InboundConfig) -> None:
+        self.networks = [ipaddress.ip_network(c, strict=False) for c in config.allow_cidrs]
+        self.key_hashes = [(k.name, bytes.fromhex(k.sha256)) for k in config.api_keys]
+        self.header = config.api_key_header.encode("latin-1")
+        self._allowed_cache: dict[str, bool] = {}
+
+    def check(self, scope: MutableMapping[str, Any]) -> None:
+        """Raise unless the client may proxy; strips the client's key so it never reaches the upstream."""
+        if self.networks:
+            client = scope.get("client")
+            host = client[0] if client else ""
+            allowed = self._allowed_cache.get(host)
+            if allowed is None:
+                allowed = self._in_networks(host)
+                if len(self._allowed_cache) < 4096:
+                    self._allowed_cache[host] = allowed
+            if not allowed:
+                raise ClientNotAllowed(
+                    f"client address {host or 'unknown'} is not in inbound.allow_cidrs; ask the operator "
+                    "to allow your network"
+                )
+        if self.key_hashes:
+            presented: bytes | None = None
+            kept = []
+            for name, value in scope["headers"]:
+                if name == self.header:
+                    presented = value
+                else:
+                    kept.append((name, value))
+            scope["headers"] = kept
+            if presented is None or not self._key_matches(presented):
+                raise ClientUnauthenticated(
+                    f"send a valid gateway API key in the {self.header.decode()} header"
+                )
+
+    def _in_networks(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def _key_matches(self, presented: bytes) -> bool:
+        digest = hashlib.sha256(presented).digest()
+        matched = False
+        for _, expected in self.key_hashes:
+            # Compare against every stored hash so timing does not reveal which one matched.
+            matched |= hmac.compare_digest(digest, expected)
+        return matched

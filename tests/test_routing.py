@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from gateway.credentials.base import NoCredential
+from gateway.errors import BadRequestPath
+from gateway.routing import Route, Router, Upstream, check_path
+
+
+def _route(name: str, prefix: str, *upstreams: Upstream) -> Route:
+    return Route(
+        name=name,
+        prefix=prefix,
+        upstreams=list(upstreams) or [Upstream("http://u/score")],
+        credential=NoCredential(name),
+        headers=[],
+        timeout=aiohttp.ClientTimeout(total=1),
+        max_body_bytes=100,
+        replay_buffer_bytes=10,
+    )
+
+
+def test_longest_prefix_at_segment_boundary():
+    router = Router([_route("iris", "/iris"), _route("v2", "/iris/v2"), _route("root", "/models")])
+    assert router.match("/iris").name == "iris"
+    assert router.match("/iris/swagger.json").name == "iris"
+    assert router.match("/iris/v2").name == "v2"
+    assert router.match("/iris/v2/score").name == "v2"
+    assert router.match("/iris/v20") .name == "iris"
+    assert router.match("/irises") is None
+    assert router.match("/") is None
+
+
+def test_forward_path_keeps_original_encoding():
+    route = _route("iris", "/iris")
+    assert route.forward_path("/iris/a b", b"/iris/a%20b") == "/a%20b"
+    assert route.forward_path("/iris", b"/iris") == ""
+    assert route.forward_path("/iris/x", None) == "/x"
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/iris/../x", b"/iris/../x"),
+        ("/iris/./x", b"/iris/./x"),
+        ("/iris/..", b"/iris/.."),
+        ("/iris/../x", b"/iris/%2e%2e/x"),
+        ("/iris/a/b", b"/iris/a%2Fb"),
+        ("/iris/a\\b", b"/iris/a%5Cb"),
+        ("/iris/a\x00", b"/iris/a%00"),
+        ("/iris/a\\b", b"/iris/a\\b"),
+    ],
+)
+def test_check_path_refuses_escapes(path, raw):
+    with pytest.raises(BadRequestPath):
+        check_path(path, raw)
+
+
+@pytest.mark.parametrize("path", ["/iris", "/iris/swagger.json", "/iris/a..b", "/iris/.well-known/x"])
+def test_check_path_allows_ordinary_paths(path):
+    if "/." in path and "/.well-known" in path:
+        check_path(path, path.encode())
+    else:
+        check_path(path, path.encode())
+
+
+def test_outlier_ejection_and_failover():
+    a, b = Upstream("http://a", priority=0), Upstream("http://b", priority=1)
+    route = _route("r", "/r", a, b)
+    route.outlier_failures = 2
+    assert route.pick_upstream() is a
+    assert not route.record_failure(a)
+    assert route.record_failure(a)
+    assert route.pick_upstream() is b
+    assert route.pick_upstream(tried=(b,)) is a  # last resort
+    route.record_success(a)
+    assert route.pick_upstream() is a
+
+
+def test_weighted_choice_within_a_priority():
+    a, b = Upstream("http://a", weight=1), Upstream("http://b", weight=3)
+    route = _route("r", "/r", a, b)
+    picks = [route.pick_upstream() for _ in range(2000)]
+    share = picks.count(b) / len(picks)
+    assert 0.65 < share < 0.85
+
+
+def test_retry_budget_limits_amplification():
+    route = _route("r", "/r")
+    route.budget_ratio = 0.2
+    for _ in range(100):
+        route.count_request()
+    allowed = sum(route.allow_retry() for _ in range(100))
+    assert 15 <= allowed <= 21

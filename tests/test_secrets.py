@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway import secrets
+from gateway.errors import SecretError
+from gateway.secrets import EnvSecret, FileSecret, LiteralSecret
+
+
+def test_env_secret(monkeypatch):
+    monkeypatch.setenv("GW_TEST_KEY", "value-from-env-123")
+    secret = EnvSecret("GW_TEST_KEY")
+    assert secret.value == "value-from-env-123"
+    assert "value-from-env" not in repr(secret)
+    monkeypatch.delenv("GW_TEST_KEY")
+    with pytest.raises(SecretError, match="GW_TEST_KEY is not set"):
+        EnvSecret("GW_TEST_KEY")
+
+
+def test_literal_secret_repr():
+    secret = LiteralSecret("literal-value-123")
+    assert secret.value == "literal-value-123"
+    assert "literal-value" not in repr(secret) and "literal-value" not in str(secret)
+
+
+def test_file_secret_strips_one_newline_and_reloads(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(secrets, "CHECK_INTERVAL_S", 0.0)
+    path = tmp_path / "key"
+    path.write_text("first-value-1234\n")
+    secret = FileSecret(path)
+    assert secret.value == "first-value-1234"
+    path.write_text("second-value-12345\r\n")
+    assert secret.value == "second-value-12345"
+    assert secret.version == 1
+
+
+def test_file_secret_checks_at_most_once_a_second(tmp_path: Path):
+    path = tmp_path / "key"
+    path.write_text("first-value-1234")
+    secret = FileSecret(path)
+    path.write_text("changed-value-1234")
+    assert secret.value == "first-value-1234"  # within the second: not re-read yet
+    time.sleep(1.05)
+    assert secret.value == "changed-value-1234"
+
+
+def test_kubernetes_symlink_swap(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(secrets, "CHECK_INTERVAL_S", 0.0)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "key").write_text("version-one-key")
+    os.symlink("v1", tmp_path / "..data")
+    os.symlink("..data/key", tmp_path / "key")
+    secret = FileSecret(tmp_path / "key")
+    assert secret.value == "version-one-key"
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "key").write_text("version-two-key")
+    os.symlink("v2", tmp_path / "..data_tmp")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    assert secret.value == "version-two-key"
+
+
+def test_unreadable_at_runtime_keeps_last_value(tmp_path: Path, monkeypatch, caplog):
+    monkeypatch.setattr(secrets, "CHECK_INTERVAL_S", 0.0)
+    path = tmp_path / "key"
+    path.write_text("good-value-12345")
+    secret = FileSecret(path)
+    path.unlink()
+    assert secret.value == "good-value-12345"
+    assert secret.value == "good-value-12345"
+    warnings = [r for r in caplog.records if "keeping the last value" in r.getMessage()]
+    assert len(warnings) == 1  # logged once, not on every request
+    path.write_text("")
+    assert secret.value == "good-value-12345"
+
+
+def test_missing_or_empty_file_at_start_is_an_error(tmp_path: Path):
+    with pytest.raises(SecretError, match="cannot read secret file"):
+        FileSecret(tmp_path / "nope")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SecretError, match="is empty"):
+        FileSecret(tmp_path / "empty")
