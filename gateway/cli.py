@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -167,6 +168,10 @@ def serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": server.grace_period_s,
         "proxy_headers": False,
     }
+    # uvicorn re-raises the stop signal once it has drained; with these no-op handlers in place that
+    # re-raise ends `run()` normally, so a clean SIGTERM or Ctrl-C exits with status 0.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda signum, frame: None)
     if server.workers == 1:
         try:
             app = GatewayApp(config, config_path=config_path)

@@ -64,9 +64,7 @@ FIELD_NOTES: dict[str, str] = {
     "OutlierConfig.consecutive_failures": (
         "Consecutive failures (connection errors, timeouts, 5xx other than 501) that eject an upstream."
     ),
-    "OutlierConfig.ejection_s": (
-        "How long an ejected upstream gets no traffic; then one request probes it."
-    ),
+    "OutlierConfig.ejection_s": ("How long an ejected upstream gets no traffic; then one request probes it."),
     # auth
     "NoneAuth.type": "The upstream needs no credential. The client's own `Authorization` is still dropped.",
     "KeyAuth.type": "Endpoint key auth: `Authorization: Bearer <key>`.",

@@ -9,11 +9,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import ServerThread  # noqa: E402
-from upstream import Upstream  # noqa: E402
+from servers import ServerThread
+from upstream import Upstream
 
-from gateway.app import GatewayApp  # noqa: E402
-from gateway.config import parse_config  # noqa: E402
+from gateway.app import GatewayApp
+from gateway.config import parse_config
 
 PRIMARY = "primary-key-0123456789abcdef"
 SECONDARY = "secondary-key-0123456789abcdef"

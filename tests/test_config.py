@@ -56,7 +56,11 @@ def test_issue_example_loads_as_written(tmp_path):
         ({"tiemout_s": 5}, "routes.iris.tiemout_s", "unknown key"),
         ({"auth": {"type": "key"}}, "routes.iris.auth", "needs `primary`"),
         ({"auth": {"type": "magic"}}, "routes.iris.auth", "does not match"),
-        ({"auth": {"type": "key", "primary": {"env": 3}}}, "routes.iris.auth.primary", "{env: VARIABLE_NAME}"),
+        (
+            {"auth": {"type": "key", "primary": {"env": 3}}},
+            "routes.iris.auth.primary",
+            "{env: VARIABLE_NAME}",
+        ),
         ({"headers": {"Authorization": "x"}}, "routes.iris.headers", "set by the gateway"),
         ({"headers": {"bad header": "x"}}, "routes.iris.headers", "not a valid header name"),
     ],
@@ -80,7 +84,15 @@ def test_duplicate_paths_and_empty_routes():
 
 def test_literal_secrets_are_hidden_in_repr():
     config = parse_config(
-        {"routes": {"a": {"path": "/a", "upstream": "http://x", "auth": {"type": "key", "primary": "sup3r-s3cret-k3y"}}}}
+        {
+            "routes": {
+                "a": {
+                    "path": "/a",
+                    "upstream": "http://x",
+                    "auth": {"type": "key", "primary": "sup3r-s3cret-k3y"},
+                }
+            }
+        }
     )
     assert "sup3r-s3cret-k3y" not in repr(config)
     assert "sup3r-s3cret-k3y" not in str(config.model_dump())
@@ -115,7 +127,9 @@ def test_serve_exits_2_on_missing_secret(tmp_path):
 
 
 def test_serve_refuses_open_remote_bind(tmp_path):
-    path = _write(tmp_path, "routes:\n  a:\n    path: /a\n    upstream: http://127.0.0.1:9\n    auth: {type: none}\n")
+    path = _write(
+        tmp_path, "routes:\n  a:\n    path: /a\n    upstream: http://127.0.0.1:9\n    auth: {type: none}\n"
+    )
     result = _gateway("serve", "--config", str(path), "--host", "0.0.0.0")
     assert result.returncode == 2
     assert "inbound.allow_cidrs" in result.stderr

@@ -28,6 +28,7 @@ from gateway.emulator import (
     ClientCertificate,
     EmulatorServer,
     EmulatorState,
+    MsalHttpxClient,
     generate_client_certificate,
     generate_tls,
 )
@@ -100,12 +101,13 @@ def mi_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def confidential_app(
     emulator: EmulatorServer, http: Any, client_id: str, credential: Any
 ) -> msal.ConfidentialClientApplication:
+    """The construction that works against the emulator (and, with Azure's authority, against Azure)."""
     return msal.ConfidentialClientApplication(
         client_id,
         client_credential=credential,
         authority=emulator.authority(TENANT),
-        instance_discovery=False,
-        http_client=http,
+        instance_discovery=False,  # else MSAL asks login.microsoftonline.com about the unknown host
+        http_client=MsalHttpxClient(http) if isinstance(http, httpx.Client) else http,
     )
 
 
@@ -121,7 +123,7 @@ class RecordingClient:
     """Wraps an httpx client to capture the form bodies MSAL posts."""
 
     def __init__(self, inner: httpx.Client) -> None:
-        self.inner = inner
+        self.inner = MsalHttpxClient(inner)
         self.posted: list[dict[str, Any]] = []
 
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
@@ -372,14 +374,31 @@ def test_msal_certificate_credentials(
     assert refused["error"] == "invalid_client" and refused["error_codes"] == [700027]
 
 
+def test_bare_httpx_client_breaks_msal_certificate_assertions(
+    emulator: EmulatorServer, http: httpx.Client, client_cert: ClientCertificate
+) -> None:
+    # MSAL posts the signed assertion as bytes; httpx form-encodes that as "b'eyJ...'" (requests doesn't).
+    app = msal.ConfidentialClientApplication(
+        CERT_APP,
+        client_credential={
+            "private_key": client_cert.private_key_pem,
+            "thumbprint": client_cert.sha1_thumbprint,
+        },
+        authority=emulator.authority(TENANT),
+        instance_discovery=False,
+        http_client=http,
+    )
+    result = app.acquire_token_for_client([ML_SCOPE])
+    assert result["error"] == "invalid_request" and result["error_codes"] == [50027]
+
+
 def test_msal_federated_client_assertion(emulator: EmulatorServer, http: httpx.Client) -> None:
     calls: list[int] = []
 
     def read_projected_token() -> str:
         calls.append(1)
-        return http.post(
-            f"{emulator.http_url}/_emulator/federated-token", json={"subject": FED_SUBJECT}
-        ).json()["token"]
+        answer = http.post(f"{emulator.http_url}/_emulator/federated-token", json={"subject": FED_SUBJECT})
+        return str(answer.json()["token"])
 
     app = confidential_app(emulator, http, FED_APP, {"client_assertion": read_projected_token})
     result = app.acquire_token_for_client([ML_SCOPE])
@@ -401,11 +420,11 @@ def test_entra_errors_have_entra_shape(emulator: EmulatorServer, http: httpx.Cli
     base = {"grant_type": "client_credentials", "client_id": SECRET_APP, "client_secret": SECRET}
     cases = [
         ({**base, "client_secret": "wrong", "scope": ML_SCOPE}, 401, "invalid_client", 7000215),
-        ({**base, "client_id": "00000000-0000-0000-0000-00000000dead", "scope": ML_SCOPE}, 400, "unauthorized_client", 700016),
+        ({**base, "client_id": "unknown-app", "scope": ML_SCOPE}, 400, "unauthorized_client", 700016),
         ({**base, "scope": "https://ml.azure.com/user_impersonation"}, 400, "invalid_scope", 1002012),
         ({**base, "scope": "https://unknown.example/.default"}, 400, "invalid_resource", 500011),
         ({**base, "grant_type": "password", "scope": ML_SCOPE}, 400, "unsupported_grant_type", 70003),
-        ({k: v for k, v in base.items() if k != "client_secret"} | {"scope": ML_SCOPE}, 401, "invalid_client", 7000218),
+        ({**base, "client_secret": "", "scope": ML_SCOPE}, 401, "invalid_client", 7000218),
     ]  # fmt: skip
     for form, status, error, code in cases:
         response = http.post(token_url, data=form, headers={"client-request-id": "corr-1"})
@@ -738,34 +757,30 @@ def test_server_lifecycle(tmp_path: Path) -> None:
 
 
 def test_cli_prints_connection_details_and_stops_on_sigint() -> None:
+    command = [sys.executable, "-m", "gateway.emulator", "--port", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.emulator", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    try:
-        assert process.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C" in line:
-                break
-        banner = "".join(lines)
-        assert "primary key" in banner and "ca.pem" in banner and "keys/regenerate" in banner, banner
-        http_url = next(line.split()[2] for line in lines if line.strip().startswith("plain HTTP"))
-        with httpx.Client(trust_env=False) as client:
-            assert client.get(f"{http_url}/").text == "Healthy"
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    repo = Path(__file__).resolve().parents[1]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=repo
+    ) as process:
+        watchdog = threading.Timer(20, process.kill)  # readline() below must not block forever
+        watchdog.start()
+        try:
+            assert process.stdout is not None
+            lines: list[str] = []
+            for line in process.stdout:
+                lines.append(line)
+                if "Ctrl-C" in line:
+                    break
+            banner = "".join(lines)
+            assert "primary key" in banner and "ca.pem" in banner and "keys/regenerate" in banner, banner
+            http_url = next(line.split()[2] for line in lines if line.strip().startswith("plain HTTP"))
+            with httpx.Client(trust_env=False) as client:
+                assert client.get(f"{http_url}/").text == "Healthy"
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=10) == 0
+            assert "emulator stopped" in process.stdout.read()
+        finally:
+            watchdog.cancel()
+            if process.poll() is None:
+                process.kill()

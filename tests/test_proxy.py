@@ -27,7 +27,7 @@ def _echo(response: httpx.Response) -> dict:
 
 
 def test_forwards_path_query_headers_and_body(upstream, gateway_factory, monkeypatch):
-    app, server = upstream
+    _app, server = upstream
     route = key_route(server.url + "/api", **_env_keys(monkeypatch))
     route["headers"] = {"azureml-model-deployment": "blue"}
     gw = gateway_factory({"routes": {"iris": route}})
@@ -95,12 +95,17 @@ def test_body_passes_byte_for_byte_even_compressed(upstream, gateway_factory, mo
 
 
 def test_hop_by_hop_headers_dropped_both_ways(upstream, gateway_factory, monkeypatch):
-    app, server = upstream
+    _app, server = upstream
     gw = gateway_factory({"routes": {"iris": key_route(server.url, **_env_keys(monkeypatch))}})
     response = httpx.get(
         gw.url + "/iris/echo",
-        headers={"Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "1", "TE": "trailers", "Upgrade": "h2c",
-                 "Proxy-Authorization": "Basic Zm9v"},
+        headers={
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "1",
+            "TE": "trailers",
+            "Upgrade": "h2c",
+            "Proxy-Authorization": "Basic Zm9v",
+        },
     )
     sent = {name for name, _ in _echo(response)["headers"]}
     assert not sent & {"x-drop-me", "te", "upgrade", "proxy-authorization"}
@@ -124,7 +129,7 @@ def test_streams_first_bytes_before_upstream_finishes(upstream, gateway_factory,
 
 
 def test_large_request_body_is_streamed_not_buffered(upstream, gateway_factory, monkeypatch):
-    app, server = upstream
+    _app, server = upstream
     route = key_route(server.url, **_env_keys(monkeypatch))
     route["replay_buffer_bytes"] = 1024
     gw = gateway_factory({"routes": {"iris": route}})
@@ -231,7 +236,9 @@ def test_upstream_unreachable(gateway_factory, monkeypatch):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens here now
-    gw = gateway_factory({"routes": {"iris": key_route(f"http://127.0.0.1:{port}", **_env_keys(monkeypatch))}})
+    gw = gateway_factory(
+        {"routes": {"iris": key_route(f"http://127.0.0.1:{port}", **_env_keys(monkeypatch))}}
+    )
     response = httpx.post(gw.url + "/iris/score", content=b"{}")
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_unreachable"
@@ -289,7 +296,15 @@ def test_load_shedding_answers_overloaded(upstream, gateway_factory, monkeypatch
 
 @pytest.mark.parametrize(
     "path",
-    ["/iris/../admin", "/iris/%2e%2e/x", "/iris/a%2fb", "/iris/a%5cb", "/iris/a%00b", "/iris/.", "/iris/a\\b"],
+    [
+        "/iris/../admin",
+        "/iris/%2e%2e/x",
+        "/iris/a%2fb",
+        "/iris/a%5cb",
+        "/iris/a%00b",
+        "/iris/.",
+        "/iris/a\\b",
+    ],
 )
 def test_paths_that_leave_their_route_are_refused(upstream, gateway_factory, monkeypatch, path):
     app, server = upstream
@@ -351,6 +366,8 @@ def test_inbound_cidr(upstream, gateway_factory, monkeypatch):
 def test_open_route_drops_client_authorization(upstream, gateway_factory):
     app, server = upstream
     app.accepted_keys = None
-    gw = gateway_factory({"routes": {"open": {"path": "/open", "upstream": server.url, "auth": {"type": "none"}}}})
+    gw = gateway_factory(
+        {"routes": {"open": {"path": "/open", "upstream": server.url, "auth": {"type": "none"}}}}
+    )
     response = httpx.get(gw.url + "/open/echo", headers={"Authorization": "Bearer client"})
     assert "authorization" not in dict(_echo(response)["headers"])

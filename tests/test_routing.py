@@ -27,7 +27,7 @@ def test_longest_prefix_at_segment_boundary():
     assert router.match("/iris/swagger.json").name == "iris"
     assert router.match("/iris/v2").name == "v2"
     assert router.match("/iris/v2/score").name == "v2"
-    assert router.match("/iris/v20") .name == "iris"
+    assert router.match("/iris/v20").name == "iris"
     assert router.match("/irises") is None
     assert router.match("/") is None
 

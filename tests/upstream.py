@@ -50,7 +50,9 @@ class Upstream:
             self.hits[path] += 1
         auth = dict(headers).get("authorization", "")
         if self.accepted_keys is not None and auth.removeprefix("Bearer ") not in self.accepted_keys:
-            await _respond(send, 401, b'{"message": "Unauthorized"}', [(b"content-type", b"application/json")])
+            await _respond(
+                send, 401, b'{"message": "Unauthorized"}', [(b"content-type", b"application/json")]
+            )
             return
         with self.lock:
             status = self.fail_next.pop(0) if self.fail_next else None
@@ -61,9 +63,13 @@ class Upstream:
         if path.endswith("/echo") or path.endswith("/score"):
             # An Azure ML-shaped answer: a JSON string holding JSON.
             payload = json.dumps(json.dumps(request)).encode()
-            await _respond(send, 200, payload, [(b"content-type", b"application/json"), (b"x-upstream", b"1")])
+            await _respond(
+                send, 200, payload, [(b"content-type", b"application/json"), (b"x-upstream", b"1")]
+            )
         elif path.endswith("/chunks"):
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+            )
             await send({"type": "http.response.body", "body": b"first;", "more_body": True})
             await asyncio.wait_for(self.release.wait(), 10)
             await send({"type": "http.response.body", "body": b"second", "more_body": False})
@@ -76,19 +82,27 @@ class Upstream:
             await asyncio.sleep(30)
             await _respond(send, 200, b"late", [])
         elif path.endswith("/reset"):
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]}
+            )
             await send({"type": "http.response.body", "body": b"partial", "more_body": True})
             raise RuntimeError("connection reset by the test upstream")
         elif "/status/" in path:
             code = int(path.rsplit("/", 1)[1])
-            await _respond(send, code, f'{{"status": {code}}}'.encode(), [(b"content-type", b"application/json")])
+            await _respond(
+                send, code, f'{{"status": {code}}}'.encode(), [(b"content-type", b"application/json")]
+            )
         elif path.endswith("/hop"):
             await _respond(
                 send,
                 200,
                 b"ok",
-                [(b"connection", b"x-secret-hop"), (b"x-secret-hop", b"1"), (b"keep-alive", b"timeout=5"),
-                 (b"x-end-to-end", b"kept")],
+                [
+                    (b"connection", b"x-secret-hop"),
+                    (b"x-secret-hop", b"1"),
+                    (b"keep-alive", b"timeout=5"),
+                    (b"x-end-to-end", b"kept"),
+                ],
             )
         else:
             await _respond(send, 200, body or b"ok", [(b"content-type", b"application/octet-stream")])

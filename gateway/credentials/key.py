@@ -155,7 +155,7 @@ class KeyCredential(Credential):
     def status(self) -> CredentialStatus:
         now = time.monotonic()
         usable = [s for s in self.slots if s.usable(now, self.recheck_after_s)]
-        rejected = [s.name for s in self.slots if s.rejected_value is not None]
+        rejected = [s.name for s in self.slots if s not in usable]
         if not usable:
             state = "rejected"
         elif rejected:

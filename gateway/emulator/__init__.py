@@ -4,6 +4,7 @@ code must never import it.
 """
 
 from gateway.emulator.app import create_app
+from gateway.emulator.msal_http import MsalHttpxClient
 from gateway.emulator.server import EmulatorServer, run_cli
 from gateway.emulator.state import EmulatorState, Fault, ManagedIdentity, RegisteredApp
 from gateway.emulator.tls import ClientCertificate, TlsFiles, generate_client_certificate, generate_tls
@@ -14,6 +15,7 @@ __all__ = [
     "EmulatorState",
     "Fault",
     "ManagedIdentity",
+    "MsalHttpxClient",
     "RegisteredApp",
     "TlsFiles",
     "create_app",

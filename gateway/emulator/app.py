@@ -445,12 +445,14 @@ class _Emulator:
         header: dict[str, Any],
         app: RegisteredApp,
     ) -> None:
-        sent_thumbprint = header.get("x5t#S256") or header.get("x5t") or ""
-        # MSAL sends x5t#S256 (PS256) when given the public certificate, x5t (RS256) with a SHA-1 thumbprint.
+        sent_thumbprint = str(header.get("x5t#S256") or header.get("x5t") or "")
+        # MSAL sends x5t#S256 (PS256) when given the public certificate, x5t (RS256) with a SHA-1
+        # thumbprint, both base64url *with* padding, which Entra ID accepts although RFC 7515 omits it.
+        sent_sha256 = str(header.get("x5t#S256") or "").rstrip("=")
+        sent_sha1 = str(header.get("x5t") or "").rstrip("=")
         known = (
-            app.certificate_sha256 is not None
-            and header.get("x5t#S256") == _b64url_hex(app.certificate_sha256)
-        ) or (app.certificate_sha1 is not None and header.get("x5t") == _b64url_hex(app.certificate_sha1))
+            app.certificate_sha256 is not None and sent_sha256 == _b64url_hex(app.certificate_sha256)
+        ) or (app.certificate_sha1 is not None and sent_sha1 == _b64url_hex(app.certificate_sha1))
         if app.certificate_pem is None or not known:
             raise _EntraError(
                 401,

@@ -27,6 +27,7 @@ import httpx
 import uvicorn
 
 from gateway.emulator.app import create_app
+from gateway.emulator.msal_http import MsalHttpxClient
 from gateway.emulator.state import EmulatorState
 from gateway.emulator.tls import TlsFiles, generate_tls
 
@@ -182,6 +183,10 @@ class EmulatorServer:
         kwargs.setdefault("timeout", 10.0)
         return httpx.Client(**kwargs)
 
+    def msal_http_client(self, **kwargs: Any) -> MsalHttpxClient:
+        """What to pass as MSAL's `http_client=`: `http_client()` behind the bytes-safe MSAL facade."""
+        return MsalHttpxClient(self.http_client(**kwargs))
+
     # ----------------------------------------------------------------- lifecycle
     async def _serve(self, server: uvicorn.Server, sock: socket.socket) -> None:
         try:
@@ -304,10 +309,10 @@ def run_forever(host: str, http_port: int, https_port: int) -> int:
     def request_stop(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, request_stop)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, request_stop)
     try:
         try:
             server = EmulatorServer(state, host=host, http_port=http_port, https_port=https_port).start()
@@ -323,8 +328,8 @@ def run_forever(host: str, http_port: int, https_port: int) -> int:
         print("emulator stopped", flush=True)
         return 0
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_cli(host: str, port: int, tls_port: int | None) -> int:

@@ -1,0 +1,196 @@
+"""`gateway demo`: the whole story on one machine, with nothing from outside it.
+
+Starts the emulator (a local Azure ML endpoint and Entra ID) and the real gateway (`gateway serve`
+in a child process) on free loopback ports, then runs the seed's client code against the gateway:
+plain HTTP, no credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROWS = [[0.1, 2.3, 4.1, 2.0], [0.2, 1.8, 3.9, 2.1]]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _score(endpoint: str) -> tuple[int, Any]:
+    """The seed's REST client, unchanged but for the missing Authorization header."""
+    import requests  # the seed's own client library (it comes with msal)
+
+    json_data = json.dumps({"data": ROWS})
+    request_headers = {"Content-Type": "application/json"}
+    response = requests.post(url=endpoint, data=json_data, headers=request_headers, timeout=30)
+    if response.status_code != 200:
+        return response.status_code, response.text
+    predictions = json.loads(response.json())
+    return response.status_code, predictions
+
+
+def _show(endpoint: str) -> bool:
+    status, predictions = _score(endpoint)
+    if status != 200:
+        _say(f"    -> HTTP {status}: {predictions}")
+        return False
+    for i in range(len(ROWS)):
+        _say(f"    {ROWS[i]} {predictions[i]}")
+    return True
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway exited with status {process.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the gateway did not become healthy in time")
+
+
+def run_demo(*, keep_running: bool = False) -> int:
+    from gateway.emulator.server import EmulatorServer
+    from gateway.emulator.state import EmulatorState
+
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+    state = EmulatorState()
+    tenant_id, client_id, client_secret = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex * 2
+    state.add_app(tenant_id, client_id, secret=client_secret)
+    emulator = EmulatorServer(state, directory=workdir / "emulator").start()
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        keys = state.keys()
+        (workdir / "primary-key").write_text(keys["primary"] + "\n")
+        (workdir / "secondary-key").write_text(keys["secondary"] + "\n")
+        port = _free_port()
+        routes: dict[str, Any] = {
+            "iris": {
+                "path": "/iris",
+                "upstream": emulator.scoring_uri,
+                "timeout_s": 30,
+                "headers": {"azureml-model-deployment": "blue"},
+                "auth": {
+                    "type": "key",
+                    "primary": {"file": str(workdir / "primary-key")},
+                    "secondary": {"file": str(workdir / "secondary-key")},
+                },
+            }
+        }
+        with_aad = importlib.util.find_spec("gateway.credentials.aad") is not None
+        if with_aad:
+            routes["iris-aad"] = {
+                "path": "/iris-aad",
+                "upstream": f"{emulator.https_url}/score",
+                "auth": {
+                    "type": "aad_token",
+                    "identity": {
+                        "tenant_id": tenant_id,
+                        "client_id": client_id,
+                        "client_secret": {"env": "DEMO_CLIENT_SECRET"},
+                        "authority_host": emulator.authority_host,
+                    },
+                },
+            }
+        config = {
+            "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+            "tls": {"ca_bundle": str(emulator.ca_file)},
+            "routes": routes,
+        }
+        config_path = workdir / "gateway.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        env = {**os.environ, "DEMO_CLIENT_SECRET": client_secret}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path)], env=env
+        )
+        gateway_url = f"http://127.0.0.1:{port}"
+        _wait_healthy(gateway_url, process)
+
+        _say("scoring-gateway demo (everything runs on this machine)")
+        _say(f"  emulated Azure ML endpoint  {emulator.scoring_uri}")
+        _say(f"  emulated Entra ID           {emulator.authority_host}")
+        _say(f"  gateway                     {gateway_url}  config {config_path}")
+        _say()
+        endpoint = f"{gateway_url}/iris"
+        _say(f"1. The seed's client code, posting to {endpoint} with no credentials:")
+        ok = _show(endpoint)
+        _say()
+        new_key = state.regenerate_key("primary")
+        _say("2. The primary key was regenerated in the endpoint; the gateway still holds the old one.")
+        _say("   Next call (the gateway fails over to the secondary key within the same request):")
+        ok = _show(endpoint) and ok
+        ready = httpx.get(f"{gateway_url}/readyz", timeout=5).json()
+        iris = next(r for r in ready["routes"] if r["name"] == "iris")
+        _say(f"   route iris: active key slot = {iris['active_slot']}, state = {iris['state']}")
+        _say()
+        (workdir / "primary-key.new").write_text(new_key + "\n")
+        (workdir / "primary-key.new").replace(workdir / "primary-key")
+        _say("3. The new primary key was written to the key file (as a Kubernetes secret update would).")
+        _say("   The gateway picks it up without a restart; readiness then reports no rejected key.")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            iris = next(
+                r
+                for r in httpx.get(f"{gateway_url}/readyz", timeout=5).json()["routes"]
+                if r["name"] == "iris"
+            )
+            if iris["state"] == "valid":
+                break
+            time.sleep(0.25)
+        _say(f"   route iris: state = {iris['state']}")
+        if with_aad:
+            _say()
+            aad_endpoint = f"{gateway_url}/iris-aad"
+            _say(f"4. The same rows through an Entra ID (aad_token) route, {aad_endpoint}:")
+            ok = _show(aad_endpoint) and ok
+        _say()
+        if keep_running:
+            _say("Both keep running. Try:")
+            _say(
+                f"  curl -s -X POST {endpoint} -H 'Content-Type: application/json' "
+                f"""-d '{json.dumps({"data": ROWS})}'"""
+            )
+            _say(f"  curl -s {gateway_url}/readyz")
+            _say("Press Ctrl-C to stop.")
+            with contextlib.suppress(KeyboardInterrupt):
+                while process.poll() is None:
+                    time.sleep(0.5)
+        _say("demo finished: all calls succeeded" if ok else "demo finished with failures")
+        return 0 if ok else 1
+    except RuntimeError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        emulator.stop()
