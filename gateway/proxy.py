@@ -167,6 +167,7 @@ class Proxy:
 
         if route.semaphore is not None:
             await _acquire_slot(route)
+        route.in_flight.inc()
         try:
             response = await self._attempts(route, record, headers, body, stream, replayable, suffix, grant)
             try:
@@ -174,6 +175,7 @@ class Proxy:
             finally:
                 response.release()
         finally:
+            route.in_flight.dec()
             if route.semaphore is not None:
                 route.semaphore.release()
 

@@ -8,10 +8,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 
+from gateway import metrics
 from gateway.credentials.base import Credential
 from gateway.errors import BadRequestPath
 from gateway.secrets import Secret
@@ -74,6 +76,7 @@ class Route:
     prefix_bytes: bytes = b""
     semaphore: asyncio.Semaphore | None = None
     waiters: int = 0
+    in_flight: Any = None  # the route's bound in-flight gauge
     # Retry budget: decaying counts of requests and retries.
     budget_requests: float = 0.0
     budget_retries: float = 0.0
@@ -89,6 +92,7 @@ class Route:
         self.header_names = frozenset(name.lower() for name, _ in self.headers)
         if self.max_concurrent is not None:
             self.semaphore = asyncio.Semaphore(self.max_concurrent)
+        self.in_flight = metrics.IN_FLIGHT.labels(self.name)
         groups: dict[int, list[Upstream]] = {}
         for upstream in self.upstreams:
             groups.setdefault(upstream.priority, []).append(upstream)
@@ -126,6 +130,7 @@ class Route:
             upstream.probing = False
             upstream.ejected_until = time.monotonic() + self.ejection_s
             upstream.ejections += 1
+            metrics.UPSTREAM_EJECTIONS.labels(self.name, upstream.origin).inc()
             if len(self.upstreams) > 1 or upstream.consecutive_failures == self.outlier_failures:
                 logger.warning(
                     "route %s: upstream %s ejected for %.0f s after %d consecutive failures",

@@ -149,3 +149,39 @@ class FileSecret(Secret):
     @property
     def error(self) -> str | None:
         return self._last_error
+
+
+class ManagedSecret(Secret):
+    """A value the gateway sets itself, e.g. an endpoint key fetched from the control plane.
+
+    `value` raises SecretError until the first `set()`; check `loaded` first where that can happen.
+    """
+
+    def __init__(self, source: str) -> None:
+        super().__init__(source)
+        self._value: str | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._value is not None
+
+    @property
+    def value(self) -> str:
+        value = self._value
+        if value is None:
+            raise SecretError(f"{self.source} has not been fetched yet")
+        return value
+
+    def set(self, value: str) -> bool:
+        """Store a new value; return True when it differs from the one held.
+
+        An equal value keeps the old string object: key slots compare by identity to notice changes.
+        """
+        if not value:
+            raise SecretError(f"{self.source}: refusing an empty value")
+        redaction.register(value)
+        if value == self._value:
+            return False
+        self._value = value
+        self.version += 1
+        return True

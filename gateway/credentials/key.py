@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from gateway import metrics
 from gateway.credentials.base import Credential, CredentialStatus, Grant
 from gateway.secrets import Secret
 
@@ -145,6 +146,7 @@ class KeyCredential(Credential):
             )
         if slot is not active:
             self._active = slot
+            metrics.KEY_FAILOVERS.labels(self.route, slot.name).inc()
             logger.warning(
                 "route %s: switched to the %s key after the %s key was rejected",
                 self.route,

@@ -1,0 +1,439 @@
+"""The one cache of access tokens: Entra ID tokens for every identity and scope, and Azure ML endpoint tokens.
+
+Hot path: `TokenEntry.peek()` is one look-up in a `cachetools.TLRUCache` whose items expire at the token's
+expiry minus a small skew margin. No lock, no thread hop, no I/O; an expired token is never returned.
+
+Everything else happens off the request path, per (identity, scope) entry:
+
+- a background task refreshes the token before it expires: at the provider's hint (`refresh_in`,
+  `refreshAfterTimeUtc`) or at two thirds of its lifetime, with jitter, and never later than
+  `REFRESH_MARGIN_S` (or a sixth of the lifetime for short tokens) before expiry;
+- one fetch at a time (single flight): concurrent requests on a cold entry share one `asyncio.Task`;
+- failures back off with full jitter (1 s to 60 s), honour Retry-After and never stop the task; the
+  cached token is served until it expires, then `get()` raises `CredentialUnavailable` (503);
+- `reject()` (the upstream answered 401) drops the token and fetches a new one, at most once per
+  `FORCED_REFRESH_INTERVAL_S`, so a misconfigured upstream cannot turn every request into a token request.
+
+Times are `time.monotonic()` inside (immune to clock steps); `AccessToken` carries wall-clock times
+because that is what providers send.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from cachetools import TLRUCache
+
+from gateway import metrics
+from gateway.backoff import Backoff
+from gateway.credentials.base import Grant
+from gateway.errors import CredentialUnavailable
+from gateway.redaction import redact
+
+logger = logging.getLogger("gateway.tokens")
+
+# Refresh no later than this before expiry; for short tokens, this fraction of the lifetime instead.
+REFRESH_MARGIN_S = 300.0
+REFRESH_MARGIN_FRACTION = 1 / 6
+# Stop serving a token this long before its expiry: the request still has to reach the upstream, and
+# clocks differ a little. For short tokens, this fraction of the lifetime instead.
+EXPIRY_SKEW_S = 10.0
+EXPIRY_SKEW_FRACTION = 0.05
+# Refresh times are spread by up to this fraction of the lifetime (at most JITTER_MAX_S), so that
+# gateway processes started together do not all refresh at the same instant.
+JITTER_FRACTION = 0.05
+JITTER_MAX_S = 30.0
+# After an upstream 401, at most one forced refresh per entry in this interval.
+FORCED_REFRESH_INTERVAL_S = 5.0
+# How often "the upstream rejects fresh tokens too" is logged per entry.
+_REJECTION_LOG_INTERVAL_S = 60.0
+
+CacheKey = tuple[str, str]  # (token source key, scope)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """A token as a provider issued it. Times are wall-clock (Unix) seconds."""
+
+    value: str = field(repr=False)
+    expires_at: float
+    refresh_after: float | None = None  # the provider's hint, if it gave one
+
+
+@dataclass(frozen=True, slots=True, eq=False, repr=False)
+class TokenGrant(Grant):
+    """A cached token's grant; `serve_until` (monotonic) is when the cache stops handing it out."""
+
+    serve_until: float = 0.0
+
+
+class TokenFetchError(Exception):
+    """A token could not be obtained. `message` is safe to log (no secret); `hint` says what to do."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.hint = hint
+
+
+class TokenSource(abc.ABC):
+    """Something that issues tokens for scopes: an Entra ID identity (via MSAL), or the ARM `token` call."""
+
+    key: str  # identifies the source within the process; equal keys share cache entries
+    description: str  # for status and logs, e.g. "client_secret env:X for client 1111… tenant 72f9…"
+    deadline_s: float  # the longest one `fetch` may take
+
+    @abc.abstractmethod
+    async def fetch(self, scope: str) -> AccessToken:
+        """Obtain a new token (never a cached one). Raises TokenFetchError."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release clients; the source may be used again afterwards and then reopens them."""
+
+
+def refresh_delay(lifetime_s: float, hint_s: float | None, rng: random.Random) -> float:
+    """Seconds after issue at which a token valid for `lifetime_s` is refreshed."""
+    latest = lifetime_s - min(REFRESH_MARGIN_S, lifetime_s * REFRESH_MARGIN_FRACTION)
+    jitter = min(JITTER_MAX_S, lifetime_s * JITTER_FRACTION)
+    if hint_s is not None and hint_s > 0:
+        when = hint_s + rng.uniform(0.0, jitter)  # never before the provider asked
+    else:
+        when = lifetime_s * 2 / 3 + rng.uniform(-jitter, jitter)
+    return max(0.0, min(when, latest))
+
+
+def serve_margin(lifetime_s: float) -> float:
+    return min(EXPIRY_SKEW_S, lifetime_s * EXPIRY_SKEW_FRACTION)
+
+
+def _serve_until(key: CacheKey, grant: TokenGrant, now: float) -> float:
+    return grant.serve_until
+
+
+class TokenEntry:
+    """The token of one (source, scope), its background refresh and its failure state."""
+
+    def __init__(self, cache: TokenCache, source: TokenSource, scope: str) -> None:
+        self.cache = cache
+        self.source = source
+        self.scope = scope
+        self.key: CacheKey = (source.key, scope)
+        self.grant: TokenGrant | None = None
+        self.expires_mono = 0.0
+        self.refresh_mono = 0.0
+        self.last_error: str | None = None
+        self.last_hint = ""
+        self.retry_at = 0.0
+        self.fetches = 0
+        self.backoff = Backoff(cache.backoff_base_s, cache.backoff_cap_s, cache.rng)
+        self._forced_at = -math.inf
+        self._rejection_logged_at = -math.inf
+        self._inflight: asyncio.Task[TokenGrant] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._users: dict[int, tuple[str, str]] = {}
+
+    # ------------------------------------------------------------------ request path
+    def peek(self) -> TokenGrant | None:
+        """The cached token if it is still valid, else None. Cheap: call it on every request."""
+        return self.cache.valid.get(self.key)
+
+    async def get(self) -> TokenGrant:
+        """A valid token, fetched now if needed (shared with concurrent callers).
+
+        Raises CredentialUnavailable when none can be had; while a failed fetch is backing off it does
+        so at once, so a down identity provider is not called once per request.
+        """
+        grant = self.peek()
+        if grant is not None:
+            return grant
+        task = self._inflight
+        if task is None:
+            wait = self.retry_at - time.monotonic()
+            if wait > 0:
+                raise self._unavailable(wait)
+            task = self._start_fetch()
+        try:
+            return await asyncio.shield(task)
+        except TokenFetchError:
+            raise self._unavailable(self.retry_at - time.monotonic()) from None
+
+    async def reject(self, rejected: Grant) -> TokenGrant | None:
+        """The upstream refused `rejected`: return a different valid token to replay with, or None."""
+        current = self.grant
+        if current is not None and current.header != rejected.header:
+            fresh = self.peek()  # another request already replaced it
+            if fresh is not None:
+                return fresh
+        task = self._inflight
+        if task is None:
+            now = time.monotonic()
+            if now - self._forced_at < FORCED_REFRESH_INTERVAL_S:
+                self._log_rejected_again(now)
+                return None
+            self._forced_at = now
+            logger.warning(
+                "route %s: the upstream rejected the token for %s (%s); fetching a new one",
+                self.routes,
+                self.scope,
+                self.source.description,
+            )
+            if current is not None and current.header == rejected.header:
+                self._drop()
+            task = self._start_fetch()
+        try:
+            fresh = await asyncio.shield(task)
+        except TokenFetchError:
+            return None
+        return None if fresh.header == rejected.header else fresh
+
+    # ------------------------------------------------------------------ users and the refresher
+    def attach(self, owner: object, route: str, kind: str) -> None:
+        """Start refreshing in the background on behalf of `owner` (a credential). Needs a running loop."""
+        self._users[id(owner)] = (route, kind)
+        if self._refresher is None or self._refresher.done():
+            self._wake = asyncio.Event()
+            self._refresher = asyncio.get_running_loop().create_task(
+                self._refresh_forever(), name=f"token refresh {self.scope}"
+            )
+
+    async def detach(self, owner: object) -> None:
+        """`owner` no longer needs this token; the last one to leave stops the refresher."""
+        self._users.pop(id(owner), None)
+        if self._users:
+            return
+        task, self._refresher = self._refresher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.cache.remove(self)
+
+    @property
+    def routes(self) -> str:
+        return ", ".join(sorted({route for route, _ in self._users.values()})) or "-"
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                delay = self._due() - time.monotonic()
+                if delay > 0:
+                    wake = self._wake
+                    assert wake is not None
+                    wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), delay)
+                    continue
+                task = self._inflight or self._start_fetch()
+                with contextlib.suppress(TokenFetchError):
+                    await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end refreshing for the life of the process
+                logger.exception("route %s: token refresher for %s failed; continuing", self.routes, self.scope)
+                await asyncio.sleep(1.0)
+
+    def _due(self) -> float:
+        """When the refresher should fetch next (monotonic)."""
+        if self.retry_at:
+            return self.retry_at  # backing off after a failure
+        if self.grant is None:
+            return 0.0  # nothing to serve: now
+        return self.refresh_mono
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # ------------------------------------------------------------------ fetching
+    def _start_fetch(self) -> asyncio.Task[TokenGrant]:
+        task = asyncio.get_running_loop().create_task(self._fetch())
+        # Every outcome is recorded by _fetch; this only keeps asyncio from reporting it as unretrieved.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._inflight = task
+        return task
+
+    async def _fetch(self) -> TokenGrant:
+        started_mono = time.monotonic()
+        started_wall = time.time()
+        self.fetches += 1
+        try:
+            try:
+                token = await asyncio.wait_for(self.source.fetch(self.scope), self.source.deadline_s)
+            except TokenFetchError:
+                raise
+            except TimeoutError:
+                raise TokenFetchError(
+                    f"no token within {self.source.deadline_s:g} s",
+                    hint="check that the identity provider is reachable from this host",
+                ) from None
+            except Exception as exc:  # a library surprise is a failed fetch, not a dead refresher
+                raise TokenFetchError(f"unexpected {type(exc).__name__}: {exc}") from exc
+            return self._store(token, started_mono, started_wall)
+        except TokenFetchError as exc:
+            self._failed(exc)
+            raise
+        finally:
+            self._inflight = None
+
+    def _store(self, token: AccessToken, started_mono: float, started_wall: float) -> TokenGrant:
+        # Lifetimes are measured from when we asked: that errs towards refreshing early.
+        lifetime = token.expires_at - started_wall
+        if lifetime <= 1.0:
+            raise TokenFetchError(f"the provider issued a token that expires in {lifetime:.0f} s")
+        hint = None if token.refresh_after is None else token.refresh_after - started_wall
+        expires_mono = started_mono + lifetime
+        grant = TokenGrant(
+            header=f"Bearer {token.value}",
+            slot="token",
+            expires_at=token.expires_at,
+            serve_until=expires_mono - serve_margin(lifetime),
+        )
+        self.grant = grant
+        self.expires_mono = expires_mono
+        self.refresh_mono = started_mono + refresh_delay(lifetime, hint, self.cache.rng)
+        self.cache.valid[self.key] = grant
+        recovered = self.last_error is not None
+        self.last_error = None
+        self.last_hint = ""
+        self.retry_at = 0.0
+        self.backoff.reset()
+        self._count("ok")
+        if recovered:
+            logger.warning(
+                "route %s: obtained a token for %s again (%s); it expires in %.0f s",
+                self.routes,
+                self.scope,
+                self.source.description,
+                lifetime,
+            )
+        else:
+            logger.debug("route %s: new token for %s, expires in %.0f s", self.routes, self.scope, lifetime)
+        self._poke()
+        return grant
+
+    def _failed(self, error: TokenFetchError) -> None:
+        delay = self.backoff.next_delay(error.retry_after)
+        self.retry_at = time.monotonic() + delay
+        self.last_error = redact(error.message)
+        self.last_hint = error.hint
+        self._count("error")
+        hint = f" ({error.hint})" if error.hint else ""
+        valid = self.peek()
+        if valid is not None:
+            logger.warning(
+                "route %s: cannot refresh the token for %s (%s): %s%s; still using the cached token, "
+                "which expires in %.0f s; next attempt in %.1f s",
+                self.routes,
+                self.scope,
+                self.source.description,
+                self.last_error,
+                hint,
+                max(0.0, self.expires_mono - time.monotonic()),
+                delay,
+            )
+        else:
+            logger.error(
+                "route %s: no token for %s (%s): %s%s; requests get 503 credential_unavailable until one "
+                "is obtained; next attempt in %.1f s",
+                self.routes,
+                self.scope,
+                self.source.description,
+                self.last_error,
+                hint,
+                delay,
+            )
+        self._poke()
+
+    def _drop(self) -> None:
+        self.cache.valid.pop(self.key, None)
+        self.grant = None
+        self.expires_mono = 0.0
+
+    def _count(self, result: str) -> None:
+        for route, kind in set(self._users.values()):
+            metrics.CREDENTIAL_REFRESHES.labels(route, kind, result).inc()
+
+    def _log_rejected_again(self, now: float) -> None:
+        if now - self._rejection_logged_at < _REJECTION_LOG_INTERVAL_S:
+            return
+        self._rejection_logged_at = now
+        logger.error(
+            "route %s: the upstream also rejects the token for %s obtained moments ago (%s): the identity "
+            "is probably not allowed to call it. Check its role assignment on the endpoint and that the "
+            "scope is the endpoint's audience",
+            self.routes,
+            self.scope,
+            self.source.description,
+        )
+
+    def _unavailable(self, wait_s: float) -> CredentialUnavailable:
+        retry_after = max(1, math.ceil(wait_s))
+        problem = self.last_error or "no token obtained yet"
+        return CredentialUnavailable(
+            f"no valid token for {self.scope} ({self.source.description}): {problem}; "
+            f"retry in {retry_after} s",
+            retry_after=retry_after,
+        )
+
+    # ------------------------------------------------------------------ status
+    def expires_in(self) -> float | None:
+        if self.grant is None:
+            return None
+        return self.expires_mono - time.monotonic()
+
+    def state(self) -> str:
+        """valid, refreshing (valid, but refreshing failed or is in flight), expired, unavailable, pending."""
+        if self.peek() is not None:
+            return "refreshing" if self.last_error is not None or self._inflight is not None else "valid"
+        if self.grant is not None:
+            return "expired"
+        if self.last_error is not None:
+            return "unavailable"
+        return "refreshing" if self._inflight is not None else "pending"
+
+    def __repr__(self) -> str:
+        return f"TokenEntry(scope={self.scope!r}, source={self.source.description!r})"
+
+
+class TokenCache:
+    """Every token the process holds, keyed by (source key, scope). One per process (BuildContext.shared)."""
+
+    def __init__(
+        self,
+        *,
+        maxsize: int = 1024,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.valid: TLRUCache[CacheKey, TokenGrant] = TLRUCache(maxsize, ttu=_serve_until)
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.rng = rng or random.Random()
+        self._entries: dict[CacheKey, TokenEntry] = {}
+
+    def entry(self, source: TokenSource, scope: str) -> TokenEntry:
+        key = (source.key, scope)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = TokenEntry(self, source, scope)
+        return entry
+
+    def remove(self, entry: TokenEntry) -> None:
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+            self.valid.pop(entry.key, None)
+        if not any(e.source is entry.source for e in self._entries.values()):
+            entry.source.close()
+
+    def __len__(self) -> int:
+        return len(self._entries)
