@@ -717,6 +717,44 @@ def fmt(v: float | None, digits: int = 2) -> str:
 # machine
 
 
+@dataclass
+class CpuMeter:
+    """How much CPU the machine spent outside this bench (other people's processes) during the run."""
+
+    stat0: tuple[int, int] = (0, 0)
+    own0: float = 0.0
+    loadavg: str = ""
+
+    @staticmethod
+    def _stat() -> tuple[int, int]:
+        try:
+            vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        except (OSError, ValueError):
+            return (0, 0)
+        user, nice, system = vals[0], vals[1], vals[2]
+        return (user + nice + system, sum(vals))
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()  # includes every reaped child: wrk runs, servers and (via their masters) workers
+        return t.user + t.system + t.children_user + t.children_system
+
+    def start(self) -> None:
+        self.stat0, self.own0 = self._stat(), self._own()
+        with contextlib.suppress(OSError):
+            self.loadavg = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+    def foreign_pct(self) -> float | None:
+        """Share of all cores' time used by processes the bench did not start (approximate)."""
+        busy1, total1 = self._stat()
+        total = total1 - self.stat0[1]
+        if total <= 0:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        foreign_s = (busy1 - self.stat0[0]) / hz - (self._own() - self.own0)
+        return max(0.0, foreign_s / (total / hz) * 100)
+
+
 def machine_info(tools: dict[str, str]) -> dict[str, str]:
     info: dict[str, str] = {}
     cpu = "unknown"
@@ -903,7 +941,16 @@ def write_markdown(
     out.append("# scoring-gateway benchmark")
     out.append("")
     out.append(f"Command: `{args.command_line}`  ")
-    out.append(f"Started {started}, took {elapsed_s:.0f} s. ")
+    out.append(f"Started {started}, took {elapsed_s:.0f} s.  ")
+    foreign = args.foreign_cpu_pct
+    if foreign is not None:
+        warn = (
+            " **The machine was busy with other work: these numbers are disturbed.**" if foreign > 10 else ""
+        )
+        out.append(
+            f"Load average at start {args.loadavg_start}; processes not started by the bench used "
+            f"~{foreign:.0f}% of all cores' time during the run.{warn}  "
+        )
     out.append(
         f"wrk {args.threads} thread(s), {args.duration} s per run, {args.repeat} run(s) per cell "
         f"(medians; errors and requests summed over runs), {args.warmup} s warm-up per scenario, "
@@ -1243,11 +1290,13 @@ def setup_scenarios(
             sc.status = "ok"
             log(
                 f"{name} ready on port {sc.port} in {time.monotonic() - t0:.1f}s "
-                f"(upstream saw auth: {detail})"
+                f"(upstream saw auth: {sc.auth_seen})"
             )
-        except (BenchError, OSError, http.client.HTTPException) as exc:
+        except Exception as exc:  # one scenario that cannot start must not sink the others
             sc.status = "skipped" if name in OPTIONAL_SCENARIOS else "failed"
             sc.reason = str(exc).strip()
+            if not isinstance(exc, BenchError):
+                sc.reason = f"{type(exc).__name__}: {sc.reason}"
             log(f"{name} {sc.status}: {sc.reason}")
             if sc.proc is not None:
                 sc.proc.stop()
@@ -1347,6 +1396,8 @@ def run_soak(args: argparse.Namespace, tools: dict[str, str], sc: Scenario) -> d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.monotonic()
+    cpu = CpuMeter()
+    cpu.start()
     started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     signal.signal(signal.SIGTERM, _raise_exit)
     tools = ensure_tools(install=not args.no_install)
@@ -1422,7 +1473,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"RSS {base} -> {after} KiB ({soak['growth_pct']:+.1f}%)"
             )
     finally:
-        procs.close()
+        # Don't let a second Ctrl-C / SIGTERM interrupt the clean-up itself.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            procs.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         with contextlib.suppress(OSError):
             run_dir.mkdir(parents=True, exist_ok=True)
             for f in (
@@ -1435,6 +1492,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     elapsed = time.monotonic() - t_start
+    args.foreign_cpu_pct = cpu.foreign_pct()
+    args.loadavg_start = cpu.loadavg
+    if args.foreign_cpu_pct is not None and args.foreign_cpu_pct > 10:
+        log(
+            f"WARNING: other processes used ~{args.foreign_cpu_pct:.0f}% of all CPU during the run; "
+            "the numbers are disturbed"
+        )
     derived = derive(scen, args.concurrency_list)
     machine = machine_info(tools)
     png_note = write_chart(out_dir / "latest.png", scen, args.scenario_list, args.concurrency_list, use_mpl)

@@ -9,14 +9,13 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-
 from gateway import metrics
+from gateway.client import UpstreamClient
 from gateway.config import GatewayConfig, RouteConfig, default_config_path, load_config
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
 from gateway.errors import ClientFacingError
 from gateway.inbound import InboundGuard
-from gateway.proxy import Proxy, Receive, Scope, Send, create_upstream_session
+from gateway.proxy import Proxy, Receive, Scope, Send
 from gateway.responses import send_bytes, send_json
 from gateway.routing import Route, Router, Upstream
 from gateway.secrets import Secret
@@ -44,6 +43,7 @@ def _credential_key(name: str, route: RouteConfig) -> tuple[str, Any]:
 def build_router(
     config: GatewayConfig,
     ctx: BuildContext,
+    client: UpstreamClient,
     reuse: dict[tuple[str, Any], Credential] | None = None,
 ) -> Router:
     """Routes with their credentials; credentials whose auth config is unchanged are reused as they are."""
@@ -51,25 +51,33 @@ def build_router(
     for name, rc in config.routes.items():
         key = _credential_key(name, rc)
         credential = (reuse or {}).get(key) or build_credential(name, rc.auth, ctx)
-        headers: list[tuple[str, str | Secret]] = []
+        headers: list[tuple[bytes, bytes | Secret]] = []
         for header, spec in rc.headers.items():
-            value: str | Secret = (
-                spec
+            value: bytes | Secret = (
+                spec.encode("latin-1")
                 if isinstance(spec, str)
                 else resolve_secret(spec, f"routes.{name}.headers.{header}", ctx)
             )
-            headers.append((header, value))
+            headers.append((header.encode("latin-1"), value))
         retry = rc.retry
         routes.append(
             Route(
                 name=name,
                 prefix=rc.path,
-                upstreams=[Upstream(u.url, priority=u.priority, weight=u.weight) for u in rc.upstream_list()],
+                upstreams=[
+                    Upstream(
+                        u.url,
+                        client.origin(u.url, max_connections=rc.max_connections),
+                        priority=u.priority,
+                        weight=u.weight,
+                    )
+                    for u in rc.upstream_list()
+                ],
                 credential=credential,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(
-                    total=rc.timeout_s, sock_connect=rc.connect_timeout_s, sock_read=rc.read_timeout_s
-                ),
+                timeout_s=rc.timeout_s,
+                connect_timeout_s=rc.connect_timeout_s,
+                read_timeout_s=rc.read_timeout_s or rc.timeout_s,
                 max_body_bytes=config.max_body_bytes(rc),
                 replay_buffer_bytes=config.replay_buffer_bytes(rc),
                 retry_attempts=retry.attempts,
@@ -98,11 +106,11 @@ class GatewayApp:
         self.config_path = config_path
         self.ssl_context = client_context(config.tls.ca_bundle)
         self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
-        self.router = build_router(config, self.ctx)
+        self.client = UpstreamClient(self.ssl_context)
+        self.router = build_router(config, self.ctx, self.client)
         self.telemetry = Telemetry(access_log=config.server.access_log)
         self.guard = InboundGuard(config.inbound) if config.inbound.enabled else None
         self.proxy: Proxy | None = None
-        self.session: aiohttp.ClientSession | None = None
         self._admin: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
@@ -153,12 +161,8 @@ class GatewayApp:
                 return
 
     async def startup(self) -> None:
-        connections = sum(
-            max(1, rc.max_connections) * len(rc.upstream_list()) for rc in self.config.routes.values()
-        )
-        self.session = create_upstream_session(self.ssl_context, connections=connections)
         self.proxy = Proxy(
-            session=self.session,
+            client=self.client,
             telemetry=self.telemetry,
             max_header_bytes=self.config.server.max_header_bytes,
             max_header_count=self.config.server.max_header_count,
@@ -200,8 +204,7 @@ class GatewayApp:
             self._watch_task.cancel()
         for credential in self.credentials:
             await credential.close()
-        if self.session is not None:
-            await self.session.close()
+        await self.client.close()
 
     async def reload(self, config: GatewayConfig) -> None:
         """Swap to a validated config; unchanged credentials keep their state and cached tokens."""
@@ -209,7 +212,7 @@ class GatewayApp:
             old = self.router
             reuse = {r.credential_key: r.credential for r in old.routes}
             ctx = BuildContext(ssl_context=self.ssl_context, source=self.ctx.source)
-            router = build_router(config, ctx, reuse)
+            router = build_router(config, ctx, self.client, reuse)
             kept = {id(r.credential) for r in router.routes}
             for route in router.routes:
                 if route.credential not in reuse.values():

@@ -8,6 +8,7 @@ import time
 from urllib.parse import urlsplit
 
 from gateway.app import build_router
+from gateway.client import UpstreamClient
 from gateway.config import GatewayConfig
 from gateway.credentials import BuildContext
 from gateway.errors import ConfigError, GatewayError
@@ -59,7 +60,7 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
         single = config.model_copy(update={"routes": {name: route}})
         upstreams = [u.url for u in route.upstream_list()]
         try:
-            router = build_router(single, ctx)
+            router = build_router(single, ctx, UpstreamClient(context))
         except ConfigError as exc:
             healthy = False
             problem = str(exc).replace(f"{config_path}: ", "")

@@ -84,17 +84,23 @@ FIELD_NOTES: dict[str, str] = {
     # identity
     "IdentityConfig.tenant_id": "Directory (tenant) ID. Unset: `AZURE_TENANT_ID`.",
     "IdentityConfig.client_id": "Application (client) ID. Unset: `AZURE_CLIENT_ID`.",
-    "IdentityConfig.client_secret": "Client secret of the app registration.",
-    "IdentityConfig.certificate": "Certificate credential of the app registration.",
+    "IdentityConfig.client_secret": "Client secret of the app registration. Unset: `AZURE_CLIENT_SECRET`.",
+    "IdentityConfig.certificate": (
+        "Certificate credential of the app registration. Unset: `AZURE_CLIENT_CERTIFICATE_PATH` (one PEM "
+        "file with the key and the certificate; `AZURE_CLIENT_CERTIFICATE_PASSWORD` if it is encrypted)."
+    ),
     "IdentityConfig.federated_token_file": (
-        "Workload identity: file holding the federated token (it is re-read, it rotates). "
-        "Unset: `AZURE_FEDERATED_TOKEN_FILE`."
+        "Workload identity: file holding the federated token; it must exist at start-up and is re-read "
+        "for every token request (it rotates). Unset: `AZURE_FEDERATED_TOKEN_FILE`."
     ),
     "IdentityConfig.managed_identity": (
         "`system` for the system-assigned managed identity, or `{client_id: ...}` / `{resource_id: ...}` "
         "for a user-assigned one."
     ),
-    "IdentityConfig.authority_host": "Entra ID authority host. Unset: `AZURE_AUTHORITY_HOST`.",
+    "IdentityConfig.authority_host": (
+        "Entra ID authority host, an `https://` URL without a path. Unset: `AZURE_AUTHORITY_HOST`, else "
+        "`https://login.microsoftonline.com`."
+    ),
     "CertificateConfig.private_key": "PEM private key.",
     "CertificateConfig.certificate": "PEM certificate (public part) registered with the app.",
     "ManagedIdentityRef.client_id": "Client ID of a user-assigned managed identity.",
@@ -119,7 +125,11 @@ SECTION_NOTES: dict[str, str] = {
         "`identity`) to fetch both keys from the control plane; not both."
     ),
     "IdentityConfig": (
-        "Give at most one of `client_secret`, `certificate`, `federated_token_file` and `managed_identity`."
+        "Give at most one of `client_secret`, `certificate`, `federated_token_file` and `managed_identity`. "
+        "With none of them, the credential comes from the environment, in azure-identity's order: "
+        "`AZURE_CLIENT_SECRET`, `AZURE_CLIENT_CERTIFICATE_PATH`, `AZURE_FEDERATED_TOKEN_FILE` (so an AKS "
+        "workload identity pod needs no identity settings at all). Routes with the same identity share "
+        "one token cache."
     ),
     "ManagedIdentityRef": "Give exactly one of `client_id` and `resource_id`.",
 }
@@ -236,12 +246,16 @@ def _plural(text: str) -> str:
     return text + "s" if text in ("mapping", "string", "integer", "number", "boolean") else text
 
 
+# A model found inside a type: (model, its key path, the `type:` variant it is, if any).
+_Nested = list[tuple[type[BaseModel], str, str | None]]
+
+
 class _Renderer:
     def __init__(self) -> None:
         self.sections: list[_Section] = []
         self.by_model: dict[type[BaseModel], _Section] = {}
 
-    def type_text(self, tp: Any, path: str) -> tuple[str, list[tuple[type[BaseModel], str, str | None]]]:
+    def type_text(self, tp: Any, path: str) -> tuple[str, _Nested]:
         """Human text for a type, and the models it contains: (model, key path, variant)."""
         tp = _strip_annotated(tp)
         members = _union_args(tp)
@@ -256,10 +270,10 @@ class _Renderer:
             models = [m for m in members if _is_model(m)]
             if models and all("type" in m.model_fields for m in models) and len(models) == len(members):
                 kinds = [typing.get_args(m.model_fields["type"].annotation)[0] for m in models]
-                nested = [(m, path, f"type: {k}") for m, k in zip(models, kinds, strict=True)]
-                return f"mapping, by `type`: {_literal_text(tuple(kinds))}", nested
+                variants: _Nested = [(m, path, f"type: {k}") for m, k in zip(models, kinds, strict=True)]
+                return f"mapping, by `type`: {_literal_text(tuple(kinds))}", variants
             texts: list[str] = []
-            nested_all: list[tuple[type[BaseModel], str, str | None]] = []
+            nested_all: _Nested = []
             for member in members:
                 text, nested = self.type_text(member, path)
                 texts.append(text)
@@ -296,7 +310,7 @@ class _Renderer:
             section.intro.append(note)
         self.sections.append(section)
         self.by_model[model] = section
-        children: list[tuple[type[BaseModel], str, str | None]] = []
+        children: _Nested = []
         for name, info in model.model_fields.items():
             key = f"{path}.{name}" if path else name
             text, nested = self.type_text(info.annotation, key)

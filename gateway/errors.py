@@ -3,6 +3,11 @@
 GatewayError
 ├── ConfigError                 invalid configuration (exit status 2)
 ├── SecretError                 a secret source cannot be read
+├── TransportError              the upstream connection failed (mapped to 502/504 by the proxy)
+│   ├── ConnectError            no connection could be opened
+│   ├── ConnectionLost          the connection closed before the exchange ended
+│   ├── ProtocolError           the upstream's answer is not valid HTTP/1.1
+│   └── TransportTimeout        the upstream did not answer in time
 └── ClientFacingError           turned into a JSON error response with a stable code
     ├── RouteNotFound           404 route_not_found
     ├── BadRequestPath          400 bad_request_path
@@ -29,6 +34,29 @@ class ConfigError(GatewayError):
 
 class SecretError(GatewayError):
     """A secret source (environment variable or file) cannot be read. Never carries the value."""
+
+
+class TransportError(GatewayError):
+    """The connection to an upstream failed. Messages name the host, never a header."""
+
+
+class ConnectError(TransportError):
+    pass
+
+
+class ConnectionLost(TransportError):
+    def __init__(self, message: str, *, reused: bool = False, received_any: bool = False) -> None:
+        super().__init__(message)
+        self.reused = reused
+        self.received_any = received_any
+
+
+class ProtocolError(TransportError):
+    pass
+
+
+class TransportTimeout(TransportError):
+    pass
 
 
 class ClientFacingError(GatewayError):

@@ -75,6 +75,10 @@ class MsalHttpClient:
         content: bytes | str | None = None
         if isinstance(data, str | bytes):
             content, data = data, None  # httpx wants raw bodies as `content`
+        elif isinstance(data, dict):
+            # MSAL puts the signed client assertion in as bytes; requests form-encodes bytes as their
+            # text, httpx as "b'...'" (which Entra ID rejects as a malformed JWT).
+            data = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in data.items()}
         response = self._client.request(
             method,
             url,

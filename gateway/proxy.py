@@ -1,8 +1,9 @@
 """Forwarding: one request in, one or more upstream attempts out, the answer streamed back untouched.
 
 Raw ASGI on purpose: this is the hot path, and framework request/response objects cost more than
-everything else the gateway does per request. The upstream client is one pooled aiohttp session
-per process (measured several times faster than httpx as a proxy's client; see bench/).
+everything else the gateway does per request. Headers stay bytes from the client's socket to the
+upstream's; the request head is assembled once per attempt and written with the body in one call
+by `gateway.client` (see bench/ for why not aiohttp or httpx).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-import aiohttp
-from yarl import URL
-
+from gateway.client import UpstreamClient, UpstreamResponse, encode_chunked
 from gateway.credentials.base import Grant
 from gateway.errors import (
     BadRequestPath,
@@ -24,10 +23,12 @@ from gateway.errors import (
     ClientFacingError,
     Overloaded,
     RouteNotFound,
+    TransportError,
+    TransportTimeout,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from gateway.headers import new_request_id, read_request_headers, response_headers
+from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_headers
 from gateway.responses import send_error
 from gateway.routing import Route, Router, Upstream, check_path
 from gateway.telemetry import RequestRecord, Telemetry
@@ -39,8 +40,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger("gateway.proxy")
 
-# The client's own Accept-Encoding and Content-Type pass through; aiohttp must not invent them.
-_SKIP_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MAX_CREDENTIAL_REPLAYS = 2
 
 
@@ -52,35 +52,16 @@ class _BodyLimit(Exception):
     """Raised inside a streamed request body when it grows past `max_body_bytes`."""
 
 
-def create_upstream_session(ssl_context: Any, *, connections: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=connections,
-        limit_per_host=0,
-        ssl=ssl_context,
-        ttl_dns_cache=300,
-        keepalive_timeout=30,
-        enable_cleanup_closed=True,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # bodies pass through byte for byte, compressed or not
-        skip_auto_headers=_SKIP_AUTO_HEADERS,
-        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
-        trust_env=False,
-        raise_for_status=False,
-    )
-
-
 class Proxy:
     def __init__(
         self,
         *,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         telemetry: Telemetry,
         max_header_bytes: int,
         max_header_count: int,
     ) -> None:
-        self.session = session
+        self.client = client
         self.telemetry = telemetry
         self.max_header_bytes = max_header_bytes
         self.max_header_count = max_header_count
@@ -128,7 +109,7 @@ class Proxy:
         receive: Receive,
         send: Send,
         route: Route,
-        inbound: Any,
+        inbound: InboundHeaders,
         path: str,
         raw_path: bytes | None,
         record: RequestRecord,
@@ -140,26 +121,41 @@ class Proxy:
             )
         body, stream = await _read_body(receive, route)
         record.bytes_in = len(body) if body is not None else 0
-        replayable = stream is None
 
         request_id = record.request_id
         assert request_id is not None
         client = scope.get("client")
-        client_ip = client[0] if client else "unknown"
-        headers = inbound.forwarded
-        if route.header_names:
-            headers = [(n, v) for n, v in headers if n.lower() not in route.header_names]
-        headers.append(("X-Forwarded-For", f"{inbound.xff}, {client_ip}" if inbound.xff else client_ip))
-        headers.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
+        client_ip = client[0].encode("latin-1") if client else b"unknown"
+        lines = [
+            name + b": " + value + b"\r\n"
+            for name, value in inbound.forwarded
+            if name not in route.header_names
+        ]
+        lines.append(
+            b"X-Forwarded-For: " + (inbound.xff + b", " + client_ip if inbound.xff else client_ip) + b"\r\n"
+        )
+        lines.append(b"X-Forwarded-Proto: " + scope.get("scheme", "http").encode("latin-1") + b"\r\n")
         if inbound.host:
-            headers.append(("X-Forwarded-Host", inbound.host))
-        headers.append(("x-request-id", request_id))
+            lines.append(b"X-Forwarded-Host: " + inbound.host + b"\r\n")
+        lines.append(b"x-request-id: " + request_id.encode("latin-1") + b"\r\n")
         for name, value in route.headers:
-            headers.append((name, value if isinstance(value, str) else value.value))
-        if stream is not None and inbound.content_length is not None:
-            headers.append(("Content-Length", str(inbound.content_length)))
+            lines.append(
+                name
+                + b": "
+                + (value if isinstance(value, bytes) else value.value.encode("latin-1"))
+                + b"\r\n"
+            )
+        if stream is not None:
+            if inbound.content_length is not None:
+                lines.append(b"Content-Length: %d\r\n" % inbound.content_length)
+            else:
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+                stream = encode_chunked(stream)
+        elif body or record.method in _BODY_METHODS:
+            lines.append(b"Content-Length: %d\r\n" % len(body or b""))
+        common = b"".join(lines)
         query = scope.get("query_string")
-        suffix = route.forward_path(path, raw_path) + ("?" + query.decode("latin-1") if query else "")
+        target = route.forward_path(path, raw_path) + (b"?" + query if query else b"")
 
         credential = route.credential
         grant = credential.grant_nowait() or await credential.grant()
@@ -169,7 +165,7 @@ class Proxy:
             await _acquire_slot(route)
         route.in_flight.inc()
         try:
-            response = await self._attempts(route, record, headers, body, stream, replayable, suffix, grant)
+            response = await self._attempts(route, record, common, target, body, stream, grant)
             try:
                 await self._stream_response(response, send, record)
             finally:
@@ -183,46 +179,62 @@ class Proxy:
         self,
         route: Route,
         record: RequestRecord,
-        headers: list[tuple[str, str]],
+        common: bytes,
+        target: bytes,
         body: bytes | None,
         stream: AsyncIterator[bytes] | None,
-        replayable: bool,
-        suffix: str,
         grant: Grant,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         credential = route.credential
+        replayable = stream is None
         deadline = record.started + route.deadline_s if route.deadline_s else None
         tried: tuple[Upstream, ...] = ()
         credential_replays = 0
         route.count_request()
-        session = self.session
+        method = record.method.encode("latin-1")
+        head_request = record.method == "HEAD"
+        request = self.client.request
         while True:
             upstream = route.single_upstream or route.pick_upstream(tried)
             record.attempts += 1
-            attempt_headers = headers if grant.header is None else [*headers, ("Authorization", grant.header)]
+            head = b"".join(
+                (
+                    method,
+                    b" ",
+                    upstream.path_bytes if target[:1] == b"/" or upstream.path_bytes else b"/",
+                    target,
+                    b" HTTP/1.1\r\nHost: ",
+                    upstream.host_bytes,
+                    b"\r\n",
+                    common,
+                    b"" if grant.header_line is None else grant.header_line,
+                    b"\r\n",
+                )
+            )
             failure: ClientFacingError | None = None
+            # retry.deadline_s bounds the whole request: the last attempt gets only what is left of it.
+            total_timeout = route.timeout_s
+            if deadline is not None:
+                total_timeout = min(total_timeout, max(deadline - time.perf_counter(), 0.001))
             try:
-                response = await session.request(
-                    record.method,
-                    URL(upstream.url + suffix, encoded=True),
-                    headers=attempt_headers,
-                    data=body if stream is None else stream,
-                    timeout=route.timeout,
-                    allow_redirects=False,
+                response = await request(
+                    upstream.pool,
+                    head,
+                    body if stream is None else stream,
+                    head_request=head_request,
+                    connect_timeout=route.connect_timeout_s,
+                    read_timeout=route.read_timeout_s,
+                    total_timeout=total_timeout,
                 )
             except _BodyLimit:
                 raise _body_too_large(route) from None
-            except (TimeoutError, aiohttp.ServerTimeoutError):
+            except TransportTimeout:
                 failure = UpstreamTimeout(
-                    f"route {route.name}: the upstream did not answer within {route.timeout.total:g} s"
+                    f"route {route.name}: the upstream {upstream.origin} did not answer within "
+                    f"{min(route.read_timeout_s, total_timeout):g} s"
                 )
-            except (aiohttp.ClientError, OSError) as exc:
-                cause = exc.__cause__
-                if isinstance(cause, _BodyLimit):
-                    raise _body_too_large(route) from None
-                failure = UpstreamUnreachable(
-                    f"route {route.name}: cannot reach the upstream {upstream.origin} ({type(exc).__name__})"
-                )
+            except TransportError as exc:
+                failure = UpstreamUnreachable(f"route {route.name}: {exc}")
             if failure is not None:
                 route.record_failure(upstream)
                 record.upstream_errors += 1
@@ -274,31 +286,31 @@ class Proxy:
             record.upstream = upstream
             return response
 
-    async def _stream_response(
-        self, response: aiohttp.ClientResponse, send: Send, record: RequestRecord
-    ) -> None:
+    async def _stream_response(self, response: UpstreamResponse, send: Send, record: RequestRecord) -> None:
         request_id = record.request_id
         assert request_id is not None
         await send(
             {
                 "type": "http.response.start",
                 "status": response.status,
-                "headers": response_headers(response.raw_headers, request_id.encode("latin-1")),
+                "headers": response_headers(response.headers, request_id.encode("latin-1")),
             }
         )
         record.response_started = True
         record.status = response.status
-        content = response.content
         sent = 0
         try:
-            async for chunk in content.iter_any():
+            while True:
+                chunk = await response.next_chunk()
+                if not chunk:
+                    break
                 sent += len(chunk)
-                if content.at_eof():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                if response.at_eof:
                     record.bytes_out = sent
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except TransportError as exc:
             record.bytes_out = sent
             record.error = "upstream_aborted"
             logger.warning(
@@ -306,9 +318,8 @@ class Proxy:
                 "closing the client connection",
                 request_id,
                 record.route,
-                type(exc).__name__,
+                exc,
             )
-            response.close()
             raise ClientDisconnected from None
         record.bytes_out = sent
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -333,7 +344,7 @@ async def _read_body(receive: Receive, route: Route) -> tuple[bytes | None, Asyn
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge(f"the request body is over route {route.name}'s limit of {limit} bytes")
+            raise _body_too_large(route)
         if not message.get("more_body", False):
             if not chunks:
                 return chunk, None
@@ -362,12 +373,12 @@ async def _stream_rest(head: list[bytes], size: int, receive: Receive, limit: in
             return
 
 
-async def _discard(response: aiohttp.ClientResponse) -> None:
+async def _discard(response: UpstreamResponse) -> None:
     """Read a small refusal to the end so its connection goes back to the pool."""
     try:
         await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        response.close()
+    except TransportError:
+        pass
     finally:
         response.release()
 
@@ -377,9 +388,13 @@ def _backoff(route: Route, retry: int) -> float:
     return random.uniform(0, ceiling)  # full jitter
 
 
-def _retry_delay(route: Route, response: aiohttp.ClientResponse, retry: int) -> float | None:
+def _retry_delay(route: Route, response: UpstreamResponse, retry: int) -> float | None:
     """Seconds to wait before the next attempt, or None when Retry-After asks for more than we wait."""
-    value = response.headers.get("Retry-After")
+    value = None
+    for name, header_value in response.headers:
+        if name.lower() == b"retry-after":
+            value = header_value
+            break
     if value:
         try:
             seconds = float(value)

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import aiohttp
-
 from gateway import metrics
+from gateway.client import Origin
 from gateway.credentials.base import Credential
 from gateway.errors import BadRequestPath
 from gateway.secrets import Secret
@@ -27,11 +26,13 @@ _DANGEROUS_ENCODINGS = (b"%2e", b"%2f", b"%5c", b"%00")
 class Upstream:
     """One upstream URL of a route and its passive health (consecutive failures, ejection)."""
 
-    def __init__(self, url: str, *, priority: int = 0, weight: int = 1) -> None:
+    def __init__(self, url: str, pool: Origin, *, priority: int = 0, weight: int = 1) -> None:
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
-        self.host_header = parts.netloc
         self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.pool = pool
+        self.host_bytes = pool.host_header
+        self.path_bytes = parts.path.encode("latin-1")
         self.priority = priority
         self.weight = weight
         self.consecutive_failures = 0
@@ -55,8 +56,10 @@ class Route:
     prefix: str
     upstreams: list[Upstream]
     credential: Credential
-    headers: list[tuple[str, str | Secret]]
-    timeout: aiohttp.ClientTimeout
+    headers: list[tuple[bytes, bytes | Secret]]
+    timeout_s: float
+    connect_timeout_s: float
+    read_timeout_s: float
     max_body_bytes: int
     replay_buffer_bytes: int
     retry_attempts: int = 3
@@ -72,7 +75,7 @@ class Route:
     max_concurrent: int | None = None
     queue_timeout_s: float = 1.0
     credential_key: object = None
-    header_names: frozenset[str] = frozenset()
+    header_names: frozenset[bytes] = frozenset()
     prefix_bytes: bytes = b""
     semaphore: asyncio.Semaphore | None = None
     waiters: int = 0
@@ -127,8 +130,14 @@ class Route:
         """Count a failure; return True when it ejected the upstream."""
         upstream.consecutive_failures += 1
         if upstream.probing or upstream.consecutive_failures >= self.outlier_failures:
+            now = time.monotonic()
+            # Requests that were already in flight keep failing after the ejection: that extends it,
+            # but it is the same ejection (one count, one log line), not a new one per failure.
+            already_ejected = upstream.ejected_until > now and not upstream.probing
             upstream.probing = False
-            upstream.ejected_until = time.monotonic() + self.ejection_s
+            upstream.ejected_until = now + self.ejection_s
+            if already_ejected:
+                return False
             upstream.ejections += 1
             metrics.UPSTREAM_EJECTIONS.labels(self.name, upstream.origin).inc()
             if len(self.upstreams) > 1 or upstream.consecutive_failures == self.outlier_failures:
@@ -163,11 +172,11 @@ class Route:
             self.budget_retries *= factor
             self.budget_stamp = now
 
-    def forward_path(self, path: str, raw_path: bytes | None) -> str:
+    def forward_path(self, path: str, raw_path: bytes | None) -> bytes:
         """The part of the request path after the route prefix, in its original encoding."""
         if raw_path is not None and raw_path.startswith(self.prefix_bytes):
-            return raw_path[len(self.prefix_bytes) :].decode("latin-1")
-        return quote(path[len(self.prefix) :], safe="/:@!$&'()*+,;=-._~")
+            return raw_path[len(self.prefix_bytes) :]
+        return quote(path[len(self.prefix) :], safe="/:@!$&'()*+,;=-._~").encode("latin-1")
 
 
 def _weighted(candidates: list[Upstream]) -> Upstream:

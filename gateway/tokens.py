@@ -1,7 +1,8 @@
 """The one cache of access tokens: Entra ID tokens for every identity and scope, and Azure ML endpoint tokens.
 
-Hot path: `TokenEntry.peek()` is one look-up in a `cachetools.TLRUCache` whose items expire at the token's
-expiry minus a small skew margin. No lock, no thread hop, no I/O; an expired token is never returned.
+Hot path: `TokenCache.lookup()` is one look-up in a `cachetools.TLRUCache` whose items expire at the
+token's expiry minus a small skew margin. No lock, no thread hop, no I/O; an expired token is never
+returned (the cache compares the expiry on every read).
 
 Everything else happens off the request path, per (identity, scope) entry:
 
@@ -139,12 +140,13 @@ class TokenEntry:
         self._inflight: asyncio.Task[TokenGrant] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
-        self._users: dict[int, tuple[str, str]] = {}
+        self._users: dict[int, tuple[str, str]] = {}  # owner id -> (route, kind)
+        self._active: set[int] = set()  # owners that started, i.e. want background refresh
 
     # ------------------------------------------------------------------ request path
     def peek(self) -> TokenGrant | None:
         """The cached token if it is still valid, else None. Cheap: call it on every request."""
-        return self.cache.valid.get(self.key)
+        return self.cache.lookup(self.key)
 
     async def get(self) -> TokenGrant:
         """A valid token, fetched now if needed (shared with concurrent callers).
@@ -196,9 +198,14 @@ class TokenEntry:
         return None if fresh.header == rejected.header else fresh
 
     # ------------------------------------------------------------------ users and the refresher
-    def attach(self, owner: object, route: str, kind: str) -> None:
-        """Start refreshing in the background on behalf of `owner` (a credential). Needs a running loop."""
+    def register(self, owner: object, route: str, kind: str) -> None:
+        """`owner`, a credential of `route`, uses this token: logs and metrics name the route."""
         self._users[id(owner)] = (route, kind)
+
+    def attach(self, owner: object, route: str, kind: str) -> None:
+        """Refresh in the background on behalf of `owner` (a started credential). Needs a running loop."""
+        self.register(owner, route, kind)
+        self._active.add(id(owner))
         if self._refresher is None or self._refresher.done():
             self._wake = asyncio.Event()
             self._refresher = asyncio.get_running_loop().create_task(
@@ -206,16 +213,18 @@ class TokenEntry:
             )
 
     async def detach(self, owner: object) -> None:
-        """`owner` no longer needs this token; the last one to leave stops the refresher."""
+        """`owner` is closed; the last started one stops the refresher, the last one drops the entry."""
         self._users.pop(id(owner), None)
-        if self._users:
+        self._active.discard(id(owner))
+        if self._active:
             return
         task, self._refresher = self._refresher, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.cache.remove(self)
+        if not self._users:
+            self.cache.remove(self)
 
     @property
     def routes(self) -> str:
@@ -238,7 +247,9 @@ class TokenEntry:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not end refreshing for the life of the process
-                logger.exception("route %s: token refresher for %s failed; continuing", self.routes, self.scope)
+                logger.exception(
+                    "route %s: token refresher for %s failed; continuing", self.routes, self.scope
+                )
                 await asyncio.sleep(1.0)
 
     def _due(self) -> float:
@@ -291,12 +302,15 @@ class TokenEntry:
             raise TokenFetchError(f"the provider issued a token that expires in {lifetime:.0f} s")
         hint = None if token.refresh_after is None else token.refresh_after - started_wall
         expires_mono = started_mono + lifetime
-        grant = TokenGrant(
-            header=f"Bearer {token.value}",
-            slot="token",
-            expires_at=token.expires_at,
-            serve_until=expires_mono - serve_margin(lifetime),
-        )
+        try:
+            grant = TokenGrant(
+                header=f"Bearer {token.value}",
+                slot="token",
+                expires_at=token.expires_at,
+                serve_until=expires_mono - serve_margin(lifetime),
+            )
+        except ValueError:  # a line break or NUL in the token: it cannot go into a header
+            raise TokenFetchError("the provider issued a token that is not a valid header value") from None
         self.grant = grant
         self.expires_mono = expires_mono
         self.refresh_mono = started_mono + refresh_delay(lifetime, hint, self.cache.rng)
@@ -420,6 +434,14 @@ class TokenCache:
         self.backoff_cap_s = backoff_cap_s
         self.rng = rng or random.Random()
         self._entries: dict[CacheKey, TokenEntry] = {}
+
+    def lookup(self, key: CacheKey) -> TokenGrant | None:
+        """The hot path. `TLRUCache.__getitem__` checks the expiry; its `get()` costs five times as much
+        (it freezes the timer and looks the key up twice)."""
+        try:
+            return self.valid[key]
+        except KeyError:
+            return None
 
     def entry(self, source: TokenSource, scope: str) -> TokenEntry:
         key = (source.key, scope)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from gateway.cli import inbound_problem
@@ -121,9 +122,15 @@ def test_examples_cover_every_auth_form() -> None:
     assert wanted <= seen, f"no example shows: {sorted(wanted - seen)}"
 
 
-def test_main_example_is_the_documented_one() -> None:
+def test_main_example_is_the_one_in_the_readme() -> None:
     config = load_config(ROOT / "config/gateway.yaml")
     auth = config.routes["iris"].auth
     assert isinstance(auth, KeyAuth)
     assert auth.primary == EnvRef(env="IRIS_PRIMARY_KEY")
     assert isinstance(auth.secondary, FileRef)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
+    documented = [yaml.safe_load(b) for b in blocks if "routes:" in b]
+    assert documented, "README.md shows no configuration"
+    on_disk = yaml.safe_load((ROOT / "config/gateway.yaml").read_text(encoding="utf-8"))
+    assert documented[0] == on_disk, "config/gateway.yaml and README.md's example differ"

@@ -22,10 +22,10 @@ def test_request_headers_split():
         (b"x-ms-client-request-id", b"c1"),
     ]
     inbound = read_request_headers(raw, 65536, 100)
-    assert inbound.forwarded == [("content-type", "application/json"), ("x-ms-client-request-id", "c1")]
+    assert inbound.forwarded == [(b"content-type", b"application/json"), (b"x-ms-client-request-id", b"c1")]
     assert inbound.request_id == "rid"
-    assert inbound.host == "gw:8080"
-    assert inbound.xff == "10.0.0.1"
+    assert inbound.host == b"gw:8080"
+    assert inbound.xff == b"10.0.0.1"
     assert inbound.content_length == 12
 
 

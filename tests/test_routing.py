@@ -1,21 +1,30 @@
 from __future__ import annotations
 
-import aiohttp
 import pytest
 
+from gateway.client import UpstreamClient
 from gateway.credentials.base import NoCredential
 from gateway.errors import BadRequestPath
 from gateway.routing import Route, Router, Upstream, check_path
+
+
+CLIENT = UpstreamClient(None)
+
+
+def _upstream(url: str, **options: int) -> Upstream:
+    return Upstream(url, CLIENT.origin(url), **options)
 
 
 def _route(name: str, prefix: str, *upstreams: Upstream) -> Route:
     return Route(
         name=name,
         prefix=prefix,
-        upstreams=list(upstreams) or [Upstream("http://u/score")],
+        upstreams=list(upstreams) or [_upstream("http://u/score")],
         credential=NoCredential(name),
         headers=[],
-        timeout=aiohttp.ClientTimeout(total=1),
+        timeout_s=1,
+        connect_timeout_s=1,
+        read_timeout_s=1,
         max_body_bytes=100,
         replay_buffer_bytes=10,
     )
@@ -34,9 +43,9 @@ def test_longest_prefix_at_segment_boundary():
 
 def test_forward_path_keeps_original_encoding():
     route = _route("iris", "/iris")
-    assert route.forward_path("/iris/a b", b"/iris/a%20b") == "/a%20b"
-    assert route.forward_path("/iris", b"/iris") == ""
-    assert route.forward_path("/iris/x", None) == "/x"
+    assert route.forward_path("/iris/a b", b"/iris/a%20b") == b"/a%20b"
+    assert route.forward_path("/iris", b"/iris") == b""
+    assert route.forward_path("/iris/x", None) == b"/x"
 
 
 @pytest.mark.parametrize(
@@ -66,7 +75,7 @@ def test_check_path_allows_ordinary_paths(path):
 
 
 def test_outlier_ejection_and_failover():
-    a, b = Upstream("http://a", priority=0), Upstream("http://b", priority=1)
+    a, b = _upstream("http://a", priority=0), _upstream("http://b", priority=1)
     route = _route("r", "/r", a, b)
     route.outlier_failures = 2
     assert route.pick_upstream() is a
@@ -79,7 +88,7 @@ def test_outlier_ejection_and_failover():
 
 
 def test_weighted_choice_within_a_priority():
-    a, b = Upstream("http://a", weight=1), Upstream("http://b", weight=3)
+    a, b = _upstream("http://a", weight=1), _upstream("http://b", weight=3)
     route = _route("r", "/r", a, b)
     picks = [route.pick_upstream() for _ in range(2000)]
     share = picks.count(b) / len(picks)

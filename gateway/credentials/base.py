@@ -19,6 +19,16 @@ class Grant:
     header: str | None
     slot: str  # "primary", "secondary", "token", "none": safe to log and to use as a metric label
     expires_at: float | None = None  # wall-clock seconds, for tokens
+    # The whole header line as the upstream client writes it, encoded once per grant, not per request.
+    header_line: bytes | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.header is not None:
+            if any(c in self.header for c in "\r\n\x00"):
+                raise ValueError("a credential must not contain line breaks or NUL")
+            object.__setattr__(
+                self, "header_line", b"Authorization: " + self.header.encode("latin-1") + b"\r\n"
+            )
 
     def __repr__(self) -> str:
         return f"Grant(slot={self.slot!r})"

@@ -1,0 +1,86 @@
+"""Credentials that are a cached bearer token (`aad_token`, `aml_token`): thin views of `gateway.tokens`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.credentials import BuildContext
+from gateway.credentials.base import Credential, CredentialStatus, Grant
+from gateway.tokens import TokenCache, TokenEntry
+
+_SHARED_CACHE = "token_cache"
+
+
+def shared_token_cache(ctx: BuildContext) -> TokenCache:
+    """The process's one token cache."""
+    if _SHARED_CACHE not in ctx.shared:
+        ctx.shared[_SHARED_CACHE] = TokenCache()
+    cache: TokenCache = ctx.shared[_SHARED_CACHE]
+    return cache
+
+
+class TokenCredential(Credential):
+    """The route's token lives in the shared cache; `dependencies` are tokens needed to obtain it (the
+    management token behind an Azure ML endpoint token), kept fresh while the route exists."""
+
+    rejection_statuses = frozenset({401})
+
+    def __init__(
+        self,
+        route: str,
+        entry: TokenEntry,
+        *,
+        source: str,
+        dependencies: Sequence[TokenEntry] = (),
+    ) -> None:
+        super().__init__(route)
+        self.entry = entry
+        self.dependencies = tuple(dependencies)
+        self.source = source
+        for token in (*self.dependencies, entry):
+            token.register(self, route, self.kind)
+        # The hot path: one TLRU look-up, bound here so grant_nowait does no attribute walking.
+        self._valid = entry.cache.valid
+        self._key = entry.key
+
+    def grant_nowait(self) -> Grant | None:
+        try:
+            grant: Grant = self._valid[self._key]  # raises KeyError at and after the token's expiry
+        except KeyError:
+            return None
+        return grant
+
+    async def grant(self) -> Grant:
+        return await self.entry.get()
+
+    async def rejected(self, grant: Grant) -> Grant | None:
+        return await self.entry.reject(grant)
+
+    async def start(self) -> None:
+        for entry in (*self.dependencies, self.entry):
+            entry.attach(self, self.route, self.kind)
+
+    async def close(self) -> None:
+        for entry in (self.entry, *self.dependencies):
+            await entry.detach(self)
+
+    def status(self) -> CredentialStatus:
+        entry = self.entry
+        state = entry.state()
+        detail = entry.last_error
+        if detail and entry.last_hint:
+            detail = f"{detail} ({entry.last_hint})"
+        if detail is None:
+            for dependency in self.dependencies:
+                if dependency.last_error:
+                    detail = f"refreshing {dependency.scope} fails: {dependency.last_error}"
+                    break
+        return CredentialStatus(
+            kind=self.kind,
+            ready=self.grant_nowait() is not None,
+            state=state,
+            active_slot="token",
+            source=self.source,
+            expires_in_s=entry.expires_in(),
+            detail=detail,
+        )

@@ -1,0 +1,348 @@
+"""The token cache (gateway.tokens) with real MSAL against the emulated Entra ID over TLS on loopback.
+
+Lifetimes are seconds, not hours: the emulator issues 3-10 s tokens, and `refresh_in` moves refreshes
+earlier still. Counters come from the emulator, so "one token request" means one POST it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+
+import jwt
+import pytest
+from azure_env import (
+    build,
+    clean_emulator_fixture,  # noqa: F401 - fixture
+    emulator_fixture,  # noqa: F401 - fixture
+    identity,
+    make_context,
+    register_app,
+    run,
+    wait_for,
+)
+from prometheus_client import REGISTRY
+
+from gateway.credentials import Credential
+from gateway.emulator.server import EmulatorServer
+from gateway.errors import CredentialUnavailable
+from gateway.tokens import (
+    REFRESH_MARGIN_S,
+    AccessToken,
+    TokenCache,
+    TokenFetchError,
+    TokenSource,
+    refresh_delay,
+    serve_margin,
+)
+
+AML_SCOPE = "https://ml.azure.com/.default"
+
+
+def aad(emulator: EmulatorServer, route: str = "r", **identity_fields: object) -> tuple[Credential, str]:
+    app = register_app(emulator)
+    credential = build(
+        emulator, {"type": "aad_token", "identity": identity(emulator, app, **identity_fields)}, route=route
+    )
+    return credential, app.client_id
+
+
+def refreshes(route: str, result: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "gateway_credential_refreshes_total", {"route": route, "kind": "aad_token", "result": result}
+    )
+    return value or 0.0
+
+
+def test_refresh_schedule_rules() -> None:
+    rng = random.Random(7)
+    for _ in range(500):
+        # No hint: two thirds of the lifetime, give or take 5 %.
+        assert 2400 - 180 <= refresh_delay(3600, None, rng) <= 2400 + 180
+        # A hint is never anticipated, and jitter after it stays within 30 s.
+        assert 1800 <= refresh_delay(3600, 1800, rng) <= 1830
+        # A late hint is capped at 5 minutes before expiry...
+        assert refresh_delay(3600, 3500, rng) == 3600 - REFRESH_MARGIN_S
+        # ...or, for short tokens, a sixth of the lifetime before it.
+        assert refresh_delay(60, 59, rng) == 50
+        assert 1.85 <= refresh_delay(3, None, rng) <= 2.15
+    assert serve_margin(3600) == 10
+    assert serve_margin(3) == pytest.approx(0.15)
+
+
+def test_cached_token_is_served_without_network(emulator: EmulatorServer) -> None:
+    credential, client_id = aad(emulator)
+
+    async def scenario() -> str:
+        assert credential.grant_nowait() is None  # cold: the proxy then awaits grant()
+        first = await credential.grant()
+        for _ in range(1000):
+            assert credential.grant_nowait() is first
+        assert await credential.grant() is first
+        status = credential.status()
+        assert status.state == "valid" and status.ready
+        assert status.expires_in_s is not None and 3500 < status.expires_in_s <= 3600
+        assert first.header is not None
+        return first.header
+
+    header = run(scenario())
+    assert emulator.state.token_request_count(client_id) == 1
+    claims = jwt.decode(header.removeprefix("Bearer "), options={"verify_signature": False})
+    assert claims["aud"] == "https://ml.azure.com" and claims["appid"] == client_id
+
+
+def test_concurrent_cold_requests_share_one_token_request(emulator: EmulatorServer) -> None:
+    credential, client_id = aad(emulator)
+    emulator.state.set_fault("token", delay_s=0.3)  # keep the one request in flight while callers pile up
+
+    async def scenario() -> set[str | None]:
+        grants = await asyncio.gather(*(credential.grant() for _ in range(500)))
+        return {g.header for g in grants}
+
+    headers = run(scenario())
+    assert len(headers) == 1
+    assert emulator.state.token_request_count(client_id) == 1
+
+
+def test_refresh_happens_at_the_providers_hint(emulator: EmulatorServer) -> None:
+    emulator.state.configure(token_lifetime_s=10, refresh_in_s=2)
+    credential, client_id = aad(emulator)
+
+    async def scenario() -> None:
+        await credential.start()
+        try:
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
+            obtained = time.monotonic()
+            first = credential.grant_nowait()
+            await asyncio.sleep(0.9)
+            assert emulator.state.token_request_count(client_id) == 1
+            assert credential.grant_nowait() is first
+            assert await wait_for(lambda: emulator.state.token_request_count(client_id) >= 2, 2.5)
+            # MSAL rounds the hint down to a whole second (refresh_on), jitter adds up to 5 % of the
+            # lifetime: 1-2.5 s, long before two thirds of the 10 s lifetime.
+            assert 0.95 <= time.monotonic() - obtained <= 2.8
+            assert await wait_for(lambda: credential.grant_nowait() is not first, 1)
+            second = credential.grant_nowait()
+            assert second is not None and first is not None and second.header != first.header
+        finally:
+            await credential.close()
+
+    run(scenario())
+
+
+def test_refresh_without_hint_comes_at_two_thirds_of_the_lifetime(emulator: EmulatorServer) -> None:
+    emulator.state.configure(token_lifetime_s=3, refresh_in_s=0)  # 0: the answer carries no refresh_in
+    credential, client_id = aad(emulator)
+
+    async def scenario() -> None:
+        await credential.start()
+        try:
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
+            obtained = time.monotonic()
+            await asyncio.sleep(1.6)
+            assert emulator.state.token_request_count(client_id) == 1
+            assert await wait_for(lambda: emulator.state.token_request_count(client_id) >= 2, 1.5)
+            assert 1.75 <= time.monotonic() - obtained <= 2.6
+        finally:
+            await credential.close()
+
+    run(scenario())
+
+
+def test_identity_provider_down_serves_the_cached_token_then_503(emulator: EmulatorServer) -> None:
+    emulator.state.configure(token_lifetime_s=3, refresh_in_s=1)
+    route = f"down-{uuid.uuid4().hex[:8]}"
+    credential, _ = aad(emulator, route=route)
+
+    async def scenario() -> None:
+        await credential.start()
+        try:
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
+            obtained = time.monotonic()
+            cached = credential.grant_nowait()
+            # Retry-After: 0 keeps MSAL's own throttling out of it; every attempt reaches the emulator.
+            emulator.state.set_fault("token", status=503, retry_after=0)
+            assert await wait_for(lambda: credential.status().detail is not None, 2.5)
+            status = credential.status()
+            assert status.state == "refreshing" and status.ready
+            assert "503" in (status.detail or "")
+            assert credential.grant_nowait() is cached  # still valid: keep serving it
+
+            assert await wait_for(lambda: credential.grant_nowait() is None, 3)
+            assert time.monotonic() - obtained >= 2.7  # served until shortly before its 3 s expiry
+            with pytest.raises(CredentialUnavailable) as raised:
+                await credential.grant()
+            assert raised.value.status == 503 and raised.value.code == "credential_unavailable"
+            assert raised.value.retry_after is not None and raised.value.retry_after >= 1
+            status = credential.status()
+            assert status.state == "expired" and not status.ready
+            assert refreshes(route, "error") >= 1
+
+            emulator.state.clear_faults()
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
+            status = credential.status()
+            assert status.state == "valid" and status.detail is None
+            assert refreshes(route, "ok") >= 2
+        finally:
+            await credential.close()
+
+    run(scenario())
+
+
+def test_failures_back_off_and_the_refresher_never_stops(emulator: EmulatorServer) -> None:
+    app = register_app(emulator)
+    ctx = make_context(str(emulator.ca_file), TokenCache(backoff_base_s=0.1, backoff_cap_s=0.4))
+    credential = build(emulator, {"type": "aad_token", "identity": identity(emulator, app)}, ctx=ctx)
+    emulator.state.set_fault("token", status=500, retry_after=0)
+
+    async def scenario() -> None:
+        await credential.start()
+        try:
+            await asyncio.sleep(2.0)
+            attempts = emulator.state.token_request_count(app.client_id)
+            # Delays drawn below 0.1, 0.2, 0.4, 0.4... s: a handful of attempts, neither one nor a flood.
+            assert 4 <= attempts <= 60, attempts
+            status = credential.status()
+            assert status.state == "unavailable" and not status.ready
+            with pytest.raises(CredentialUnavailable):
+                await credential.grant()
+            emulator.state.clear_faults()
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 2)
+        finally:
+            await credential.close()
+
+    run(scenario())
+
+
+def test_retry_after_is_honoured(emulator: EmulatorServer) -> None:
+    credential, client_id = aad(emulator)
+    emulator.state.set_fault("token", status=429, retry_after=2, count=1)
+
+    async def scenario() -> None:
+        await credential.start()
+        try:
+            assert await wait_for(lambda: credential.status().detail is not None, 2)
+            failed = time.monotonic()
+            with pytest.raises(CredentialUnavailable) as raised:
+                await credential.grant()  # no network call: the wait is known
+            assert raised.value.retry_after == 2
+            assert "temporarily_unavailable" in raised.value.message
+            await asyncio.sleep(1.7)
+            assert emulator.state.token_request_count(client_id) == 1
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 2)
+            assert time.monotonic() - failed >= 1.9
+            assert emulator.state.token_request_count(client_id) == 2
+        finally:
+            await credential.close()
+
+    run(scenario())
+
+
+def test_rejected_token_is_replaced_once_bypassing_msals_cache(emulator: EmulatorServer) -> None:
+    credential, client_id = aad(emulator)
+
+    async def scenario() -> None:
+        first = await credential.grant()
+        # Twenty requests answered 401 at once: one new token request, shared by all of them.
+        replacements = await asyncio.gather(*(credential.rejected(first) for _ in range(20)))
+        headers = {r.header if r is not None else None for r in replacements}
+        assert len(headers) == 1 and None not in headers and first.header not in headers
+        # MSAL's cache would have answered with the same (3600 s) token; ours asked the network.
+        assert emulator.state.token_request_count(client_id) == 2
+        new = replacements[0]
+        assert new is not None
+        assert credential.grant_nowait() is new
+        # A late 401 for the old token: replay with the current one, no request.
+        assert await credential.rejected(first) is new
+        # The fresh token refused too, moments later: the upstream will not take tokens from this
+        # identity; no further request (a misconfigured route must not cost one token per request).
+        assert await credential.rejected(new) is None
+        assert emulator.state.token_request_count(client_id) == 2
+
+    run(scenario())
+
+
+def test_expired_token_is_never_served(emulator: EmulatorServer) -> None:
+    emulator.state.configure(token_lifetime_s=2, refresh_in_s=0)
+    credential, client_id = aad(emulator)
+
+    async def scenario() -> None:
+        grant = await credential.grant()  # no start(): nothing refreshes it
+        assert grant.expires_at is not None
+        assert await wait_for(lambda: credential.grant_nowait() is None, 3)
+        assert time.time() < grant.expires_at  # withdrawn before its expiry, not after
+        again = await credential.grant()
+        assert again.header != grant.header
+
+    run(scenario())
+    assert emulator.state.token_request_count(client_id) == 2
+
+
+def test_failures_are_logged_with_route_client_and_hint_never_secrets(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = register_app(emulator)
+    wrong = f"wrong-{uuid.uuid4().hex}"
+    credential = build(
+        emulator,
+        {"type": "aad_token", "identity": identity(emulator, app, client_secret=wrong)},
+        route="scoring",
+    )
+    good = build(emulator, {"type": "aad_token", "identity": identity(emulator, app)}, route="scoring")
+
+    async def scenario() -> str:
+        with pytest.raises(CredentialUnavailable) as raised:
+            await credential.grant()
+        assert "invalid_client" in raised.value.message and wrong not in raised.value.message
+        grant = await good.grant()
+        await good.rejected(grant)
+        assert grant.header is not None
+        return grant.header
+
+    with caplog.at_level(logging.DEBUG, logger="gateway"):
+        header = run(scenario())
+    text = caplog.text
+    assert "route scoring" in text
+    assert f"client {app.client_id[:4]}" in text
+    assert "invalid_client" in text and "check the client_secret" in text
+    for secret in (wrong, app.secret, header.removeprefix("Bearer ")):
+        assert secret not in text
+
+
+class _Flaky(TokenSource):
+    """A source whose first calls raise what no source should: the refresher must outlive it."""
+
+    def __init__(self, failures: int) -> None:
+        self.key = f"flaky-{uuid.uuid4()}"
+        self.description = "flaky test source"
+        self.deadline_s = 1.0
+        self.failures = failures
+        self.calls = 0
+
+    async def fetch(self, scope: str) -> AccessToken:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError("boom") if self.calls % 2 else TokenFetchError("down", retry_after=0.05)
+        return AccessToken(value=f"token-{self.calls}", expires_at=time.time() + 60)
+
+
+def test_refresher_survives_unexpected_exceptions() -> None:
+    source = _Flaky(failures=5)
+    cache = TokenCache(backoff_base_s=0.02, backoff_cap_s=0.05)
+    entry = cache.entry(source, "scope")
+
+    async def scenario() -> None:
+        owner = object()
+        entry.attach(owner, "r", "aad_token")
+        try:
+            assert await wait_for(lambda: entry.peek() is not None, 3)
+            assert source.calls == 6
+            assert entry.state() == "valid" and entry.last_error is None
+        finally:
+            await entry.detach(owner)
+        assert len(cache) == 0
+
+    run(scenario())
