@@ -166,6 +166,7 @@ class GatewayApp:
             telemetry=self.telemetry,
             max_header_bytes=self.config.server.max_header_bytes,
             max_header_count=self.config.server.max_header_count,
+            client_body_timeout_s=self.config.server.client_body_timeout_s,
         )
         for credential in self.credentials:
             await credential.start()

@@ -167,6 +167,7 @@ def serve(args: argparse.Namespace) -> int:
         "timeout_keep_alive": server.keepalive_timeout_s,
         "timeout_graceful_shutdown": server.grace_period_s,
         "proxy_headers": False,
+        "limit_concurrency": server.max_connections,
     }
     # uvicorn re-raises the stop signal once it has drained; with these no-op handlers in place that
     # re-raise ends `run()` normally, so a clean SIGTERM or Ctrl-C exits with status 0.

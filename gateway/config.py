@@ -117,6 +117,12 @@ class ServerConfig(_Model):
         25.0, ge=0, description="How long in-flight requests may finish after SIGTERM."
     )
     keepalive_timeout_s: float = Field(5.0, gt=0, description="Idle client connections close after this.")
+    client_body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest pause while a client sends its body (408 client_timeout after it)."
+    )
+    max_connections: int | None = Field(
+        None, ge=1, description="Client connections served at once; more are answered 503 by the server."
+    )
     allow_unauthenticated_remote: bool = Field(
         False, description="Allow a non-loopback host without inbound protection. Think twice."
     )

@@ -10,6 +10,7 @@ GatewayError
 │   └── TransportTimeout        the upstream did not answer in time
 └── ClientFacingError           turned into a JSON error response with a stable code
     ├── RouteNotFound           404 route_not_found
+    ├── ClientTimeout           408 client_timeout
     ├── BadRequestPath          400 bad_request_path
     ├── ClientUnauthenticated   401 client_unauthenticated
     ├── ClientNotAllowed        403 client_not_allowed
@@ -72,6 +73,11 @@ class ClientFacingError(GatewayError):
 class RouteNotFound(ClientFacingError):
     status = 404
     code = "route_not_found"
+
+
+class ClientTimeout(ClientFacingError):
+    status = 408
+    code = "client_timeout"
 
 
 class BadRequestPath(ClientFacingError):

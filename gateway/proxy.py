@@ -21,6 +21,7 @@ from gateway.errors import (
     BadRequestPath,
     BodyTooLarge,
     ClientFacingError,
+    ClientTimeout,
     Overloaded,
     RouteNotFound,
     TransportError,
@@ -60,11 +61,13 @@ class Proxy:
         telemetry: Telemetry,
         max_header_bytes: int,
         max_header_count: int,
+        client_body_timeout_s: float = 30.0,
     ) -> None:
         self.client = client
         self.telemetry = telemetry
         self.max_header_bytes = max_header_bytes
         self.max_header_count = max_header_count
+        self.client_body_timeout_s = client_body_timeout_s
 
     async def refuse(self, scope: Scope, send: Send, error: ClientFacingError) -> None:
         """Answer with the gateway's own error before any routing (inbound protection)."""
@@ -119,7 +122,7 @@ class Proxy:
                 f"the request body is {inbound.content_length} bytes; route {route.name} accepts at most "
                 f"{route.max_body_bytes}"
             )
-        body, stream = await _read_body(receive, route)
+        body, stream = await _read_body(receive, route, self.client_body_timeout_s)
         record.bytes_in = len(body) if body is not None else 0
 
         request_id = record.request_id
@@ -331,14 +334,19 @@ def _body_too_large(route: Route) -> BodyTooLarge:
     )
 
 
-async def _read_body(receive: Receive, route: Route) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
+async def _read_body(
+    receive: Receive, route: Route, idle_timeout_s: float
+) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
     """The whole body when it fits the replay buffer; otherwise a stream that is sent once."""
     chunks: list[bytes] = []
     size = 0
     limit = route.max_body_bytes
     replay_limit = route.replay_buffer_bytes
+    first = True
     while True:
-        message = await receive()
+        # The first message is usually there already; only a body that keeps coming pays for a timer.
+        message = await receive() if first else await _receive_within(receive, idle_timeout_s)
+        first = False
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk = message.get("body", b"")
@@ -352,15 +360,27 @@ async def _read_body(receive: Receive, route: Route) -> tuple[bytes | None, Asyn
             return b"".join(chunks), None
         chunks.append(chunk)
         if size > replay_limit:
-            return None, _stream_rest(chunks, size, receive, limit)
+            return None, _stream_rest(chunks, size, receive, limit, idle_timeout_s)
 
 
-async def _stream_rest(head: list[bytes], size: int, receive: Receive, limit: int) -> AsyncIterator[bytes]:
+async def _receive_within(receive: Receive, idle_timeout_s: float) -> Message:
+    try:
+        async with asyncio.timeout(idle_timeout_s):
+            return await receive()
+    except TimeoutError:
+        raise ClientTimeout(
+            f"the request body stalled for {idle_timeout_s:g} s; send the body without pauses"
+        ) from None
+
+
+async def _stream_rest(
+    head: list[bytes], size: int, receive: Receive, limit: int, idle_timeout_s: float
+) -> AsyncIterator[bytes]:
     for chunk in head:
         yield chunk
     head.clear()
     while True:
-        message = await receive()
+        message = await _receive_within(receive, idle_timeout_s)
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk = message.get("body", b"")
