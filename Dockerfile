@@ -15,8 +15,9 @@ ENV GATEWAY_CONFIG=/etc/gateway/gateway.yaml \
     PYTHONUNBUFFERED=1
 USER 10001:10001
 EXPOSE 8080
-# The slim image has no curl; the standard library is enough for a liveness probe.
+# The slim image has no curl; the standard library is enough. A config with another server.port
+# needs `docker run --health-cmd` (or a HEALTHCHECK in a derived image) to match.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('GATEWAY_PORT', '8080') + '/healthz', timeout=2)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
 ENTRYPOINT ["gateway", "serve"]
 CMD ["--config", "/etc/gateway/gateway.yaml"]

@@ -1137,6 +1137,9 @@ def write_chart(
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
             ax.set_yscale("log")
+            tops = [sm[key] for sm in data.values() if sm and sm[key] > 0]
+            if tops:
+                ax.set_ylim(top=max(tops) * 3)  # room for the value labels above the bars
             plain = ticker.FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 10 else f"{v:g}")
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())

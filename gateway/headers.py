@@ -110,7 +110,7 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]], request_id: bytes) -> l
         lowered = name.lower()
         if lowered in _RESPONSE_OWNED:
             if lowered == b"connection":
-                dropped = connection_tokens(value)
+                dropped = (dropped or set()) | connection_tokens(value)  # every Connection header counts
             continue
         out.append((name, value))
     if dropped:

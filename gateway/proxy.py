@@ -49,6 +49,10 @@ class ClientDisconnected(Exception):
     pass
 
 
+class _UpstreamAborted(Exception):
+    """The upstream's answer broke off after the client had received part of it."""
+
+
 class _BodyLimit(Exception):
     """Raised inside a streamed request body when it grows past `max_body_bytes`."""
 
@@ -99,10 +103,17 @@ class Proxy:
             if not record.response_started:
                 await send_error(send, exc, record.request_id)
             else:
-                logger.warning("request %s: %s after the response started", record.request_id, exc.code)
+                logger.warning(
+                    "request %s: %s after the response had started; the client connection was closed "
+                    "and the client sees a truncated answer",
+                    record.request_id,
+                    exc.code,
+                )
         except ClientDisconnected:
             record.status = 499
             record.error = "client_disconnected"
+        except _UpstreamAborted:
+            pass  # logged where it happened; the record keeps the upstream's status
         finally:
             self.telemetry.request_done(record)
 
@@ -287,6 +298,7 @@ class Proxy:
                 route.record_success(upstream)
             record.upstream_status = status
             record.upstream = upstream
+            record.headers_at = time.perf_counter()
             return response
 
     async def _stream_response(self, response: UpstreamResponse, send: Send, record: RequestRecord) -> None:
@@ -323,7 +335,7 @@ class Proxy:
                 record.route,
                 exc,
             )
-            raise ClientDisconnected from None
+            raise _UpstreamAborted from None
         record.bytes_out = sent
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -24,6 +24,7 @@ class RequestRecord:
         "credential",
         "credential_replays",
         "error",
+        "headers_at",
         "method",
         "request_id",
         "response_started",
@@ -53,6 +54,7 @@ class RequestRecord:
         self.bytes_in = 0
         self.bytes_out = 0
         self.response_started = False
+        self.headers_at = started  # when the upstream's response headers arrived
 
 
 class Telemetry:
@@ -75,7 +77,7 @@ class Telemetry:
             histogram = self._latency.get(route)
             if histogram is None:
                 histogram = self._latency[route] = metrics.UPSTREAM_LATENCY.labels(route)
-            histogram.observe(duration)
+            histogram.observe(record.headers_at - record.started)
         if record.retries:
             metrics.RETRIES.labels(route).inc(record.retries)
         if record.credential_replays:

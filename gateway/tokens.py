@@ -392,6 +392,8 @@ class TokenEntry:
     def _unavailable(self, wait_s: float) -> CredentialUnavailable:
         retry_after = max(1, math.ceil(wait_s))
         problem = self.last_error or "no token obtained yet"
+        if self.last_error and self.last_hint:
+            problem = f"{problem} ({self.last_hint})"
         return CredentialUnavailable(
             f"no valid token for {self.scope} ({self.source.description}): {problem}; "
             f"retry in {retry_after} s",

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -58,10 +59,17 @@ def test_bench_quick_run_writes_report(tmp_path: Path) -> None:
         "--out",
         str(out),
     ]
-    res = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ), check=False
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
     )
-    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stderr[-4000:]}"
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        # SIGTERM (not SIGKILL) so the bench stops the servers it started before it exits.
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"bench did not finish within 300 s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{stderr[-4000:]}"
 
     md = (out / "latest.md").read_text()
     png = (out / "latest.png").read_bytes()

@@ -270,7 +270,7 @@ class ControlPlaneKeys:
 
     def _unavailable(self, wait_s: float) -> CredentialUnavailable:
         retry_after = max(1, math.ceil(wait_s))
-        problem = self.last_error or "not fetched yet"
+        problem = self.detail() or "not fetched yet"
         return CredentialUnavailable(
             f"no keys for endpoint {self.endpoint} ({self.description}): {problem}; retry in {retry_after} s",
             retry_after=retry_after,

@@ -284,14 +284,16 @@ class MsalSource(TokenSource):
         return _ERROR_HINTS.get(error, "")
 
     def close(self) -> None:
-        with self._lock:
-            http, self._http = self._http, None
-            self._forget()
+        # Called from the event loop: never wait for the lock, which a worker holds during discovery.
+        # A worker still using the old client fails and its fetch is retried; MSAL objects built on a
+        # closed client are rebuilt (they remember which client they were built with).
+        http, self._http = self._http, None
+        self._forget()
         if http is not None:
             http.close()
 
     def _forget(self) -> None:
-        """Drop the MSAL object (called with the lock held); the next call builds a new one."""
+        """Drop the MSAL object; the next call builds a new one."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description!r})"
@@ -315,12 +317,14 @@ class ConfidentialIdentity(MsalSource):
         self.credential = credential
         self._app: msal.ConfidentialClientApplication | None = None
         self._built_version: object = None
+        self._built_on: MsalHttpClient | None = None
 
     def _application(self, http: MsalHttpClient) -> msal.ConfidentialClientApplication:
         with self._lock:
             version = self.credential.version()
-            if self._app is None or version != self._built_version:
+            if self._app is None or version != self._built_version or self._built_on is not http:
                 rebuilt = self._app is not None
+                previous = self._built_version
                 assert self.client_id is not None
                 self._app = msal.ConfidentialClientApplication(
                     self.client_id,
@@ -334,7 +338,8 @@ class ConfidentialIdentity(MsalSource):
                     http_cache=self._http_cache,
                 )
                 self._built_version = version
-                if rebuilt:
+                self._built_on = http
+                if rebuilt and version != previous:
                     logger.warning(
                         "the %s of client %s changed (%s); using the new one",
                         self.credential.kind,
@@ -349,7 +354,6 @@ class ConfidentialIdentity(MsalSource):
 
     def _forget(self) -> None:
         self._app = None
-        self._built_version = None
 
     def _hint(self, error: str) -> str:
         client = short_id(self.client_id or "")
@@ -370,13 +374,15 @@ class ManagedIdentitySource(MsalSource):
         super().__init__(endpoint="the managed identity endpoint", **kwargs)
         self.identity = identity
         self._msal_client: msal.ManagedIdentityClient | None = None
+        self._built_on: MsalHttpClient | None = None
 
     def _call(self, http: MsalHttpClient, scope: str) -> dict[str, Any] | None:
         with self._lock:
-            if self._msal_client is None:
+            if self._msal_client is None or self._built_on is not http:
                 self._msal_client = msal.ManagedIdentityClient(
                     self.identity, http_client=http, token_cache=NoTokenCache(), http_cache=self._http_cache
                 )
+                self._built_on = http
             client = self._msal_client
         result: dict[str, Any] | None = client.acquire_token_for_client(resource=scope_resource(scope))
         return result
