@@ -15,8 +15,8 @@ from gateway.config import GatewayConfig, RouteConfig, default_config_path, load
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
 from gateway.errors import ClientFacingError
 from gateway.inbound import InboundGuard
-from gateway.proxy import Proxy, Receive, Scope, Send
-from gateway.responses import send_bytes, send_json
+from gateway.proxy import ABSOLUTE_FORM, Proxy, Receive, Scope, Send
+from gateway.responses import error_body, send_bytes, send_json
 from gateway.routing import Route, Router, Upstream
 from gateway.secrets import Secret
 from gateway.telemetry import Telemetry
@@ -25,6 +25,40 @@ from gateway.tls import client_context
 logger = logging.getLogger("gateway")
 
 CONFIG_POLL_S = 2.0
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - httptools is a dependency
+    HttpToolsProtocol = None
+
+
+if HttpToolsProtocol is not None:
+
+    class GatewayHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+        """uvicorn's httptools protocol, except that a request target in absolute form
+        (`GET http://host/path`), which it would reduce to its path, is marked in the scope so the
+        proxy refuses it (400 bad_request_path). Pass it to uvicorn as `http=`."""
+
+        def on_headers_complete(self) -> None:
+            if self.url[:1] != b"/" and self.url != b"*":
+                self.scope.setdefault("extensions", {})[ABSOLUTE_FORM] = {}  # type: ignore[typeddict-item]
+            super().on_headers_complete()
+
+
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    """The gateway forwards plain HTTP only: a WebSocket upgrade gets a JSON 400 (uvicorn answered 500
+    when the app ignored the scope), or a close (403 from uvicorn) without the denial extension."""
+    await receive()  # websocket.connect
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = error_body(
+            "bad_request_path", "WebSocket upgrades are not supported: the gateway forwards plain HTTP", None
+        )
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
 
 
 def _file_signature(path: str) -> tuple[int, int, int] | None:
@@ -143,6 +177,8 @@ class GatewayApp:
             await proxy.handle(scope, receive, send, self.router)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await _refuse_websocket(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -212,7 +248,8 @@ class GatewayApp:
         async with self._reload_lock:
             old = self.router
             reuse = {r.credential_key: r.credential for r in old.routes}
-            ctx = BuildContext(ssl_context=self.ssl_context, source=self.ctx.source)
+            # The same shared clients (MSAL applications, token cache, ARM client) serve the new routes.
+            ctx = BuildContext(ssl_context=self.ssl_context, source=self.ctx.source, shared=self.ctx.shared)
             router = build_router(config, ctx, self.client, reuse)
             kept = {id(r.credential) for r in router.routes}
             for route in router.routes:

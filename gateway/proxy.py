@@ -41,6 +41,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger("gateway.proxy")
 
+# Scope extension set by `gateway.app.GatewayHttpToolsProtocol` for a request whose target was in
+# absolute form: uvicorn's httptools protocol otherwise keeps only the target's path.
+ABSOLUTE_FORM = "gateway.absolute_form"
+
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MAX_CREDENTIAL_REPLAYS = 2
 
@@ -89,7 +93,15 @@ class Proxy:
             record.request_id = inbound.request_id or new_request_id()
             if record.method == "CONNECT":
                 raise BadRequestPath("CONNECT is not supported: this is not a forward proxy")
+            if record.method == "TRACE":
+                # An upstream that honours TRACE echoes the request, the gateway's credential included.
+                raise BadRequestPath("TRACE is not supported: it would echo the gateway's credential back")
             path: str = scope["path"]
+            if path[:1] != "/" or ABSOLUTE_FORM in scope.get("extensions", ()):
+                raise BadRequestPath(
+                    "absolute-form request targets (GET http://host/path) are not supported: this is not "
+                    "a forward proxy; send the path only"
+                )
             raw_path: bytes | None = scope.get("raw_path")
             check_path(path, raw_path)
             route = router.match(path)

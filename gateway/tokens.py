@@ -133,7 +133,6 @@ class TokenEntry:
         self.last_error: str | None = None
         self.last_hint = ""
         self.retry_at = 0.0
-        self.fetches = 0
         self.backoff = Backoff(cache.backoff_base_s, cache.backoff_cap_s, cache.rng)
         self._forced_at = -math.inf
         self._rejection_logged_at = -math.inf
@@ -275,7 +274,6 @@ class TokenEntry:
     async def _fetch(self) -> TokenGrant:
         started_mono = time.monotonic()
         started_wall = time.time()
-        self.fetches += 1
         try:
             try:
                 token = await asyncio.wait_for(self.source.fetch(self.scope), self.source.deadline_s)
@@ -407,14 +405,15 @@ class TokenEntry:
         return self.expires_mono - time.monotonic()
 
     def state(self) -> str:
-        """valid, refreshing (valid, but refreshing failed or is in flight), expired, unavailable, pending."""
+        """valid; refreshing (still valid, but refreshing it fails); expired (and no new one yet);
+        unavailable (none obtained, the last attempt failed); pending (none obtained yet)."""
         if self.peek() is not None:
-            return "refreshing" if self.last_error is not None or self._inflight is not None else "valid"
+            return "refreshing" if self.last_error is not None else "valid"
         if self.grant is not None:
             return "expired"
         if self.last_error is not None:
             return "unavailable"
-        return "refreshing" if self._inflight is not None else "pending"
+        return "pending"
 
     def __repr__(self) -> str:
         return f"TokenEntry(scope={self.scope!r}, source={self.source.description!r})"

@@ -158,7 +158,9 @@ class _ResponseRecorder:
 
     def text(self) -> str:
         head = "\n".join(f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in self.headers)
-        body = "<upstream body passed through>" if self.passthrough else b"".join(self.chunks).decode("latin-1")
+        body = (
+            "<upstream body passed through>" if self.passthrough else b"".join(self.chunks).decode("latin-1")
+        )
         return f"{self.status}\n{head}\n\n{body}"
 
 

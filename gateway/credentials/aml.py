@@ -72,7 +72,9 @@ def _unix_seconds(value: Any) -> float | None:
 class AmlTokenCredential(TokenCredential):
     kind = "aml_token"
 
-    def __init__(self, route: str, entry: TokenEntry, *, source: str, management: TokenEntry, arm: ArmClient):
+    def __init__(
+        self, route: str, entry: TokenEntry, *, source: str, management: TokenEntry, arm: ArmClient
+    ) -> None:
         super().__init__(route, entry, source=source, dependencies=[management])
         self.arm = arm
 

@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import record_fault_line  # noqa: E402
+from conftest import record_fault_line
 
 BODY = json.dumps({"data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}).encode()
 HANG_CAP_S = 4.0  # a hung upstream request is held at most this long (bounded even if never released)

@@ -198,4 +198,6 @@ def test_both_keys_regenerated_through_the_control_plane(gateway_factory, emulat
     assert load.duplicated == 0
     assert ledger.outcomes["401"] >= 1, "the regeneration reached no request"
     assert 1 <= refetches <= 3, f"{refetches} listKeys calls: the keys were not fetched once"
-    assert ledger.auth_count(f"Bearer {new['primary']}") + ledger.auth_count(f"Bearer {new['secondary']}") > 100
+    assert (
+        ledger.auth_count(f"Bearer {new['primary']}") + ledger.auth_count(f"Bearer {new['secondary']}") > 100
+    )

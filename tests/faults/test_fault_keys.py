@@ -48,9 +48,7 @@ def test_secret_file_rotated_mid_load(gateway_factory, tmp_path, monkeypatch):
     key_file.write_text(PRIMARY + "\n")
     ledger = Ledger()
     with fault_upstream(ledger, accepted_keys={PRIMARY, SECONDARY}, delay_s=0.002) as upstream:
-        route = key_route(
-            upstream.url, primary={"file": str(key_file)}, secondary={"env": "FAULT_SECONDARY"}
-        )
+        route = key_route(upstream.url, primary={"file": str(key_file)}, secondary={"env": "FAULT_SECONDARY"})
         gw = gateway_factory({"routes": {"iris": route}})
         picked_up: dict[str, bool] = {}
 

@@ -98,7 +98,9 @@ def test_upstream_connection_cut_mid_response(gateway_factory, keys, framing):
 
     with fault_upstream(ledger, accepted_keys={PRIMARY}, behaviour=behaviour) as upstream:
         gw = gateway_factory({"routes": {"iris": key_route(upstream.url, **keys)}})
-        load = drive(f"upstream_reset_mid_response[{framing}]", gw.url + "/iris/score", total=300, ledger=ledger)
+        load = drive(
+            f"upstream_reset_mid_response[{framing}]", gw.url + "/iris/score", total=300, ledger=ledger
+        )
         assert httpx.get(gw.url + "/healthz").status_code == 200
         assert httpx.post(gw.url + "/iris/score", content=b"{}").status_code == 200
 
