@@ -8,7 +8,6 @@ plain HTTP, no credentials.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -103,21 +102,19 @@ def run_demo(*, keep_running: bool = False) -> int:
                 },
             }
         }
-        with_aad = importlib.util.find_spec("gateway.credentials.aad") is not None
-        if with_aad:
-            routes["iris-aad"] = {
-                "path": "/iris-aad",
-                "upstream": f"{emulator.https_url}/score",
-                "auth": {
-                    "type": "aad_token",
-                    "identity": {
-                        "tenant_id": tenant_id,
-                        "client_id": client_id,
-                        "client_secret": {"env": "DEMO_CLIENT_SECRET"},
-                        "authority_host": emulator.authority_host,
-                    },
+        routes["iris-aad"] = {
+            "path": "/iris-aad",
+            "upstream": f"{emulator.https_url}/score",
+            "auth": {
+                "type": "aad_token",
+                "identity": {
+                    "tenant_id": tenant_id,
+                    "client_id": client_id,
+                    "client_secret": {"env": "DEMO_CLIENT_SECRET"},
+                    "authority_host": emulator.authority_host,
                 },
-            }
+            },
+        }
         config = {
             "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
             "tls": {"ca_bundle": str(emulator.ca_file)},
@@ -164,11 +161,10 @@ def run_demo(*, keep_running: bool = False) -> int:
                 break
             time.sleep(0.25)
         _say(f"   route iris: state = {iris['state']}")
-        if with_aad:
-            _say()
-            aad_endpoint = f"{gateway_url}/iris-aad"
-            _say(f"4. The same rows through an Entra ID (aad_token) route, {aad_endpoint}:")
-            ok = _show(aad_endpoint) and ok
+        _say()
+        aad_endpoint = f"{gateway_url}/iris-aad"
+        _say(f"4. The same rows through an Entra ID (aad_token) route, {aad_endpoint}:")
+        ok = _show(aad_endpoint) and ok
         _say()
         if keep_running:
             _say("Both keep running. Try:")
