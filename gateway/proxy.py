@@ -47,6 +47,8 @@ ABSOLUTE_FORM = "gateway.absolute_form"
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MAX_CREDENTIAL_REPLAYS = 2
+# Under retry.deadline_s, a retry is started only if at least this much of the deadline is left for it.
+_MIN_ATTEMPT_S = 0.05
 
 
 class ClientDisconnected(Exception):
@@ -264,16 +266,17 @@ class Proxy:
             if failure is not None:
                 route.record_failure(upstream)
                 record.upstream_errors += 1
+                backoff = _backoff(route, record.retries + 1)
                 if (
                     replayable
                     and route.retry_on_connection_errors
                     and record.attempts < route.retry_attempts
-                    and _before_deadline(deadline, 0.0)
+                    and _before_deadline(deadline, backoff + _MIN_ATTEMPT_S)
                     and route.allow_retry()
                 ):
                     tried = (*tried, upstream)
                     record.retries += 1
-                    await asyncio.sleep(_backoff(route, record.retries))
+                    await asyncio.sleep(backoff)
                     continue
                 raise failure
 
@@ -296,7 +299,7 @@ class Proxy:
                     and route.allow_retry()
                 ):
                     delay = _retry_delay(route, response, record.retries + 1)
-                    if delay is not None and _before_deadline(deadline, delay):
+                    if delay is not None and _before_deadline(deadline, delay + _MIN_ATTEMPT_S):
                         if status >= 500:
                             route.record_failure(upstream)
                         await _discard(response)

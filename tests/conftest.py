@@ -370,5 +370,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if any(HYGIENE.counts.values()):
         terminalreporter.write_line(
             "secret hygiene: checked {log} log records, {response} gateway answers, {output} process "
-            "outputs".format(**HYGIENE.counts)
+            "outputs against {secrets} secret values".format(
+                **HYGIENE.counts, secrets=len(HYGIENE.secret_values())
+            )
         )

@@ -292,7 +292,7 @@ def configs(draw: Any) -> Any:
     return {"routes": routes, **draw(st.dictionaries(st.sampled_from(_KEYS), yamlish, max_size=2))}
 
 
-@FAST
+@settings(FAST, max_examples=150)
 @given(configs())
 def test_parse_config_raises_only_config_error(data: Any) -> None:
     try:
@@ -302,7 +302,7 @@ def test_parse_config_raises_only_config_error(data: Any) -> None:
 
 
 @settings(
-    max_examples=150,
+    max_examples=60,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

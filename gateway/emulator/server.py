@@ -39,7 +39,9 @@ ARM_API_VERSION = "2023-04-01"
 def _bind(host: str, port: int) -> socket.socket:
     # Binding here (not in uvicorn) makes port 0 race-free: the port is ours before any thread starts.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(
+        family, socket.SOCK_STREAM, socket.IPPROTO_TCP
+    )  # IPPROTO_TCP: asyncio then sets TCP_NODELAY
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

@@ -50,6 +50,8 @@ class Ledger:
         self.by_upstream: Counter[str] = Counter()
         self.outcomes: Counter[str] = Counter()
         self.in_flight: dict[str, int] = {}
+        self.active = 0  # requests the upstreams are working on right now
+        self.peak = 0
 
     def arrived(self, rid: str, upstream: str, auth: str) -> int:
         with self.lock:
@@ -57,12 +59,15 @@ class Ledger:
             self.auth[auth] += 1
             self.by_upstream[upstream] += 1
             self.in_flight[rid] = self.in_flight.get(rid, 0) + 1
+            self.active += 1
+            self.peak = max(self.peak, self.active)
             return self.attempts[rid]
 
     def finished(self, rid: str, outcome: str) -> None:
         """`executed` and `truncated` (the work was done, only the answer broke) count as executions."""
         with self.lock:
             self.outcomes[outcome] += 1
+            self.active -= 1
             if outcome in ("executed", "truncated"):
                 self.executions[rid] += 1
             left = self.in_flight.get(rid, 0) - 1

@@ -201,3 +201,26 @@ def test_both_keys_regenerated_through_the_control_plane(gateway_factory, emulat
     assert (
         ledger.auth_count(f"Bearer {new['primary']}") + ledger.auth_count(f"Bearer {new['secondary']}") > 100
     )
+
+
+@needs_token_credentials
+def test_identity_provider_down_at_start_answers_503_credential_unavailable(
+    gateway_factory, emulator, app, monkeypatch
+):
+    """No token was ever obtained and Entra ID is down: there is no retry path, so every client gets
+    503 credential_unavailable quickly (never a hang), the upstream is never called without a token,
+    and the identity provider is not called once per request."""
+    state = emulator.state
+    state.set_fault("token", status=503)
+    ledger = Ledger()
+    with fault_upstream(ledger, behaviour=_entra_checked(emulator)) as upstream:
+        gw = _aad_gateway(gateway_factory, emulator, upstream.url, _identity(emulator, app, monkeypatch))
+        load = drive("identity_provider_down_at_start", gw.url + "/aad/score", total=200, ledger=ledger)
+        calls = state.token_request_count(app["client_id"])
+
+    assert len(load.failed) == load.sent, load.summary()
+    for outcome in load.failed:
+        assert (outcome.status, outcome.code) == (503, "credential_unavailable"), outcome
+        assert outcome.elapsed < 4.0  # at most one token request's timeout (3 s)
+    assert sum(ledger.attempts.values()) == 0
+    assert 1 <= calls <= 5, f"{calls} token requests for {load.sent} client requests"

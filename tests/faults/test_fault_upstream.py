@@ -94,6 +94,8 @@ def test_upstream_connection_cut_mid_response(gateway_factory, keys, framing):
             return Truncate(rst=index % 20 == 3, chunked=chunked)
         if index % 10 == 7 and request.attempt == 1:
             return Drop(rst=index % 20 == 7)  # before the status line: safe to retry
+        if index % 50 == 41:
+            return Drop()  # every attempt: the retries run out
         return Answer(chunked=chunked)
 
     with fault_upstream(ledger, accepted_keys={PRIMARY}, behaviour=behaviour) as upstream:
@@ -105,12 +107,16 @@ def test_upstream_connection_cut_mid_response(gateway_factory, keys, framing):
         assert httpx.post(gw.url + "/iris/score", content=b"{}").status_code == 200
 
     cut = {o.index for o in load.outcomes if o.index % 10 == 3}
-    assert {o.index for o in load.failed} == cut, load.summary()
+    unreachable = {o.index for o in load.outcomes if o.index % 50 == 41}
+    assert {o.index for o in load.failed} == cut | unreachable, load.summary()
     for outcome in load.failed:
-        # The client noticed: a protocol error (short body / unterminated chunks), not a 200, not a hang.
-        assert outcome.status is None and outcome.error in ("RemoteProtocolError", "ReadError"), outcome
         assert outcome.elapsed < 2.0
-    assert ledger.outcomes["dropped"] == 30
+        if outcome.index in unreachable:
+            assert (outcome.status, outcome.code) == (502, "upstream_unreachable"), outcome
+        else:
+            # The client noticed: a protocol error (short body / unterminated chunks), not a 200.
+            assert outcome.status is None and outcome.error in ("RemoteProtocolError", "ReadError"), outcome
+    assert ledger.outcomes["dropped"] >= 30 + len(unreachable)
     assert load.duplicated == 0
 
 
@@ -149,3 +155,22 @@ def test_one_of_several_upstreams_dies(gateway_factory, keys):
     assert ledger.by_upstream["a"] <= served_by_a["at_kill"] + 8  # at most the requests it held
     assert dead.ejections == 1 and dead.ejected_until > time.monotonic(), "the dead upstream was not ejected"
     assert Counter(o.status for o in load.outcomes) == {200: load.sent}
+
+
+def test_load_shedding_answers_503_overloaded_quickly(gateway_factory, keys):
+    """More concurrent clients than `max_concurrent_requests` on a slow upstream: the upstream never
+    sees more than the limit; the excess waits at most `queue_timeout_s`, then gets 503 overloaded
+    with Retry-After, never a hang."""
+    ledger = Ledger()
+    with fault_upstream(ledger, accepted_keys={PRIMARY}, delay_s=0.1) as upstream:
+        route = key_route(upstream.url, **keys)
+        route.update(max_concurrent_requests=3, queue_timeout_s=0.15)
+        gw = gateway_factory({"routes": {"iris": route}})
+        load = drive("load_shedding", gw.url + "/iris/score", total=160, ledger=ledger)
+
+    assert ledger.peak <= 3, f"the upstream had {ledger.peak} requests at once"
+    assert load.failed and load.succeeded, load.summary()
+    for outcome in load.failed:
+        assert (outcome.status, outcome.code) == (503, "overloaded"), outcome
+        assert outcome.elapsed < 0.15 + 0.1 + 0.2  # queue timeout, one slot's wait, scheduling slack
+    assert load.duplicated == 0
