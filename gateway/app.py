@@ -9,6 +9,8 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
 from gateway import metrics
 from gateway.client import UpstreamClient
 from gateway.config import GatewayConfig, RouteConfig, default_config_path, load_config
@@ -27,23 +29,16 @@ logger = logging.getLogger("gateway")
 CONFIG_POLL_S = 2.0
 
 
-try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError:  # pragma: no cover - httptools is a dependency
-    HttpToolsProtocol = None
+class GatewayHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, except that a request target in absolute form
+    (`GET http://host/path`), which it would reduce to its path, is marked in the scope so the
+    proxy refuses it (400 bad_request_path). Pass it to uvicorn as `http=`."""
 
-
-if HttpToolsProtocol is not None:
-
-    class GatewayHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
-        """uvicorn's httptools protocol, except that a request target in absolute form
-        (`GET http://host/path`), which it would reduce to its path, is marked in the scope so the
-        proxy refuses it (400 bad_request_path). Pass it to uvicorn as `http=`."""
-
-        def on_headers_complete(self) -> None:
-            if self.url[:1] != b"/" and self.url != b"*":
-                self.scope.setdefault("extensions", {})[ABSOLUTE_FORM] = {}  # type: ignore[typeddict-item]
-            super().on_headers_complete()
+    def on_headers_complete(self) -> None:
+        if self.url[:1] != b"/" and self.url != b"*":
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+            extensions[ABSOLUTE_FORM] = {}
+        super().on_headers_complete()
 
 
 async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:

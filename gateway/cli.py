@@ -152,13 +152,13 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from gateway.app import GatewayApp
+    from gateway.app import GatewayApp, GatewayHttpToolsProtocol
 
     options: dict[str, Any] = {
         "host": server.host,
         "port": server.port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": GatewayHttpToolsProtocol,  # httptools, plus refusing absolute-form request targets
         "lifespan": "on",
         "server_header": False,  # the upstream's Server and Date headers pass through
         "date_header": False,

@@ -208,6 +208,7 @@ class _Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        self._cancel_timer()  # the first-byte deadline is met; `request()` arms the total one
         keep_alive = self.parser.should_keep_alive() and not self.head_request
         response = UpstreamResponse(self, status, self._headers, keep_alive)
         self.response = response

@@ -383,6 +383,10 @@ def _check_url(value: str, what: str) -> str:
         raise ValueError(f"{what} must not have a query string or fragment")
     if parts.username or parts.password:
         raise ValueError(f"{what} must not carry credentials in the URL")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port range only when it is read
+    except ValueError:
+        raise ValueError(f"{what} has an invalid port (1-65535), got {value!r}") from None
     return value.rstrip("/")
 
 
@@ -473,6 +477,8 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         raise ConfigError(f"{source}: cannot read: {exc}") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -10,6 +10,8 @@ from typing import Any
 
 import uvicorn
 
+from gateway.app import GatewayHttpToolsProtocol
+
 
 def free_socket(host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket(
@@ -33,7 +35,7 @@ class ServerThread:
         config = uvicorn.Config(
             app,
             loop="uvloop",
-            http="httptools",
+            http=GatewayHttpToolsProtocol,
             lifespan=lifespan,
             server_header=False,
             date_header=False,

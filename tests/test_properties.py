@@ -320,11 +320,6 @@ def test_load_config_of_dumped_structures_raises_only_config_error(tmp_path: Pat
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in gateway/config.py (not fixed here): load_config lets yaml's RecursionError through for "
-    "deeply nested YAML, so `gateway serve`/`check` die with a traceback instead of exit status 2",
-)
 def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "deep.yaml"
     path.write_text("[" * 5000)
@@ -332,11 +327,6 @@ def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in gateway/config.py (not fixed here): an upstream port above 65535 passes validation and "
-    "GatewayApp then raises ValueError ('Port out of range'), not ConfigError",
-)
 def test_upstream_port_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         config = parse_config(
@@ -453,11 +443,6 @@ def test_absolute_form_is_refused_with_a_json_400(hostile_target):
     assert upstream.requests == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/cli.py still runs uvicorn with http='httptools'; it must pass "
-    "http=gateway.app.GatewayHttpToolsProtocol for `gateway serve` to refuse absolute-form targets",
-)
 def test_gateway_serve_refuses_absolute_form(tmp_path: Path) -> None:
     import os
     import subprocess

@@ -376,7 +376,10 @@ def test_open_route_drops_client_authorization(upstream, gateway_factory):
 def test_stalled_request_body_gets_408(upstream, gateway_factory, monkeypatch):
     app, server = upstream
     gw = gateway_factory(
-        {"server": {"client_body_timeout_s": 0.5}, "routes": {"iris": key_route(server.url, **_env_keys(monkeypatch))}}
+        {
+            "server": {"client_body_timeout_s": 0.5},
+            "routes": {"iris": key_route(server.url, **_env_keys(monkeypatch))},
+        }
     )
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
         sock.sendall(b"POST /iris/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")

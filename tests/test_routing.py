@@ -7,7 +7,6 @@ from gateway.credentials.base import NoCredential
 from gateway.errors import BadRequestPath
 from gateway.routing import Route, Router, Upstream, check_path
 
-
 CLIENT = UpstreamClient(None)
 
 
