@@ -64,7 +64,7 @@ def _file_signature(path: str) -> tuple[int, int, int] | None:
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
-def _credential_key(name: str, route: RouteConfig) -> tuple[str, Any]:
+def _credential_key(name: str, route: RouteConfig) -> tuple[str, object]:
     # Config models are frozen and hashable; SecretStr hashes by value, so a changed secret is a new key.
     return (name, route.auth)
 
@@ -73,7 +73,7 @@ def build_router(
     config: GatewayConfig,
     ctx: BuildContext,
     client: UpstreamClient,
-    reuse: dict[tuple[str, Any], Credential] | None = None,
+    reuse: dict[tuple[str, object], Credential] | None = None,
 ) -> Router:
     """Routes with their credentials; credentials whose auth config is unchanged are reused as they are."""
     routes: list[Route] = []

@@ -87,10 +87,10 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
         elapsed = time.monotonic() - started
         reach = []
         for url in upstreams:
-            problem = await _reach(url, context)
-            if problem is not None:
+            unreachable = await _reach(url, context)
+            if unreachable is not None:
                 healthy = False
-            reach.append("reachable" if problem is None else f"UNREACHABLE ({problem})")
+            reach.append("reachable" if unreachable is None else f"UNREACHABLE ({unreachable})")
         rows.append(
             (
                 name,

@@ -8,6 +8,7 @@ sets PROMETHEUS_MULTIPROC_DIR before the workers start.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,8 +20,9 @@ from prometheus_client import (
 )
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-_GAUGE_MODE = {"multiprocess_mode": "max"} if MULTIPROCESS else {}
-_SUM_MODE = {"multiprocess_mode": "livesum"} if MULTIPROCESS else {}
+# Per-process values aggregated across workers: the worst (max) for states, the sum for counts.
+_GAUGE_MODE: Literal["max", "all"] = "max" if MULTIPROCESS else "all"
+_SUM_MODE: Literal["livesum", "all"] = "livesum" if MULTIPROCESS else "all"
 
 REQUESTS = Counter(
     "gateway_requests",
@@ -33,7 +35,9 @@ UPSTREAM_LATENCY = Histogram(
     ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being handled.", ["route"], **_SUM_MODE)
+IN_FLIGHT = Gauge(
+    "gateway_in_flight_requests", "Requests being handled.", ["route"], multiprocess_mode=_SUM_MODE
+)
 RETRIES = Counter("gateway_upstream_retries", "Upstream attempts repeated after a failure.", ["route"])
 CREDENTIAL_REPLAYS = Counter(
     "gateway_credential_replays", "Requests sent again with another credential after a 401/403.", ["route"]
@@ -50,19 +54,19 @@ CREDENTIAL_EXPIRY = Gauge(
     "gateway_credential_expiry_seconds",
     "Seconds until the route's cached credential expires (absent for keys).",
     ["route"],
-    **_GAUGE_MODE,
+    multiprocess_mode=_GAUGE_MODE,
 )
 CREDENTIAL_READY = Gauge(
     "gateway_credential_ready",
     "1 when the route holds a credential believed valid.",
     ["route"],
-    **_GAUGE_MODE,
+    multiprocess_mode=_GAUGE_MODE,
 )
 ACTIVE_KEY_SLOT = Gauge(
     "gateway_active_key_slot",
     "1 for the key slot in use on each key route.",
     ["route", "slot"],
-    **_GAUGE_MODE,
+    multiprocess_mode=_GAUGE_MODE,
 )
 UPSTREAM_EJECTIONS = Counter(
     "gateway_upstream_ejections", "Upstreams ejected by outlier detection.", ["route", "upstream"]

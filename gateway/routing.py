@@ -74,7 +74,7 @@ class Route:
     ejection_s: float = 30.0
     max_concurrent: int | None = None
     queue_timeout_s: float = 1.0
-    credential_key: object = None
+    credential_key: tuple[str, object] = ("", None)
     header_names: frozenset[bytes] = frozenset()
     prefix_bytes: bytes = b""
     semaphore: asyncio.Semaphore | None = None
