@@ -15,6 +15,9 @@ Everything else happens off the request path, per (identity, scope) entry:
 - `reject()` (the upstream answered 401) drops the token and fetches a new one, at most once per
   `FORCED_REFRESH_INTERVAL_S`, so a misconfigured upstream cannot turn every request into a token request.
 
+The refresher, single flight, backoff and forced-fetch limit live in `RefreshingEntry`, which the endpoint
+keys of `auth.type: key` with `from_endpoint` (`gateway.credentials.control_plane`) share.
+
 Times are `time.monotonic()` inside (immune to clock steps); `AccessToken` carries wall-clock times
 because that is what providers send.
 """
@@ -28,7 +31,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from cachetools import TLRUCache
 
@@ -57,6 +62,8 @@ FORCED_REFRESH_INTERVAL_S = 5.0
 _REJECTION_LOG_INTERVAL_S = 60.0
 
 CacheKey = tuple[str, str]  # (token source key, scope)
+_T = TypeVar("_T")  # what a successful fetch of a RefreshingEntry returns
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,86 +126,72 @@ def _serve_until(key: CacheKey, grant: TokenGrant, now: float) -> float:
     return grant.serve_until
 
 
-class TokenEntry:
-    """The token of one (source, scope), its background refresh and its failure state."""
+async def within_deadline(
+    call: Awaitable[_R], deadline_s: float, *, awaited: str, prefix: str = "", hint: str = ""
+) -> _R:
+    """`call`, where a timeout or an unexpected exception becomes a TokenFetchError: a library surprise is
+    then a failed fetch (backed off and retried), not a dead refresher."""
+    try:
+        return await asyncio.wait_for(call, deadline_s)
+    except TokenFetchError:
+        raise
+    except TimeoutError:
+        raise TokenFetchError(f"{prefix}no {awaited} within {deadline_s:g} s", hint=hint) from None
+    except Exception as exc:
+        raise TokenFetchError(f"{prefix}unexpected {type(exc).__name__}: {exc}") from exc
 
-    def __init__(self, cache: TokenCache, source: TokenSource, scope: str) -> None:
-        self.cache = cache
-        self.source = source
-        self.scope = scope
-        self.key: CacheKey = (source.key, scope)
-        self.grant: TokenGrant | None = None
-        self.expires_mono = 0.0
-        self.refresh_mono = 0.0
-        self.last_error: str | None = None
+
+class RefreshingEntry(abc.ABC, Generic[_T]):
+    """Something fetched off the request path and kept fresh in the background: a token, an endpoint's keys.
+
+    Owns what is the same for every kind: the owners (credentials of routes, which name the routes in logs
+    and metrics) and the refresher task the started ones keep alive, one fetch at a time (single flight),
+    backoff honouring Retry-After after a failure, and forced fetches at most once per interval. A
+    subclass says what a fetch does and stores, when the next one is due, what it logs and what the last
+    owner's `detach` removes.
+    """
+
+    def __init__(self, *, name: str, backoff: Backoff) -> None:
+        self.last_error: str | None = None  # redacted, so status and logs may show it
         self.last_hint = ""
-        self.retry_at = 0.0
-        self.backoff = Backoff(cache.backoff_base_s, cache.backoff_cap_s, cache.rng)
+        self.retry_at = 0.0  # monotonic; non-zero while backing off after a failed fetch
+        self.backoff = backoff
+        self._name = name  # of the refresher task, for debugging
         self._forced_at = -math.inf
-        self._rejection_logged_at = -math.inf
-        self._inflight: asyncio.Task[TokenGrant] | None = None
+        self._inflight: asyncio.Task[_T] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._users: dict[int, tuple[str, str]] = {}  # owner id -> (route, kind)
         self._active: set[int] = set()  # owners that started, i.e. want background refresh
 
-    # ------------------------------------------------------------------ request path
-    def peek(self) -> TokenGrant | None:
-        """The cached token if it is still valid, else None. Cheap: call it on every request."""
-        return self.cache.lookup(self.key)
+    # ------------------------------------------------------------------ for subclasses
+    @abc.abstractmethod
+    async def _fetch_once(self) -> _T:
+        """Fetch and store; raise TokenFetchError (the base records the failure and backs off)."""
 
-    async def get(self) -> TokenGrant:
-        """A valid token, fetched now if needed (shared with concurrent callers).
+    @abc.abstractmethod
+    def _next_refresh(self) -> float:
+        """When the next scheduled fetch is due (monotonic), when not backing off; 0 for now."""
 
-        Raises CredentialUnavailable when none can be had; while a failed fetch is backing off it does
-        so at once, so a down identity provider is not called once per request.
-        """
-        grant = self.peek()
-        if grant is not None:
-            return grant
-        task = self._inflight
-        if task is None:
-            wait = self.retry_at - time.monotonic()
-            if wait > 0:
-                raise self._unavailable(wait)
-            task = self._start_fetch()
-        try:
-            return await asyncio.shield(task)
-        except TokenFetchError:
-            raise self._unavailable(self.retry_at - time.monotonic()) from None
+    @abc.abstractmethod
+    def _log_failed(self, delay: float, hint: str) -> None:
+        """Log the failure in `last_error`; the next attempt is in `delay` s."""
 
-    async def reject(self, rejected: Grant) -> TokenGrant | None:
-        """The upstream refused `rejected`: return a different valid token to replay with, or None."""
-        current = self.grant
-        if current is not None and current.header != rejected.header:
-            fresh = self.peek()  # another request already replaced it
-            if fresh is not None:
-                return fresh
-        task = self._inflight
-        if task is None:
-            now = time.monotonic()
-            if now - self._forced_at < FORCED_REFRESH_INTERVAL_S:
-                self._log_rejected_again(now)
-                return None
-            self._forced_at = now
-            logger.warning(
-                "route %s: the upstream rejected the token for %s (%s); fetching a new one",
-                self.routes,
-                self.scope,
-                self.source.description,
-            )
-            if current is not None and current.header == rejected.header:
-                self._drop()
-            task = self._start_fetch()
-        try:
-            fresh = await asyncio.shield(task)
-        except TokenFetchError:
-            return None
-        return None if fresh.header == rejected.header else fresh
+    @abc.abstractmethod
+    def _log_refresher_failed(self) -> None:
+        """Log the exception being handled, a bug in the refresher."""
 
-    # ------------------------------------------------------------------ users and the refresher
+    @abc.abstractmethod
+    def _missing(self) -> str:
+        """What the 503 says is missing and why (without the retry time)."""
+
+    @abc.abstractmethod
+    def _unused(self) -> None:
+        """The last owner is gone: forget this entry, so a later build starts afresh."""
+
+    # ------------------------------------------------------------------ owners and the refresher
     def register(self, owner: object, route: str, kind: str) -> None:
-        """`owner`, a credential of `route`, uses this token: logs and metrics name the route."""
+        """`owner`, a credential of `route`, uses this entry: logs and metrics name the route."""
         self._users[id(owner)] = (route, kind)
 
     def attach(self, owner: object, route: str, kind: str) -> None:
@@ -207,9 +200,7 @@ class TokenEntry:
         self._active.add(id(owner))
         if self._refresher is None or self._refresher.done():
             self._wake = asyncio.Event()
-            self._refresher = asyncio.get_running_loop().create_task(
-                self._refresh_forever(), name=f"token refresh {self.scope}"
-            )
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever(), name=self._name)
 
     async def detach(self, owner: object) -> None:
         """`owner` is closed; the last started one stops the refresher, the last one drops the entry."""
@@ -223,7 +214,7 @@ class TokenEntry:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if not self._users:
-            self.cache.remove(self)
+            self._unused()
 
     @property
     def routes(self) -> str:
@@ -246,52 +237,184 @@ class TokenEntry:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not end refreshing for the life of the process
-                logger.exception(
-                    "route %s: token refresher for %s failed; continuing", self.routes, self.scope
-                )
+                self._log_refresher_failed()
                 await asyncio.sleep(1.0)
 
     def _due(self) -> float:
         """When the refresher should fetch next (monotonic)."""
         if self.retry_at:
             return self.retry_at  # backing off after a failure
-        if self.grant is None:
-            return 0.0  # nothing to serve: now
-        return self.refresh_mono
+        return self._next_refresh()
 
     def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
     # ------------------------------------------------------------------ fetching
-    def _start_fetch(self) -> asyncio.Task[TokenGrant]:
+    async def _fetch_shared(self) -> _T:
+        """Share the fetch in flight or start one; CredentialUnavailable if it fails, and at once while
+        backing off, so a down provider is not called once per request."""
+        task = self._inflight
+        if task is None:
+            wait = self.retry_at - time.monotonic()
+            if wait > 0:
+                raise self._unavailable(wait)
+            task = self._start_fetch()
+        try:
+            return await asyncio.shield(task)
+        except TokenFetchError:
+            raise self._unavailable(self.retry_at - time.monotonic()) from None
+
+    async def _fetch_forced(
+        self,
+        interval_s: float,
+        starting: Callable[[], None],
+        too_soon: Callable[[float], None] | None = None,
+    ) -> _T | None:
+        """The result of the fetch in flight, or of a new one unless one was forced less than `interval_s`
+        ago (then `too_soon(now)`), so a misconfigured upstream cannot turn every request into a fetch.
+        `starting` runs just before a forced fetch starts. None if no fetch succeeds."""
+        task = self._inflight
+        if task is None:
+            now = time.monotonic()
+            if now - self._forced_at < interval_s:
+                if too_soon is not None:
+                    too_soon(now)
+                return None
+            self._forced_at = now
+            starting()
+            task = self._start_fetch()
+        try:
+            return await asyncio.shield(task)
+        except TokenFetchError:
+            return None
+
+    def _start_fetch(self) -> asyncio.Task[_T]:
         task = asyncio.get_running_loop().create_task(self._fetch())
         # Every outcome is recorded by _fetch; this only keeps asyncio from reporting it as unretrieved.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._inflight = task
         return task
 
-    async def _fetch(self) -> TokenGrant:
-        started_mono = time.monotonic()
-        started_wall = time.time()
+    async def _fetch(self) -> _T:
         try:
-            try:
-                token = await asyncio.wait_for(self.source.fetch(self.scope), self.source.deadline_s)
-            except TokenFetchError:
-                raise
-            except TimeoutError:
-                raise TokenFetchError(
-                    f"no token within {self.source.deadline_s:g} s",
-                    hint="check that the identity provider is reachable from this host",
-                ) from None
-            except Exception as exc:  # a library surprise is a failed fetch, not a dead refresher
-                raise TokenFetchError(f"unexpected {type(exc).__name__}: {exc}") from exc
-            return self._store(token, started_mono, started_wall)
+            return await self._fetch_once()
         except TokenFetchError as exc:
             self._failed(exc)
             raise
         finally:
             self._inflight = None
+
+    def _succeeded(self) -> bool:
+        """Clear the failure state after a fetch stored its result; True if the previous fetch had failed."""
+        recovered = self.last_error is not None
+        self.last_error = None
+        self.last_hint = ""
+        self.retry_at = 0.0
+        self.backoff.reset()
+        self._count("ok")
+        self._poke()
+        return recovered
+
+    def _failed(self, error: TokenFetchError) -> None:
+        delay = self.backoff.next_delay(error.retry_after)
+        self.retry_at = time.monotonic() + delay
+        self.last_error = redact(error.message)
+        self.last_hint = error.hint
+        self._count("error")
+        self._log_failed(delay, f" ({error.hint})" if error.hint else "")
+        self._poke()
+
+    def _count(self, result: str) -> None:
+        for route, kind in set(self._users.values()):
+            metrics.CREDENTIAL_REFRESHES.labels(route, kind, result).inc()
+
+    def _unavailable(self, wait_s: float) -> CredentialUnavailable:
+        retry_after = max(1, math.ceil(wait_s))
+        return CredentialUnavailable(f"{self._missing()}; retry in {retry_after} s", retry_after=retry_after)
+
+    def detail(self) -> str | None:
+        """The last failure and its hint, or None."""
+        if self.last_error is None:
+            return None
+        return f"{self.last_error} ({self.last_hint})" if self.last_hint else self.last_error
+
+
+class TokenEntry(RefreshingEntry[TokenGrant]):
+    """The token of one (source, scope), its background refresh and its failure state."""
+
+    def __init__(self, cache: TokenCache, source: TokenSource, scope: str) -> None:
+        super().__init__(
+            name=f"token refresh {scope}",
+            backoff=Backoff(cache.backoff_base_s, cache.backoff_cap_s, cache.rng),
+        )
+        self.cache = cache
+        self.source = source
+        self.scope = scope
+        self.key: CacheKey = (source.key, scope)
+        self.grant: TokenGrant | None = None
+        self.expires_mono = 0.0
+        self.refresh_mono = 0.0
+        self._rejection_logged_at = -math.inf
+
+    # ------------------------------------------------------------------ request path
+    def peek(self) -> TokenGrant | None:
+        """The cached token if it is still valid, else None. Cheap: call it on every request."""
+        return self.cache.lookup(self.key)
+
+    async def get(self) -> TokenGrant:
+        """A valid token, fetched now if needed (shared with concurrent callers).
+
+        Raises CredentialUnavailable when none can be had; while a failed fetch is backing off it does
+        so at once, so a down identity provider is not called once per request.
+        """
+        grant = self.peek()
+        if grant is not None:
+            return grant
+        return await self._fetch_shared()
+
+    async def reject(self, rejected: Grant) -> TokenGrant | None:
+        """The upstream refused `rejected`: return a different valid token to replay with, or None."""
+        current = self.grant
+        if current is not None and current.header != rejected.header:
+            fresh = self.peek()  # another request already replaced it
+            if fresh is not None:
+                return fresh
+
+        def starting() -> None:
+            logger.warning(
+                "route %s: the upstream rejected the token for %s (%s); fetching a new one",
+                self.routes,
+                self.scope,
+                self.source.description,
+            )
+            if current is not None and current.header == rejected.header:
+                self._drop()
+
+        fresh = await self._fetch_forced(FORCED_REFRESH_INTERVAL_S, starting, self._log_rejected_again)
+        return None if fresh is None or fresh.header == rejected.header else fresh
+
+    # ------------------------------------------------------------------ the refresher's hooks
+    def _next_refresh(self) -> float:
+        return 0.0 if self.grant is None else self.refresh_mono  # nothing to serve: now
+
+    def _unused(self) -> None:
+        self.cache.remove(self)
+
+    def _log_refresher_failed(self) -> None:
+        logger.exception("route %s: token refresher for %s failed; continuing", self.routes, self.scope)
+
+    # ------------------------------------------------------------------ fetching
+    async def _fetch_once(self) -> TokenGrant:
+        started_mono = time.monotonic()
+        started_wall = time.time()
+        token = await within_deadline(
+            self.source.fetch(self.scope),
+            self.source.deadline_s,
+            awaited="token",
+            hint="check that the identity provider is reachable from this host",
+        )
+        return self._store(token, started_mono, started_wall)
 
     def _store(self, token: AccessToken, started_mono: float, started_wall: float) -> TokenGrant:
         # Lifetimes are measured from when we asked: that errs towards refreshing early.
@@ -313,13 +436,7 @@ class TokenEntry:
         self.expires_mono = expires_mono
         self.refresh_mono = started_mono + refresh_delay(lifetime, hint, self.cache.rng)
         self.cache.valid[self.key] = grant
-        recovered = self.last_error is not None
-        self.last_error = None
-        self.last_hint = ""
-        self.retry_at = 0.0
-        self.backoff.reset()
-        self._count("ok")
-        if recovered:
+        if self._succeeded():
             logger.warning(
                 "route %s: obtained a token for %s again (%s); it expires in %.0f s",
                 self.routes,
@@ -329,18 +446,10 @@ class TokenEntry:
             )
         else:
             logger.debug("route %s: new token for %s, expires in %.0f s", self.routes, self.scope, lifetime)
-        self._poke()
         return grant
 
-    def _failed(self, error: TokenFetchError) -> None:
-        delay = self.backoff.next_delay(error.retry_after)
-        self.retry_at = time.monotonic() + delay
-        self.last_error = redact(error.message)
-        self.last_hint = error.hint
-        self._count("error")
-        hint = f" ({error.hint})" if error.hint else ""
-        valid = self.peek()
-        if valid is not None:
+    def _log_failed(self, delay: float, hint: str) -> None:
+        if self.peek() is not None:
             logger.warning(
                 "route %s: cannot refresh the token for %s (%s): %s%s; still using the cached token, "
                 "which expires in %.0f s; next attempt in %.1f s",
@@ -363,16 +472,11 @@ class TokenEntry:
                 hint,
                 delay,
             )
-        self._poke()
 
     def _drop(self) -> None:
         self.cache.valid.pop(self.key, None)
         self.grant = None
         self.expires_mono = 0.0
-
-    def _count(self, result: str) -> None:
-        for route, kind in set(self._users.values()):
-            metrics.CREDENTIAL_REFRESHES.labels(route, kind, result).inc()
 
     def _log_rejected_again(self, now: float) -> None:
         if now - self._rejection_logged_at < _REJECTION_LOG_INTERVAL_S:
@@ -387,16 +491,11 @@ class TokenEntry:
             self.source.description,
         )
 
-    def _unavailable(self, wait_s: float) -> CredentialUnavailable:
-        retry_after = max(1, math.ceil(wait_s))
+    def _missing(self) -> str:
         problem = self.last_error or "no token obtained yet"
         if self.last_error and self.last_hint:
             problem = f"{problem} ({self.last_hint})"
-        return CredentialUnavailable(
-            f"no valid token for {self.scope} ({self.source.description}): {problem}; "
-            f"retry in {retry_after} s",
-            retry_after=retry_after,
-        )
+        return f"no valid token for {self.scope} ({self.source.description}): {problem}"
 
     # ------------------------------------------------------------------ status
     def expires_in(self) -> float | None:

@@ -9,16 +9,12 @@ failed request. Until the first fetch succeeds, requests wait for it (or get 503
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import math
 import random
 import re
 import time
 from typing import TypeGuard
 
-from gateway import metrics
 from gateway.backoff import Backoff
 from gateway.config import IdentityConfig, KeyAuth
 from gateway.credentials import BuildContext
@@ -27,10 +23,9 @@ from gateway.credentials.base import Credential, CredentialStatus, Grant
 from gateway.credentials.identity import resolve_identity
 from gateway.credentials.key import KeyCredential, KeySlot
 from gateway.credentials.token import shared_token_cache
-from gateway.errors import CredentialUnavailable, SecretError
-from gateway.redaction import redact
+from gateway.errors import SecretError
 from gateway.secrets import ManagedSecret
-from gateway.tokens import TokenEntry, TokenFetchError
+from gateway.tokens import RefreshingEntry, TokenEntry, TokenFetchError, within_deadline
 
 logger = logging.getLogger("gateway.credentials")
 
@@ -39,8 +34,9 @@ _SHARED_KEYS = "control_plane_keys"
 _BAD_KEY = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class ControlPlaneKeys:
-    """The primary and secondary key of one endpoint, kept fresh in the background."""
+class ControlPlaneKeys(RefreshingEntry[bool]):
+    """The primary and secondary key of one endpoint, kept fresh in the background. A fetch returns
+    whether the keys changed."""
 
     def __init__(
         self,
@@ -54,6 +50,7 @@ class ControlPlaneKeys:
         registry: dict[str, ControlPlaneKeys] | None = None,
         backoff: Backoff | None = None,
     ) -> None:
+        super().__init__(name=f"listKeys refresh {endpoint}", backoff=backoff or Backoff())
         self.key = key
         self.arm = arm
         self.url = url
@@ -64,132 +61,61 @@ class ControlPlaneKeys:
         self.primary = ManagedSecret(f"listKeys:{endpoint}:primary")
         self.secondary = ManagedSecret(f"listKeys:{endpoint}:secondary")
         self.deadline_s = management.source.deadline_s + 2 * arm.timeout_s + 1.0
-        self.last_error: str | None = None
-        self.last_hint = ""
-        self.retry_at = 0.0
         self.fetched_at: float | None = None
         self.next_refresh = 0.0
-        self.backoff = backoff or Backoff()
         self._registry = registry
-        self._forced_at = -math.inf
-        self._inflight: asyncio.Task[bool] | None = None
-        self._refresher: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._users: dict[int, str] = {}  # owner id -> route
-        self._active: set[int] = set()
 
     @property
     def loaded(self) -> bool:
         return self.primary.loaded and self.secondary.loaded
 
-    @property
-    def routes(self) -> str:
-        return ", ".join(sorted(set(self._users.values()))) or "-"
-
     # ------------------------------------------------------------------ for the credential
     async def load(self) -> None:
         """Wait until keys are held: share the fetch in flight or start one; CredentialUnavailable if not."""
-        if self.loaded:
-            return
-        task = self._inflight
-        if task is None:
-            wait = self.retry_at - time.monotonic()
-            if wait > 0:
-                raise self._unavailable(wait)
-            task = self._start_fetch()
-        try:
-            await asyncio.shield(task)
-        except TokenFetchError:
-            raise self._unavailable(self.retry_at - time.monotonic()) from None
+        if not self.loaded:
+            await self._fetch_shared()
 
     async def refetch(self) -> bool:
         """KeyCredential's hook when every held key was rejected: True if the keys changed."""
-        task = self._inflight
-        if task is None:
-            now = time.monotonic()
-            if now - self._forced_at < REFETCH_MIN_INTERVAL_S:
-                return False
-            self._forced_at = now
-            logger.warning(
-                "route %s: the upstream rejected every held key of endpoint %s; fetching them again",
-                self.routes,
-                self.endpoint,
-            )
-            task = self._start_fetch()
-        try:
-            return await asyncio.shield(task)
-        except TokenFetchError:
-            return False
+        return await self._fetch_forced(REFETCH_MIN_INTERVAL_S, self._log_refetch) is True
 
-    def register(self, owner: object, route: str) -> None:
-        self._users[id(owner)] = route
+    def _log_refetch(self) -> None:
+        logger.warning(
+            "route %s: the upstream rejected every held key of endpoint %s; fetching them again",
+            self.routes,
+            self.endpoint,
+        )
 
-    def attach(self, owner: object, route: str) -> None:
-        self.register(owner, route)
-        self._active.add(id(owner))
-        if self._refresher is None or self._refresher.done():
-            self._wake = asyncio.Event()
-            self._refresher = asyncio.get_running_loop().create_task(
-                self._refresh_forever(), name=f"listKeys refresh {self.endpoint}"
-            )
+    # ------------------------------------------------------------------ the refresher's hooks
+    def _next_refresh(self) -> float:
+        return self.next_refresh if self.loaded else 0.0
 
-    async def detach(self, owner: object) -> None:
-        self._users.pop(id(owner), None)
-        self._active.discard(id(owner))
-        if self._active:
-            return
-        task, self._refresher = self._refresher, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if not self._users and self._registry is not None and self._registry.get(self.key) is self:
+    def _unused(self) -> None:
+        if self._registry is not None and self._registry.get(self.key) is self:
             del self._registry[self.key]  # a later build starts afresh, with the cache's current entries
 
-    # ------------------------------------------------------------------ fetching
-    def _start_fetch(self) -> asyncio.Task[bool]:
-        task = asyncio.get_running_loop().create_task(self._fetch())
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        self._inflight = task
-        return task
+    def _log_refresher_failed(self) -> None:
+        logger.exception("route %s: listKeys refresher failed; continuing", self.routes)
 
-    async def _fetch(self) -> bool:
-        try:
-            try:
-                data = await asyncio.wait_for(
-                    self.arm.post(self.url, self.management, action="listKeys"), self.deadline_s
-                )
-            except TokenFetchError:
-                raise
-            except TimeoutError:
-                raise TokenFetchError(f"ARM listKeys: no answer within {self.deadline_s:g} s") from None
-            except Exception as exc:  # a surprise is a failed fetch, not a dead refresher
-                raise TokenFetchError(f"ARM listKeys: unexpected {type(exc).__name__}: {exc}") from exc
-            primary, secondary = data.get("primaryKey"), data.get("secondaryKey")
-            if not _usable_key(primary) or not _usable_key(secondary):
-                raise TokenFetchError("ARM listKeys: the answer lacks a usable primaryKey or secondaryKey")
-        except TokenFetchError as exc:
-            self._failed(exc)
-            raise
-        finally:
-            self._inflight = None
+    # ------------------------------------------------------------------ fetching
+    async def _fetch_once(self) -> bool:
+        data = await within_deadline(
+            self.arm.post(self.url, self.management, action="listKeys"),
+            self.deadline_s,
+            awaited="answer",
+            prefix="ARM listKeys: ",
+        )
+        primary, secondary = data.get("primaryKey"), data.get("secondaryKey")
+        if not _usable_key(primary) or not _usable_key(secondary):
+            raise TokenFetchError("ARM listKeys: the answer lacks a usable primaryKey or secondaryKey")
         first = not self.loaded
         changed = self.primary.set(primary)
         changed = self.secondary.set(secondary) or changed
-        self._succeeded(first, changed)
-        return changed
-
-    def _succeeded(self, first: bool, changed: bool) -> None:
         now = time.monotonic()
-        recovered = self.last_error is not None
         self.fetched_at = now
         # Jitter only ever makes it earlier: the configured interval is a promise.
         self.next_refresh = now + self.refresh_every_s * random.uniform(0.9, 1.0)
-        self.last_error = None
-        self.last_hint = ""
-        self.retry_at = 0.0
-        self.backoff.reset()
-        self._count("ok")
+        recovered = self._succeeded()
         if first:
             logger.info("route %s: fetched the keys of endpoint %s", self.routes, self.endpoint)
         elif changed:
@@ -202,84 +128,26 @@ class ControlPlaneKeys:
             logger.warning(
                 "route %s: fetching the keys of endpoint %s works again", self.routes, self.endpoint
             )
-        self._poke()
+        return changed
 
-    def _failed(self, error: TokenFetchError) -> None:
-        delay = self.backoff.next_delay(error.retry_after)
-        self.retry_at = time.monotonic() + delay
-        self.last_error = redact(error.message)
-        self.last_hint = error.hint
-        self._count("error")
-        hint = f" ({error.hint})" if error.hint else ""
+    def _log_failed(self, delay: float, hint: str) -> None:
+        args = (self.routes, self.endpoint, self.description, self.last_error, hint, delay)
         if self.loaded:
             logger.warning(
                 "route %s: cannot refresh the keys of endpoint %s (%s): %s%s; keeping the keys held; "
                 "next attempt in %.1f s",
-                self.routes,
-                self.endpoint,
-                self.description,
-                self.last_error,
-                hint,
-                delay,
+                *args,
             )
         else:
             logger.error(
                 "route %s: cannot fetch the keys of endpoint %s (%s): %s%s; requests get 503 "
                 "credential_unavailable until they are fetched; next attempt in %.1f s",
-                self.routes,
-                self.endpoint,
-                self.description,
-                self.last_error,
-                hint,
-                delay,
+                *args,
             )
-        self._poke()
 
-    def _count(self, result: str) -> None:
-        for route in set(self._users.values()):
-            metrics.CREDENTIAL_REFRESHES.labels(route, "key", result).inc()
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _due(self) -> float:
-        if self.retry_at:
-            return self.retry_at
-        return self.next_refresh if self.loaded else 0.0
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            try:
-                delay = self._due() - time.monotonic()
-                if delay > 0:
-                    wake = self._wake
-                    assert wake is not None
-                    wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), delay)
-                    continue
-                task = self._inflight or self._start_fetch()
-                with contextlib.suppress(TokenFetchError):
-                    await asyncio.shield(task)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the refresher die
-                logger.exception("route %s: listKeys refresher failed; continuing", self.routes)
-                await asyncio.sleep(1.0)
-
-    def _unavailable(self, wait_s: float) -> CredentialUnavailable:
-        retry_after = max(1, math.ceil(wait_s))
+    def _missing(self) -> str:
         problem = self.detail() or "not fetched yet"
-        return CredentialUnavailable(
-            f"no keys for endpoint {self.endpoint} ({self.description}): {problem}; retry in {retry_after} s",
-            retry_after=retry_after,
-        )
-
-    def detail(self) -> str | None:
-        if self.last_error is None:
-            return None
-        return f"{self.last_error} ({self.last_hint})" if self.last_hint else self.last_error
+        return f"no keys for endpoint {self.endpoint} ({self.description}): {problem}"
 
 
 def _usable_key(value: object) -> TypeGuard[str]:
@@ -302,7 +170,7 @@ class ControlPlaneKeyCredential(KeyCredential):
         )
         self.keys = keys
         self.arm = arm
-        keys.register(self, route)
+        keys.register(self, route, self.kind)
         keys.management.register(self, route, self.kind)
 
     def grant_nowait(self) -> Grant | None:  # type: ignore[override]
@@ -321,7 +189,7 @@ class ControlPlaneKeyCredential(KeyCredential):
     async def start(self) -> None:
         self.arm.acquire(self)
         self.keys.management.attach(self, self.route, self.kind)
-        self.keys.attach(self, self.route)
+        self.keys.attach(self, self.route, self.kind)
 
     async def close(self) -> None:
         await self.keys.detach(self)
