@@ -19,8 +19,9 @@ from gateway.secrets import Secret
 
 logger = logging.getLogger("gateway.routing")
 
-# Percent-encodings that could change how a path splits into segments after we forwarded it.
-_DANGEROUS_ENCODINGS = (b"%2e", b"%2f", b"%5c", b"%00")
+# Percent-encodings that could change how a path splits into segments after we forwarded it, also
+# double-encoded (`%252e`), for upstreams that decode twice.
+_DANGEROUS_ENCODINGS = (b"%2e", b"%2f", b"%5c", b"%00", b"%252e", b"%252f", b"%255c", b"%2500")
 
 
 class Upstream:
@@ -193,7 +194,8 @@ def check_path(path: str, raw_path: bytes | None) -> None:
     """Reject paths that could leave their route once an upstream normalises them."""
     if "\\" in path or "\x00" in path or "/." in path:
         for segment in path.split("/"):
-            if segment in (".", ".."):
+            # `..;x` is `..` to servers that strip path parameters (Tomcat and friends).
+            if segment.split(";", 1)[0] in (".", ".."):
                 raise BadRequestPath("the path contains '.' or '..' segments; send a normalised path")
         if "\\" in path or "\x00" in path:
             raise BadRequestPath("the path contains a backslash or a NUL byte")

@@ -58,6 +58,8 @@ def test_forward_path_keeps_original_encoding():
         ("/iris/a\\b", b"/iris/a%5Cb"),
         ("/iris/a\x00", b"/iris/a%00"),
         ("/iris/a\\b", b"/iris/a\\b"),
+        ("/iris/%2e%2e/x", b"/iris/%252e%252e/x"),
+        ("/iris/..;x/admin", b"/iris/..;x/admin"),
     ],
 )
 def test_check_path_refuses_escapes(path, raw):
