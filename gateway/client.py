@@ -349,13 +349,14 @@ class UpstreamClient:
                 async with asyncio.timeout(connect_timeout):
                     handed = await waiter
             except TimeoutError:
-                raise ConnectError(
-                    f"all {origin.max_connections} connections to {origin.host}:{origin.port} stayed busy "
-                    f"for {connect_timeout:g} s"
-                ) from None
-            finally:
-                if not waiter.done():
+                if not waiter.done() or waiter.cancelled():
                     waiter.cancel()
+                    raise ConnectError(
+                        f"all {origin.max_connections} connections to {origin.host}:{origin.port} stayed "
+                        f"busy for {connect_timeout:g} s"
+                    ) from None
+                # Handed a connection (or a free slot) just as the wait ran out: take it, never leak it.
+                handed = waiter.result()
             if handed is not None:
                 handed.reused = True
                 return handed

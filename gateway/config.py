@@ -178,6 +178,54 @@ class TlsConfig(_Model):
     )
 
 
+class OtelConfig(_Model):
+    """OpenTelemetry tracing: one SERVER span per proxied request, continuing the client's W3C trace
+    context and passed on to the upstream in `traceparent`. Needs the `otel` extra
+    (`pip install 'scoring-gateway[otel]'`); the SDK's `OTEL_*` variables (sampler, resource
+    attributes, OTLP headers) apply. Read at start-up only: a reload keeps the running tracing."""
+
+    enabled: bool = Field(
+        False, description="Trace proxied requests. Off: OpenTelemetry is not even imported."
+    )
+    service_name: str = Field(
+        "scoring-gateway", min_length=1, description="`service.name` of the spans' resource."
+    )
+    exporter: Literal["none", "console", "otlp"] = Field(
+        "none",
+        description=(
+            "Where finished spans go. `none`: nowhere (the upstream still sees the gateway's span as its "
+            "parent); `console`: JSON on standard output; `otlp`: OTLP over HTTP, which also needs "
+            "`pip install 'scoring-gateway[otlp]'`."
+        ),
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description=(
+            "OTLP/HTTP traces URL, e.g. `http://otel-collector:4318/v1/traces`. Unset: "
+            "`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `http://localhost:4318/v1/traces`. "
+            "`tls.ca_bundle` does not apply (use `OTEL_EXPORTER_OTLP_CERTIFICATE`)."
+        ),
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value, "otlp_endpoint")
+
+    @model_validator(mode="after")
+    def _endpoint_needs_otlp(self) -> OtelConfig:
+        if self.otlp_endpoint is not None and self.exporter != "otlp":
+            raise ValueError("`otlp_endpoint` is only used with `exporter: otlp`")
+        return self
+
+
+class TelemetryConfig(_Model):
+    otel: OtelConfig = Field(
+        default_factory=OtelConfig,  # type: ignore[arg-type]
+        description="OpenTelemetry tracing (optional; off by default).",
+    )
+
+
 class CertificateConfig(_Model):
     private_key: SecretSpec
     certificate: SecretSpec
@@ -394,6 +442,10 @@ class GatewayConfig(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     inbound: InboundConfig = Field(default_factory=InboundConfig)  # type: ignore[arg-type]
+    telemetry: TelemetryConfig = Field(
+        default_factory=TelemetryConfig,  # type: ignore[arg-type]
+        description="Telemetry beyond logs and `/metrics`: OpenTelemetry tracing.",
+    )
     routes: dict[str, RouteConfig] = Field(min_length=1)
 
     @field_validator("routes")

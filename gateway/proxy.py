@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.client import UpstreamClient, UpstreamResponse, encode_chunked
 from gateway.credentials.base import Grant
@@ -33,6 +33,9 @@ from gateway.headers import InboundHeaders, new_request_id, read_request_headers
 from gateway.responses import send_error
 from gateway.routing import Route, Router, Upstream, check_path
 from gateway.telemetry import RequestRecord, Telemetry
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -72,12 +75,14 @@ class Proxy:
         max_header_bytes: int,
         max_header_count: int,
         client_body_timeout_s: float = 30.0,
+        tracing: Tracing | None = None,
     ) -> None:
         self.client = client
         self.telemetry = telemetry
         self.max_header_bytes = max_header_bytes
         self.max_header_count = max_header_count
         self.client_body_timeout_s = client_body_timeout_s
+        self.tracing = tracing
 
     async def refuse(self, scope: Scope, send: Send, error: ClientFacingError) -> None:
         """Answer with the gateway's own error before any routing (inbound protection)."""
@@ -93,6 +98,8 @@ class Proxy:
         try:
             inbound = read_request_headers(scope["headers"], self.max_header_bytes, self.max_header_count)
             record.request_id = inbound.request_id or new_request_id()
+            if self.tracing is not None:
+                self.tracing.begin(record, inbound)  # the span is ended by the telemetry's request_done
             if record.method == "CONNECT":
                 raise BadRequestPath("CONNECT is not supported: this is not a forward proxy")
             if record.method == "TRACE":
@@ -278,6 +285,7 @@ class Proxy:
                     record.retries += 1
                     await asyncio.sleep(backoff)
                     continue
+                record.upstream = upstream  # the one that failed, for the span and whoever reads the record
                 raise failure
 
             status = response.status

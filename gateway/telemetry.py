@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from gateway import metrics
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from gateway.routing import Upstream
 
 access_logger = logging.getLogger("gateway.access")
@@ -30,6 +32,7 @@ class RequestRecord:
         "response_started",
         "retries",
         "route",
+        "span",
         "started",
         "status",
         "upstream",
@@ -55,6 +58,7 @@ class RequestRecord:
         self.bytes_out = 0
         self.response_started = False
         self.headers_at = started  # when the upstream's response headers arrived
+        self.span: Span | None = None  # set by gateway.tracing when tracing is enabled
 
 
 class Telemetry:

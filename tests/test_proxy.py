@@ -387,3 +387,20 @@ def test_stalled_request_body_gets_408(upstream, gateway_factory, monkeypatch):
     assert b" 408 " in answer.split(b"\r\n", 1)[0]
     assert b"client_timeout" in answer
     assert app.seen("/echo") == 0
+
+
+def test_upstream_connection_pool_is_bounded_and_reused(upstream, gateway_factory, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app, server = upstream
+    route = key_route(server.url, **_env_keys(monkeypatch))
+    route["max_connections"] = 2
+    gw = gateway_factory({"routes": {"iris": route}})
+
+    def call(_: int) -> int:
+        return httpx.post(gw.url + "/iris/echo", content=b"{}", timeout=10).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(call, range(64)))
+    assert statuses == [200] * 64
+    assert len(server.server.server_state.connections) <= 2
