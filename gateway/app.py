@@ -23,6 +23,7 @@ from gateway.routing import Route, Router, Upstream
 from gateway.secrets import Secret
 from gateway.telemetry import Telemetry
 from gateway.tls import client_context
+from gateway.tracing import TracedTelemetry, build_tracing
 
 logger = logging.getLogger("gateway")
 
@@ -137,7 +138,14 @@ class GatewayApp:
         self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
         self.client = UpstreamClient(self.ssl_context)
         self.router = build_router(config, self.ctx, self.client)
-        self.telemetry = Telemetry(access_log=config.server.access_log)
+        # A missing OpenTelemetry package is a ConfigError here, before the server starts.
+        self.tracing = build_tracing(config.telemetry.otel, self.ctx.source)
+        self.running_telemetry = config.telemetry
+        self.telemetry = (
+            Telemetry(access_log=config.server.access_log)
+            if self.tracing is None
+            else TracedTelemetry(self.tracing, access_log=config.server.access_log)
+        )
         self.guard = InboundGuard(config.inbound) if config.inbound.enabled else None
         self.proxy: Proxy | None = None
         self._admin: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
@@ -192,12 +200,15 @@ class GatewayApp:
                 return
 
     async def startup(self) -> None:
+        if self.tracing is not None:
+            self.tracing.start()
         self.proxy = Proxy(
             client=self.client,
             telemetry=self.telemetry,
             max_header_bytes=self.config.server.max_header_bytes,
             max_header_count=self.config.server.max_header_count,
             client_body_timeout_s=self.config.server.client_body_timeout_s,
+            tracing=self.tracing,
         )
         for credential in self.credentials:
             await credential.start()
@@ -237,6 +248,8 @@ class GatewayApp:
         for credential in self.credentials:
             await credential.close()
         await self.client.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()
 
     async def reload(self, config: GatewayConfig) -> None:
         """Swap to a validated config; unchanged credentials keep their state and cached tokens."""
@@ -250,6 +263,10 @@ class GatewayApp:
             for route in router.routes:
                 if route.credential not in reuse.values():
                     await route.credential.start()
+            if config.telemetry != self.running_telemetry:
+                # The tracer provider and its exporter thread are built once; swapping them under
+                # requests in flight would split their spans between two providers.
+                logger.warning("telemetry settings changed: they take effect at the next restart")
             self.router = router  # atomic: requests in flight keep the Route objects they hold
             self.guard = InboundGuard(config.inbound) if config.inbound.enabled else None
             self.config = config

@@ -443,7 +443,7 @@ class GatewayConfig(_Model):
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     inbound: InboundConfig = Field(default_factory=InboundConfig)  # type: ignore[arg-type]
     telemetry: TelemetryConfig = Field(
-        default_factory=TelemetryConfig,  # type: ignore[arg-type]
+        default_factory=TelemetryConfig,
         description="Telemetry beyond logs and `/metrics`: OpenTelemetry tracing.",
     )
     routes: dict[str, RouteConfig] = Field(min_length=1)

@@ -73,7 +73,8 @@ class Tracing:
         if self.provider is not None:
             return
         # The gateway's own provider, not the global one: an embedding program's tracing is left alone.
-        provider = self._provider_class(resource=self._resource.create({"service.name": self.config.service_name}))
+        resource = self._resource.create({"service.name": self.config.service_name})
+        provider = self._provider_class(resource=resource)
         if self._exporter_class is not None:
             options = {"endpoint": self.config.otlp_endpoint} if self.config.otlp_endpoint else {}
             # Batched: exporting happens on the processor's thread, never on the event loop.

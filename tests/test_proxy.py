@@ -392,7 +392,7 @@ def test_stalled_request_body_gets_408(upstream, gateway_factory, monkeypatch):
 def test_upstream_connection_pool_is_bounded_and_reused(upstream, gateway_factory, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    app, server = upstream
+    _app, server = upstream
     route = key_route(server.url, **_env_keys(monkeypatch))
     route["max_connections"] = 2
     gw = gateway_factory({"routes": {"iris": route}})
@@ -404,3 +404,19 @@ def test_upstream_connection_pool_is_bounded_and_reused(upstream, gateway_factor
         statuses = list(pool.map(call, range(64)))
     assert statuses == [200] * 64
     assert len(server.server.server_state.connections) <= 2
+
+
+def test_trace_context_reaches_the_upstream_unchanged_when_tracing_is_off(
+    upstream, gateway_factory, monkeypatch
+):
+    _, server = upstream
+    gw = gateway_factory({"routes": {"iris": key_route(server.url, **_env_keys(monkeypatch))}})
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    tracestate = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+    response = httpx.post(
+        gw.url + "/iris/echo", content=b"{}", headers={"traceparent": traceparent, "tracestate": tracestate}
+    )
+    assert response.status_code == 200
+    sent = _echo(response)["headers"]
+    assert [v for n, v in sent if n == "traceparent"] == [traceparent]
+    assert [v for n, v in sent if n == "tracestate"] == [tracestate]
