@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,3 +191,4 @@ def run_demo(*, keep_running: bool = False) -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
         emulator.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # it holds the demo's keys
