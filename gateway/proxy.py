@@ -331,7 +331,9 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": response.status,
-                "headers": response_headers(response.headers, request_id.encode("latin-1")),
+                "headers": _bodyless(
+                    response.status, response_headers(response.headers, request_id.encode("latin-1"))
+                ),
             }
         )
         record.response_started = True
@@ -361,6 +363,14 @@ class Proxy:
             raise _UpstreamAborted from None
         record.bytes_out = sent
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _bodyless(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """204 and 304 answers have no body; a Content-Length on them (allowed on a 304, where it describes
+    the representation) would make the ASGI server wait for body bytes that never come."""
+    if status != 204 and status != 304:
+        return headers
+    return [(n, v) for n, v in headers if n.lower() != b"content-length"]
 
 
 def _body_too_large(route: Route) -> BodyTooLarge:

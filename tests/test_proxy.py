@@ -420,3 +420,56 @@ def test_trace_context_reaches_the_upstream_unchanged_when_tracing_is_off(
     sent = _echo(response)["headers"]
     assert [v for n, v in sent if n == "traceparent"] == [traceparent]
     assert [v for n, v in sent if n == "tracestate"] == [tracestate]
+
+
+def test_head_and_no_content_answers(upstream, gateway_factory, monkeypatch):
+    _, server = upstream
+    gw = gateway_factory({"routes": {"iris": key_route(server.url, **_env_keys(monkeypatch))}})
+    with httpx.Client() as client:
+        for _ in range(3):  # a HEAD answer must not leave the pooled connection out of step
+            head = client.head(gw.url + "/iris/echo")
+            assert head.status_code == 200
+            assert head.content == b""
+            assert int(head.headers["content-length"]) > 0
+            assert client.get(gw.url + "/iris/status/204").status_code == 204
+            not_modified = client.get(gw.url + "/iris/status/304")
+            assert not_modified.status_code == 304 and not_modified.content == b""
+            assert client.post(gw.url + "/iris/echo", content=b"{}").status_code == 200
+
+
+def test_not_modified_with_content_length_from_a_raw_upstream(gateway_factory, caplog):
+    """A 304 may carry the Content-Length of the representation (RFC 9110 8.6) but no body."""
+    import asyncio
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b'HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: "v1"\r\n\r\n')
+            await writer.drain()
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        gw = gateway_factory(
+            {
+                "routes": {
+                    "open": {
+                        "path": "/open",
+                        "upstream": f"http://127.0.0.1:{port}",
+                        "auth": {"type": "none"},
+                    }
+                }
+            }
+        )
+        with httpx.Client() as client:
+            for _ in range(3):
+                response = client.get(gw.url + "/open/x", headers={"If-None-Match": '"v1"'}, timeout=5)
+                assert response.status_code == 304
+                assert response.headers["etag"] == '"v1"'
+        # Without care the ASGI server waits for 1234 body bytes and fails the exchange.
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)

@@ -89,6 +89,10 @@ class Upstream:
             raise RuntimeError("connection reset by the test upstream")
         elif "/status/" in path:
             code = int(path.rsplit("/", 1)[1])
+            if code in (204, 304):
+                await send({"type": "http.response.start", "status": code, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
             await _respond(
                 send, code, f'{{"status": {code}}}'.encode(), [(b"content-type", b"application/json")]
             )
