@@ -86,7 +86,7 @@ def build_router(
             value: bytes | Secret = (
                 spec.encode("latin-1")
                 if isinstance(spec, str)
-                else resolve_secret(spec, f"routes.{name}.headers.{header}", ctx)
+                else resolve_secret(spec, f"routes.{name}.headers.{header}", ctx, header=True)
             )
             headers.append((header.encode("latin-1"), value))
         retry = rc.retry

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +20,19 @@ from gateway.errors import SecretError
 logger = logging.getLogger("gateway.secrets")
 
 CHECK_INTERVAL_S = 1.0
+
+
+_NOT_IN_HEADERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_header_value(value: str, source: str) -> str:
+    """A value bound for an HTTP header: control characters would split or corrupt the request."""
+    if _NOT_IN_HEADERS.search(value) or value != value.strip():
+        raise SecretError(
+            f"{source} contains a line break, control character or surrounding space and cannot be sent "
+            "in a header"
+        )
+    return value
 
 
 class Secret:
@@ -41,11 +55,11 @@ class Secret:
 
 
 class LiteralSecret(Secret):
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, *, header: bool = False) -> None:
         super().__init__("literal")
         if not value:
             raise SecretError("the literal secret is empty")
-        self._value = value
+        self._value = check_header_value(value, "the literal secret") if header else value
         redaction.register(value)
 
     @property
@@ -56,7 +70,7 @@ class LiteralSecret(Secret):
 class EnvSecret(Secret):
     """An environment variable, read once: a process's environment does not change under it."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, header: bool = False) -> None:
         super().__init__(f"env:{name}")
         self.name = name
         value = os.environ.get(name)
@@ -65,6 +79,8 @@ class EnvSecret(Secret):
         if not value.strip():
             raise SecretError(f"environment variable {name} is empty")
         self._value = value.strip()
+        if header:
+            check_header_value(self._value, f"environment variable {name}")
         redaction.register(self._value)
 
     @property
@@ -83,10 +99,11 @@ def _strip_newline(text: str) -> str:
 class FileSecret(Secret):
     """A file whose content (minus one trailing newline) is the value; re-read when it changes."""
 
-    def __init__(self, path: str | Path, *, strip: bool = True) -> None:
+    def __init__(self, path: str | Path, *, strip: bool = True, header: bool = False) -> None:
         super().__init__(f"file:{path}")
         self.path = Path(path)
         self._strip = strip
+        self._header = header
         self._signature: tuple[int, int, int] | None = None
         self._next_check = 0.0
         self._last_error: str | None = None
@@ -105,6 +122,8 @@ class FileSecret(Secret):
         value = _strip_newline(text) if self._strip else text
         if not value.strip():
             raise SecretError(f"secret file {self.path} is empty")
+        if self._header:
+            check_header_value(value, f"secret file {self.path}")
         self._signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         self._next_check = time.monotonic() + CHECK_INTERVAL_S
         redaction.register(value)

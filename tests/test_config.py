@@ -133,3 +133,25 @@ def test_serve_refuses_open_remote_bind(tmp_path):
     result = _gateway("serve", "--config", str(path), "--host", "0.0.0.0")
     assert result.returncode == 2
     assert "inbound.allow_cidrs" in result.stderr
+
+
+def test_header_value_from_file_with_line_break_is_a_config_error(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("abc\r\nX-Injected: 1\n")
+    config = {
+        "routes": {
+            "iris": {
+                "path": "/iris",
+                "upstream": "http://127.0.0.1:9/score",
+                "headers": {"x-api-key": {"file": str(key)}},
+                "auth": {"type": "key", "primary": {"file": str(key)}},
+            }
+        }
+    }
+    from gateway.app import GatewayApp
+
+    with pytest.raises(ConfigError, match=r"routes\.iris\.auth\.primary: .*line break"):
+        GatewayApp(parse_config(config))
+    config["routes"]["iris"]["auth"] = {"type": "none"}
+    with pytest.raises(ConfigError, match=r"routes\.iris\.headers\.x-api-key: .*line break"):
+        GatewayApp(parse_config(config))

@@ -83,3 +83,21 @@ def test_missing_or_empty_file_at_start_is_an_error(tmp_path: Path):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(SecretError, match="is empty"):
         FileSecret(tmp_path / "empty")
+
+
+def test_header_secrets_refuse_control_characters(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(secrets, "CHECK_INTERVAL_S", 0.0)
+    path = tmp_path / "key"
+    path.write_text("abc\r\nX-Injected: 1\n")
+    with pytest.raises(SecretError, match="line break"):
+        FileSecret(path, header=True)
+    assert FileSecret(path).value == "abc\r\nX-Injected: 1"  # a PEM-like multi-line secret is fine elsewhere
+    path.write_text("good-key-123456\n")
+    secret = FileSecret(path, header=True)
+    path.write_text("evil-key\r\nX-Injected: 1\n")
+    assert secret.value == "good-key-123456"  # a bad rotation keeps the last good value
+    monkeypatch.setenv("GW_TEST_KEY", "a\x07b-1234567")
+    with pytest.raises(SecretError):
+        EnvSecret("GW_TEST_KEY", header=True)
+    with pytest.raises(SecretError):
+        LiteralSecret("x\ny-12345678", header=True)

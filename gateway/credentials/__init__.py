@@ -44,12 +44,14 @@ class BuildContext:
     shared: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_secret(spec: SecretSpec, where: str, ctx: BuildContext) -> Secret:
+def resolve_secret(spec: SecretSpec, where: str, ctx: BuildContext, *, header: bool = False) -> Secret:
+    """`header=True` for values sent in an HTTP header (keys, header values): no control characters,
+    checked at start-up and on every change of a file."""
     try:
         if isinstance(spec, EnvRef):
-            return EnvSecret(spec.env)
+            return EnvSecret(spec.env, header=header)
         if isinstance(spec, FileRef):
-            return FileSecret(spec.file)
+            return FileSecret(spec.file, header=header)
         if ctx.warn_literals:
             logger.warning(
                 "%s: %s is a literal secret in the config file; prefer {env: NAME} or {file: PATH}",
@@ -57,7 +59,7 @@ def resolve_secret(spec: SecretSpec, where: str, ctx: BuildContext) -> Secret:
                 where,
             )
         assert isinstance(spec, LiteralRef)
-        return LiteralSecret(spec.value.get_secret_value())
+        return LiteralSecret(spec.value.get_secret_value(), header=header)
     except SecretError as exc:
         raise ConfigError(f"{ctx.source}: {where}: {exc}") from None
 
@@ -71,9 +73,11 @@ def build_credential(route: str, auth: Any, ctx: BuildContext) -> Credential:
             from gateway.credentials.control_plane import build_control_plane_keys
 
             return build_control_plane_keys(route, auth, ctx)
-        slots = [KeySlot("primary", resolve_secret(auth.primary, f"{where}.primary", ctx))]  # type: ignore[arg-type]
+        slots = [KeySlot("primary", resolve_secret(auth.primary, f"{where}.primary", ctx, header=True))]  # type: ignore[arg-type]
         if auth.secondary is not None:
-            slots.append(KeySlot("secondary", resolve_secret(auth.secondary, f"{where}.secondary", ctx)))
+            slots.append(
+                KeySlot("secondary", resolve_secret(auth.secondary, f"{where}.secondary", ctx, header=True))
+            )
         return KeyCredential(route, slots, recheck_after_s=auth.recheck_after_s)
     if isinstance(auth, AadTokenAuth):
         from gateway.credentials.aad import build_aad_credential

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 from typing import TypeGuard
 
@@ -24,14 +23,13 @@ from gateway.credentials.identity import resolve_identity
 from gateway.credentials.key import KeyCredential, KeySlot
 from gateway.credentials.token import shared_token_cache
 from gateway.errors import SecretError
-from gateway.secrets import ManagedSecret
+from gateway.secrets import ManagedSecret, check_header_value
 from gateway.tokens import RefreshingEntry, TokenEntry, TokenFetchError, within_deadline
 
 logger = logging.getLogger("gateway.credentials")
 
 REFETCH_MIN_INTERVAL_S = 5.0
 _SHARED_KEYS = "control_plane_keys"
-_BAD_KEY = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ControlPlaneKeys(RefreshingEntry[bool]):
@@ -151,8 +149,13 @@ class ControlPlaneKeys(RefreshingEntry[bool]):
 
 
 def _usable_key(value: object) -> TypeGuard[str]:
-    # Keys go into an Authorization header: no line breaks, NUL or surrounding space.
-    return isinstance(value, str) and bool(value) and value == value.strip() and not _BAD_KEY.search(value)
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        check_header_value(value, "the key")  # keys go into an Authorization header
+    except SecretError:
+        return False
+    return True
 
 
 class ControlPlaneKeyCredential(KeyCredential):
