@@ -49,6 +49,7 @@ logger = logging.getLogger("gateway.proxy")
 ABSOLUTE_FORM = "gateway.absolute_form"
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_FORWARDED_PROTO = {scheme: b"X-Forwarded-Proto: %s\r\n" % scheme.encode() for scheme in ("http", "https")}
 _MAX_CREDENTIAL_REPLAYS = 2
 # Under retry.deadline_s, a retry is started only if at least this much of the deadline is left for it.
 _MIN_ATTEMPT_S = 0.05
@@ -169,17 +170,13 @@ class Proxy:
         lines.append(
             b"X-Forwarded-For: " + (inbound.xff + b", " + client_ip if inbound.xff else client_ip) + b"\r\n"
         )
-        lines.append(b"X-Forwarded-Proto: " + scope.get("scheme", "http").encode("latin-1") + b"\r\n")
+        lines.append(_FORWARDED_PROTO.get(scope.get("scheme", "http"), _FORWARDED_PROTO["http"]))
         if inbound.host:
             lines.append(b"X-Forwarded-Host: " + inbound.host + b"\r\n")
         lines.append(b"x-request-id: " + request_id.encode("latin-1") + b"\r\n")
-        for name, value in route.headers:
-            lines.append(
-                name
-                + b": "
-                + (value if isinstance(value, bytes) else value.value.encode("latin-1"))
-                + b"\r\n"
-            )
+        lines.append(route.static_header_lines)
+        for name, secret in route.secret_headers:
+            lines.append(name + b": " + secret.value.encode("latin-1") + b"\r\n")
         if stream is not None:
             if inbound.content_length is not None:
                 lines.append(b"Content-Length: %d\r\n" % inbound.content_length)

@@ -77,6 +77,9 @@ class Route:
     queue_timeout_s: float = 1.0
     credential_key: tuple[str, object] = ("", None)
     header_names: frozenset[bytes] = frozenset()
+    # The route's fixed header lines, in wire form once; secret-backed ones are read per request.
+    static_header_lines: bytes = b""
+    secret_headers: tuple[tuple[bytes, Secret], ...] = ()
     prefix_bytes: bytes = b""
     semaphore: asyncio.Semaphore | None = None
     waiters: int = 0
@@ -94,6 +97,12 @@ class Route:
     def __post_init__(self) -> None:
         self.prefix_bytes = self.prefix.encode()
         self.header_names = frozenset(name.lower() for name, _ in self.headers)
+        self.static_header_lines = b"".join(
+            name + b": " + value + b"\r\n" for name, value in self.headers if isinstance(value, bytes)
+        )
+        self.secret_headers = tuple(
+            (name, value) for name, value in self.headers if not isinstance(value, bytes)
+        )
         if self.max_concurrent is not None:
             self.semaphore = asyncio.Semaphore(self.max_concurrent)
         self.in_flight = metrics.IN_FLIGHT.labels(self.name)
