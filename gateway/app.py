@@ -294,10 +294,19 @@ class GatewayApp:
         await send_bytes(send, 200, b'{"status":"ok"}', b"application/json")
 
     def readiness(self) -> dict[str, Any]:
+        """Every route's credential state; refreshes the credential gauges on the way."""
         routes = []
         for route in self.router.routes:
             status = route.credential.status()
             metrics.CREDENTIAL_READY.labels(route.name).set(1 if status.ready else 0)
+            if status.kind in ("aad_token", "aml_token"):
+                # 0 once the token is gone, so an expired credential never shows its last countdown.
+                metrics.CREDENTIAL_EXPIRY.labels(route.name).set(status.expires_in_s or 0)
+            elif status.kind == "key" and status.active_slot:
+                for slot in ("primary", "secondary"):
+                    metrics.ACTIVE_KEY_SLOT.labels(route.name, slot).set(
+                        1 if slot == status.active_slot else 0
+                    )
             routes.append({"name": route.name, "path": route.prefix, **status.as_dict()})
         return {"ready": all(r["ready"] for r in routes), "routes": routes}
 
@@ -306,16 +315,7 @@ class GatewayApp:
         await send_json(send, 200 if report["ready"] else 503, report)
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.readiness()  # refreshes the credential gauges
-        for route in self.router.routes:
-            status = route.credential.status()
-            if status.expires_in_s is not None:
-                metrics.CREDENTIAL_EXPIRY.labels(route.name).set(status.expires_in_s)
-            if status.kind == "key" and status.active_slot:
-                for slot in ("primary", "secondary"):
-                    metrics.ACTIVE_KEY_SLOT.labels(route.name, slot).set(
-                        1 if slot == status.active_slot else 0
-                    )
+        self.readiness()
         body, content_type = metrics.render()
         await send_bytes(send, 200, body, content_type.encode())
 

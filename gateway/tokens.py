@@ -499,9 +499,10 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
 
     # ------------------------------------------------------------------ status
     def expires_in(self) -> float | None:
+        """Seconds until the held token expires: None without one, 0 once it has expired."""
         if self.grant is None:
             return None
-        return self.expires_mono - time.monotonic()
+        return max(self.expires_mono - time.monotonic(), 0.0)
 
     def state(self) -> str:
         """valid; refreshing (still valid, but refreshing it fails); expired (and no new one yet);

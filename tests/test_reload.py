@@ -4,6 +4,7 @@ auth alone, and a broken file leaves the running routes serving."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -64,3 +65,27 @@ def test_reload_keeps_cached_tokens_and_survives_a_broken_file(
         assert client.post("/aad/score", json=ROWS).status_code == 200
         assert client.get("/readyz").json()["ready"]
         assert emulator.state.token_request_count(app.client_id) == 1
+
+
+def test_metrics_show_the_token_countdown_and_zero_once_it_is_gone(emulator: EmulatorServer) -> None:
+    app = register_app(emulator)
+    emulator.state.token_lifetime_s = 3
+    config = gateway_config(
+        emulator, {"aad": {"auth": {"type": "aad_token", "identity": identity(emulator, app)}}}
+    )
+    with ServerThread(GatewayApp(config)) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.post("/aad/score", json=ROWS).status_code == 200
+
+        def expiry() -> float:
+            for line in client.get("/metrics").text.splitlines():
+                if line.startswith('gateway_credential_expiry_seconds{route="aad"}'):
+                    return float(line.rsplit(" ", 1)[1])
+            raise AssertionError("no expiry gauge for the route")
+
+        assert 0 < expiry() <= 3
+        emulator.state.set_fault("token", status=503)  # the refresh fails from now on
+        deadline = time.monotonic() + 10
+        while expiry() > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert expiry() == 0
+        assert client.post("/aad/score", json=ROWS).json()["error"]["code"] == "credential_unavailable"
