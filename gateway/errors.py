@@ -3,11 +3,12 @@
 GatewayError
 ├── ConfigError                 invalid configuration (exit status 2)
 ├── SecretError                 a secret source cannot be read
-├── TransportError              the upstream connection failed (mapped to 502/504 by the proxy)
-│   ├── ConnectError            no connection could be opened
+├── TransportError              the upstream connection failed (mapped to 502/503/504 by the proxy)
+│   ├── ConnectError            no connection could be opened (nothing was sent)
+│   ├── PoolTimeout             no pooled connection became free in time (nothing was sent)
 │   ├── ConnectionLost          the connection closed before the exchange ended
-│   ├── ProtocolError           the upstream's answer is not valid HTTP/1.1
-│   └── TransportTimeout        the upstream did not answer in time
+│   ├── ProtocolError           the upstream's answer is not valid HTTP/1.1 (or breaks a limit)
+│   └── TransportTimeout        a timer ran out: `phase` says which (connect, read, write, total)
 └── ClientFacingError           turned into a JSON error response with a stable code
     ├── RouteNotFound           404 route_not_found
     ├── ClientTimeout           408 client_timeout
@@ -17,6 +18,7 @@ GatewayError
     ├── BodyTooLarge            413 body_too_large
     ├── HeadersTooLarge         431 headers_too_large
     ├── UpstreamUnreachable     502 upstream_unreachable
+    ├── UpstreamProtocolError   502 upstream_protocol_error
     ├── UpstreamTimeout         504 upstream_timeout
     ├── CredentialUnavailable   503 credential_unavailable
     └── Overloaded              503 overloaded
@@ -38,16 +40,35 @@ class SecretError(GatewayError):
 
 
 class TransportError(GatewayError):
-    """The connection to an upstream failed. Messages name the host, never a header."""
+    """The connection to an upstream failed. Messages name the host, never a header.
+
+    `request_sent` is the one fact the replay policy needs: False only when no byte of the request
+    reached the socket, so the upstream cannot have executed it. When in doubt it is True.
+    """
+
+    def __init__(self, message: str, *, request_sent: bool = True) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
 
 
 class ConnectError(TransportError):
-    pass
+    def __init__(self, message: str) -> None:
+        super().__init__(message, request_sent=False)
+
+
+class PoolTimeout(TransportError):
+    """Every pooled connection of the origin stayed busy for `pool_timeout_s`: the gateway is overloaded,
+    the upstream is not at fault (503 overloaded, never retried, never counted against the upstream)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, request_sent=False)
 
 
 class ConnectionLost(TransportError):
-    def __init__(self, message: str, *, reused: bool = False, received_any: bool = False) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, request_sent: bool = True, reused: bool = False, received_any: bool = False
+    ) -> None:
+        super().__init__(message, request_sent=request_sent)
         self.reused = reused
         self.received_any = received_any
 
@@ -57,7 +78,12 @@ class ProtocolError(TransportError):
 
 
 class TransportTimeout(TransportError):
-    pass
+    """`phase` is "connect" (TCP, TLS, proxy CONNECT), "read" (silence while awaiting the answer),
+    "write" (stall while sending the request) or "total" (the whole attempt)."""
+
+    def __init__(self, message: str, *, phase: str = "total", request_sent: bool = True) -> None:
+        super().__init__(message, request_sent=request_sent)
+        self.phase = phase
 
 
 class ClientFacingError(GatewayError):
@@ -108,6 +134,11 @@ class HeadersTooLarge(ClientFacingError):
 class UpstreamUnreachable(ClientFacingError):
     status = 502
     code = "upstream_unreachable"
+
+
+class UpstreamProtocolError(ClientFacingError):
+    status = 502
+    code = "upstream_protocol_error"
 
 
 class UpstreamTimeout(ClientFacingError):
