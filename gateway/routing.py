@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from gateway import metrics
 from gateway.client import Origin
@@ -19,9 +19,11 @@ from gateway.secrets import Secret
 
 logger = logging.getLogger("gateway.routing")
 
-# Percent-encodings that could change how a path splits into segments after we forwarded it, also
-# double-encoded (`%252e`), for upstreams that decode twice.
-_DANGEROUS_ENCODINGS = (b"%2e", b"%2f", b"%5c", b"%00", b"%252e", b"%252f", b"%255c", b"%2500")
+# Percent-encodings that could change how a path splits into segments after we forwarded it.
+_DANGEROUS_ENCODINGS = (b"%2e", b"%2f", b"%5c", b"%00")
+# How many rounds of decoding an upstream (or a chain of them) may apply: `%25%32%65` is `%2e` once
+# decoded and `.` twice; three rounds cover every chain we know of.
+_DECODE_ROUNDS = 3
 
 
 class Upstream:
@@ -209,12 +211,19 @@ def check_path(path: str, raw_path: bytes | None) -> None:
         if "\\" in path or "\x00" in path:
             raise BadRequestPath("the path contains a backslash or a NUL byte")
     if raw_path is not None and b"%" in raw_path:
-        lowered = raw_path.lower()
-        for encoding in _DANGEROUS_ENCODINGS:
-            if encoding in lowered:
-                raise BadRequestPath(
-                    "the path contains an encoded '.', '/', '\\' or NUL; send a plain, normalised path"
-                )
+        current = raw_path
+        for _ in range(_DECODE_ROUNDS):
+            lowered = current.lower()
+            for encoding in _DANGEROUS_ENCODINGS:
+                if encoding in lowered:
+                    raise BadRequestPath(
+                        "the path contains an encoded '.', '/', '\\' or NUL (also %25-encoded); send a "
+                        "plain, normalised path"
+                    )
+            decoded = unquote_to_bytes(current)
+            if decoded == current or b"%" not in decoded:
+                break
+            current = decoded
 
 
 class Router:

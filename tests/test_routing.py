@@ -60,6 +60,14 @@ def test_forward_path_keeps_original_encoding():
         ("/iris/a\\b", b"/iris/a\\b"),
         ("/iris/%2e%2e/x", b"/iris/%252e%252e/x"),
         ("/iris/..;x/admin", b"/iris/..;x/admin"),
+        # %25 followed by an encoded hex pair: an upstream that decodes twice sees '.', '/', '\\', NUL.
+        ("/iris/%2e%2e/x", b"/iris/%25%32%65%25%32%65/x"),
+        ("/iris/%2e%2e/x", b"/iris/%25%32%45%25%32%45/x"),
+        ("/iris/a%2fb", b"/iris/a%25%32%66b"),
+        ("/iris/a%5cb", b"/iris/a%25%35%63b"),
+        ("/iris/a%00", b"/iris/a%25%30%30"),
+        ("/iris/a%2fb", b"/iris/a%252%66b"),
+        ("/iris/%2e%2e", b"/iris/%25252e%25252e"),
     ],
 )
 def test_check_path_refuses_escapes(path, raw):
@@ -67,7 +75,10 @@ def test_check_path_refuses_escapes(path, raw):
         check_path(path, raw)
 
 
-@pytest.mark.parametrize("path", ["/iris", "/iris/swagger.json", "/iris/a..b", "/iris/.well-known/x"])
+@pytest.mark.parametrize(
+    "path",
+    ["/iris", "/iris/swagger.json", "/iris/a..b", "/iris/.well-known/x", "/iris/a%2520b", "/iris/100%25"],
+)
 def test_check_path_allows_ordinary_paths(path):
     check_path(path, path.encode())  # raises BadRequestPath if refused
     assert Router([_route("iris", "/iris")]).match(path).name == "iris"
