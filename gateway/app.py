@@ -19,11 +19,13 @@ from gateway.errors import ClientFacingError
 from gateway.inbound import InboundGuard
 from gateway.proxy import ABSOLUTE_FORM, Proxy, Receive, Scope, Send
 from gateway.responses import error_body, send_bytes, send_json
-from gateway.routing import Route, Router, Upstream
+from gateway.retry import ReplayPolicy
+from gateway.routing import Route, Router
 from gateway.secrets import Secret
 from gateway.telemetry import Telemetry
 from gateway.tls import client_context
 from gateway.tracing import TracedTelemetry, build_tracing
+from gateway.upstreams import Upstream
 
 logger = logging.getLogger("gateway")
 
@@ -89,7 +91,6 @@ def build_router(
                 else resolve_secret(spec, f"routes.{name}.headers.{header}", ctx, header=True)
             )
             headers.append((header.encode("latin-1"), value))
-        retry = rc.retry
         routes.append(
             Route(
                 name=name,
@@ -110,16 +111,10 @@ def build_router(
                 read_timeout_s=rc.read_timeout_s or rc.timeout_s,
                 max_body_bytes=config.max_body_bytes(rc),
                 replay_buffer_bytes=config.replay_buffer_bytes(rc),
-                retry_attempts=retry.attempts,
-                retry_statuses=frozenset(retry.on_statuses),
-                retry_on_connection_errors=retry.on_connection_errors,
-                backoff_base_s=retry.backoff_base_s,
-                backoff_max_s=retry.backoff_max_s,
-                retry_after_cap_s=retry.retry_after_cap_s,
-                budget_ratio=retry.budget_ratio,
-                deadline_s=retry.deadline_s,
+                replay=ReplayPolicy.from_config(rc.retry),
                 outlier_failures=rc.outlier.consecutive_failures,
                 ejection_s=rc.outlier.ejection_s,
+                probe_timeout_s=rc.outlier.probe_timeout_s,
                 max_concurrent=rc.max_concurrent_requests,
                 queue_timeout_s=rc.queue_timeout_s,
                 credential_key=key,

@@ -339,8 +339,21 @@ class UpstreamConfig(_Model):
 
 class RetryConfig(_Model):
     attempts: int = Field(3, ge=1, le=10, description="Upstream attempts per request, the first included.")
-    on_statuses: list[int] = Field(default_factory=lambda: [429, 502, 503, 504])
-    on_connection_errors: bool = True
+    on_statuses: list[int] = Field(
+        default_factory=lambda: [429, 502, 503],
+        description="Upstream statuses replayed (429 and 503 honour Retry-After); never 424.",
+    )
+    on_connection_errors: bool = Field(
+        True, description="Replay when the connection failed before any byte of the request was sent."
+    )
+    on_timeouts: bool = Field(
+        False,
+        description="Also replay after a timeout, 504 or 408: the model may still be working on the request.",
+    )
+    on_connection_lost: bool = Field(
+        False,
+        description="Also replay when the connection failed after the request was sent (it may have run).",
+    )
     backoff_base_s: float = Field(0.05, ge=0)
     backoff_max_s: float = Field(2.0, ge=0)
     retry_after_cap_s: float = Field(
@@ -350,11 +363,27 @@ class RetryConfig(_Model):
         0.2, ge=0, le=1, description="Retries at most this fraction of recent requests."
     )
     deadline_s: float | None = Field(None, gt=0, description="Whole-request deadline across attempts.")
+    min_retries_per_s: float = Field(
+        10.0, ge=0, description="Retries always allowed per second, whatever budget_ratio says."
+    )
+
+    @field_validator("on_statuses")
+    @classmethod
+    def _never_424(cls, value: list[int]) -> list[int]:
+        if 424 in value:
+            raise ValueError(
+                "424 means the model itself failed (score.py raised or the container crashed); replaying "
+                "it fails again: remove 424"
+            )
+        return value
 
 
 class OutlierConfig(_Model):
     consecutive_failures: int = Field(5, ge=1)
     ejection_s: float = Field(30.0, gt=0)
+    probe_timeout_s: float = Field(
+        10.0, gt=0, description="A probe without a verdict by then stops holding back the other requests."
+    )
 
 
 class RouteConfig(_Model):

@@ -1,11 +1,12 @@
 """Header rules, both ways: hop-by-hop headers are dropped (RFC 9110 section 7.6.1, plus the ones
 `Connection` names), the client's Authorization never reaches the upstream, and the gateway sets
-Host, X-Forwarded-* and x-request-id itself."""
+Host, X-Forwarded-* and x-request-id itself, and x-ms-client-request-id when the client sent none."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections.abc import Iterable
 
 from gateway.errors import HeadersTooLarge
@@ -35,6 +36,13 @@ _REQUEST_OWNED = HOP_BY_HOP | {
     b"x-request-id",
 }
 _RESPONSE_OWNED = HOP_BY_HOP | {b"x-request-id"}
+# Azure ML's client request id: forwarded as the client sent it, else the gateway sets its own.
+_CLIENT_REQUEST_ID = b"x-ms-client-request-id"
+# Request headers the gateway reads: the ones it owns (dropped) and the client request id (forwarded).
+_READ = _REQUEST_OWNED | {_CLIENT_REQUEST_ID}
+# What Azure ML accepts as a request id. A client's x-request-id becomes the gateway's request id (and
+# Azure ML's, when the client sends no x-ms-client-request-id) only in this form, so logs always join.
+_REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9_-]{1,40}")
 
 
 def connection_tokens(value: bytes) -> set[bytes]:
@@ -54,11 +62,12 @@ def new_request_id() -> str:
 class InboundHeaders:
     """What the proxy needs from the client's headers, read in a single pass. All bytes, as received."""
 
-    __slots__ = ("content_length", "forwarded", "host", "request_id", "xff")
+    __slots__ = ("client_request_id", "content_length", "forwarded", "host", "request_id", "xff")
 
     def __init__(self) -> None:
         self.forwarded: list[tuple[bytes, bytes]] = []
         self.request_id: str | None = None
+        self.client_request_id = False  # the client sent x-ms-client-request-id
         self.host: bytes | None = None
         self.xff: bytes | None = None
         self.content_length: int | None = None
@@ -76,9 +85,13 @@ def read_request_headers(
     for name, value in raw:
         count += 1
         total += len(name) + len(value) + 4
-        if name in _REQUEST_OWNED:
+        if name in _READ:
             if name == b"x-request-id":
-                result.request_id = value.decode("latin-1")[:200]
+                if _REQUEST_ID_FORM.fullmatch(value):
+                    result.request_id = value.decode("ascii")
+            elif name == _CLIENT_REQUEST_ID:
+                result.client_request_id = True
+                forwarded.append((name, value))
             elif name == b"host":
                 result.host = value
             elif name == b"content-length":
@@ -99,6 +112,8 @@ def read_request_headers(
         )
     if dropped:
         result.forwarded = [(n, v) for n, v in forwarded if n.lower() not in dropped]
+        if _CLIENT_REQUEST_ID in dropped:
+            result.client_request_id = False
     return result
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -22,17 +21,17 @@ from gateway.errors import (
     BodyTooLarge,
     ClientFacingError,
     ClientTimeout,
+    CredentialUnavailable,
     Overloaded,
     RouteNotFound,
     TransportError,
-    TransportTimeout,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
 from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_headers
+from gateway.paths import check_path
 from gateway.responses import send_error
-from gateway.routing import Route, Router, Upstream, check_path
+from gateway.routing import Route, Router
 from gateway.telemetry import RequestRecord, Telemetry
+from gateway.upstreams import Upstream
 
 if TYPE_CHECKING:
     from gateway.tracing import Tracing
@@ -50,9 +49,6 @@ ABSOLUTE_FORM = "gateway.absolute_form"
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FORWARDED_PROTO = {scheme: b"X-Forwarded-Proto: %s\r\n" % scheme.encode() for scheme in ("http", "https")}
-_MAX_CREDENTIAL_REPLAYS = 2
-# Under retry.deadline_s, a retry is started only if at least this much of the deadline is left for it.
-_MIN_ATTEMPT_S = 0.05
 
 
 class ClientDisconnected(Exception):
@@ -155,6 +151,9 @@ class Proxy:
                 f"the request body is {inbound.content_length} bytes; route {route.name} accepts at most "
                 f"{route.max_body_bytes}"
             )
+        # Before the body is read: without a credential the answer is 503 at once, whatever the body.
+        grant = route.credential.grant_nowait() or await _wait_for_grant(route, record)
+        record.credential = grant.slot
         body, stream = await _read_body(receive, route, self.client_body_timeout_s)
         record.bytes_in = len(body) if body is not None else 0
 
@@ -173,7 +172,11 @@ class Proxy:
         lines.append(_FORWARDED_PROTO.get(scope.get("scheme", "http"), _FORWARDED_PROTO["http"]))
         if inbound.host:
             lines.append(b"X-Forwarded-Host: " + inbound.host + b"\r\n")
-        lines.append(b"x-request-id: " + request_id.encode("latin-1") + b"\r\n")
+        request_id_bytes = request_id.encode("latin-1")
+        lines.append(b"x-request-id: " + request_id_bytes + b"\r\n")
+        if not inbound.client_request_id:
+            # Azure ML logs it as the client's request id: its request logs and ours join on one id.
+            lines.append(b"x-ms-client-request-id: " + request_id_bytes + b"\r\n")
         lines.append(route.static_header_lines)
         for name, secret in route.secret_headers:
             lines.append(name + b": " + secret.value.encode("latin-1") + b"\r\n")
@@ -188,10 +191,6 @@ class Proxy:
         common = b"".join(lines)
         query = scope.get("query_string")
         target = route.forward_path(path, raw_path) + (b"?" + query if query else b"")
-
-        credential = route.credential
-        grant = credential.grant_nowait() or await credential.grant()
-        record.credential = grant.slot
 
         if route.semaphore is not None:
             await _acquire_slot(route)
@@ -217,109 +216,91 @@ class Proxy:
         stream: AsyncIterator[bytes] | None,
         grant: Grant,
     ) -> UpstreamResponse:
+        """Attempts until one answer is passed on; `route.replay` decides every replay."""
+        policy = route.replay
+        balancer = route.balancer
         credential = route.credential
         replayable = stream is None
-        deadline = record.started + route.deadline_s if route.deadline_s else None
+        deadline = record.started + policy.deadline_s if policy.deadline_s else None
         tried: tuple[Upstream, ...] = ()
-        credential_replays = 0
-        route.count_request()
+        policy.budget.deposit()
         method = record.method.encode("latin-1")
         head_request = record.method == "HEAD"
         request = self.client.request
-        while True:
-            upstream = route.single_upstream or route.pick_upstream(tried)
-            record.attempts += 1
-            head = b"".join(
-                (
-                    method,
-                    b" ",
-                    upstream.path_bytes if target[:1] == b"/" or upstream.path_bytes else b"/",
-                    target,
-                    b" HTTP/1.1\r\nHost: ",
-                    upstream.host_bytes,
-                    b"\r\n",
-                    common,
-                    b"" if grant.header_line is None else grant.header_line,
-                    b"\r\n",
+        upstream: Upstream | None = None
+        try:
+            while True:
+                upstream = route.single_upstream or balancer.pick(tried, record)
+                record.attempts += 1
+                head = b"".join(
+                    (
+                        method,
+                        b" ",
+                        upstream.path_bytes if target[:1] == b"/" or upstream.path_bytes else b"/",
+                        target,
+                        b" HTTP/1.1\r\nHost: ",
+                        upstream.host_bytes,
+                        b"\r\n",
+                        common,
+                        b"" if grant.header_line is None else grant.header_line,
+                        b"\r\n",
+                    )
                 )
-            )
-            failure: ClientFacingError | None = None
-            # retry.deadline_s bounds the whole request: the last attempt gets only what is left of it.
-            total_timeout = route.timeout_s
-            if deadline is not None:
-                total_timeout = min(total_timeout, max(deadline - time.perf_counter(), 0.001))
-            try:
-                response = await request(
-                    upstream.pool,
-                    head,
-                    body if stream is None else stream,
-                    head_request=head_request,
-                    connect_timeout=route.connect_timeout_s,
-                    read_timeout=route.read_timeout_s,
-                    total_timeout=total_timeout,
-                )
-            except _BodyLimit:
-                raise _body_too_large(route) from None
-            except TransportTimeout:
-                failure = UpstreamTimeout(
-                    f"route {route.name}: the upstream {upstream.origin} did not answer within "
-                    f"{min(route.read_timeout_s, total_timeout):g} s"
-                )
-            except TransportError as exc:
-                failure = UpstreamUnreachable(f"route {route.name}: {exc}")
-            if failure is not None:
-                route.record_failure(upstream)
-                record.upstream_errors += 1
-                backoff = _backoff(route, record.retries + 1)
-                if (
-                    replayable
-                    and route.retry_on_connection_errors
-                    and record.attempts < route.retry_attempts
-                    and _before_deadline(deadline, backoff + _MIN_ATTEMPT_S)
-                    and route.allow_retry()
-                ):
-                    tried = (*tried, upstream)
-                    record.retries += 1
-                    await asyncio.sleep(backoff)
-                    continue
-                record.upstream = upstream  # the one that failed, for the span and whoever reads the record
-                raise failure
-
-            status = response.status
-            if status in credential.rejection_statuses:
-                replacement = await credential.rejected(grant)
-                if replacement is not None and replayable and credential_replays < _MAX_CREDENTIAL_REPLAYS:
-                    await _discard(response)
-                    credential_replays += 1
-                    record.credential_replays += 1
-                    grant = replacement
-                    record.credential = grant.slot
-                    continue
-            else:
-                credential.accepted(grant)
-                if (
-                    status in route.retry_statuses
-                    and replayable
-                    and record.attempts < route.retry_attempts
-                    and route.allow_retry()
-                ):
-                    delay = _retry_delay(route, response, record.retries + 1)
-                    if delay is not None and _before_deadline(deadline, delay + _MIN_ATTEMPT_S):
-                        if status >= 500:
-                            route.record_failure(upstream)
-                        await _discard(response)
+                try:
+                    response = await request(
+                        upstream.pool,
+                        head,
+                        body if stream is None else stream,
+                        head_request=head_request,
+                        connect_timeout=route.connect_timeout_s,
+                        read_timeout=route.read_timeout_s,
+                        total_timeout=policy.attempt_timeout(route.timeout_s, deadline),
+                    )
+                except _BodyLimit:
+                    raise _body_too_large(route) from None
+                except TransportError as exc:
+                    failure = policy.transport_failure(exc, route.name, upstream.origin)
+                    if failure.upstream_fault:
+                        balancer.failed(upstream, record)
+                        record.upstream_errors += 1
+                    delay = policy.backoff(record.retries + 1)
+                    if failure.replayable and policy.allows(replayable, record.attempts, delay, deadline):
                         tried = (*tried, upstream)
                         record.retries += 1
                         await asyncio.sleep(delay)
                         continue
-            if status >= 500 and status != 501:
-                route.record_failure(upstream)
-            else:
-                route.record_success(upstream)
-            record.upstream_status = status
-            record.upstream = upstream
-            record.headers_at = time.perf_counter()
-            return response
+                    record.upstream = upstream  # the one that failed, for the span and the record's readers
+                    raise failure.error from None
+
+                status = response.status
+                balancer.answered(upstream, status, record)
+                if status in credential.rejection_statuses:
+                    replacement = await credential.rejected(grant)
+                    if replacement is not None and policy.allows_credential_replay(
+                        replayable, record.credential_replays, deadline
+                    ):
+                        await _discard(response)
+                        record.credential_replays += 1
+                        grant = replacement
+                        record.credential = grant.slot
+                        continue
+                else:
+                    credential.accepted(grant)
+                    if status in policy.statuses:
+                        wait = policy.status_delay(response.headers, record.retries + 1)
+                        if wait is not None and policy.allows(replayable, record.attempts, wait, deadline):
+                            await _discard(response)
+                            tried = (*tried, upstream)
+                            record.retries += 1
+                            await asyncio.sleep(wait)
+                            continue
+                record.upstream_status = status
+                record.upstream = upstream
+                record.headers_at = time.perf_counter()
+                return response
+        finally:
+            # Every exit (client gone, body limit, cancellation, any exception) ends a probe still held.
+            balancer.release(upstream, record)
 
     async def _stream_response(self, response: UpstreamResponse, send: Send, record: RequestRecord) -> None:
         request_id = record.request_id
@@ -445,31 +426,19 @@ async def _discard(response: UpstreamResponse) -> None:
         response.release()
 
 
-def _backoff(route: Route, retry: int) -> float:
-    ceiling = min(route.backoff_max_s, route.backoff_base_s * (2 ** (retry - 1)))
-    return random.uniform(0, ceiling)  # full jitter
-
-
-def _retry_delay(route: Route, response: UpstreamResponse, retry: int) -> float | None:
-    """Seconds to wait before the next attempt, or None when Retry-After asks for more than we wait."""
-    value = None
-    for name, header_value in response.headers:
-        if name.lower() == b"retry-after":
-            value = header_value
-            break
-    if value:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = route.retry_after_cap_s + 1  # an HTTP date: far enough away to pass it on
-        if seconds > route.retry_after_cap_s:
-            return None
-        return max(seconds, 0.0)
-    return _backoff(route, retry)
-
-
-def _before_deadline(deadline: float | None, delay: float) -> bool:
-    return deadline is None or time.perf_counter() + delay < deadline
+async def _wait_for_grant(route: Route, record: RequestRecord) -> Grant:
+    """The credential is not at hand (a token or keys still being fetched): wait no longer than the
+    route's deadline (`retry.deadline_s`, else `timeout_s`), and before the request body is read."""
+    limit = route.replay.deadline_s or route.timeout_s
+    try:
+        async with asyncio.timeout(max(record.started + limit - time.perf_counter(), 0.0)):
+            return await route.credential.grant()
+    except TimeoutError:
+        raise CredentialUnavailable(
+            f"route {route.name}: no credential could be had within the route's deadline of {limit:g} s "
+            "(it is still being obtained); retry shortly",
+            retry_after=1,
+        ) from None
 
 
 async def _acquire_slot(route: Route) -> None:

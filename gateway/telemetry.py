@@ -11,7 +11,7 @@ from gateway import metrics
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from gateway.routing import Upstream
+    from gateway.upstreams import Upstream
 
 access_logger = logging.getLogger("gateway.access")
 

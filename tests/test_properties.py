@@ -23,7 +23,8 @@ from gateway.app import GatewayApp, GatewayHttpToolsProtocol
 from gateway.config import load_config, parse_config
 from gateway.errors import BadRequestPath, ConfigError, HeadersTooLarge
 from gateway.headers import HOP_BY_HOP, connection_tokens, read_request_headers, response_headers
-from gateway.routing import Router, check_path
+from gateway.paths import check_path
+from gateway.routing import Router
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 

@@ -5,7 +5,10 @@ import pytest
 from gateway.client import UpstreamClient
 from gateway.credentials.base import NoCredential
 from gateway.errors import BadRequestPath
-from gateway.routing import Route, Router, Upstream, check_path
+from gateway.paths import check_path
+from gateway.retry import RetryBudget
+from gateway.routing import Route, Router
+from gateway.upstreams import Upstream
 
 CLIENT = UpstreamClient(None)
 
@@ -87,28 +90,45 @@ def test_check_path_allows_ordinary_paths(path):
 def test_outlier_ejection_and_failover():
     a, b = _upstream("http://a", priority=0), _upstream("http://b", priority=1)
     route = _route("r", "/r", a, b)
-    route.outlier_failures = 2
-    assert route.pick_upstream() is a
-    assert not route.record_failure(a)
-    assert route.record_failure(a)
-    assert route.pick_upstream() is b
-    assert route.pick_upstream(tried=(b,)) is a  # last resort
-    route.record_success(a)
-    assert route.pick_upstream() is a
+    balancer = route.balancer
+    balancer.outlier_failures = 2
+    assert balancer.pick() is a
+    assert not balancer.failed(a)
+    assert balancer.failed(a)
+    assert balancer.pick() is b
+    assert balancer.pick(tried=(b,)) is a  # last resort
+    balancer.succeeded(a)
+    assert balancer.pick() is a
+
+
+def test_probe_is_held_by_one_request_until_its_verdict_or_release():
+    a, b = _upstream("http://a", priority=0), _upstream("http://b", priority=1)
+    balancer = _route("r", "/r", a, b).balancer
+    balancer.outlier_failures = 1
+    balancer.failed(a)
+    a.ejected_until = 1.0  # the cool-down is over
+    first, second = object(), object()
+    assert balancer.pick(owner=first) is a  # the probe
+    assert balancer.pick(owner=second) is b  # the others wait for its verdict
+    balancer.release(a, second)  # not its probe: nothing changes
+    assert balancer.pick(owner=second) is b
+    balancer.release(a, first)  # the probe ended without a verdict: the next request probes
+    assert balancer.pick(owner=second) is a
+    assert balancer.failed(a, second)  # a failed probe ejects again at once
+    assert balancer.pick(owner=first) is b
 
 
 def test_weighted_choice_within_a_priority():
     a, b = _upstream("http://a", weight=1), _upstream("http://b", weight=3)
     route = _route("r", "/r", a, b)
-    picks = [route.pick_upstream() for _ in range(2000)]
+    picks = [route.balancer.pick() for _ in range(2000)]
     share = picks.count(b) / len(picks)
     assert 0.65 < share < 0.85
 
 
 def test_retry_budget_limits_amplification():
-    route = _route("r", "/r")
-    route.budget_ratio = 0.2
+    budget = RetryBudget(min_retries_per_s=0, ratio=0.2)
     for _ in range(100):
-        route.count_request()
-    allowed = sum(route.allow_retry() for _ in range(100))
+        budget.deposit()
+    allowed = sum(budget.try_withdraw() for _ in range(100))
     assert 15 <= allowed <= 21

@@ -1,0 +1,466 @@
+"""Failure semantics of forwarding (issue 11): what is replayed, how often, within which deadline.
+
+Real gateway under uvicorn, real upstreams on loopback that count what they executed, raw sockets for
+clients that misbehave, real MSAL against the emulator for the credential wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from azure_env import (
+    clean_emulator_fixture,  # noqa: F401 - fixture
+    emulator_fixture,  # noqa: F401 - fixture
+    identity,
+    register_app,
+)
+from servers import ServerThread
+
+from gateway.config import parse_config
+from gateway.emulator.server import EmulatorServer
+from gateway.errors import (
+    ConfigError,
+    ConnectError,
+    ConnectionLost,
+    Overloaded,
+    PoolTimeout,
+    ProtocolError,
+    TransportTimeout,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gateway.retry import ReplayPolicy, RetryBudget
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+
+AZURE_ML_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+class Scripted:
+    """An upstream that answers from a script (status, headers, delay) and counts what it received.
+
+    Every request that reached it counts as executed: a scoring model runs once the request arrived,
+    whether or not its answer gets back."""
+
+    def __init__(self, name: str = "upstream") -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.script: list[tuple[int, list[tuple[bytes, bytes]], float]] = []
+        self.received = 0
+        self.headers: list[dict[str, str]] = []
+
+    def then(self, status: int, headers: list[tuple[bytes, bytes]] | None = None, delay: float = 0.0) -> None:
+        with self.lock:
+            self.script.append((status, headers or [], delay))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            if not message.get("more_body"):
+                break
+        with self.lock:
+            self.received += 1
+            self.headers.append({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
+            status, headers, delay = self.script.pop(0) if self.script else (200, [], 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        body = b'{"upstream": "%s", "status": %d}' % (self.name.encode(), status)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def scripted() -> Any:
+    app = Scripted()
+    with ServerThread(app, lifespan="off") as server:
+        yield app, server
+
+
+def open_route(url: str, **options: Any) -> dict[str, Any]:
+    return {"path": "/iris", "upstream": url, "auth": {"type": "none"}, **options}
+
+
+# ----------------------------------------------------------------------------------- replay defaults
+
+
+def test_sparse_failures_are_each_retried(scripted, gateway_factory):
+    """A quiet sidecar: a 502 once, a 503 twice, a 429 with Retry-After: 1, a moment apart. The budget's
+    floor lets every one be retried; the client sees only answers."""
+    app, server = scripted
+    gw = gateway_factory({"routes": {"iris": open_route(server.url)}})
+    with httpx.Client(base_url=gw.url, timeout=10) as client:
+        app.then(502)
+        assert client.post("/iris/score", content=b"{}").status_code == 200
+        assert app.received == 2
+        time.sleep(0.5)
+        app.then(503)
+        app.then(503)
+        assert client.post("/iris/score", content=b"{}").status_code == 200
+        assert app.received == 5
+        time.sleep(0.5)
+        app.then(429, [(b"retry-after", b"1")])
+        started = time.monotonic()
+        assert client.post("/iris/score", content=b"{}").status_code == 200
+        assert time.monotonic() - started >= 0.9, "Retry-After: 1 was not honoured"
+        assert app.received == 7
+
+
+def test_timeout_on_a_post_is_not_replayed_by_default(scripted, gateway_factory):
+    """Azure ML answers at request_timeout_ms while the model keeps working: replaying would double the
+    load on a model that is already too slow. One execution, 504 to the client."""
+    app, server = scripted
+    gw = gateway_factory({"routes": {"iris": open_route(server.url, timeout_s=0.3)}})
+    app.then(200, delay=1.0)
+    response = httpx.post(gw.url + "/iris/score", content=b"{}", timeout=10)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    time.sleep(0.8)  # any replay would have arrived by now
+    assert app.received == 1
+
+
+def test_timeout_is_replayed_with_on_timeouts(scripted, gateway_factory):
+    app, server = scripted
+    route = open_route(server.url, timeout_s=0.3, retry={"on_timeouts": True})
+    gw = gateway_factory({"routes": {"iris": route}})
+    app.then(200, delay=1.0)
+    response = httpx.post(gw.url + "/iris/score", content=b"{}", timeout=10)
+    assert response.status_code == 200
+    assert app.received == 2
+
+
+def test_504_and_408_are_not_replayed_by_default(scripted, gateway_factory):
+    app, server = scripted
+    gw = gateway_factory({"routes": {"iris": open_route(server.url)}})
+    for status in (504, 408):
+        before = app.received
+        app.then(status)
+        response = httpx.post(gw.url + "/iris/score", content=b"{}", timeout=10)
+        assert response.status_code == status
+        assert app.received == before + 1, f"a {status} on a POST was replayed"
+
+
+def test_504_and_408_are_replayed_with_on_timeouts(scripted, gateway_factory):
+    app, server = scripted
+    gw = gateway_factory({"routes": {"iris": open_route(server.url, retry={"on_timeouts": True})}})
+    for status in (504, 408):
+        before = app.received
+        app.then(status)
+        response = httpx.post(gw.url + "/iris/score", content=b"{}", timeout=10)
+        assert response.status_code == 200
+        assert app.received == before + 2
+
+
+def test_424_is_never_replayed_and_model_error_headers_reach_the_client(scripted, gateway_factory):
+    app, server = scripted
+    gw = gateway_factory({"routes": {"iris": open_route(server.url, retry={"on_timeouts": True})}})
+    app.then(
+        424,
+        [
+            (b"ms-azureml-model-error-statuscode", b"500"),
+            (b"ms-azureml-model-error-reason", b"model_error"),
+        ],
+    )
+    response = httpx.post(gw.url + "/iris/score", content=b"{}", timeout=10)
+    assert response.status_code == 424
+    assert response.headers["ms-azureml-model-error-statuscode"] == "500"
+    assert response.headers["ms-azureml-model-error-reason"] == "model_error"
+    assert app.received == 1
+
+
+def test_424_in_on_statuses_is_refused():
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"routes": {"iris": open_route("http://u", retry={"on_statuses": [424, 503]})}})
+    assert "424" in str(raised.value)
+
+
+def test_default_retry_statuses():
+    config = parse_config({"routes": {"iris": open_route("http://u")}})
+    retry = config.routes["iris"].retry
+    assert sorted(retry.on_statuses) == [429, 502, 503]
+    assert retry.on_timeouts is False and retry.min_retries_per_s == 10
+
+
+# ----------------------------------------------------------------------------------- the retry budget
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budget_floor_retries_a_quiet_routes_every_failure():
+    clock = Clock()
+    budget = RetryBudget(min_retries_per_s=10, ratio=0.2, clock=clock)
+    for _ in range(50):  # one request every 3 s, each failing once
+        budget.deposit()
+        assert budget.try_withdraw()
+        clock.now += 3.0
+
+
+def test_budget_outage_is_not_amplified_beyond_floor_plus_ratio():
+    clock = Clock()
+    budget = RetryBudget(min_retries_per_s=10, ratio=0.2, clock=clock)
+    requests = retries = 0
+    seconds = 60
+    for _ in range(seconds * 100):  # 100 requests per second, every one wanting 2 retries
+        budget.deposit()
+        requests += 1
+        for _ in range(2):
+            retries += budget.try_withdraw()
+        clock.now += 0.01
+    # The floor (10/s) and the ratio (20% of requests), plus one window's floor in reserve at the start.
+    allowed = 10 * seconds + 0.2 * requests + 10 * RetryBudget.WINDOW_S
+    assert retries <= allowed, (retries, allowed)
+    assert retries >= 0.9 * (10 * seconds + 0.2 * requests)  # and it is not stingier than promised
+
+
+def test_budget_burst_is_bounded_by_the_floors_reserve():
+    clock = Clock()
+    budget = RetryBudget(min_retries_per_s=10, ratio=0.0, clock=clock)
+    assert sum(budget.try_withdraw() for _ in range(1000)) == 10 * RetryBudget.WINDOW_S
+    clock.now += RetryBudget.WINDOW_S + 1  # the window moves on: the reserve is back
+    assert budget.try_withdraw()
+
+
+def test_budget_ratio_alone_without_floor():
+    clock = Clock()
+    budget = RetryBudget(min_retries_per_s=0, ratio=0.2, clock=clock)
+    for _ in range(100):
+        budget.deposit()
+    assert sum(budget.try_withdraw() for _ in range(100)) == 20
+
+
+# ----------------------------------------------------------------------------------- transport errors
+
+
+def _policy(**options: Any) -> ReplayPolicy:
+    config = parse_config({"routes": {"iris": open_route("http://u", retry=options)}})
+    return ReplayPolicy.from_config(config.routes["iris"].retry)
+
+
+def test_transport_errors_map_to_client_errors_and_replay_kinds():
+    policy = _policy()
+    cases = [
+        (PoolTimeout("pool busy"), Overloaded, False, False),
+        (ProtocolError("bad status line"), UpstreamProtocolError, False, True),
+        (TransportTimeout("slow", phase="read"), UpstreamTimeout, False, True),
+        (TransportTimeout("no connect", phase="connect", request_sent=False), UpstreamTimeout, True, True),
+        (ConnectError("refused"), UpstreamUnreachable, True, True),
+        (ConnectionLost("closed", request_sent=False), UpstreamUnreachable, True, True),
+        (ConnectionLost("closed"), UpstreamUnreachable, False, True),
+    ]
+    for exc, error_type, replayable, upstream_fault in cases:
+        failure = policy.transport_failure(exc, "iris", "http://u")
+        assert isinstance(failure.error, error_type), exc
+        assert failure.replayable is replayable, exc
+        assert failure.upstream_fault is upstream_fault, exc
+    assert policy.transport_failure(PoolTimeout("x"), "iris", "http://u").error.retry_after
+
+
+def test_opt_ins_make_sent_failures_replayable():
+    policy = _policy(on_timeouts=True, on_connection_lost=True)
+    assert policy.transport_failure(TransportTimeout("slow", phase="read"), "r", "u").replayable
+    assert policy.transport_failure(ConnectionLost("closed"), "r", "u").replayable
+    assert not policy.transport_failure(PoolTimeout("busy"), "r", "u").replayable
+    off = _policy(on_connection_errors=False)
+    assert not off.transport_failure(ConnectError("refused"), "r", "u").replayable
+    assert 504 in policy.statuses and 408 in policy.statuses
+    assert 504 not in _policy().statuses
+
+
+# ----------------------------------------------------------------------------------- bounded waits
+
+
+def _headers_only(port: int, path: str, timeout: float) -> tuple[bytes, float]:
+    """Send a request head announcing a body, never the body; return what came back and how fast."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        started = time.monotonic()
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 64\r\n\r\n".encode()
+        )
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer or b"}" not in answer:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except TimeoutError:
+            pass
+        return answer, time.monotonic() - started
+
+
+def test_credential_wait_is_bounded_by_the_deadline_before_the_body_is_read(emulator: EmulatorServer):
+    """A token fetch takes 2.5 s; the route's deadline is 1 s. The client gets 503
+    credential_unavailable within the deadline, though it never sent its body."""
+    app = register_app(emulator)
+    emulator.state.set_fault("token", delay_s=2.5, count=1)
+    config = {
+        "tls": {"ca_bundle": str(emulator.ca_file)},
+        "server": {"access_log": False},
+        "routes": {
+            "aad": {
+                "path": "/aad",
+                "upstream": emulator.http_url,
+                "retry": {"deadline_s": 1.0},
+                "auth": {"type": "aad_token", "identity": identity(emulator, app)},
+            }
+        },
+    }
+    from gateway.app import GatewayApp
+
+    with ServerThread(GatewayApp(parse_config(config))) as gw:
+        answer, elapsed = _headers_only(gw.port, "/aad/score", timeout=5)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"credential_unavailable" in answer
+    assert b"retry-after" in answer.lower()
+    assert elapsed < 2.0, f"the credential wait took {elapsed:.2f} s: longer than the 1 s deadline"
+
+
+# ----------------------------------------------------------------------------------- outlier probes
+
+
+def _probe_setup(gateway_factory: Any, primary: ServerThread, standby: ServerThread) -> ServerThread:
+    route = {
+        "path": "/iris",
+        "upstreams": [{"url": primary.url, "priority": 0}, {"url": standby.url, "priority": 1}],
+        "auth": {"type": "none"},
+        "replay_buffer_bytes": 16,
+        "max_body_bytes": 1000,
+        "outlier": {"consecutive_failures": 1, "ejection_s": 0.3},
+    }
+    return gateway_factory({"routes": {"iris": route}})
+
+
+def _interrupt_probe(port: int, how: str) -> bytes:
+    """A chunked body bigger than the replay buffer, so the attempt starts while the body streams; then
+    the client goes away (`disconnect`) or sends more than the route accepts (`body_limit`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /iris/score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"20\r\n"
+            + b"x" * 32
+            + b"\r\n"
+        )
+        time.sleep(0.3)  # the gateway has started the (probe) attempt and is streaming the body
+        if how == "disconnect":
+            sock.shutdown(socket.SHUT_RDWR)
+            return b""
+        chunk = b"y" * 1500
+        sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n\r\n")
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return answer
+
+
+@pytest.mark.parametrize("how", ["disconnect", "body_limit"])
+def test_interrupted_probe_is_cleared_and_traffic_returns_to_the_primary(gateway_factory, how):
+    primary_app, standby_app = Scripted("primary"), Scripted("standby")
+    with (
+        ServerThread(primary_app, lifespan="off") as primary,
+        ServerThread(standby_app, lifespan="off") as standby,
+    ):
+        gw = _probe_setup(gateway_factory, primary, standby)
+        with httpx.Client(base_url=gw.url, timeout=10) as client:
+            primary_app.then(502)  # ejects the primary; the retry goes to the standby
+            response = client.post("/iris/score", content=b"{}")
+            assert response.status_code == 200 and b"standby" in response.content
+            time.sleep(0.5)  # the ejection is over: the next request probes the primary
+            answer = _interrupt_probe(gw.port, how)
+            if how == "body_limit":
+                assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+            time.sleep(0.3)
+            served = [client.post("/iris/score", content=b"{}").json()["upstream"] for _ in range(5)]
+        assert served[-1] == "primary", (
+            f"traffic stayed on the standby after the probe was interrupted: {served}"
+        )
+
+
+def test_probe_without_verdict_lapses_after_its_deadline(gateway_factory):
+    """A probe whose request never ends (a slow model) stops blocking the primary after
+    `outlier.probe_timeout_s`: the next request probes again."""
+    primary_app, standby_app = Scripted("primary"), Scripted("standby")
+    with (
+        ServerThread(primary_app, lifespan="off") as primary,
+        ServerThread(standby_app, lifespan="off") as standby,
+    ):
+        route = {
+            "path": "/iris",
+            "upstreams": [{"url": primary.url, "priority": 0}, {"url": standby.url, "priority": 1}],
+            "auth": {"type": "none"},
+            "outlier": {"consecutive_failures": 1, "ejection_s": 0.3, "probe_timeout_s": 0.5},
+        }
+        gw = gateway_factory({"routes": {"iris": route}})
+        with httpx.Client(base_url=gw.url, timeout=10) as client:
+            primary_app.then(502)
+            assert client.post("/iris/score", content=b"{}").json()["upstream"] == "standby"
+            time.sleep(0.4)
+            primary_app.then(200, delay=3.0)  # the probe: slow, no verdict for 3 s
+            slow = threading.Thread(target=lambda: client.post("/iris/score", content=b"{}"))
+            slow.start()
+            time.sleep(0.8)  # past the probe's deadline
+            assert client.post("/iris/score", content=b"{}").json()["upstream"] == "primary"
+            slow.join(10)
+
+
+# ----------------------------------------------------------------------------------- correlation
+
+
+def test_client_request_id_set_when_absent_in_azure_ml_format(scripted, gateway_factory):
+    app, server = scripted
+    gw = gateway_factory({"routes": {"iris": open_route(server.url)}})
+    response = httpx.post(gw.url + "/iris/score", content=b"{}")
+    sent = app.headers[-1]
+    assert AZURE_ML_REQUEST_ID.fullmatch(sent["x-ms-client-request-id"]), sent["x-ms-client-request-id"]
+    assert sent["x-ms-client-request-id"] == response.headers["x-request-id"] == sent["x-request-id"]
+
+
+def test_client_request_id_kept_when_present(scripted, gateway_factory):
+    app, server = scripted
+    gw = gateway_factory({"routes": {"iris": open_route(server.url)}})
+    httpx.post(gw.url + "/iris/score", content=b"{}", headers={"x-ms-client-request-id": "client-123"})
+    assert app.headers[-1]["x-ms-client-request-id"] == "client-123"
+
+
+def test_client_request_id_from_an_x_request_id_azure_ml_accepts(scripted, gateway_factory):
+    """The client's x-request-id becomes the gateway's request id (and Azure ML's) when it fits Azure
+    ML's format; otherwise the gateway uses its own, so the two logs still join."""
+    app, server = scripted
+    gw = gateway_factory({"routes": {"iris": open_route(server.url)}})
+    response = httpx.post(gw.url + "/iris/score", content=b"{}", headers={"x-request-id": "abc_123-XYZ"})
+    assert response.headers["x-request-id"] == "abc_123-XYZ"
+    assert app.headers[-1]["x-ms-client-request-id"] == "abc_123-XYZ"
+    for unfit in ("has space", "x" * 41, "dots.are.not.allowed"):
+        response = httpx.post(gw.url + "/iris/score", content=b"{}", headers={"x-request-id": unfit})
+        own = response.headers["x-request-id"]
+        assert own != unfit and AZURE_ML_REQUEST_ID.fullmatch(own)
+        assert app.headers[-1]["x-ms-client-request-id"] == own
