@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import struct
 import sys
@@ -445,6 +446,8 @@ def drive(
     deadline = time.monotonic() + budget_s
     pending = sorted(events, key=lambda e: e[0])
     run = uuid.uuid4().hex[:6]
+    # Request ids in Azure ML's form (letters, digits, '-', '_', at most 40), which the gateway passes on.
+    id_name = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:24]
 
     def answered() -> int:
         with lock:
@@ -471,7 +474,7 @@ def drive(
                     index = next(counter, None)
                 if index is None:
                     return
-                rid = f"{name}-{run}-{index:05d}"
+                rid = f"{id_name}-{run}-{index:05d}"
                 target = url(index) if callable(url) else url
                 outcome = Outcome(index, rid, time.perf_counter(), 0.0)
                 try:

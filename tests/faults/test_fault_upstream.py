@@ -93,13 +93,17 @@ def test_upstream_connection_cut_mid_response(gateway_factory, keys, framing):
         if index % 10 == 3:
             return Truncate(rst=index % 20 == 3, chunked=chunked)
         if index % 10 == 7 and request.attempt == 1:
-            return Drop(rst=index % 20 == 7)  # before the status line: safe to retry
+            return Drop(rst=index % 20 == 7)  # before the status line: replayed with the opt-in below
         if index % 50 == 41:
             return Drop()  # every attempt: the retries run out
         return Answer(chunked=chunked)
 
     with fault_upstream(ledger, accepted_keys={PRIMARY}, behaviour=behaviour) as upstream:
-        gw = gateway_factory({"routes": {"iris": key_route(upstream.url, **keys)}})
+        route = key_route(upstream.url, **keys)
+        # A connection cut after the request was sent may have been executed: by default it is not
+        # replayed (issue 11); this upstream never executes a cut request, so the opt-in is safe here.
+        route["retry"] = {"on_connection_lost": True}
+        gw = gateway_factory({"routes": {"iris": route}})
         load = drive(
             f"upstream_reset_mid_response[{framing}]", gw.url + "/iris/score", total=300, ledger=ledger
         )
