@@ -360,7 +360,7 @@ class RetryConfig(_Model):
         5.0, ge=0, description="Longest Retry-After the gateway waits out itself."
     )
     budget_ratio: float = Field(
-        0.2, ge=0, le=1, description="Retries at most this fraction of recent requests."
+        0.2, ge=0, le=1, description="Retries beyond min_retries_per_s: this fraction of the requests (10 s)."
     )
     deadline_s: float | None = Field(None, gt=0, description="Whole-request deadline across attempts.")
     min_retries_per_s: float = Field(

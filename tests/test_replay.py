@@ -198,6 +198,54 @@ def test_default_retry_statuses():
     assert retry.on_timeouts is False and retry.min_retries_per_s == 10
 
 
+class CuttingUpstream:
+    """A raw-socket upstream that reads each request whole, counts it, and closes the connection
+    without answering: the request was sent and may have been executed."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.received = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if data:
+                    self.received += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_connection_lost_after_sending_is_replayed_only_with_the_opt_in(gateway_factory, opt_in):
+    upstream = CuttingUpstream()
+    try:
+        route = open_route(upstream.url, retry={"on_connection_lost": True} if opt_in else {})
+        gw = gateway_factory({"routes": {"iris": route}})
+        response = httpx.post(gw.url + "/iris/score", content=b"{}", timeout=10)
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "upstream_unreachable"
+        assert upstream.received == (3 if opt_in else 1)
+    finally:
+        upstream.close()
+
+
 # ----------------------------------------------------------------------------------- the retry budget
 
 
