@@ -9,7 +9,7 @@ What is replayed by default, and why (Azure ML's semantics, see docs/troubleshoo
 - nothing else once the request was sent: a timeout, 504 or 408 means the model may still be working on
   it, and a replay doubles the load on a model that is already too slow (`retry.on_timeouts` opts in);
   a connection lost after sending may have been executed (`retry.on_connection_lost` opts in);
-- never 424: the model itself failed, and it fails again.
+- never 424: the model itself failed, and it fails again (`RetryConfig` refuses it in `on_statuses`).
 
 Every replay also needs attempts left (`retry.attempts`), room before `retry.deadline_s`, and a token from
 the route's `RetryBudget`.
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
 # Statuses that mean "the model may still be working on it": replayed only with `retry.on_timeouts`.
 TIMEOUT_STATUSES = frozenset({408, 504})
-# Azure ML's "the model failed" (score.py raised or the container crashed): never replayed.
-NEVER_REPLAYED = frozenset({424})
 # Credential replays (another key, a fresh token) per request, besides `retry.attempts`.
 MAX_CREDENTIAL_REPLAYS = 2
 # A replay is started only if at least this much of `retry.deadline_s` is left for it.
@@ -159,8 +157,6 @@ class ReplayPolicy:
         self.attempts = attempts
         # `on_timeouts` covers the timeout statuses too: one switch for "the model may still be working".
         self.statuses = frozenset(statuses) | (TIMEOUT_STATUSES if on_timeouts else frozenset())
-        if self.statuses & NEVER_REPLAYED:
-            raise ValueError("424 (the model failed) is never replayed")
         self.on_connection_errors = on_connection_errors
         self.on_timeouts = on_timeouts
         self.on_connection_lost = on_connection_lost

@@ -7,6 +7,7 @@ clients that misbehave, real MSAL against the emulator for the credential wait.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 import threading
@@ -105,8 +106,9 @@ def test_sparse_failures_are_each_retried(scripted, gateway_factory):
     """A quiet sidecar: a 502 once, a 503 twice, a 429 with Retry-After: 1, a moment apart. The budget's
     floor lets every one be retried; the client sees only answers."""
     app, server = scripted
-    gw = gateway_factory({"routes": {"iris": open_route(server.url)}})
+    gw = gateway_factory({"routes": {"sparse": open_route(server.url)}})
     with httpx.Client(base_url=gw.url, timeout=10) as client:
+        retries_before = _retries(client, "sparse")
         app.then(502)
         assert client.post("/iris/score", content=b"{}").status_code == 200
         assert app.received == 2
@@ -121,6 +123,14 @@ def test_sparse_failures_are_each_retried(scripted, gateway_factory):
         assert client.post("/iris/score", content=b"{}").status_code == 200
         assert time.monotonic() - started >= 0.9, "Retry-After: 1 was not honoured"
         assert app.received == 7
+        assert _retries(client, "sparse") == retries_before + 4  # every retry is counted
+
+
+def _retries(client: httpx.Client, route: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f'gateway_upstream_retries_total{{route="{route}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_timeout_on_a_post_is_not_replayed_by_default(scripted, gateway_factory):
@@ -483,13 +493,17 @@ def test_probe_without_verdict_lapses_after_its_deadline(gateway_factory):
 # ----------------------------------------------------------------------------------- correlation
 
 
-def test_client_request_id_set_when_absent_in_azure_ml_format(scripted, gateway_factory):
+def test_client_request_id_set_when_absent_in_azure_ml_format(scripted, gateway_factory, caplog):
     app, server = scripted
     gw = gateway_factory({"routes": {"iris": open_route(server.url)}})
-    response = httpx.post(gw.url + "/iris/score", content=b"{}")
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        response = httpx.post(gw.url + "/iris/score", content=b"{}")
+        time.sleep(0.1)  # the access line is written once the answer is sent
     sent = app.headers[-1]
     assert AZURE_ML_REQUEST_ID.fullmatch(sent["x-ms-client-request-id"]), sent["x-ms-client-request-id"]
     assert sent["x-ms-client-request-id"] == response.headers["x-request-id"] == sent["x-request-id"]
+    logged = [r for r in caplog.records if r.name == "gateway.access"]
+    assert [r.request_id for r in logged] == [sent["x-ms-client-request-id"]]  # type: ignore[attr-defined]
 
 
 def test_client_request_id_kept_when_present(scripted, gateway_factory):
