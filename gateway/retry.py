@@ -60,11 +60,13 @@ class RetryBudget:
 
     __slots__ = (
         "_clock",
+        "_next_second",
         "_ratio",
         "_requests",
         "_reserve",
         "_retries",
         "_second",
+        "_slot",
         "_total_requests",
         "_total_retries",
     )
@@ -80,35 +82,40 @@ class RetryBudget:
         self._total_requests = 0
         self._total_retries = 0
         self._second = int(clock())
+        self._next_second = float(self._second + 1)
+        self._slot = self._second % self.WINDOW_S
 
     def deposit(self) -> None:
         """Count one request."""
-        slot = self._advance()
-        self._requests[slot] += 1
+        now = self._clock()
+        if now >= self._next_second:
+            self._move_to(int(now))
+        self._requests[self._slot] += 1
         self._total_requests += 1
 
     def try_withdraw(self) -> bool:
         """Spend one retry if the budget allows it."""
-        slot = self._advance()
+        now = self._clock()
+        if now >= self._next_second:
+            self._move_to(int(now))
         if self._total_retries >= self._reserve + self._ratio * self._total_requests:
             return False
-        self._retries[slot] += 1
+        self._retries[self._slot] += 1
         self._total_retries += 1
         return True
 
-    def _advance(self) -> int:
-        second = int(self._clock())
-        if second != self._second:
-            # Clear the slots of the seconds that passed (all of them after a long quiet spell).
-            window = self.WINDOW_S
-            for passed in range(self._second + 1, self._second + 1 + min(second - self._second, window)):
-                slot = passed % window
-                self._total_requests -= self._requests[slot]
-                self._total_retries -= self._retries[slot]
-                self._requests[slot] = 0
-                self._retries[slot] = 0
-            self._second = second
-        return second % self.WINDOW_S
+    def _move_to(self, second: int) -> None:
+        """Clear the slots of the seconds that passed (all of them after a long quiet spell)."""
+        window = self.WINDOW_S
+        for passed in range(self._second + 1, self._second + 1 + min(second - self._second, window)):
+            slot = passed % window
+            self._total_requests -= self._requests[slot]
+            self._total_retries -= self._retries[slot]
+            self._requests[slot] = 0
+            self._retries[slot] = 0
+        self._second = second
+        self._next_second = float(second + 1)
+        self._slot = second % window
 
 
 class TransportFailure:
