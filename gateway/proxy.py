@@ -202,6 +202,7 @@ class Proxy:
             finally:
                 response.release()
         finally:
+            route.balancer.release(record)  # a probe this request still holds ends with it, whatever ended it
             route.in_flight.dec()
             if route.semaphore is not None:
                 route.semaphore.release()
@@ -227,80 +228,75 @@ class Proxy:
         method = record.method.encode("latin-1")
         head_request = record.method == "HEAD"
         request = self.client.request
-        upstream: Upstream | None = None
-        try:
-            while True:
-                upstream = route.single_upstream or balancer.pick(tried, record)
-                record.attempts += 1
-                head = b"".join(
-                    (
-                        method,
-                        b" ",
-                        upstream.path_bytes if target[:1] == b"/" or upstream.path_bytes else b"/",
-                        target,
-                        b" HTTP/1.1\r\nHost: ",
-                        upstream.host_bytes,
-                        b"\r\n",
-                        common,
-                        b"" if grant.header_line is None else grant.header_line,
-                        b"\r\n",
-                    )
+        while True:
+            upstream = route.single_upstream or balancer.pick(tried, record)
+            record.attempts += 1
+            head = b"".join(
+                (
+                    method,
+                    b" ",
+                    upstream.path_bytes if target[:1] == b"/" or upstream.path_bytes else b"/",
+                    target,
+                    b" HTTP/1.1\r\nHost: ",
+                    upstream.host_bytes,
+                    b"\r\n",
+                    common,
+                    b"" if grant.header_line is None else grant.header_line,
+                    b"\r\n",
                 )
-                try:
-                    response = await request(
-                        upstream.pool,
-                        head,
-                        body if stream is None else stream,
-                        head_request=head_request,
-                        connect_timeout=route.connect_timeout_s,
-                        read_timeout=route.read_timeout_s,
-                        total_timeout=policy.attempt_timeout(route.timeout_s, deadline),
-                    )
-                except _BodyLimit:
-                    raise _body_too_large(route) from None
-                except TransportError as exc:
-                    failure = policy.transport_failure(exc, route.name, upstream.origin)
-                    if failure.upstream_fault:
-                        balancer.failed(upstream, record)
-                        record.upstream_errors += 1
-                    delay = policy.backoff(record.retries + 1)
-                    if failure.replayable and policy.allows(replayable, record.attempts, delay, deadline):
+            )
+            try:
+                response = await request(
+                    upstream.pool,
+                    head,
+                    body if stream is None else stream,
+                    head_request=head_request,
+                    connect_timeout=route.connect_timeout_s,
+                    read_timeout=route.read_timeout_s,
+                    total_timeout=policy.attempt_timeout(route.timeout_s, deadline),
+                )
+            except _BodyLimit:
+                raise _body_too_large(route) from None
+            except TransportError as exc:
+                failure = policy.transport_failure(exc, route.name, upstream.origin)
+                if failure.upstream_fault:
+                    balancer.failed(upstream, record)
+                    record.upstream_errors += 1
+                delay = policy.backoff(record.retries + 1)
+                if failure.replayable and policy.allows(replayable, record.attempts, delay, deadline):
+                    tried = (*tried, upstream)
+                    record.retries += 1
+                    await asyncio.sleep(delay)
+                    continue
+                record.upstream = upstream  # the one that failed, for the span and the record's readers
+                raise failure.error from None
+
+            status = response.status
+            balancer.answered(upstream, status, record)
+            if status in credential.rejection_statuses:
+                replacement = await credential.rejected(grant)
+                if replacement is not None and policy.allows_credential_replay(
+                    replayable, record.credential_replays, deadline
+                ):
+                    await _discard(response)
+                    record.credential_replays += 1
+                    grant = replacement
+                    record.credential = grant.slot
+                    continue
+            else:
+                credential.accepted(grant)
+                if status in policy.statuses:
+                    wait = policy.status_delay(response.headers, record.retries + 1)
+                    if wait is not None and policy.allows(replayable, record.attempts, wait, deadline):
+                        await _discard(response)
                         tried = (*tried, upstream)
                         record.retries += 1
-                        await asyncio.sleep(delay)
+                        await asyncio.sleep(wait)
                         continue
-                    record.upstream = upstream  # the one that failed, for the span and the record's readers
-                    raise failure.error from None
-
-                status = response.status
-                balancer.answered(upstream, status, record)
-                if status in credential.rejection_statuses:
-                    replacement = await credential.rejected(grant)
-                    if replacement is not None and policy.allows_credential_replay(
-                        replayable, record.credential_replays, deadline
-                    ):
-                        await _discard(response)
-                        record.credential_replays += 1
-                        grant = replacement
-                        record.credential = grant.slot
-                        continue
-                else:
-                    credential.accepted(grant)
-                    if status in policy.statuses:
-                        wait = policy.status_delay(response.headers, record.retries + 1)
-                        if wait is not None and policy.allows(replayable, record.attempts, wait, deadline):
-                            await _discard(response)
-                            tried = (*tried, upstream)
-                            record.retries += 1
-                            await asyncio.sleep(wait)
-                            continue
-                record.upstream_status = status
-                record.upstream = upstream
-                record.headers_at = time.perf_counter()
-                return response
-        finally:
-            # Every exit (client gone, body limit, cancellation, any exception) ends a probe still held.
-            balancer.release(upstream, record)
+            record.upstream_status = status
+            record.upstream = upstream
+            record.headers_at = time.perf_counter()
+            return response
 
     async def _stream_response(self, response: UpstreamResponse, send: Send, record: RequestRecord) -> None:
         request_id = record.request_id

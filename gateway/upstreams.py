@@ -129,11 +129,12 @@ class Balancer:
             return True
         return False
 
-    @staticmethod
-    def release(upstream: Upstream | None, owner: object) -> None:
-        """The attempt of `owner` ended: if it still holds the probe (no verdict), the next request probes."""
-        if upstream is not None and upstream.probe_owner is owner:
-            upstream.probe_owner = None
+    def release(self, owner: object) -> None:
+        """The request `owner` ended: a probe it still holds (no verdict: the client went away, its body
+        broke the limit, an exception, a cancellation) ends with it, and the next request probes."""
+        for upstream in self.upstreams:
+            if upstream.probe_owner is owner:
+                upstream.probe_owner = None
 
 
 def _weighted(candidates: list[Upstream]) -> Upstream:

@@ -110,9 +110,9 @@ def test_probe_is_held_by_one_request_until_its_verdict_or_release():
     first, second = object(), object()
     assert balancer.pick(owner=first) is a  # the probe
     assert balancer.pick(owner=second) is b  # the others wait for its verdict
-    balancer.release(a, second)  # not its probe: nothing changes
+    balancer.release(second)  # not its probe: nothing changes
     assert balancer.pick(owner=second) is b
-    balancer.release(a, first)  # the probe ended without a verdict: the next request probes
+    balancer.release(first)  # the probe ended without a verdict: the next request probes
     assert balancer.pick(owner=second) is a
     assert balancer.failed(a, second)  # a failed probe ejects again at once
     assert balancer.pick(owner=first) is b
