@@ -91,7 +91,7 @@ class Balancer:
         success."""
         if status >= 500 and status != 501:
             self.failed(upstream, owner)
-        else:
+        elif upstream.consecutive_failures or upstream.ejected_until:
             self.succeeded(upstream)
 
     def succeeded(self, upstream: Upstream) -> None:
