@@ -153,14 +153,14 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import GatewayApp
-    from gateway.server_protocol import GatewayHttpToolsProtocol, InboundLimits
+    from gateway.server_protocol import InboundLimits, http_protocol
 
     options: dict[str, Any] = {
         "host": server.host,
         "port": server.port,
         "loop": "uvloop",
         # httptools, with limits enforced while bytes arrive, the request head timed, desync refused
-        "http": GatewayHttpToolsProtocol.with_limits(InboundLimits.from_config(server)),
+        "http": http_protocol(InboundLimits.from_config(server)),
         "lifespan": "on",
         "server_header": False,  # the upstream's Server and Date headers pass through
         "date_header": False,

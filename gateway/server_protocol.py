@@ -12,16 +12,18 @@ than a WebSocket handshake, `CONNECT`), never lets chunked trailers into the req
 connection whose answer went out before its request body was read, and answers a bad request pipelined
 behind good ones only after their answers.
 
-Pass `GatewayHttpToolsProtocol.with_limits(InboundLimits.from_config(server))` to uvicorn as `http=`.
+Pass `http_protocol(InboundLimits.from_config(server))` to uvicorn as `http=`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -84,6 +86,15 @@ class InboundLimits:
         return self.max_url_bytes + self.max_header_bytes + 64
 
 
+DEFAULT_LIMITS = InboundLimits()
+
+
+def http_protocol(limits: InboundLimits) -> Callable[..., GatewayHttpToolsProtocol]:
+    """What to pass to uvicorn as `http=`: builds the protocol of each connection with `limits`.
+    A partial, not a subclass made on the fly, so that uvicorn can pickle it for worker processes."""
+    return functools.partial(GatewayHttpToolsProtocol, limits=limits)
+
+
 class _Refused(Exception):
     """Raised inside a parser callback: stops the parser, and the client gets `error`."""
 
@@ -113,14 +124,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     form (`GET http://host/path`), which uvicorn would reduce to its path, is marked in the scope so the
     proxy refuses it (400 bad_request_path)."""
 
-    limits: ClassVar[InboundLimits] = InboundLimits()
-
-    @classmethod
-    def with_limits(cls, limits: InboundLimits) -> type[GatewayHttpToolsProtocol]:
-        return type(cls.__name__, (cls,), {"limits": limits, "__module__": cls.__module__})
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: InboundLimits = DEFAULT_LIMITS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.limits = limits
         self._phase = _IDLE
         self._url_bytes = 0
         self._header_bytes = 0
