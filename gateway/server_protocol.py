@@ -82,8 +82,9 @@ class InboundLimits:
 
     @property
     def max_head_bytes(self) -> int:
-        """Raw bytes a request head may take: target, headers, and room for the method and version."""
-        return self.max_url_bytes + self.max_header_bytes + 64
+        """Raw bytes a request head may take: target, headers, and room for the method, the version and
+        optional whitespace around header values (which the parser strips before the header counts)."""
+        return self.max_url_bytes + self.max_header_bytes + 2 * self.max_header_count + 256
 
 
 DEFAULT_LIMITS = InboundLimits()
