@@ -298,6 +298,21 @@ def test_idle_and_slow_connections_are_closed_after_header_timeout(gateway):
     assert gateway.upstream_paths() == []
 
 
+def test_header_timeout_counts_from_the_end_of_the_previous_answer(gateway):
+    with _connect(gateway) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(HEADER_TIMEOUT_S * 0.6)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # a keep-alive connection works
+        time.sleep(HEADER_TIMEOUT_S * 0.6)
+        sock.sendall(b"GET /iris/echo HTTP/1.1\r\n")  # ...but its next head must come in time
+        started = time.monotonic()
+        answer = _read_all(sock, HEADER_TIMEOUT_S + 5)
+        took = time.monotonic() - started
+    statuses = [r[0] for r in _responses(answer)]
+    assert statuses == [200, 200, 408], answer[:600]
+    assert answer.endswith(b"<EOF>") and took < HEADER_TIMEOUT_S + 4
+
+
 def test_stalled_body_gets_408_and_the_connection_closes(gateway):
     with _connect(gateway) as sock:
         sock.sendall(b"POST /iris/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
