@@ -422,6 +422,23 @@ def test_413_after_expect_continue_closes_and_swallows_no_request(gateway):
     assert gateway.upstream_paths() == []
 
 
+def test_413_reaches_a_client_that_goes_on_uploading(gateway):
+    # The gateway answers from Content-Length without reading the body. Closing at once while the body
+    # still arrives would reset the connection, and the client would read a reset instead of the 413.
+    for _ in range(2):
+        with _connect(gateway) as sock:
+            sock.sendall(b"POST /iris/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (50 * MIB))
+            try:
+                for _ in range(16 * 16):  # 16 MiB, without reading: a client that uploads first
+                    sock.sendall(b"b" * 65536)
+            except OSError:
+                pass
+            answer = _read_all(sock)
+        ((status, headers, body),) = _responses(answer)
+        assert status == 413 and _error_code(body) == "body_too_large"
+        assert headers["connection"] == "close"
+
+
 def test_error_before_the_body_was_read_closes_the_connection(gateway):
     with _connect(gateway) as sock:
         # 404 before the body was read: the rest of the body must not be parsed as a request.
