@@ -21,7 +21,7 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).
 # space, quote, backslash, `=`, non-ASCII) and `%` itself.
 _UNSAFE_IN_FIELD = re.compile(r"[^!#$&-<>-\[\]-~]")
 # In any text-log message: whatever could start a new line or move the cursor.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def escape_field(value: str) -> str:

@@ -550,3 +550,23 @@ def test_debug_logging_never_prints_header_values(tmp_path):
     text = (out + err).decode(errors="replace")
     assert "gateway.access" in text  # the requests were served and logged
     assert secret_value not in text, text[-3000:]
+
+
+def test_text_log_lines_cannot_be_split_or_given_fields():
+    import io
+    import logging
+
+    from gateway.logs import TextFormatter, escape_field
+
+    assert escape_field("abc-123_x.y:z/+") == "abc-123_x.y:z/+"
+    assert escape_field('abc status=200 "x"\\%') == "abc%20status%3D200%20%22x%22%5C%25"
+    assert escape_field("é\u2028") == "%C3%A9%E2%80%A8"
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    record = logging.LogRecord(
+        "gateway.test", logging.INFO, __file__, 1, "no route for %s", ("/a\nINFO x\r\x1b[2J\u2028\x85",), None
+    )
+    handler.emit(record)
+    (line,) = stream.getvalue().splitlines()
+    assert line.endswith("no route for /a\\nINFO x\\r\\x1b[2J\\u2028\\x85"), line
