@@ -9,15 +9,13 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 from gateway import metrics
 from gateway.client import UpstreamClient
 from gateway.config import GatewayConfig, RouteConfig, default_config_path, load_config
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
 from gateway.errors import ClientFacingError
 from gateway.inbound import InboundGuard
-from gateway.proxy import ABSOLUTE_FORM, Proxy, Receive, Scope, Send
+from gateway.proxy import Proxy, Receive, Scope, Send
 from gateway.responses import error_body, send_bytes, send_json
 from gateway.retry import ReplayPolicy
 from gateway.routing import Route, Router
@@ -30,18 +28,6 @@ from gateway.upstreams import Upstream
 logger = logging.getLogger("gateway")
 
 CONFIG_POLL_S = 2.0
-
-
-class GatewayHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, except that a request target in absolute form
-    (`GET http://host/path`), which it would reduce to its path, is marked in the scope so the
-    proxy refuses it (400 bad_request_path). Pass it to uvicorn as `http=`."""
-
-    def on_headers_complete(self) -> None:
-        if self.url[:1] != b"/" and self.url != b"*":
-            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-            extensions[ABSOLUTE_FORM] = {}
-        super().on_headers_complete()
 
 
 async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
@@ -203,6 +189,7 @@ class GatewayApp:
             max_header_bytes=self.config.server.max_header_bytes,
             max_header_count=self.config.server.max_header_count,
             client_body_timeout_s=self.config.server.client_body_timeout_s,
+            body_timeout_s=self.config.server.body_timeout_s,
             tracing=self.tracing,
         )
         for credential in self.credentials:

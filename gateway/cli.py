@@ -152,13 +152,15 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from gateway.app import GatewayApp, GatewayHttpToolsProtocol
+    from gateway.app import GatewayApp
+    from gateway.server_protocol import InboundLimits, http_protocol
 
     options: dict[str, Any] = {
         "host": server.host,
         "port": server.port,
         "loop": "uvloop",
-        "http": GatewayHttpToolsProtocol,  # httptools, plus refusing absolute-form request targets
+        # httptools, with limits enforced while bytes arrive, the request head timed, desync refused
+        "http": http_protocol(InboundLimits.from_config(server)),
         "lifespan": "on",
         "server_header": False,  # the upstream's Server and Date headers pass through
         "date_header": False,

@@ -113,12 +113,33 @@ class ServerConfig(_Model):
     )
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="Total request header size (431 above it).")
     max_header_count: int = Field(100, ge=8, description="Request header count (431 above it).")
+    max_url_bytes: int = Field(
+        8 * 1024, ge=256, description="Request target (path and query) length (414 above it)."
+    )
+    max_trailer_bytes: int = Field(
+        8 * 1024, ge=0, description="Total size of a chunked request's trailers (431 above it)."
+    )
+    max_chunk_extension_bytes: int = Field(
+        4 * 1024, ge=0, description="Chunk extension bytes before a chunk's data (400 above it)."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest wait for a complete request head, from the connection's opening or the end "
+        "of the previous answer (408 client_timeout, or a plain close if nothing arrived).",
+    )
     grace_period_s: float = Field(
         25.0, ge=0, description="How long in-flight requests may finish after SIGTERM."
     )
     keepalive_timeout_s: float = Field(5.0, gt=0, description="Idle client connections close after this.")
     client_body_timeout_s: float = Field(
-        30.0, gt=0, description="Longest pause while a client sends its body (408 client_timeout after it)."
+        30.0,
+        gt=0,
+        description="Longest wait for the first body byte, and longest pause while a client sends its body "
+        "(408 client_timeout after it).",
+    )
+    body_timeout_s: float = Field(
+        120.0, gt=0, description="Longest time a client may take to send a whole request body (408 after it)."
     )
     max_connections: int | None = Field(
         None, ge=1, description="Client connections served at once; more are answered 503 by the server."

@@ -13,10 +13,15 @@ GatewayError
     ├── RouteNotFound           404 route_not_found
     ├── ClientTimeout           408 client_timeout
     ├── BadRequestPath          400 bad_request_path
+    ├── MalformedRequest        400 malformed_request        (refused by gateway.server_protocol)
+    ├── UpgradeNotSupported     400 upgrade_not_supported    (refused by gateway.server_protocol)
+    ├── ChunkExtensionTooLong   400 chunk_extension_too_long (refused by gateway.server_protocol)
     ├── ClientUnauthenticated   401 client_unauthenticated
     ├── ClientNotAllowed        403 client_not_allowed
     ├── BodyTooLarge            413 body_too_large
     ├── HeadersTooLarge         431 headers_too_large
+    ├── TrailersTooLarge        431 trailers_too_large       (refused by gateway.server_protocol)
+    ├── UrlTooLong              414 url_too_long             (refused by gateway.server_protocol)
     ├── UpstreamUnreachable     502 upstream_unreachable
     ├── UpstreamProtocolError   502 upstream_protocol_error
     ├── UpstreamTimeout         504 upstream_timeout
@@ -154,3 +159,31 @@ class CredentialUnavailable(ClientFacingError):
 class Overloaded(ClientFacingError):
     status = 503
     code = "overloaded"
+
+
+# Refused by `gateway.server_protocol` while the request arrives: answered, then the connection is closed.
+
+
+class MalformedRequest(ClientFacingError):
+    status = 400
+    code = "malformed_request"
+
+
+class UpgradeNotSupported(ClientFacingError):
+    status = 400
+    code = "upgrade_not_supported"
+
+
+class ChunkExtensionTooLong(ClientFacingError):
+    status = 400
+    code = "chunk_extension_too_long"
+
+
+class TrailersTooLarge(ClientFacingError):
+    status = 431
+    code = "trailers_too_large"
+
+
+class UrlTooLong(ClientFacingError):
+    status = 414
+    code = "url_too_long"

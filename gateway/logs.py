@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -14,6 +15,29 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).
     "message",
     "asctime",
 }
+
+
+# In a client-controlled value: whatever could end a text-log token or forge a field or a line (controls,
+# space, quote, backslash, `=`, non-ASCII) and `%` itself.
+_UNSAFE_IN_FIELD = re.compile(r"[^!#$&-<>-\[\]-~]")
+# In any text-log message: whatever could start a new line or move the cursor.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_field(value: str) -> str:
+    """A client-controlled value (request id, path, user agent) as one safe token of a text log line:
+    unsafe characters percent-encoded (UTF-8), so `abc status=200` cannot pass for two fields."""
+    if _UNSAFE_IN_FIELD.search(value) is None:
+        return value
+    return _UNSAFE_IN_FIELD.sub(_percent_encode, value)
+
+
+def _percent_encode(match: re.Match[str]) -> str:
+    return "".join(f"%{byte:02X}" for byte in match.group().encode("utf-8", "surrogatepass"))
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]
 
 
 class RedactingFilter(logging.Filter):
@@ -58,7 +82,8 @@ class TextFormatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        # One record, one line: a value that carries a line break cannot forge a second record.
+        return _CONTROL.sub(_escape_control, redact(super().format(record)))
 
 
 def configure(level: str = "info", fmt: str = "text", stream: Any = None) -> None:
@@ -77,3 +102,7 @@ def configure(level: str = "info", fmt: str = "text", stream: Any = None) -> Non
     # The gateway writes its own access line; uvicorn's would duplicate it without the route.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("msal").setLevel(max(logging.WARNING, root.level))
+    # No level prints header values: at debug, the WebSocket library uvicorn hands handshakes to logs
+    # every request and response header through `uvicorn.error`.
+    for name in ("uvicorn.error", "websockets"):
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))

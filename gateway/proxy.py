@@ -43,7 +43,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger("gateway.proxy")
 
-# Scope extension set by `gateway.app.GatewayHttpToolsProtocol` for a request whose target was in
+# Scope extension set by `gateway.server_protocol.GatewayHttpToolsProtocol` for a request whose target was in
 # absolute form: uvicorn's httptools protocol otherwise keeps only the target's path.
 ABSOLUTE_FORM = "gateway.absolute_form"
 
@@ -72,6 +72,7 @@ class Proxy:
         max_header_bytes: int,
         max_header_count: int,
         client_body_timeout_s: float = 30.0,
+        body_timeout_s: float = 120.0,
         tracing: Tracing | None = None,
     ) -> None:
         self.client = client
@@ -79,6 +80,7 @@ class Proxy:
         self.max_header_bytes = max_header_bytes
         self.max_header_count = max_header_count
         self.client_body_timeout_s = client_body_timeout_s
+        self.body_timeout_s = body_timeout_s
         self.tracing = tracing
 
     async def refuse(self, scope: Scope, send: Send, error: ClientFacingError) -> None:
@@ -154,7 +156,7 @@ class Proxy:
         # Before the body is read: without a credential the answer is 503 at once, whatever the body.
         grant = route.credential.grant_nowait() or await _wait_for_grant(route, record)
         record.credential = grant.slot
-        body, stream = await _read_body(receive, route, self.client_body_timeout_s)
+        body, stream = await _read_body(receive, route, self.client_body_timeout_s, self.body_timeout_s)
         record.bytes_in = len(body) if body is not None else 0
 
         request_id = record.request_id
@@ -354,18 +356,19 @@ def _body_too_large(route: Route) -> BodyTooLarge:
 
 
 async def _read_body(
-    receive: Receive, route: Route, idle_timeout_s: float
+    receive: Receive, route: Route, idle_timeout_s: float, body_timeout_s: float
 ) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
-    """The whole body when it fits the replay buffer; otherwise a stream that is sent once."""
+    """The whole body when it fits the replay buffer; otherwise a stream that is sent once.
+
+    Every wait for the client is timed: the first body bytes and every later pause get `idle_timeout_s`
+    (server.client_body_timeout_s), the whole body `body_timeout_s` (server.body_timeout_s)."""
     chunks: list[bytes] = []
     size = 0
     limit = route.max_body_bytes
     replay_limit = route.replay_buffer_bytes
-    first = True
+    deadline = asyncio.get_running_loop().time() + body_timeout_s
     while True:
-        # The first message is usually there already; only a body that keeps coming pays for a timer.
-        message = await receive() if first else await _receive_within(receive, idle_timeout_s)
-        first = False
+        message = await _receive_within(receive, idle_timeout_s, deadline, body_timeout_s)
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk = message.get("body", b"")
@@ -379,27 +382,42 @@ async def _read_body(
             return b"".join(chunks), None
         chunks.append(chunk)
         if size > replay_limit:
-            return None, _stream_rest(chunks, size, receive, limit, idle_timeout_s)
+            return None, _stream_rest(chunks, size, receive, limit, idle_timeout_s, deadline, body_timeout_s)
 
 
-async def _receive_within(receive: Receive, idle_timeout_s: float) -> Message:
+async def _receive_within(
+    receive: Receive, idle_timeout_s: float, deadline: float, body_timeout_s: float
+) -> Message:
+    left = deadline - asyncio.get_running_loop().time()
     try:
-        async with asyncio.timeout(idle_timeout_s):
+        async with asyncio.timeout(min(idle_timeout_s, left)):
             return await receive()
     except TimeoutError:
+        if left <= idle_timeout_s:
+            raise ClientTimeout(
+                f"the request body took longer than {body_timeout_s:g} s (server.body_timeout_s); "
+                "send it faster or make it smaller"
+            ) from None
         raise ClientTimeout(
-            f"the request body stalled for {idle_timeout_s:g} s; send the body without pauses"
+            f"the client sent no request body bytes for {idle_timeout_s:g} s (server.client_body_timeout_s); "
+            "send the body without pauses"
         ) from None
 
 
 async def _stream_rest(
-    head: list[bytes], size: int, receive: Receive, limit: int, idle_timeout_s: float
+    head: list[bytes],
+    size: int,
+    receive: Receive,
+    limit: int,
+    idle_timeout_s: float,
+    deadline: float,
+    body_timeout_s: float,
 ) -> AsyncIterator[bytes]:
     for chunk in head:
         yield chunk
     head.clear()
     while True:
-        message = await _receive_within(receive, idle_timeout_s)
+        message = await _receive_within(receive, idle_timeout_s, deadline, body_timeout_s)
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk = message.get("body", b"")

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gateway import metrics
+from gateway.logs import escape_field
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -90,7 +91,7 @@ class Telemetry:
             access_logger.info(
                 "%s %s route=%s status=%s upstream_status=%s duration_ms=%.1f attempts=%d credential=%s "
                 "bytes_in=%d bytes_out=%d%s",
-                record.request_id,
+                escape_field(record.request_id) if record.request_id else "-",
                 record.method,
                 route or "-",
                 record.status,

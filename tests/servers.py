@@ -10,7 +10,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.app import GatewayHttpToolsProtocol
+from gateway.server_protocol import GatewayHttpToolsProtocol
 
 
 def free_socket(host: str = "127.0.0.1") -> socket.socket:

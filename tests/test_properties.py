@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from servers import ServerThread
 from upstream import Upstream
 
-from gateway.app import GatewayApp, GatewayHttpToolsProtocol
+from gateway.app import GatewayApp
 from gateway.config import load_config, parse_config
 from gateway.errors import BadRequestPath, ConfigError, HeadersTooLarge
 from gateway.headers import HOP_BY_HOP, connection_tokens, read_request_headers, response_headers
 from gateway.paths import check_path
 from gateway.routing import Router
+from gateway.server_protocol import GatewayHttpToolsProtocol
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 
