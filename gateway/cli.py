@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway import __version__
-from gateway.config import GatewayConfig, default_config_path, is_loopback, load_config
+from gateway.config import GatewayConfig, default_config_path, load_config
 from gateway.errors import ConfigError
+from gateway.inbound import inbound_problem
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -118,20 +119,6 @@ def _with_overrides(config: GatewayConfig, args: argparse.Namespace) -> GatewayC
     if not server:
         return config
     return config.model_copy(update={"server": config.server.model_copy(update=server)})
-
-
-def inbound_problem(config: GatewayConfig) -> str | None:
-    server = config.server
-    if is_loopback(server.host) or server.allow_unauthenticated_remote:
-        return None
-    if config.inbound.enabled:
-        return None
-    return (
-        f"server.host is {server.host}, which is reachable from other machines, and no inbound protection "
-        "is configured: anyone who can reach it could use this gateway's credentials. Configure "
-        "`inbound.allow_cidrs` and/or `inbound.api_keys`, bind 127.0.0.1, or set "
-        "`server.allow_unauthenticated_remote: true` if the network already restricts access"
-    )
 
 
 def serve(args: argparse.Namespace) -> int:

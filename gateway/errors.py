@@ -154,3 +154,16 @@ class CredentialUnavailable(ClientFacingError):
 class Overloaded(ClientFacingError):
     status = 503
     code = "overloaded"
+
+
+class InternalError(ClientFacingError):
+    """An unexpected exception on the request path: a bug, answered instead of a bare server error."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the gateway failed unexpectedly while handling this request; report the request id to the "
+            "operator"
+        )

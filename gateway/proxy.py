@@ -16,12 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.client import UpstreamClient, UpstreamResponse, encode_chunked
+from gateway.client_watch import CLIENT_GONE, CLIENT_TASK, DISCONNECTED
 from gateway.credentials.base import Grant
 from gateway.errors import (
     BadRequestPath,
     BodyTooLarge,
     ClientFacingError,
     ClientTimeout,
+    InternalError,
     Overloaded,
     RouteNotFound,
     TransportError,
@@ -96,46 +98,72 @@ class Proxy:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, router: Router) -> None:
         record = RequestRecord(method=scope["method"], started=time.perf_counter())
+        # The server protocol cancels this task if the client goes away (see gateway.client_watch).
+        scope[CLIENT_TASK] = asyncio.current_task()
         try:
-            inbound = read_request_headers(scope["headers"], self.max_header_bytes, self.max_header_count)
-            record.request_id = inbound.request_id or new_request_id()
-            if self.tracing is not None:
-                self.tracing.begin(record, inbound)  # the span is ended by the telemetry's request_done
-            if record.method == "CONNECT":
-                raise BadRequestPath("CONNECT is not supported: this is not a forward proxy")
-            if record.method == "TRACE":
-                # An upstream that honours TRACE echoes the request, the gateway's credential included.
-                raise BadRequestPath("TRACE is not supported: it would echo the gateway's credential back")
-            path: str = scope["path"]
-            if path[:1] != "/" or ABSOLUTE_FORM in scope.get("extensions", ()):
-                raise BadRequestPath(
-                    "absolute-form request targets (GET http://host/path) are not supported: this is not "
-                    "a forward proxy; send the path only"
-                )
-            raw_path: bytes | None = scope.get("raw_path")
-            check_path(path, raw_path)
-            route = router.match(path)
-            if route is None:
-                raise RouteNotFound(f"no route matches {_printable(path)}; see GET /readyz for the routes")
-            record.route = route.name
-            await self._forward(scope, receive, send, route, inbound, path, raw_path, record)
-        except ClientFacingError as exc:
-            record.error = exc.code
-            record.status = exc.status
-            if not record.response_started:
-                await send_error(send, exc, record.request_id)
-            else:
-                logger.warning(
-                    "request %s: %s after the response had started; the client connection was closed "
-                    "and the client sees a truncated answer",
-                    record.request_id,
-                    exc.code,
-                )
-        except ClientDisconnected:
+            try:
+                inbound = read_request_headers(scope["headers"], self.max_header_bytes, self.max_header_count)
+                record.request_id = inbound.request_id or new_request_id()
+                if self.tracing is not None:
+                    self.tracing.begin(record, inbound)  # the span is ended by the telemetry's request_done
+                if record.method == "CONNECT":
+                    raise BadRequestPath("CONNECT is not supported: this is not a forward proxy")
+                if record.method == "TRACE":
+                    # An upstream that honours TRACE echoes the request, the gateway's credential included.
+                    raise BadRequestPath(
+                        "TRACE is not supported: it would echo the gateway's credential back"
+                    )
+                path: str = scope["path"]
+                if path[:1] != "/" or ABSOLUTE_FORM in scope.get("extensions", ()):
+                    raise BadRequestPath(
+                        "absolute-form request targets (GET http://host/path) are not supported: this is "
+                        "not a forward proxy; send the path only"
+                    )
+                raw_path: bytes | None = scope.get("raw_path")
+                check_path(path, raw_path)
+                route = router.match(path)
+                if route is None:
+                    raise RouteNotFound(
+                        f"no route matches {_printable(path)}; see GET /readyz for the routes"
+                    )
+                record.route = route.name
+                await self._forward(scope, receive, send, route, inbound, path, raw_path, record)
+            except ClientFacingError as exc:
+                record.error = exc.code
+                record.status = exc.status
+                if not record.response_started:
+                    await send_error(send, exc, record.request_id)
+                else:
+                    logger.warning(
+                        "request %s: %s after the response had started; the client connection was closed "
+                        "and the client sees a truncated answer",
+                        record.request_id,
+                        exc.code,
+                    )
+            except ClientDisconnected:
+                record.status = 499
+                record.error = DISCONNECTED
+            except _UpstreamAborted:
+                pass  # logged where it happened; the record keeps the upstream's status
+        except asyncio.CancelledError:
+            gone = scope.get(CLIENT_GONE)
+            if gone is None:
+                raise  # a shutdown, not the client: let it through
+            # The client went away: the finally blocks on the way here aborted the upstream attempt
+            # and released the slot; what is left is to record it.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
             record.status = 499
-            record.error = "client_disconnected"
-        except _UpstreamAborted:
-            pass  # logged where it happened; the record keeps the upstream's status
+            record.error = gone
+        except Exception:
+            # The server-error guard of proxied requests, which know their request id and route.
+            record.status = 500
+            record.error = InternalError.code
+            if record.request_id is None:
+                record.request_id = new_request_id()
+            logger.exception("request %s: unexpected error; answered 500 internal_error", record.request_id)
+            if not record.response_started:
+                await send_error(send, InternalError(), record.request_id)
+            # else: returning mid-answer makes uvicorn close the connection; the client sees it cut short.
         finally:
             self.telemetry.request_done(record)
 
