@@ -7,15 +7,20 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from uvicorn import config as uvicorn_config
+
 from gateway import __version__
-from gateway.config import GatewayConfig, default_config_path, load_config
+from gateway.config import GatewayConfig, ServerConfig, ServerTlsConfig, default_config_path, load_config
 from gateway.errors import ConfigError
 from gateway.inbound import inbound_problem
+from gateway.server_tls import ServerTls
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -138,12 +143,11 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from gateway.app import GatewayApp, GatewayHttpToolsProtocol
 
     options: dict[str, Any] = {
-        "host": server.host,
-        "port": server.port,
         "loop": "uvloop",
         "http": GatewayHttpToolsProtocol,  # httptools, plus refusing absolute-form request targets
         "lifespan": "on",
@@ -160,28 +164,82 @@ def serve(args: argparse.Namespace) -> int:
     # re-raise ends `run()` normally, so a clean SIGTERM or Ctrl-C exits with status 0.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda signum, frame: None)
-    if server.workers == 1:
-        try:
-            app = GatewayApp(config, config_path=config_path)
-        except ConfigError as exc:
-            print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        uv_server = uvicorn.Server(uvicorn.Config(app, **options))
-        uv_server.run()
-        return EXIT_OK if uv_server.started else EXIT_PROBLEM
-
-    # Several workers: validate here so a bad config fails fast, then let each worker build its own app.
     try:
-        GatewayApp(config, config_path=config_path)
+        app = GatewayApp(config, config_path=config_path)
+        if server.tls is not None:
+            ServerTls(server.tls, config_path)  # a certificate that does not load fails here, not per worker
+        sockets = listen_sockets(server)
     except ConfigError as exc:
         print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    os.environ["GATEWAY_CONFIG"] = os.path.abspath(config_path)
-    os.environ["GATEWAY_LOG_LEVEL"] = server.log_level
-    os.environ["GATEWAY_LOG_FORMAT"] = server.log_format
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-"))
-    uvicorn.run("gateway.app:app_from_env", factory=True, workers=server.workers, **options)
-    return EXIT_OK
+    try:
+        if server.workers == 1:
+            uv_server = uvicorn.Server(GatewayUvicornConfig(app, server_tls=server.tls, **options))
+            uv_server.run(sockets=sockets)
+            return EXIT_OK if uv_server.started else EXIT_PROBLEM
+        # Several workers: the config is valid (above); each worker builds its own app from it.
+        os.environ["GATEWAY_CONFIG"] = os.path.abspath(config_path)
+        os.environ["GATEWAY_LOG_LEVEL"] = server.log_level
+        os.environ["GATEWAY_LOG_FORMAT"] = server.log_format
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-"))
+        uv_config = GatewayUvicornConfig(
+            "gateway.app:app_from_env", factory=True, workers=server.workers, server_tls=server.tls, **options
+        )
+        Multiprocess(uv_config, sockets=sockets).run()
+        return EXIT_OK
+    finally:
+        for sock in sockets:
+            sock.close()
+        if server.uds is not None and os.path.exists(server.uds):
+            os.unlink(server.uds)
+
+
+class GatewayUvicornConfig(uvicorn_config.Config):
+    """uvicorn's Config with the gateway's server TLS: an SSLContext that picks up a rotated
+    certificate (`gateway.server_tls`), built where uvicorn builds its own, in each worker."""
+
+    def __init__(self, app: Any, *, server_tls: ServerTlsConfig | None, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.server_tls = server_tls
+
+    def load(self) -> None:
+        super().load()
+        if self.server_tls is not None:
+            self.ssl = ServerTls(self.server_tls, os.environ.get("GATEWAY_CONFIG", "<config>")).context
+
+
+def listen_sockets(server: ServerConfig) -> list[socket.socket]:
+    """The listening sockets: TCP on host:port unless `tcp: false`, and the Unix socket `uds`
+    (mode 0660: the owner and its group may connect)."""
+    sockets: list[socket.socket] = []
+    try:
+        if server.tcp:
+            family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((server.host, server.port))
+        if server.uds is not None:
+            path = server.uds
+            if os.path.exists(path):
+                if not stat.S_ISSOCK(os.stat(path).st_mode):
+                    raise ConfigError(f"server.uds: {path} exists and is not a socket; choose another path")
+                os.unlink(path)  # left by a previous run: a live gateway would hold the same path
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sockets.append(sock)
+            umask = os.umask(0o117)  # created 0660 rather than chmod-ed after the fact
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(umask)
+            os.chmod(path, 0o660)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
+    for sock in sockets:
+        sock.set_inheritable(True)  # passed to worker processes
+    return sockets
 
 
 def check(args: argparse.Namespace) -> int:
