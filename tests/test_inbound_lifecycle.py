@@ -277,3 +277,46 @@ def test_a_reload_that_changes_restart_only_settings_names_them(
         restart = [m for m in warnings if "restart" in m]
         assert restart and "server.port" in restart[-1] and "server.max_header_count" in restart[-1]
         assert httpx.get(server.url + "/big/ok", timeout=10).status_code == 200
+
+
+def test_one_header_value_check_for_keys_tokens_and_rotations(tmp_path: Path, monkeypatch: Any) -> None:
+    from gateway import secrets
+    from gateway.credentials.base import Grant
+    from gateway.secrets import EnvSecret, FileSecret
+
+    monkeypatch.setattr(secrets, "CHECK_INTERVAL_S", 0.0)
+    key = tmp_path / "key"
+    key.write_text(PRIMARY + "\n")
+    secret = FileSecret(key, header=True)
+    # A rotation to a file saved with a BOM (or with a non-latin-1 character) keeps the last good key.
+    key.write_bytes(b"\xef\xbb\xbf" + PRIMARY.encode() + b"\n")
+    assert secret.value == PRIMARY and secret.error is not None and "byte-order mark" in secret.error
+    key.write_text("key-\u20ac-0123456789\n")
+    assert secret.value == PRIMARY and secret.error is not None and "latin-1" in secret.error
+    monkeypatch.setenv("GW_BOM_KEY", "\ufeff" + PRIMARY)
+    with pytest.raises(SecretError, match="byte-order mark"):
+        EnvSecret("GW_BOM_KEY", header=True)
+    # Tokens go through the same check: a token the gateway could not send is refused when it arrives.
+    for bad in ("Bearer \ufeffabc", "Bearer abc ", "Bearer a\x01b", "Bearer \u20ac"):
+        with pytest.raises(ValueError):
+            Grant(header=bad, slot="token")
+    assert Grant(header="Bearer abc.def", slot="token").header_line == b"Authorization: Bearer abc.def\r\n"
+
+
+class _BrokenStatus(NoCredential):
+    def status(self) -> Any:
+        raise RuntimeError("a bug in a readiness report")
+
+
+def test_the_server_error_guard_covers_the_admin_endpoints(
+    raw_upstream: RawUpstream, gateway_factory: Callable[..., ServerThread]
+) -> None:
+    server = gateway_factory(_config(raw_upstream.url))
+    route = server.app.router.routes[0]
+    route.credential = _BrokenStatus(route.name)
+    response = httpx.get(server.url + "/readyz", timeout=10)
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == "internal_error"
+    assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
+    assert httpx.get(server.url + "/big/ok", timeout=10).status_code == 200  # requests still served
