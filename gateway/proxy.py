@@ -101,50 +101,45 @@ class Proxy:
         # The server protocol cancels this task if the client goes away (see gateway.client_watch).
         scope[CLIENT_TASK] = asyncio.current_task()
         try:
-            try:
-                inbound = read_request_headers(scope["headers"], self.max_header_bytes, self.max_header_count)
-                record.request_id = inbound.request_id or new_request_id()
-                if self.tracing is not None:
-                    self.tracing.begin(record, inbound)  # the span is ended by the telemetry's request_done
-                if record.method == "CONNECT":
-                    raise BadRequestPath("CONNECT is not supported: this is not a forward proxy")
-                if record.method == "TRACE":
-                    # An upstream that honours TRACE echoes the request, the gateway's credential included.
-                    raise BadRequestPath(
-                        "TRACE is not supported: it would echo the gateway's credential back"
-                    )
-                path: str = scope["path"]
-                if path[:1] != "/" or ABSOLUTE_FORM in scope.get("extensions", ()):
-                    raise BadRequestPath(
-                        "absolute-form request targets (GET http://host/path) are not supported: this is "
-                        "not a forward proxy; send the path only"
-                    )
-                raw_path: bytes | None = scope.get("raw_path")
-                check_path(path, raw_path)
-                route = router.match(path)
-                if route is None:
-                    raise RouteNotFound(
-                        f"no route matches {_printable(path)}; see GET /readyz for the routes"
-                    )
-                record.route = route.name
-                await self._forward(scope, receive, send, route, inbound, path, raw_path, record)
-            except ClientFacingError as exc:
-                record.error = exc.code
-                record.status = exc.status
-                if not record.response_started:
-                    await send_error(send, exc, record.request_id)
-                else:
-                    logger.warning(
-                        "request %s: %s after the response had started; the client connection was closed "
-                        "and the client sees a truncated answer",
-                        record.request_id,
-                        exc.code,
-                    )
-            except ClientDisconnected:
-                record.status = 499
-                record.error = DISCONNECTED
-            except _UpstreamAborted:
-                pass  # logged where it happened; the record keeps the upstream's status
+            inbound = read_request_headers(scope["headers"], self.max_header_bytes, self.max_header_count)
+            record.request_id = inbound.request_id or new_request_id()
+            if self.tracing is not None:
+                self.tracing.begin(record, inbound)  # the span is ended by the telemetry's request_done
+            if record.method == "CONNECT":
+                raise BadRequestPath("CONNECT is not supported: this is not a forward proxy")
+            if record.method == "TRACE":
+                # An upstream that honours TRACE echoes the request, the gateway's credential included.
+                raise BadRequestPath("TRACE is not supported: it would echo the gateway's credential back")
+            path: str = scope["path"]
+            if path[:1] != "/" or ABSOLUTE_FORM in scope.get("extensions", ()):
+                raise BadRequestPath(
+                    "absolute-form request targets (GET http://host/path) are not supported: this is not "
+                    "a forward proxy; send the path only"
+                )
+            raw_path: bytes | None = scope.get("raw_path")
+            check_path(path, raw_path)
+            route = router.match(path)
+            if route is None:
+                raise RouteNotFound(f"no route matches {_printable(path)}; see GET /readyz for the routes")
+            record.route = route.name
+            await self._forward(scope, receive, send, route, inbound, path, raw_path, record)
+        except ClientFacingError as exc:
+            record.error = exc.code
+            record.status = exc.status
+            if not record.response_started:
+                await send_error(send, exc, record.request_id)
+            else:
+                logger.warning(
+                    "request %s: %s after the response had started; the client connection was closed "
+                    "and the client sees a truncated answer",
+                    record.request_id,
+                    exc.code,
+                )
+        except ClientDisconnected:
+            record.status = 499
+            record.error = DISCONNECTED
+        except _UpstreamAborted:
+            pass  # logged where it happened; the record keeps the upstream's status
         except asyncio.CancelledError:
             gone = scope.get(CLIENT_GONE)
             if gone is None:
