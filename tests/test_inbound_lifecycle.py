@@ -31,6 +31,7 @@ class RawUpstream:
 
     `/slow`: reads the request, never answers, waits for the gateway to close the connection.
     `/big`: answers with BIG_BODY bytes, written as fast as the gateway reads them.
+    `/stream`: a chunked answer that trickles for 30 s, like an LLM generating tokens.
     anything else: a small 200.
     """
 
@@ -75,6 +76,14 @@ class RawUpstream:
                         while conn.recv(65536):
                             pass
                         raise ConnectionResetError  # EOF: the gateway closed it
+                    if path.endswith("/stream"):
+                        # A streaming generation: a chunk every 50 ms for up to 30 s.
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        for _ in range(600):
+                            conn.sendall(b"6\r\ntoken \r\n")
+                            time.sleep(0.05)
+                        conn.sendall(b"0\r\n\r\n")
+                        continue
                     if path.endswith("/big"):
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG_BODY)
                         block = b"x" * 65536
@@ -120,9 +129,9 @@ def _raw_client(port: int, request: bytes, *, small_buffer: bool = False) -> soc
     return sock
 
 
-def _config(upstream_url: str, **route: Any) -> dict[str, Any]:
+def _config(upstream_url: str, *, server: dict[str, Any] | None = None, **route: Any) -> dict[str, Any]:
     return {
-        "server": {"send_timeout_s": 1.0},
+        "server": server or {},
         "routes": {
             "big": {
                 "path": "/big",
@@ -142,7 +151,11 @@ def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_clients_that_never_read_do_not_hold_the_concurrency_slots(
     raw_upstream: RawUpstream, gateway_factory: Callable[..., ServerThread]
 ) -> None:
-    server = gateway_factory(_config(raw_upstream.url, max_concurrent_requests=2, queue_timeout_s=0))
+    server = gateway_factory(
+        _config(
+            raw_upstream.url, server={"send_timeout_s": 1.0}, max_concurrent_requests=2, queue_timeout_s=0
+        )
+    )
     stalled = [
         _raw_client(server.port, b"GET /big/big HTTP/1.1\r\nHost: gw\r\n\r\n", small_buffer=True)
         for _ in range(2)
@@ -183,6 +196,26 @@ def test_a_client_hanging_up_cancels_the_upstream_request_and_frees_its_slot(
     assert "error=client_disconnected" in line and "status=200" not in line
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
     assert 'error_code="client_disconnected",route="big"' in metrics
+
+
+def test_a_client_hanging_up_mid_stream_stops_the_upstream_generation(
+    raw_upstream: RawUpstream,
+    gateway_factory: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    server = gateway_factory(_config(raw_upstream.url))
+    client = _raw_client(server.port, b"GET /big/stream HTTP/1.1\r\nHost: gw\r\nx-request-id: gone-2\r\n\r\n")
+    client.settimeout(10)
+    received = b""
+    while b"token" not in received:
+        received += client.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200")
+    client.close()
+    _wait(lambda: raw_upstream.count(raw_upstream.closed, "/stream") == 1, 10, "the upstream stops streaming")
+    _wait(lambda: any("gone-2" in line for line in _access_lines(caplog)), 10, "the access line")
+    (line,) = [line for line in _access_lines(caplog) if "gone-2" in line]
+    assert "error=client_disconnected" in line and "status=499" in line
 
 
 def test_a_key_file_with_a_byte_order_mark_is_refused_at_load(
@@ -270,7 +303,7 @@ def test_a_reload_that_changes_restart_only_settings_names_them(
     _write(path, config)
     gateway = GatewayApp(parse_config(config), config_path=str(path))
     with ServerThread(gateway) as server:
-        changed = {**config, "server": {**config["server"], "port": 9999, "max_header_count": 50}}
+        changed = {**config, "server": {"port": 9999, "max_header_count": 50, "send_timeout_s": 5}}
         _write(path, changed)
         assert server.call(gateway.reload_from_file()) is True
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -237,7 +237,10 @@ def test_mutual_tls_refuses_clients_without_a_certificate_and_protects_a_public_
         "client_ca": str(tmp_path / "client-ca.pem"),
     }
     # 0.0.0.0 without inbound.allow_cidrs or api_keys: mutual TLS is the inbound protection.
-    process = _serve(tmp_path, upstream_server.url, {"host": "0.0.0.0", "port": port, "tls": tls})
+    # Two workers: each builds its own rotating TLS context from the same settings.
+    process = _serve(
+        tmp_path, upstream_server.url, {"host": "0.0.0.0", "port": port, "tls": tls, "workers": 2}
+    )
     with_cert = _tls_client(ca, tmp_path, client_ca.issue("app-1", server=False))
     stranger = Ca("someone else's CA")
     (tmp_path / "foreign").mkdir()
