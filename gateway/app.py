@@ -13,7 +13,14 @@ from typing import Any
 from gateway import metrics
 from gateway.client import UpstreamClient
 from gateway.client_watch import SEND_TIMEOUT_STATE, WatchedHttpToolsProtocol
-from gateway.config import GatewayConfig, RouteConfig, ServerConfig, default_config_path, load_config
+from gateway.config import (
+    GatewayConfig,
+    RouteConfig,
+    ServerConfig,
+    default_config_path,
+    load_config,
+    with_server_overrides,
+)
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
 from gateway.errors import ClientFacingError, ConfigError, InternalError
 from gateway.headers import new_request_id
@@ -137,8 +144,15 @@ def build_router(
 class GatewayApp:
     """Raw ASGI: admin paths are a dictionary look-up, everything else goes to the proxy."""
 
-    def __init__(self, config: GatewayConfig, *, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        config_path: str | None = None,
+        server_overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.config = config
+        self.server_overrides = server_overrides or {}
         # The listener as started: a reload checks the new config against it and never changes it.
         self.listener: ServerConfig = config.server
         self.config_path = config_path
@@ -286,8 +300,8 @@ class GatewayApp:
     async def reload(self, config: GatewayConfig) -> None:
         """Swap to a validated config; unchanged credentials keep their state and cached tokens.
 
-        The new config passes the start-up checks against the running listener (which a reload
-        cannot change), or it is refused with ConfigError and the running config stays."""
+        The new config passes the start-up checks, as written and against the running listener (which
+        a reload cannot change), or it is refused with ConfigError and the running config stays."""
         listener = self.listener
         problem = inbound_problem(config) or inbound_problem(
             config.model_copy(
@@ -340,7 +354,7 @@ class GatewayApp:
         if not self.config_path:
             return False
         try:
-            config = load_config(self.config_path)
+            config = with_server_overrides(load_config(self.config_path), self.server_overrides)
             await self.reload(config)
             return True
         except Exception as exc:

@@ -17,7 +17,14 @@ from typing import Any
 from uvicorn import config as uvicorn_config
 
 from gateway import __version__
-from gateway.config import GatewayConfig, ServerConfig, ServerTlsConfig, default_config_path, load_config
+from gateway.config import (
+    GatewayConfig,
+    ServerConfig,
+    ServerTlsConfig,
+    default_config_path,
+    load_config,
+    with_server_overrides,
+)
 from gateway.errors import ConfigError
 from gateway.inbound import inbound_problem
 from gateway.server_tls import ServerTls
@@ -115,15 +122,13 @@ def _load(path: str | None) -> tuple[str, GatewayConfig]:
     return config_path, load_config(config_path)
 
 
-def _with_overrides(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:
+def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
     server: dict[str, Any] = {}
     for name in ("host", "port", "workers", "log_level", "log_format"):
         value = getattr(args, name, None)
         if value is not None:
             server[name] = value
-    if not server:
-        return config
-    return config.model_copy(update={"server": config.server.model_copy(update=server)})
+    return server
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -134,7 +139,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    config = _with_overrides(config, args)
+    config = with_server_overrides(config, _server_overrides(args))
     server = config.server
     logs.configure(server.log_level, server.log_format)
     problem = inbound_problem(config)
@@ -165,7 +170,8 @@ def serve(args: argparse.Namespace) -> int:
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda signum, frame: None)
     try:
-        app = GatewayApp(config, config_path=config_path)
+        # A reloaded file gets the same command-line overrides: they describe the running listener.
+        app = GatewayApp(config, config_path=config_path, server_overrides=_server_overrides(args))
         if server.tls is not None:
             ServerTls(server.tls, config_path)  # a certificate that does not load fails here, not per worker
         sockets = listen_sockets(server)

@@ -571,5 +571,12 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     return parse_config(data, source)
 
 
+def with_server_overrides(config: GatewayConfig, overrides: dict[str, Any]) -> GatewayConfig:
+    """`config` with `server` settings given on the command line (`gateway serve --port ...`)."""
+    if not overrides:
+        return config
+    return config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+
+
 def default_config_path() -> str:
     return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH

@@ -353,3 +353,20 @@ def test_the_server_error_guard_covers_the_admin_endpoints(
     assert response.json()["error"]["code"] == "internal_error"
     assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
     assert httpx.get(server.url + "/big/ok", timeout=10).status_code == 200  # requests still served
+
+
+def test_a_reload_keeps_the_command_line_overrides(
+    raw_upstream: RawUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `gateway serve --host 127.0.0.1` over a file that says 0.0.0.0 without protection: the running
+    # listener is loopback, so the file reloads, and no restart warning names the overridden host.
+    config = _config(raw_upstream.url, server={"host": "0.0.0.0"})
+    path = tmp_path / "gateway.yaml"
+    _write(path, config)
+    overrides = {"host": "127.0.0.1"}
+    gateway = GatewayApp(
+        parse_config({**config, "server": overrides}), config_path=str(path), server_overrides=overrides
+    )
+    with ServerThread(gateway) as server:
+        assert server.call(gateway.reload_from_file()) is True
+        assert not [r for r in caplog.records if "need a restart" in r.getMessage()]
