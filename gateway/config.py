@@ -149,7 +149,10 @@ class ServerConfig(_Model):
     )
     tls: ServerTlsConfig | None = Field(None, description="Serve HTTPS instead of HTTP on host:port.")
     uds: str | None = Field(
-        None, description="Also listen on this Unix domain socket path (created with mode 0660)."
+        None,
+        description="Also listen on this Unix domain socket path (created with mode 0660: the gateway's "
+        "user and group may connect). Its clients have no address, so `inbound.allow_cidrs` refuses them; "
+        "`inbound.api_keys` applies as on TCP.",
     )
     tcp: bool = Field(True, description="Listen on host:port; false serves the `uds` socket only.")
 

@@ -149,8 +149,11 @@ def _access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_clients_that_never_read_do_not_hold_the_concurrency_slots(
-    raw_upstream: RawUpstream, gateway_factory: Callable[..., ServerThread]
+    raw_upstream: RawUpstream,
+    gateway_factory: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
     server = gateway_factory(
         _config(
             raw_upstream.url, server={"send_timeout_s": 1.0}, max_concurrent_requests=2, queue_timeout_s=0
@@ -173,6 +176,8 @@ def test_clients_that_never_read_do_not_hold_the_concurrency_slots(
             time.sleep(0.2)
         assert status == 200
         _wait(lambda: raw_upstream.count(raw_upstream.closed, "/big") == 2, 20, "both upstreams are aborted")
+        timed_out = [line for line in _access_lines(caplog) if "error=client_send_timeout" in line]
+        assert len(timed_out) == 2 and all("status=499" in line for line in timed_out)
     finally:
         for sock in stalled:
             sock.close()
