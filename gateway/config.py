@@ -147,7 +147,9 @@ class ServerConfig(_Model):
         description="A client that reads none of the answer for this long is disconnected and its "
         "upstream request aborted.",
     )
-    tls: ServerTlsConfig | None = Field(None, description="Serve HTTPS instead of HTTP on host:port.")
+    tls: ServerTlsConfig | None = Field(
+        None, description="Serve HTTPS instead of HTTP, on every listener (host:port and `uds`)."
+    )
     uds: str | None = Field(
         None,
         description="Also listen on this Unix domain socket path (created with mode 0660: the gateway's "
