@@ -6,21 +6,31 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway import metrics
 from gateway.client import UpstreamClient
-from gateway.config import GatewayConfig, RouteConfig, default_config_path, load_config
+from gateway.client_watch import SEND_TIMEOUT_STATE
+from gateway.config import (
+    GatewayConfig,
+    RouteConfig,
+    ServerConfig,
+    default_config_path,
+    load_config,
+    with_server_overrides,
+)
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
-from gateway.errors import ClientFacingError
-from gateway.inbound import InboundGuard
+from gateway.errors import ClientFacingError, ConfigError, InternalError
+from gateway.headers import new_request_id
+from gateway.inbound import InboundGuard, inbound_problem
 from gateway.proxy import Proxy, Receive, Scope, Send
-from gateway.responses import error_body, send_bytes, send_json
+from gateway.responses import error_body, send_bytes, send_error, send_json
 from gateway.retry import ReplayPolicy
 from gateway.routing import Route, Router
 from gateway.secrets import Secret
-from gateway.telemetry import Telemetry
+from gateway.telemetry import RequestRecord, Telemetry
 from gateway.tls import client_context
 from gateway.tracing import TracedTelemetry, build_tracing
 from gateway.upstreams import Upstream
@@ -28,6 +38,11 @@ from gateway.upstreams import Upstream
 logger = logging.getLogger("gateway")
 
 CONFIG_POLL_S = 2.0
+# Server settings a reload applies; every other `server` field shapes the listener or objects built at
+# start-up, and only a restart changes it.
+_RELOADABLE_SERVER_FIELDS = frozenset(
+    {"max_body_bytes", "replay_buffer_bytes", "send_timeout_s", "allow_unauthenticated_remote"}
+)
 
 
 async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
@@ -112,8 +127,17 @@ def build_router(
 class GatewayApp:
     """Raw ASGI: admin paths are a dictionary look-up, everything else goes to the proxy."""
 
-    def __init__(self, config: GatewayConfig, *, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        config_path: str | None = None,
+        server_overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.config = config
+        self.server_overrides = server_overrides or {}
+        # The listener as started: a reload checks the new config against it and never changes it.
+        self.listener: ServerConfig = config.server
         self.config_path = config_path
         self.ssl_context = client_context(config.tls.ca_bundle)
         self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
@@ -138,6 +162,8 @@ class GatewayApp:
         self._watch_task: asyncio.Task[None] | None = None
         self._config_signature: tuple[int, int, int] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # uvicorn's server state (the lifespan scope's "state"), which its protocols read.
+        self._server_state: dict[str, Any] = {}
 
     @property
     def credentials(self) -> list[Credential]:
@@ -145,24 +171,45 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            admin = self._admin.get(scope["path"])
-            if admin is not None:
-                await admin(scope, receive, send)
-                return
-            proxy = self.proxy
-            assert proxy is not None, "the lifespan protocol must run before requests"
-            guard = self.guard
-            if guard is not None:
-                try:
-                    guard.check(scope)
-                except ClientFacingError as exc:
-                    await proxy.refuse(scope, send, exc)
+            try:
+                admin = self._admin.get(scope["path"])
+                if admin is not None:
+                    await admin(scope, receive, send)
                     return
-            await proxy.handle(scope, receive, send, self.router)
+                proxy = self.proxy
+                assert proxy is not None, "the lifespan protocol must run before requests"
+                guard = self.guard
+                if guard is not None:
+                    try:
+                        guard.check(scope)
+                    except ClientFacingError as exc:
+                        await proxy.refuse(scope, send, exc)
+                        return
+                # The proxy answers its own failures, unexpected ones included (it knows the request id).
+                await proxy.handle(scope, receive, send, self.router)
+            except Exception:
+                await self._internal_error(scope, send)
         elif scope["type"] == "lifespan":
+            state = scope.get("state")
+            if isinstance(state, dict):
+                self._server_state = state
             await self._lifespan(receive, send)
         elif scope["type"] == "websocket":
             await _refuse_websocket(scope, receive, send)
+
+    async def _internal_error(self, scope: Scope, send: Send) -> None:
+        """The server-error guard: any exception not answered yet becomes a JSON 500 `internal_error`
+        with a request id, an access line and a metric, never uvicorn's text/plain 500."""
+        record = RequestRecord(method=scope.get("method", "?"), started=time.perf_counter())
+        record.request_id = new_request_id()
+        record.status = 500
+        record.error = InternalError.code
+        logger.exception("request %s: unexpected error; answered 500 internal_error", record.request_id)
+        try:
+            await send_error(send, InternalError(), record.request_id)
+        except Exception:
+            pass  # the answer had started: uvicorn closes the connection, the client sees it cut short
+        self.telemetry.request_done(record)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -181,6 +228,7 @@ class GatewayApp:
                 return
 
     async def startup(self) -> None:
+        self._server_state[SEND_TIMEOUT_STATE] = self.config.server.send_timeout_s
         if self.tracing is not None:
             self.tracing.start()
         self.proxy = Proxy(
@@ -234,7 +282,22 @@ class GatewayApp:
             await self.tracing.shutdown()
 
     async def reload(self, config: GatewayConfig) -> None:
-        """Swap to a validated config; unchanged credentials keep their state and cached tokens."""
+        """Swap to a validated config; unchanged credentials keep their state and cached tokens.
+
+        The new config passes the start-up checks, as written and against the running listener (which
+        a reload cannot change), or it is refused with ConfigError and the running config stays."""
+        listener = self.listener
+        problem = inbound_problem(config) or inbound_problem(
+            config.model_copy(
+                update={
+                    "server": listener.model_copy(
+                        update={"allow_unauthenticated_remote": config.server.allow_unauthenticated_remote}
+                    )
+                }
+            )
+        )
+        if problem:
+            raise ConfigError(problem)
         async with self._reload_lock:
             old = self.router
             reuse = {r.credential_key: r.credential for r in old.routes}
@@ -249,7 +312,20 @@ class GatewayApp:
                 # The tracer provider and its exporter thread are built once; swapping them under
                 # requests in flight would split their spans between two providers.
                 logger.warning("telemetry settings changed: they take effect at the next restart")
+            restart = [
+                f"server.{name}"
+                for name in ServerConfig.model_fields
+                if name not in _RELOADABLE_SERVER_FIELDS
+                and getattr(config.server, name) != getattr(listener, name)
+            ]
+            if restart:
+                logger.warning(
+                    "settings that need a restart changed: %s; they keep their running values until the "
+                    "next restart",
+                    ", ".join(restart),
+                )
             self.router = router  # atomic: requests in flight keep the Route objects they hold
+            self._server_state[SEND_TIMEOUT_STATE] = config.server.send_timeout_s
             self.guard = InboundGuard(config.inbound) if config.inbound.enabled else None
             self.config = config
             for route in old.routes:
@@ -262,7 +338,7 @@ class GatewayApp:
         if not self.config_path:
             return False
         try:
-            config = load_config(self.config_path)
+            config = with_server_overrides(load_config(self.config_path), self.server_overrides)
             await self.reload(config)
             return True
         except Exception as exc:

@@ -7,14 +7,27 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from uvicorn import config as uvicorn_config
+
 from gateway import __version__
-from gateway.config import GatewayConfig, default_config_path, is_loopback, load_config
+from gateway.config import (
+    GatewayConfig,
+    ServerConfig,
+    ServerTlsConfig,
+    default_config_path,
+    load_config,
+    with_server_overrides,
+)
 from gateway.errors import ConfigError
+from gateway.inbound import inbound_problem
+from gateway.server_tls import ServerTls
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -109,29 +122,13 @@ def _load(path: str | None) -> tuple[str, GatewayConfig]:
     return config_path, load_config(config_path)
 
 
-def _with_overrides(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:
+def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
     server: dict[str, Any] = {}
     for name in ("host", "port", "workers", "log_level", "log_format"):
         value = getattr(args, name, None)
         if value is not None:
             server[name] = value
-    if not server:
-        return config
-    return config.model_copy(update={"server": config.server.model_copy(update=server)})
-
-
-def inbound_problem(config: GatewayConfig) -> str | None:
-    server = config.server
-    if is_loopback(server.host) or server.allow_unauthenticated_remote:
-        return None
-    if config.inbound.enabled:
-        return None
-    return (
-        f"server.host is {server.host}, which is reachable from other machines, and no inbound protection "
-        "is configured: anyone who can reach it could use this gateway's credentials. Configure "
-        "`inbound.allow_cidrs` and/or `inbound.api_keys`, bind 127.0.0.1, or set "
-        "`server.allow_unauthenticated_remote: true` if the network already restricts access"
-    )
+    return server
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -142,7 +139,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    config = _with_overrides(config, args)
+    config = with_server_overrides(config, _server_overrides(args))
     server = config.server
     logs.configure(server.log_level, server.log_format)
     problem = inbound_problem(config)
@@ -151,13 +148,12 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from gateway.app import GatewayApp
     from gateway.server_protocol import InboundLimits, http_protocol
 
     options: dict[str, Any] = {
-        "host": server.host,
-        "port": server.port,
         "loop": "uvloop",
         # httptools, with limits enforced while bytes arrive, the request head timed, desync refused
         "http": http_protocol(InboundLimits.from_config(server)),
@@ -175,28 +171,83 @@ def serve(args: argparse.Namespace) -> int:
     # re-raise ends `run()` normally, so a clean SIGTERM or Ctrl-C exits with status 0.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda signum, frame: None)
-    if server.workers == 1:
-        try:
-            app = GatewayApp(config, config_path=config_path)
-        except ConfigError as exc:
-            print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        uv_server = uvicorn.Server(uvicorn.Config(app, **options))
-        uv_server.run()
-        return EXIT_OK if uv_server.started else EXIT_PROBLEM
-
-    # Several workers: validate here so a bad config fails fast, then let each worker build its own app.
     try:
-        GatewayApp(config, config_path=config_path)
+        # A reloaded file gets the same command-line overrides: they describe the running listener.
+        app = GatewayApp(config, config_path=config_path, server_overrides=_server_overrides(args))
+        if server.tls is not None:
+            ServerTls(server.tls, config_path)  # a certificate that does not load fails here, not per worker
+        sockets = listen_sockets(server)
     except ConfigError as exc:
         print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    os.environ["GATEWAY_CONFIG"] = os.path.abspath(config_path)
-    os.environ["GATEWAY_LOG_LEVEL"] = server.log_level
-    os.environ["GATEWAY_LOG_FORMAT"] = server.log_format
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-"))
-    uvicorn.run("gateway.app:app_from_env", factory=True, workers=server.workers, **options)
-    return EXIT_OK
+    try:
+        if server.workers == 1:
+            uv_server = uvicorn.Server(GatewayUvicornConfig(app, server_tls=server.tls, **options))
+            uv_server.run(sockets=sockets)
+            return EXIT_OK if uv_server.started else EXIT_PROBLEM
+        # Several workers: the config is valid (above); each worker builds its own app from it.
+        os.environ["GATEWAY_CONFIG"] = os.path.abspath(config_path)
+        os.environ["GATEWAY_LOG_LEVEL"] = server.log_level
+        os.environ["GATEWAY_LOG_FORMAT"] = server.log_format
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-"))
+        uv_config = GatewayUvicornConfig(
+            "gateway.app:app_from_env", factory=True, workers=server.workers, server_tls=server.tls, **options
+        )
+        Multiprocess(uv_config, sockets=sockets).run()
+        return EXIT_OK
+    finally:
+        for sock in sockets:
+            sock.close()
+        if server.uds is not None and os.path.exists(server.uds):
+            os.unlink(server.uds)
+
+
+class GatewayUvicornConfig(uvicorn_config.Config):
+    """uvicorn's Config with the gateway's server TLS: an SSLContext that picks up a rotated
+    certificate (`gateway.server_tls`), built where uvicorn builds its own, in each worker."""
+
+    def __init__(self, app: Any, *, server_tls: ServerTlsConfig | None, **options: Any) -> None:
+        super().__init__(app, **options)
+        self.server_tls = server_tls
+
+    def load(self) -> None:
+        super().load()
+        if self.server_tls is not None:
+            self.ssl = ServerTls(self.server_tls, os.environ.get("GATEWAY_CONFIG", "<config>")).context
+
+
+def listen_sockets(server: ServerConfig) -> list[socket.socket]:
+    """The listening sockets: TCP on host:port unless `tcp: false`, and the Unix socket `uds`
+    (mode 0660: the owner and its group may connect)."""
+    sockets: list[socket.socket] = []
+    try:
+        if server.tcp:
+            family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((server.host, server.port))
+        if server.uds is not None:
+            path = server.uds
+            if os.path.exists(path):
+                if not stat.S_ISSOCK(os.stat(path).st_mode):
+                    raise ConfigError(f"server.uds: {path} exists and is not a socket; choose another path")
+                os.unlink(path)  # left by a previous run: a live gateway would hold the same path
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sockets.append(sock)
+            umask = os.umask(0o117)  # created 0660 rather than chmod-ed after the fact
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(umask)
+            os.chmod(path, 0o660)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
+    for sock in sockets:
+        sock.set_inheritable(True)  # passed to worker processes
+    return sockets
 
 
 def check(args: argparse.Namespace) -> int:

@@ -97,6 +97,21 @@ def _header_value(value: Any) -> Any:
 HeaderValue = Annotated[str | EnvRef | FileRef, PlainValidator(_header_value), PlainSerializer(_dump_ref)]
 
 
+class ServerTlsConfig(_Model):
+    """TLS termination of client connections. The certificate and key are secrets: a changed file is
+    used by the next connection, without a restart."""
+
+    cert: SecretSpec = Field(description="PEM certificate chain, server certificate first.")
+    key: SecretSpec = Field(description="PEM private key of the certificate.")
+    client_ca: str | None = Field(
+        None,
+        description=(
+            "PEM file of the CAs that sign client certificates: set, clients must present one (mutual "
+            "TLS), which counts as inbound protection for a non-loopback `host`."
+        ),
+    )
+
+
 class ServerConfig(_Model):
     host: str = Field(
         "127.0.0.1",
@@ -147,6 +162,28 @@ class ServerConfig(_Model):
     allow_unauthenticated_remote: bool = Field(
         False, description="Allow a non-loopback host without inbound protection. Think twice."
     )
+    send_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A client that reads none of the answer for this long is disconnected and its "
+        "upstream request aborted.",
+    )
+    tls: ServerTlsConfig | None = Field(
+        None, description="Serve HTTPS instead of HTTP, on every listener (host:port and `uds`)."
+    )
+    uds: str | None = Field(
+        None,
+        description="Also listen on this Unix domain socket path (created with mode 0660: the gateway's "
+        "user and group may connect). Its clients have no address, so `inbound.allow_cidrs` refuses them; "
+        "`inbound.api_keys` applies as on TCP.",
+    )
+    tcp: bool = Field(True, description="Listen on host:port; false serves the `uds` socket only.")
+
+    @model_validator(mode="after")
+    def _some_listener(self) -> ServerConfig:
+        if not self.tcp and self.uds is None:
+            raise ValueError("`tcp: false` needs `uds: /path/to/socket`: the gateway must listen somewhere")
+        return self
 
 
 class ApiKeyHash(_Model):
@@ -587,6 +624,13 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
     return parse_config(data, source)
+
+
+def with_server_overrides(config: GatewayConfig, overrides: dict[str, Any]) -> GatewayConfig:
+    """`config` with `server` settings given on the command line (`gateway serve --port ...`)."""
+    if not overrides:
+        return config
+    return config.model_copy(update={"server": config.server.model_copy(update=overrides)})
 
 
 def default_config_path() -> str:

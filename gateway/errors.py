@@ -161,6 +161,19 @@ class Overloaded(ClientFacingError):
     code = "overloaded"
 
 
+class InternalError(ClientFacingError):
+    """An unexpected exception on the request path: a bug, answered instead of a bare server error."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the gateway failed unexpectedly while handling this request; report the request id to the "
+            "operator"
+        )
+
+
 # Refused by `gateway.server_protocol` while the request arrives: answered, then the connection is closed.
 
 

@@ -8,8 +8,25 @@ import ipaddress
 from collections.abc import MutableMapping
 from typing import Any
 
-from gateway.config import InboundConfig
+from gateway.config import GatewayConfig, InboundConfig, is_loopback
 from gateway.errors import ClientNotAllowed, ClientUnauthenticated
+
+
+def inbound_problem(config: GatewayConfig) -> str | None:
+    """Why `config` must not serve, or None: a listener other machines reach needs inbound protection
+    (client networks, API keys or client certificates) unless the operator says the network is enough."""
+    server = config.server
+    if not server.tcp or is_loopback(server.host) or server.allow_unauthenticated_remote:
+        return None
+    if config.inbound.enabled or (server.tls is not None and server.tls.client_ca is not None):
+        return None
+    return (
+        f"server.host is {server.host}, which is reachable from other machines, and no inbound protection "
+        "is configured: anyone who can reach it could use this gateway's credentials. Configure "
+        "`inbound.allow_cidrs` and/or `inbound.api_keys`, `server.tls.client_ca` (mutual TLS), bind "
+        "127.0.0.1, or set `server.allow_unauthenticated_remote: true` if the network already restricts "
+        "access"
+    )
 
 
 class InboundGuard:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.client import UpstreamClient, UpstreamResponse, encode_chunked
+from gateway.client_watch import CLIENT_GONE, CLIENT_TASK, DISCONNECTED
 from gateway.credentials.base import Grant
 from gateway.errors import (
     BadRequestPath,
@@ -22,6 +23,7 @@ from gateway.errors import (
     ClientFacingError,
     ClientTimeout,
     CredentialUnavailable,
+    InternalError,
     Overloaded,
     RouteNotFound,
     TransportError,
@@ -94,6 +96,8 @@ class Proxy:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, router: Router) -> None:
         record = RequestRecord(method=scope["method"], started=time.perf_counter())
+        # The server protocol cancels this task if the client goes away (see gateway.client_watch).
+        scope[CLIENT_TASK] = asyncio.current_task()
         try:
             inbound = read_request_headers(scope["headers"], self.max_header_bytes, self.max_header_count)
             record.request_id = inbound.request_id or new_request_id()
@@ -131,9 +135,28 @@ class Proxy:
                 )
         except ClientDisconnected:
             record.status = 499
-            record.error = "client_disconnected"
+            record.error = DISCONNECTED
         except _UpstreamAborted:
             pass  # logged where it happened; the record keeps the upstream's status
+        except asyncio.CancelledError:
+            gone = scope.get(CLIENT_GONE)
+            if gone is None:
+                raise  # a shutdown, not the client: let it through
+            # The client went away: the finally blocks on the way here aborted the upstream attempt
+            # and released the slot; what is left is to record it.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            record.status = 499
+            record.error = gone
+        except Exception:
+            # The server-error guard of proxied requests, which know their request id and route.
+            record.status = 500
+            record.error = InternalError.code
+            if record.request_id is None:
+                record.request_id = new_request_id()
+            logger.exception("request %s: unexpected error; answered 500 internal_error", record.request_id)
+            if not record.response_started:
+                await send_error(send, InternalError(), record.request_id)
+            # else: returning mid-answer makes uvicorn close the connection; the client sees it cut short.
         finally:
             self.telemetry.request_done(record)
 

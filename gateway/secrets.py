@@ -23,15 +23,27 @@ CHECK_INTERVAL_S = 1.0
 
 
 _NOT_IN_HEADERS = re.compile(r"[\x00-\x1f\x7f]")
+_BYTE_ORDER_MARK = "\ufeff"
 
 
 def check_header_value(value: str, source: str) -> str:
-    """A value bound for an HTTP header: control characters would split or corrupt the request."""
+    """The one check of a value bound for an HTTP header (keys, tokens, route headers), at load and on
+    every rotation: what fails here would corrupt the request or fail every request that sends it."""
+    if _BYTE_ORDER_MARK in value:
+        raise SecretError(
+            f"{source} starts with a UTF-8 byte-order mark (some editors add one); save it without a BOM"
+        )
     if _NOT_IN_HEADERS.search(value) or value != value.strip():
         raise SecretError(
             f"{source} contains a line break, control character or surrounding space and cannot be sent "
             "in a header"
         )
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise SecretError(
+            f"{source} contains characters outside ISO-8859-1 (latin-1) and cannot be sent in a header"
+        ) from None
     return value
 
 

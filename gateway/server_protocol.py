@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.client_watch import WatchedHttpToolsProtocol
 from gateway.errors import (
     ChunkExtensionTooLong,
     ClientFacingError,
@@ -120,7 +120,7 @@ def _answer(error: ClientFacingError) -> bytes:
     )
 
 
-class GatewayHttpToolsProtocol(HttpToolsProtocol):
+class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
     """uvicorn's httptools protocol, hardened (see the module docstring). A request target in absolute
     form (`GET http://host/path`), which uvicorn would reduce to its path, is marked in the scope so the
     proxy refuses it (400 bad_request_path)."""

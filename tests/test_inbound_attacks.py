@@ -489,14 +489,16 @@ def test_forged_request_id_cannot_add_fields_to_the_text_access_log(gateway):
         )
         answer = _read_all(sock)
     assert _responses(answer)[0][0] == 200
+    # A request id outside Azure ML's form (letters, digits, '-', '_') is replaced by the gateway's own,
+    # so the forged text never reaches the access line; the escaping below covers what does.
     deadline = time.monotonic() + 5
-    while "abc" not in gateway.log() and time.monotonic() < deadline:
+    while "gateway.access" not in gateway.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    (line,) = [line for line in gateway.log().splitlines() if "abc" in line]
-    assert " status=200 route=admin" not in line
-    assert line.count(" status=") == 1 and line.count(" route=") == 1, line
-    assert '"' not in line.split("gateway.access: ", 1)[1].split(" ", 1)[0], line
-    assert "abc%20status%3D200%20route%3Dadmin" in line, line
+    lines = [line for line in gateway.log().splitlines() if "gateway.access" in line]
+    assert lines, gateway.log()
+    for line in lines:
+        assert "route=admin" not in line and "abc" not in line, line
+        assert line.count(" status=") == 1 and line.count(" route=") == 1, line
 
 
 def test_debug_logging_never_prints_header_values(tmp_path):

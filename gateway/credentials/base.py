@@ -11,6 +11,9 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from gateway.errors import SecretError
+from gateway.secrets import check_header_value
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Grant:
@@ -24,8 +27,10 @@ class Grant:
 
     def __post_init__(self) -> None:
         if self.header is not None:
-            if any(c in self.header for c in "\r\n\x00"):
-                raise ValueError("a credential must not contain line breaks or NUL")
+            try:
+                check_header_value(self.header, "the credential")
+            except SecretError as exc:
+                raise ValueError(str(exc)) from None
             object.__setattr__(
                 self, "header_line", b"Authorization: " + self.header.encode("latin-1") + b"\r\n"
             )

@@ -1,0 +1,115 @@
+"""TLS termination of client connections, with the certificate and key picked up when rotated.
+
+The listening socket keeps one SSLContext for its life. Every handshake passes through its
+`sni_callback`, which (at most once a second) looks whether the certificate or key secret, or the
+client CA file, changed; if so it builds a new context, and from then on hands each new connection
+the newest context that loaded. A half-rotated pair (a new certificate beside the old key) fails to
+load: the previous context stays in use and the problem is logged once, until the pair matches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.config import ServerTlsConfig
+from gateway.credentials import BuildContext, resolve_secret
+from gateway.errors import ConfigError, SecretError
+from gateway.secrets import Secret
+
+logger = logging.getLogger("gateway.server")
+
+CHECK_INTERVAL_S = 1.0
+
+
+def _file_signature(path: str | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+class ServerTls:
+    """The server-side SSLContext (`context`, for the listener) and its rotation."""
+
+    def __init__(self, config: ServerTlsConfig, source: str) -> None:
+        self.client_ca = config.client_ca
+        ctx = BuildContext(ssl_context=ssl.create_default_context(), source=source)
+        self.cert: Secret = resolve_secret(config.cert, "server.tls.cert", ctx)
+        self.key: Secret = resolve_secret(config.key, "server.tls.key", ctx)
+        self._loaded = self._versions()
+        self._next_check = time.monotonic() + CHECK_INTERVAL_S
+        self._last_error: str | None = None
+        try:
+            self.context = self._build()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"server.tls: cannot load the certificate and key: {exc}") from None
+        self.current = self.context
+        self.context.sni_callback = self._on_client_hello
+
+    def _versions(self) -> tuple[int, int, tuple[int, int, int] | None]:
+        return (self.cert.version, self.key.version, _file_signature(self.client_ca))
+
+    def _build(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
+        # load_cert_chain reads files only: the secrets (perhaps from the environment) go through a
+        # private directory that exists just for the call.
+        with tempfile.TemporaryDirectory(prefix="gateway-tls-") as directory:
+            cert_file = Path(directory, "cert.pem")
+            key_file = Path(directory, "key.pem")
+            for path, secret in ((cert_file, self.cert), (key_file, self.key)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    handle.write(secret.value + "\n")
+            context.load_cert_chain(cert_file, key_file)
+        if self.client_ca is not None:
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"server.tls.client_ca: cannot load {self.client_ca}: {exc}") from None
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _on_client_hello(
+        self, connection: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        if time.monotonic() >= self._next_check:
+            self.refresh()
+        if self.current is not context:
+            connection.context = self.current
+
+    def refresh(self) -> bool:
+        """Build a new context if a secret or the client CA changed; True when one was built."""
+        self._next_check = time.monotonic() + CHECK_INTERVAL_S
+        try:
+            self.cert.value  # noqa: B018 - reading a file secret re-checks its file
+            self.key.value  # noqa: B018
+        except SecretError:
+            pass  # the secret keeps its last value and logs why
+        versions = self._versions()
+        if versions == self._loaded:
+            return False
+        try:
+            context = self._build()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            message = (
+                f"server.tls: the changed certificate or key does not load ({exc}); serving the previous one"
+            )
+            if message != self._last_error:
+                self._last_error = message
+                logger.warning(message)
+            return False
+        self._last_error = None
+        self._loaded = versions
+        self.current = context
+        logger.warning("server.tls: certificate reloaded; new connections use it")
+        return True
