@@ -89,7 +89,7 @@ DESCRIPTIONS = {
 # Debian package (and binary) of each peer that the bench installs when missing.
 PEER_PACKAGES = {"haproxy": "haproxy", "caddy": "caddy"}
 
-QUICK_DEFAULTS = {"duration": 1, "repeat": 1, "warmup": 1, "soak_requests": 5_000, "concurrency": "1,32"}
+QUICK_DEFAULTS = {"duration": 1, "repeat": 1, "warmup": 0, "soak_requests": 2_000, "concurrency": "1,32"}
 FULL_DEFAULTS = {"duration": 5, "repeat": 3, "warmup": 2, "soak_requests": 200_000, "concurrency": "1,32"}
 THROUGHPUT_C = 32
 LATENCY_C = 1
@@ -1474,8 +1474,12 @@ def write_chart(path: Path, scen: dict[str, Scenario], order: list[str], use_mpl
                 )
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
-            ax.set_title(title)
-            ax.grid(axis="y", alpha=0.3)
+            if any(v > 0 for v in values):
+                # Log scale: the naive proxy is two orders of magnitude off the others.
+                ax.set_yscale("log")
+                ax.set_ylim(top=max(values) * 3)
+            ax.set_title(title + ", log scale")
+            ax.grid(axis="y", which="both", alpha=0.3)
         fig.suptitle(f"scoring-gateway bench, per core ({_dt.datetime.now():%Y-%m-%d %H:%M})")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -1541,7 +1545,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--repeat", type=int, help="runs per scenario and concurrency, medians reported (default 3, quick 1)"
     )
-    p.add_argument("--warmup", type=int, help="seconds of warm-up load per scenario (default 2, quick 1)")
+    p.add_argument("--warmup", type=int, help="seconds of warm-up load per scenario (default 2, quick 0)")
     p.add_argument(
         "--concurrency",
         help=f"comma-separated connection counts (default {LATENCY_C},{THROUGHPUT_C}: latency, throughput)",
@@ -1572,7 +1576,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--soak-requests",
         type=int,
-        help="requests through `gateway` for the memory-growth check (default 200000, quick 5000, 0 = off)",
+        help="requests through `gateway` for the memory-growth check (default 200000, quick 2000, 0 = off)",
     )
     p.add_argument("--soak-concurrency", type=int, default=32)
     p.add_argument("--soak-max-seconds", type=int, default=150, help="time cap for the soak (default 150)")
