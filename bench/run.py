@@ -1083,7 +1083,7 @@ def derive(scen: dict[str, Scenario], args: argparse.Namespace) -> dict[str, Any
         row: dict[str, Any] = {
             "rps": hi["rps"] if hi else None,
             "cpu_us": hi["cpu_us"] if hi and not math.isnan(hi["cpu_us"]) else None,
-            "errors": (hi["errors"] if hi else 0) + (lo["errors"] if lo and lo is not hi else 0),
+            "errors": (hi["errors"] if hi else 0) + (lo["errors"] if lo and lc != tc else 0),
         }
         row["per_core_rps"] = 1e6 / row["cpu_us"] if row["cpu_us"] else None
         if lo and direct_lat and name != "direct":
@@ -1854,9 +1854,17 @@ def soak_gateway(args: argparse.Namespace, tools: dict[str, str], gw: Scenario) 
     return soak
 
 
+PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.monotonic()
+    # Everything here talks to loopback directly: an egress proxy from the environment (honoured by
+    # httpx, and by the gateway since issue 9) would put that proxy into the measurement.
+    for name in PROXY_ENV:
+        os.environ.pop(name, None)
+        os.environ.pop(name.upper(), None)
     pinning = choose_pinning(not args.no_pin, args.proxy_cpu)
     if pinning.active:
         # wrk, the upstream nginx, the emulator and this script inherit this: the load core(s).
