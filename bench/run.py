@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""scoring-gateway benchmark: one command, loopback only.
+"""scoring-gateway benchmark: one command, loopback only, measured per core.
 
-    python bench/run.py [--quick] [--duration S] [--repeat N] [--scenarios a,b] [--out DIR]
+    python bench/run.py [--quick] [--baseline DIR] [--duration S] [--repeat N] [--scenarios a,b] [--out DIR]
 
-Starts nginx upstreams/proxies, the naive Starlette+httpx proxy and the gateway, drives each with
-wrk (POST of a small scoring payload) at several concurrencies, and writes
-``<out>/latest.md`` (tables, targets, machine) and ``<out>/latest.png`` (chart), plus
-``<out>/latest.json`` (raw numbers) and server logs under ``<out>/run-<timestamp>/``.
-See bench/README.md for what each scenario means.
+Starts the upstream (nginx answering a fixed body), the proxies under test (the gateway, nginx,
+HAProxy, Caddy, a naive Starlette+httpx proxy, the tightest aiohttp forwarder, optionally a second
+build of the gateway), pins every proxy alone to one core and wrk + the upstream to the other(s),
+drives each with wrk (POST of a small scoring payload) and writes ``<out>/latest.md`` (req/s at
+c=32, CPU microseconds per request, added latency at c=1, the client decision, before/after),
+``<out>/latest.png`` (chart), ``<out>/latest.json`` (raw numbers) and server logs under
+``<out>/run-<timestamp>/``. See bench/README.md for what each scenario means.
 """
 
 from __future__ import annotations
@@ -53,26 +55,48 @@ AAD_CLIENT = "0b3c4000-0000-4000-8000-00000000aad2"
 ALL_SCENARIOS = [
     "direct",
     "nginx",
+    "haproxy",
+    "caddy",
     "naive",
-    "gateway-key-1w",
-    "gateway-key-2w",
+    "aiohttp",
+    "gateway",
+    "gateway-baseline",
     "gateway-aad",
     "gateway-emulator",
 ]
-# Scenarios that depend on pieces still being written elsewhere: unavailable -> "skipped", not "failed".
-OPTIONAL_SCENARIOS = {"gateway-aad", "gateway-emulator"}
+# Measured only with --baseline DIR.
+BASELINE = "gateway-baseline"
+# Peers and scenarios that may be unavailable (a package that cannot be installed, the emulator):
+# unavailable -> "skipped", not "failed".
+OPTIONAL_SCENARIOS = {"haproxy", "caddy", "aiohttp", "gateway-aad", "gateway-emulator"}
+# The quick run (CI's smoke test) installs nothing but wrk and nginx: peers that are missing are skipped.
+QUICK_SCENARIOS = ["direct", "nginx", "haproxy", "caddy", "naive", "aiohttp", "gateway"]
 DESCRIPTIONS = {
-    "direct": "nginx (1 worker) answering POST /score with a fixed body: the upstream alone",
+    "direct": "nginx (1 worker) answering POST /score with a fixed body: the upstream alone (load core)",
     "nginx": "nginx (1 worker) reverse proxy to `direct`, injects the key, keep-alive upstream pool",
+    "haproxy": "HAProxy (1 thread) reverse proxy to `direct`, injects the key, `http-reuse always`",
+    "caddy": "Caddy `reverse_proxy` to `direct` (GOMAXPROCS follows the pinning: 1), injects the key, "
+    "keep-alive upstream pool",
     "naive": "Starlette + httpx.AsyncClient forwarder under uvicorn (1 worker), injects the key",
-    "gateway-key-1w": "`gateway serve --workers 1`, key auth route to `direct`",
-    "gateway-key-2w": "`gateway serve --workers 2`, key auth route to `direct`",
+    "aiohttp": "tightest aiohttp forwarder: raw ASGI under the gateway's uvicorn settings, one tuned "
+    "`aiohttp.ClientSession`, body streamed through (bench/aiohttp_proxy.py): the upper bound for an "
+    "aiohttp-based gateway",
+    "gateway": "`gateway serve --workers 1`, key auth route to `direct` (this checkout)",
+    BASELINE: "`gateway serve --workers 1`, key auth route to `direct`, from the `--baseline` checkout",
     "gateway-aad": "`gateway serve --workers 1`, aad_token route (tokens from the emulator) to `direct`",
     "gateway-emulator": "`gateway serve --workers 1`, key route to the emulator's scoring endpoint",
 }
+# Debian package (and binary) of each peer that the bench installs when missing.
+PEER_PACKAGES = {"haproxy": "haproxy", "caddy": "caddy"}
 
-QUICK_DEFAULTS = {"duration": 1, "repeat": 1, "warmup": 1, "soak_requests": 10_000}
-FULL_DEFAULTS = {"duration": 5, "repeat": 3, "warmup": 2, "soak_requests": 200_000}
+QUICK_DEFAULTS = {"duration": 1, "repeat": 1, "warmup": 0, "soak_requests": 2_000, "concurrency": "1,32"}
+FULL_DEFAULTS = {"duration": 5, "repeat": 3, "warmup": 2, "soak_requests": 200_000, "concurrency": "1,32"}
+THROUGHPUT_C = 32
+LATENCY_C = 1
+# Issue 9: prefer a mature client when it comes within 15% of the own client's per-core throughput;
+# the issue itself may cost at most 10% of the gateway's figure.
+CLIENT_DECISION_RATIO = 0.85
+BASELINE_MAX_COST = 0.10
 
 
 class BenchError(Exception):
@@ -102,60 +126,83 @@ def find_tool(name: str) -> str | None:
     return None
 
 
+_apt_updated = False
+
+
+def apt_install(packages: list[str]) -> None:
+    """`apt-get install -y` (after one `apt-get update` per run), as root or via `sudo -n`."""
+    global _apt_updated
+    prefix: list[str] = []
+    if os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            raise ToolsUnavailable(f"{', '.join(packages)} missing, not root and no sudo to install them")
+        prefix = ["sudo", "-n"]
+    if shutil.which("apt-get") is None:
+        raise ToolsUnavailable(f"{', '.join(packages)} missing and apt-get is not available")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    log(f"installing {' '.join(packages)} with apt-get")
+    steps = [[*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]]
+    if not _apt_updated:
+        steps.insert(0, [*prefix, "apt-get", "update", "-q"])
+    for cmd in steps:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+        if res.returncode != 0:
+            tail = (res.stdout + res.stderr).strip().splitlines()[-5:]
+            raise ToolsUnavailable(f"`{' '.join(cmd)}` failed: {' | '.join(tail)}")
+    _apt_updated = True
+
+
 def ensure_tools(install: bool = True) -> dict[str, str]:
     """Return paths of wrk and nginx, installing them with apt-get when missing."""
     missing = [t for t in ("wrk", "nginx") if find_tool(t) is None]
     if missing and install:
-        prefix: list[str] = []
-        if os.geteuid() != 0:
-            if shutil.which("sudo") is None:
-                raise ToolsUnavailable(f"{', '.join(missing)} missing, not root and no sudo to install them")
-            prefix = ["sudo", "-n"]
-        if shutil.which("apt-get") is None:
-            raise ToolsUnavailable(f"{', '.join(missing)} missing and apt-get is not available")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        log(f"installing {' '.join(missing)} with apt-get")
-        steps = [
-            [*prefix, "apt-get", "update", "-q"],
-            [*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx", "wrk"],
-        ]
-        for cmd in steps:
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-            if res.returncode != 0:
-                tail = (res.stdout + res.stderr).strip().splitlines()[-5:]
-                raise ToolsUnavailable(f"`{' '.join(cmd)}` failed: {' | '.join(tail)}")
+        apt_install(["nginx", "wrk"])
         missing = [t for t in ("wrk", "nginx") if find_tool(t) is None]
     if missing:
         raise ToolsUnavailable(f"{', '.join(missing)} not found")
     return {"wrk": str(find_tool("wrk")), "nginx": str(find_tool("nginx"))}
 
 
-def ensure_matplotlib(install: bool = True) -> bool:
-    try:
-        import matplotlib
+def ensure_peers(wanted: list[str], install: bool) -> dict[str, str]:
+    """Path of each wanted peer binary (haproxy, caddy), installed with apt-get when missing and
+    `install`; a peer that is still missing maps to "" (its scenario is skipped, with the reason)."""
+    found = {name: find_tool(name) or "" for name in wanted}
+    missing = [name for name, path in found.items() if not path]
+    if missing and install:
+        try:
+            apt_install([PEER_PACKAGES[name] for name in missing])
+        except ToolsUnavailable as exc:
+            log(f"could not install {', '.join(missing)}: {exc}")
+        found = {name: find_tool(name) or "" for name in wanted}
+    return found
 
+
+def ensure_python_package(module: str, install: bool = True) -> bool:
+    """Import `module`, `pip install` it into this interpreter when missing and `install`.
+    Bench-only packages (matplotlib, aiohttp) are installed here, never in the project's dependencies."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
         return True
     except ImportError:
         pass
     if not install:
         return False
-    log("matplotlib missing: pip install matplotlib")
+    log(f"{module} missing: pip install {module}")
     res = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"],
+        [sys.executable, "-m", "pip", "install", "--quiet", module],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     if res.returncode != 0:
-        log(f"pip install matplotlib failed (falling back to a plain PNG): {res.stderr.strip()[-300:]}")
+        log(f"pip install {module} failed: {res.stderr.strip()[-300:]}")
         return False
-    import importlib
-
     importlib.invalidate_caches()
     try:
-        import matplotlib  # noqa: F401
-
+        importlib.import_module(module)
         return True
     except ImportError:
         return False
@@ -222,8 +269,12 @@ class ProcessSet:
         log_path: Path,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        cpus: set[int] | None = None,
     ) -> Proc:
+        """Start `cmd` in its own session; with `cpus`, the process (and so every process and thread
+        it starts later) may run only on those cores, from before its first instruction."""
         log_fh = open(log_path, "ab")
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         try:
             popen = subprocess.Popen(
                 cmd,
@@ -233,6 +284,7 @@ class ProcessSet:
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
+                preexec_fn=pin,
             )
         finally:
             log_fh.close()
@@ -328,7 +380,9 @@ http {{
 """
 
 
-def start_nginx(procs: ProcessSet, nginx: str, workdir: Path, name: str, conf_text: str) -> Proc:
+def start_nginx(
+    procs: ProcessSet, nginx: str, workdir: Path, name: str, conf_text: str, cpus: set[int] | None = None
+) -> Proc:
     prefix = workdir / name
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -346,6 +400,7 @@ def start_nginx(procs: ProcessSet, nginx: str, workdir: Path, name: str, conf_te
         name,
         [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
         workdir / f"{name}.log",
+        cpus=cpus,
     )
 
 
@@ -398,6 +453,85 @@ def proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# HAProxy and Caddy: plain reverse proxies to `direct`, keep-alive upstream, the same fixed key
+
+
+def haproxy_conf(port: int, upstream_port: int) -> str:
+    return f"""\
+global
+    nbthread 1
+    maxconn 4096
+    log stderr format raw local0 err
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 75s
+    timeout server 60s
+    timeout http-keep-alive 75s
+    option http-keep-alive
+    http-reuse always
+
+frontend bench
+    bind 127.0.0.1:{port}
+    http-request set-header Authorization "Bearer {STATIC_KEY}"
+    default_backend direct
+
+backend direct
+    server direct 127.0.0.1:{upstream_port}
+"""
+
+
+def start_haproxy(
+    procs: ProcessSet, haproxy: str, workdir: Path, port: int, upstream_port: int, cpus: set[int] | None
+) -> Proc:
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(haproxy_conf(port, upstream_port))
+    test = subprocess.run(
+        [haproxy, "-c", "-q", "-f", str(conf)], capture_output=True, text=True, timeout=30, check=False
+    )
+    if test.returncode != 0:
+        raise BenchError(f"haproxy config invalid: {(test.stdout + test.stderr).strip()}")
+    # -db: stay in the foreground, no daemon; -W would add a master process for nothing.
+    return procs.start("haproxy", [haproxy, "-db", "-f", str(conf)], workdir / "haproxy.log", cpus=cpus)
+
+
+def caddyfile(port: int, upstream_port: int) -> str:
+    return f"""\
+{{
+    admin off
+    auto_https off
+    log {{
+        level ERROR
+    }}
+}}
+
+http://127.0.0.1:{port} {{
+    reverse_proxy 127.0.0.1:{upstream_port} {{
+        header_up Authorization "Bearer {STATIC_KEY}"
+        transport http {{
+            keepalive 75s
+            keepalive_idle_conns 64
+            keepalive_idle_conns_per_host 64
+        }}
+    }}
+}}
+"""
+
+
+def start_caddy(
+    procs: ProcessSet, caddy: str, workdir: Path, port: int, upstream_port: int, cpus: set[int] | None
+) -> Proc:
+    home = workdir / "caddy"
+    home.mkdir(parents=True, exist_ok=True)
+    conf = home / "Caddyfile"
+    conf.write_text(caddyfile(port, upstream_port))
+    env = dict(os.environ, HOME=str(home), XDG_CONFIG_HOME=str(home), XDG_DATA_HOME=str(home))
+    cmd = [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"]
+    return procs.start("caddy", cmd, workdir / "caddy.log", env=env, cwd=home, cpus=cpus)
+
+
+# --------------------------------------------------------------------------------------------
 # /proc memory
 
 
@@ -443,13 +577,80 @@ def tree_memory(pid: int) -> dict[str, Any]:
     return {"processes": len(pids), "rss_kib": rss, "pss_kib": pss}
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (all their threads), from /proc/<pid>/stat, in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5): utime, stime
+    return ticks / CLOCK_TICKS
+
+
+def tree_affinity(pids: list[int]) -> set[int]:
+    """The union of the cores every thread of these processes may run on."""
+    cpus: set[int] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    cpus |= os.sched_getaffinity(int(tid))
+    return cpus
+
+
+@dataclass
+class Pinning:
+    """Which cores the proxies under test get, and which wrk, the upstreams and the bench itself get."""
+
+    proxy_cpus: set[int]
+    load_cpus: set[int]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.proxy_cpus)
+
+    def describe(self) -> str:
+        if not self.active:
+            return "not pinned (fewer than 2 usable cores, or --no-pin)"
+        return (
+            f"proxy under test alone on core {fmt_cpus(self.proxy_cpus)}; wrk, the upstream and the "
+            f"bench on core {fmt_cpus(self.load_cpus)}"
+        )
+
+
+def fmt_cpus(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def choose_pinning(enabled: bool, proxy_cpu: int | None) -> Pinning:
+    usable = os.sched_getaffinity(0)
+    if not enabled or len(usable) < 2:
+        return Pinning(set(), set())
+    proxy = proxy_cpu if proxy_cpu is not None else max(usable)
+    if proxy not in usable:
+        raise SystemExit(f"--proxy-cpu {proxy} is not one of the usable cores {fmt_cpus(usable)}")
+    return Pinning({proxy}, usable - {proxy})
+
+
 # --------------------------------------------------------------------------------------------
 # wrk
 
 
 def run_wrk(
-    wrk: str, url: str, concurrency: int, duration_s: int, threads: int, timeout_s: int = 10
+    wrk: str,
+    url: str,
+    concurrency: int,
+    duration_s: int,
+    threads: int,
+    timeout_s: int = 10,
+    cpu_pids: list[int] | None = None,
 ) -> dict[str, Any]:
+    """One wrk run; with `cpu_pids`, also the CPU time those processes spent per request."""
     threads = max(1, min(threads, concurrency))
     cmd = [
         wrk,
@@ -462,11 +663,13 @@ def run_wrk(
         str(LUA_SCRIPT),
         url,
     ]
+    cpu_before = tree_cpu_seconds(cpu_pids) if cpu_pids else 0.0
     popen = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         out, err = popen.communicate(timeout=duration_s + timeout_s + 30)
+        cpu_s = tree_cpu_seconds(cpu_pids) - cpu_before if cpu_pids else None
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
@@ -487,6 +690,8 @@ def run_wrk(
     )
     res["concurrency"] = concurrency
     res["threads"] = threads
+    res["cpu_s"] = cpu_s
+    res["cpu_us_per_req"] = cpu_s / res["requests"] * 1e6 if cpu_s is not None and res["requests"] else None
     return res
 
 
@@ -505,6 +710,8 @@ class Scenario:
     runs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     requests_served: int = 0
+    pids: list[int] = field(default_factory=list)  # the process tree whose CPU time is counted
+    pinned_to: str = ""
 
     @property
     def url(self) -> str:
@@ -535,9 +742,10 @@ def gateway_cmd(config: Path, workers: int) -> list[str]:
     ]
 
 
-def gateway_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def gateway_env(root: Path = REPO_ROOT, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that runs the gateway package of checkout `root` with this interpreter."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["BENCH_PRIMARY_KEY"] = STATIC_KEY
     env["BENCH_AAD_SECRET"] = AAD_SECRET
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -546,19 +754,24 @@ def gateway_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def gateway_available() -> tuple[bool, str]:
+def gateway_available(root: Path = REPO_ROOT) -> tuple[bool, str]:
+    """Whether checkout `root`'s gateway imports with this interpreter, and from `root` itself (an
+    editable install of another checkout must not win over PYTHONPATH)."""
     res = subprocess.run(
-        [sys.executable, "-c", "import gateway.cli"],
+        [sys.executable, "-c", "import gateway.cli; print(gateway.cli.__file__)"],
         capture_output=True,
         text=True,
-        env=gateway_env(),
-        cwd=REPO_ROOT,
+        env=gateway_env(root),
+        cwd=root,
         timeout=60,
         check=False,
     )
     if res.returncode != 0:
         lines = res.stderr.strip().splitlines()
         return False, f"`import gateway.cli` failed: {lines[-1] if lines else res.returncode}"
+    imported = Path(res.stdout.strip()).resolve()
+    if not imported.is_relative_to(root.resolve()):
+        return False, f"PYTHONPATH={root} imports the gateway from {imported}, not from that checkout"
     return True, ""
 
 
@@ -604,7 +817,7 @@ def aad_gateway_yaml(port: int, upstream_url: str, authority: str, ca_file: str)
     )
 
 
-def gateway_check(config: Path, workdir: Path) -> tuple[bool, str]:
+def gateway_check(config: Path, workdir: Path, root: Path = REPO_ROOT) -> tuple[bool, str]:
     """Run `gateway check --config FILE`; (False, why) when the config is not accepted."""
     cmd = [
         sys.executable,
@@ -619,7 +832,7 @@ def gateway_check(config: Path, workdir: Path) -> tuple[bool, str]:
             cmd,
             capture_output=True,
             text=True,
-            env=gateway_env(),
+            env=gateway_env(root),
             cwd=workdir,
             timeout=60,
             check=False,
@@ -633,16 +846,27 @@ def gateway_check(config: Path, workdir: Path) -> tuple[bool, str]:
 
 
 def start_gateway(
-    procs: ProcessSet, workdir: Path, sc: Scenario, yaml_text: str, workers: int, check_first: bool
+    procs: ProcessSet,
+    workdir: Path,
+    sc: Scenario,
+    yaml_text: str,
+    check_first: bool,
+    cpus: set[int] | None,
+    root: Path = REPO_ROOT,
 ) -> None:
     cfg = workdir / f"{sc.name}.yaml"
     cfg.write_text(yaml_text)
     if check_first:
-        ok, why = gateway_check(cfg, workdir)
+        ok, why = gateway_check(cfg, workdir, root)
         if not ok:
             raise BenchError(why)
     sc.proc = procs.start(
-        sc.name, gateway_cmd(cfg, workers), workdir / f"{sc.name}.log", env=gateway_env(), cwd=workdir
+        sc.name,
+        gateway_cmd(cfg, 1),
+        workdir / f"{sc.name}.log",
+        env=gateway_env(root),
+        cwd=workdir,
+        cpus=cpus,
     )
 
     def healthy() -> bool:
@@ -659,7 +883,7 @@ def start_emulator(procs: ProcessSet, workdir: Path) -> dict[str, Any]:
     """Start gateway.emulator in its own process; returns the URLs/CA it printed."""
     info_file = workdir / "emulator.json"
     env = gateway_env(
-        {
+        extra={
             "BENCH_EMULATOR_INFO": str(info_file),
             "BENCH_EMULATOR_WORKDIR": str(workdir / "emulator"),
             "BENCH_AAD_TENANT": AAD_TENANT,
@@ -699,6 +923,7 @@ def summarize(sc: Scenario, c: int) -> dict[str, Any] | None:
         "p50_ms": median([r["p50_us"] / 1000 for r in runs]),
         "p90_ms": median([r["p90_us"] / 1000 for r in runs]),
         "p99_ms": median([r["p99_us"] / 1000 for r in runs]),
+        "cpu_us": median([r["cpu_us_per_req"] for r in runs if r.get("cpu_us_per_req") is not None]),
         "errors": sum(r["errors"] for r in runs),
         "requests": sum(r["requests"] for r in runs),
         "runs": len(runs),
@@ -778,11 +1003,13 @@ def machine_info(tools: dict[str, str]) -> dict[str, str]:
             if line.startswith("PRETTY_NAME="):
                 info["OS"] = line.split("=", 1)[1].strip('"')
     info["Python"] = f"{platform.python_version()} ({platform.python_implementation()}, {sys.executable})"
-    for tool in ("nginx", "wrk"):
+    for tool, flag in (("nginx", "-v"), ("wrk", "-v"), ("haproxy", "-v"), ("caddy", "version")):
+        if not tools.get(tool):
+            continue
         with contextlib.suppress(Exception):
-            res = subprocess.run([tools[tool], "-v"], capture_output=True, text=True, timeout=10, check=False)
+            res = subprocess.run([tools[tool], flag], capture_output=True, text=True, timeout=10, check=False)
             first = (res.stderr + res.stdout).strip().splitlines()[0]
-            info[tool] = first.replace("nginx version: ", "").split(" Copyright")[0]
+            info[tool] = first.replace("nginx version: ", "").split(" Copyright")[0].split(" - ")[0]
     pkgs = []
     for dist in (
         "scoring-gateway",
@@ -818,92 +1045,133 @@ def machine_info(tools: dict[str, str]) -> dict[str, str]:
 # reporting
 
 
-def target_concurrency(concurrencies: list[int]) -> int:
-    return 32 if 32 in concurrencies else max(concurrencies)
+def throughput_c(concurrencies: list[int]) -> int:
+    return THROUGHPUT_C if THROUGHPUT_C in concurrencies else max(concurrencies)
 
 
-def derive(scen: dict[str, Scenario], concurrencies: list[int]) -> dict[str, Any]:
+def latency_c(concurrencies: list[int]) -> int:
+    return LATENCY_C if LATENCY_C in concurrencies else min(concurrencies)
+
+
+def paired_ratio(a: Scenario, b: Scenario, c: int, key: str) -> float | None:
+    """Median over repeats of a/b, each repeat's two runs taken back to back (drift cancels)."""
+    pairs = [
+        ra[key] / rb[key]
+        for ra, rb in zip(a.runs.get(c, []), b.runs.get(c, []), strict=False)
+        if ra.get(key) and rb.get(key)
+    ]
+    return median(pairs) if pairs else None
+
+
+def derive(scen: dict[str, Scenario], args: argparse.Namespace) -> dict[str, Any]:
+    """The figures per target, the ratios, the client decision and the before/after comparison."""
+    tc, lc = throughput_c(args.concurrency_list), latency_c(args.concurrency_list)
+
     def s(name: str, c: int) -> dict[str, Any] | None:
         sc = scen.get(name)
         return summarize(sc, c) if sc and sc.status == "ok" else None
 
     def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "rps") -> float | None:
-        if not a or not b or not b[key]:
+        if not a or not b or not b[key] or math.isnan(a[key]) or math.isnan(b[key]):
             return None
         return float(a[key] / b[key])
 
-    rows = []
-    for c in concurrencies:
-        g1, g2 = s("gateway-key-1w", c), s("gateway-key-2w", c)
-        rows.append(
-            {
-                "c": c,
-                "gw_nginx": ratio(g1, s("nginx", c)),
-                "gw_naive": ratio(g1, s("naive", c)),
-                "gw2_gw1": ratio(g2, g1),
-                "aad_key": ratio(s("gateway-aad", c), g1),
-                "nginx_direct": ratio(s("nginx", c), s("direct", c)),
-            }
-        )
-    c1 = 1 if 1 in concurrencies else min(concurrencies)
-    added: dict[str, Any] = {"c": c1}
-    d = s("direct", c1)
-    for name in ("nginx", "naive", "gateway-key-1w", "gateway-key-2w", "gateway-aad"):
-        x = s(name, c1)
-        if d and x:
-            added[name] = {"p50_ms": x["p50_ms"] - d["p50_ms"], "p99_ms": x["p99_ms"] - d["p99_ms"]}
-    return {"ratios": rows, "added_latency": added}
+    direct_lat = s("direct", lc)
+    per_target: dict[str, dict[str, Any]] = {}
+    for name in args.scenario_list:
+        hi, lo = s(name, tc), s(name, lc)
+        row: dict[str, Any] = {
+            "rps": hi["rps"] if hi else None,
+            "cpu_us": hi["cpu_us"] if hi and not math.isnan(hi["cpu_us"]) else None,
+            "errors": (hi["errors"] if hi else 0) + (lo["errors"] if lo and lc != tc else 0),
+        }
+        row["per_core_rps"] = 1e6 / row["cpu_us"] if row["cpu_us"] else None
+        if lo and direct_lat and name != "direct":
+            row["added_p50_ms"] = lo["p50_ms"] - direct_lat["p50_ms"]
+            row["added_p99_ms"] = lo["p99_ms"] - direct_lat["p99_ms"]
+        per_target[name] = row
+
+    gw = s("gateway", tc)
+    ratios = {
+        "gateway / nginx": ratio(gw, s("nginx", tc)),
+        "gateway / naive": ratio(gw, s("naive", tc)),
+        "gateway-aad / gateway": ratio(s("gateway-aad", tc), gw),
+    }
+    decision: dict[str, Any] = {}
+    aio = s("aiohttp", tc)
+    if gw and aio:
+        rps_ratio = ratio(aio, gw)
+        cpu_ratio = ratio(gw, aio, "cpu_us")  # aiohttp's per-core capacity / the gateway's
+        assert rps_ratio is not None
+        decision = {
+            "aiohttp_over_gateway_rps": rps_ratio,
+            "aiohttp_over_gateway_per_core": cpu_ratio,
+            "prefer_aiohttp": rps_ratio >= CLIENT_DECISION_RATIO,
+        }
+    before_after: dict[str, Any] = {}
+    base_sc = scen.get(BASELINE)
+    if base_sc and base_sc.status == "ok" and scen["gateway"].status == "ok":
+        a, b = scen["gateway"], base_sc
+        before_after = {
+            "rps": paired_ratio(a, b, tc, "rps"),
+            "cpu_us": paired_ratio(a, b, tc, "cpu_us_per_req"),
+            "p50_c1": paired_ratio(a, b, lc, "p50_us"),
+            "p99_c1": paired_ratio(a, b, lc, "p99_us"),
+            "pairs": min(len(a.runs.get(tc, [])), len(b.runs.get(tc, []))),
+        }
+    return {
+        "throughput_c": tc,
+        "latency_c": lc,
+        "per_target": per_target,
+        "ratios": ratios,
+        "client_decision": decision,
+        "before_after": before_after,
+    }
 
 
-def targets(
-    scen: dict[str, Scenario], concurrencies: list[int], derived: dict[str, Any], soak: dict[str, Any]
-) -> list[tuple[str, str, str]]:
-    tc = target_concurrency(concurrencies)
-    row = next((r for r in derived["ratios"] if r["c"] == tc), {})
+def targets(derived: dict[str, Any], soak: dict[str, Any]) -> list[tuple[str, str, str]]:
+    tc, lc = derived["throughput_c"], derived["latency_c"]
+    ratios = derived["ratios"]
     out: list[tuple[str, str, str]] = []
 
     def verdict(ok: bool | None) -> str:
         return "-" if ok is None else ("**pass**" if ok else "**MISS**")
 
-    def ratio_target(label: str, value: float | None, need: float, fmt_s: str = "{:.2f}x") -> None:
-        out.append(
-            (
-                label,
-                "-" if value is None else fmt_s.format(value),
-                verdict(None if value is None else value >= need),
-            )
-        )
+    def at_least(label: str, value: float | None, need: float, digits: int = 2) -> None:
+        shown = "-" if value is None else f"{value:.{digits}f}x"
+        out.append((label, shown, verdict(None if value is None else value >= need)))
 
-    ratio_target(f"gateway 1w key c={tc} >= 0.25 x nginx", row.get("gw_nginx"), 0.25)
-    ratio_target(f"gateway 1w key c={tc} >= 10 x naive", row.get("gw_naive"), 10.0)
-    add = derived["added_latency"].get("gateway-key-1w")
-    c1 = derived["added_latency"]["c"]
-    if add:
+    at_least(f"gateway c={tc} >= 0.25 x nginx (req/s, one core each)", ratios["gateway / nginx"], 0.25)
+    at_least(f"gateway c={tc} >= 10 x naive (req/s)", ratios["gateway / naive"], 10.0)
+    gw = derived["per_target"].get("gateway", {})
+    for key, limit in (("added_p50_ms", 1.0), ("added_p99_ms", 3.0)):
+        value = gw.get(key)
         out.append(
             (
-                f"added latency c={c1} p50 <= 1 ms over direct",
-                f"{add['p50_ms']:+.3f} ms",
-                verdict(add["p50_ms"] <= 1.0),
+                f"added latency c={lc} {key[6:9]} <= {limit:g} ms over direct",
+                "-" if value is None else f"{value:+.3f} ms",
+                verdict(None if value is None else value <= limit),
             )
         )
+    at_least(f"aad route within 5% of key route (c={tc} req/s)", ratios["gateway-aad / gateway"], 0.95, 3)
+    decision = derived["client_decision"]
+    if decision:
         out.append(
             (
-                f"added latency c={c1} p99 <= 3 ms over direct",
-                f"{add['p99_ms']:+.3f} ms",
-                verdict(add["p99_ms"] <= 3.0),
+                f"own client: the aiohttp upper bound stays below {CLIENT_DECISION_RATIO:.2f} x the "
+                f"gateway (c={tc} req/s, one core each)",
+                f"{decision['aiohttp_over_gateway_rps']:.2f}x",
+                verdict(not decision["prefer_aiohttp"]),
             )
         )
-    else:
-        out.append((f"added latency c={c1} p50 <= 1 ms / p99 <= 3 ms over direct", "-", "-"))
-    aad = row.get("aad_key")
-    out.append(
-        (
-            f"aad route within 5% of key route (c={tc} req/s)",
-            "-" if aad is None else f"{aad:.3f}x",
-            verdict(None if aad is None else aad >= 0.95),
+    before_after = derived["before_after"]
+    if before_after.get("rps") is not None:
+        at_least(
+            f"this build >= {1 - BASELINE_MAX_COST:.2f} x the baseline (c={tc} req/s, paired A/B)",
+            before_after["rps"],
+            1 - BASELINE_MAX_COST,
+            3,
         )
-    )
-    ratio_target(f"2 workers >= 1.6 x 1 worker (c={tc})", row.get("gw2_gw1"), 1.6)
     growth = soak.get("growth_pct")
     served = soak.get("requests_between")
     if growth is None:
@@ -925,11 +1193,14 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def signed(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:+.{digits}f}"
+
+
 def write_markdown(
     path: Path,
     args: argparse.Namespace,
     scen: dict[str, Scenario],
-    concurrencies: list[int],
     derived: dict[str, Any],
     soak: dict[str, Any],
     machine: dict[str, str],
@@ -937,11 +1208,11 @@ def write_markdown(
     started: str,
     png_note: str,
 ) -> None:
-    out: list[str] = []
-    out.append("# scoring-gateway benchmark")
-    out.append("")
+    tc, lc = derived["throughput_c"], derived["latency_c"]
+    out: list[str] = ["# scoring-gateway benchmark", ""]
     out.append(f"Command: `{args.command_line}`  ")
     out.append(f"Started {started}, took {elapsed_s:.0f} s.  ")
+    out.append(f"Pinning: {args.pinning}.  ")
     foreign = args.foreign_cpu_pct
     if foreign is not None:
         warn = (
@@ -953,12 +1224,102 @@ def write_markdown(
         )
     out.append(
         f"wrk {args.threads} thread(s), {args.duration} s per run, {args.repeat} run(s) per cell "
-        f"(medians; errors and requests summed over runs), {args.warmup} s warm-up per scenario, "
-        "keep-alive, loopback. Payload: `" + PAYLOAD.decode() + "`. All servers run at the same time on the "
-        "same machine as wrk; cells are measured interleaved (for each repeat, for each concurrency, every "
-        "scenario back to back)."
+        f"(medians; errors and requests summed over runs), {args.warmup} s warm-up per scenario at "
+        f"c={THROUGHPUT_C}, keep-alive, loopback. Payload: `" + PAYLOAD.decode() + "`. Cells are measured "
+        "interleaved (for each repeat, for each concurrency, every scenario back to back)."
     )
     out.append("")
+    out.append("## Per core")
+    out.append("")
+    out.append(
+        f"req/s at c={tc}; CPU time of the proxy's whole process tree (utime + stime from "
+        f"/proc/<pid>/stat, before and after each run) per request at c={tc}; per-core capacity = "
+        f"1,000,000 / CPU µs per request; latency added over `direct` at c={lc} (median p50 / p99). For "
+        "`direct` the CPU is the upstream nginx's own, on the load core."
+    )
+    out.append("")
+    rows = []
+    for name in args.scenario_list:
+        sc, row = scen[name], derived["per_target"].get(name, {})
+        if sc.status != "ok":
+            rows.append(
+                [
+                    name,
+                    sc.status,
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    sc.reason.replace("|", "/").replace("\n", " ")[:300],
+                ]
+            )
+            continue
+        rows.append(
+            [
+                name,
+                fmt(row.get("rps"), 0),
+                fmt(row.get("cpu_us"), 1),
+                fmt(row.get("per_core_rps"), 0),
+                signed(row.get("added_p50_ms")),
+                signed(row.get("added_p99_ms")),
+                f"{row.get('errors', 0):,}",
+                f"core {sc.pinned_to}; upstream saw auth: {sc.auth_seen}",
+            ]
+        )
+    out.append(
+        md_table(
+            [
+                "target",
+                f"req/s c={tc}",
+                "CPU µs/req",
+                "per-core req/s",
+                f"added p50 ms c={lc}",
+                f"added p99 ms c={lc}",
+                "errors",
+                "notes",
+            ],
+            rows,
+        )
+    )
+    out.append("")
+    decision = derived["client_decision"]
+    out.append("## Client decision (issue 9)")
+    out.append("")
+    if decision:
+        verdict = (
+            "**prefer aiohttp**: the aiohttp forwarder comes within 15% of the gateway per core (if an "
+            "aiohttp-based client also passes the conformance suite)"
+            if decision["prefer_aiohttp"]
+            else "**keep the own client**: the gateway beats the tightest aiohttp forwarder per core by more "
+            "than 15%"
+        )
+        out.append(
+            f"`aiohttp` / `gateway` at c={tc}, one core each: {decision['aiohttp_over_gateway_rps']:.2f}x "
+            f"req/s, {fmt(decision['aiohttp_over_gateway_per_core'])}x per-core capacity (from CPU µs per "
+            f"request). Threshold {CLIENT_DECISION_RATIO:.2f}x. Verdict: {verdict}. The aiohttp forwarder "
+            "does less than the gateway (no routing, config, metrics, retry policy or per-phase timeouts), "
+            "so it is an upper bound for an aiohttp-based gateway."
+        )
+    else:
+        out.append("not measured (needs both `gateway` and `aiohttp`)")
+    out.append("")
+    before_after = derived["before_after"]
+    if args.baseline is not None:
+        out.append(f"## Before / after (this checkout vs `--baseline {args.baseline}`)")
+        out.append("")
+        if before_after:
+            out.append(
+                f"Median over {before_after['pairs']} back-to-back pairs (A B A B) of this build / baseline: "
+                f"req/s at c={tc} {fmt(before_after['rps'], 3)}x; CPU µs per request "
+                f"{fmt(before_after['cpu_us'], 3)}x (lower is better); at c={lc} p50 "
+                f"{fmt(before_after['p50_c1'], 3)}x, p99 {fmt(before_after['p99_c1'], 3)}x. Issue 9 may cost "
+                f"at most {BASELINE_MAX_COST:.0%} of the gateway's figure: req/s ratio >= "
+                f"{1 - BASELINE_MAX_COST:.2f}."
+            )
+        else:
+            out.append(f"not measured: {scen[BASELINE].reason or scen['gateway'].reason}")
+        out.append("")
     out.append("## Results")
     out.append("")
     rows = []
@@ -975,32 +1336,46 @@ def write_markdown(
                     "-",
                     "-",
                     "-",
+                    "-",
                     sc.reason.replace("|", "/").replace("\n", " ")[:300],
                 ]
             )
             continue
-        for c in concurrencies:
+        for c in args.concurrency_list:
             sm = summarize(sc, c)
             if sm is None:
-                rows.append([name, str(c), "-", "-", "-", "-", "-", "-", "not measured"])
+                rows.append([name, str(c), "-", "-", "-", "-", "-", "-", "-", "not measured"])
                 continue
-            spread = f"{sm['rps_min']:,.0f}-{sm['rps_max']:,.0f}" if sm["runs"] > 1 else ""
+            spread = f"req/s range {sm['rps_min']:,.0f}-{sm['rps_max']:,.0f}" if sm["runs"] > 1 else ""
             rows.append(
                 [
                     name,
                     str(c),
                     fmt(sm["rps"], 0),
+                    fmt(sm["cpu_us"], 1),
                     fmt(sm["p50_ms"], 3),
                     fmt(sm["p90_ms"], 3),
                     fmt(sm["p99_ms"], 3),
                     f"{sm['errors']:,}",
                     f"{sm['requests']:,}",
-                    (f"req/s range {spread}; " if spread else "") + f"upstream saw auth: {sc.auth_seen}",
+                    spread,
                 ]
             )
     out.append(
         md_table(
-            ["scenario", "c", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "requests", "notes"], rows
+            [
+                "scenario",
+                "c",
+                "req/s",
+                "CPU µs/req",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "errors",
+                "requests",
+                "notes",
+            ],
+            rows,
         )
     )
     out.append("")
@@ -1008,61 +1383,32 @@ def write_markdown(
         "Errors = socket errors (connect/read/write/timeout) + HTTP responses >= 400 as counted by wrk."
     )
     out.append("")
-    out.append("## Ratios (req/s)")
+    out.append(f"## Ratios (req/s at c={tc})")
     out.append("")
-    rrows = [
-        [
-            str(r["c"]),
-            fmt(r["gw_nginx"]),
-            fmt(r["gw_naive"]),
-            fmt(r["gw2_gw1"]),
-            fmt(r["aad_key"], 3),
-            fmt(r["nginx_direct"]),
-        ]
-        for r in derived["ratios"]
-    ]
-    out.append(
-        md_table(
-            [
-                "c",
-                "gateway-1w / nginx",
-                "gateway-1w / naive",
-                "gateway-2w / 1w",
-                "aad / key",
-                "nginx / direct",
-            ],
-            rrows,
-        )
-    )
+    out.append(md_table(["ratio", "value"], [[k, fmt(v, 3)] for k, v in derived["ratios"].items()]))
     out.append("")
-    add = derived["added_latency"]
-    out.append(f"## Latency added over `direct` at c={add['c']} (median p50 / p99)")
-    out.append("")
-    arows = [[name, f"{v['p50_ms']:+.3f}", f"{v['p99_ms']:+.3f}"] for name, v in add.items() if name != "c"]
-    out.append(md_table(["scenario", "p50 added ms", "p99 added ms"], arows) if arows else "not measured")
-    out.append("")
-    out.append("## Gateway memory (RSS of the process tree: master + workers, from /proc)")
+    out.append("## Gateway memory (RSS of the process tree, from /proc)")
     out.append("")
     mrows = []
     for name in args.scenario_list:
         sc = scen[name]
         if not name.startswith("gateway") or sc.status != "ok":
             continue
-        m = sc.memory
         for label, key in (
             ("after warm-up", "after_warmup"),
             ("after measurements", "after_measure"),
             ("after soak", "after_soak"),
         ):
-            if key in m:
+            m = sc.memory.get(key)
+            if m:
                 mrows.append(
                     [
                         name,
                         label,
-                        str(m[key]["processes"]),
-                        f"{m[key]['rss_kib'] / 1024:.1f}",
-                        f"{m[key]['pss_kib'] / 1024:.1f}",
-                        f"{m[key]['served']:,}",
+                        str(m["processes"]),
+                        f"{m['rss_kib'] / 1024:.1f}",
+                        f"{m['pss_kib'] / 1024:.1f}",
+                        f"{m['served']:,}",
                     ]
                 )
     out.append(
@@ -1074,7 +1420,7 @@ def write_markdown(
     if soak:
         out.append(
             f"Soak: {soak.get('requests', 0):,} requests at c={soak.get('concurrency')} "
-            f"through `gateway-key-1w` in {soak.get('seconds', 0):.0f} s "
+            f"through `gateway` in {soak.get('seconds', 0):.0f} s "
             f"({soak.get('rps', 0):,.0f} req/s, {soak.get('errors', 0):,} errors"
             + ("; stopped by the time cap" if soak.get("capped") else "")
             + f"). RSS growth after warm-up -> after soak: {fmt(soak.get('growth_pct'), 1)}% over "
@@ -1084,11 +1430,7 @@ def write_markdown(
         out.append("")
     out.append("## Targets")
     out.append("")
-    out.append(
-        md_table(
-            ["target", "measured", "result"], [list(t) for t in targets(scen, concurrencies, derived, soak)]
-        )
-    )
+    out.append(md_table(["target", "measured", "result"], [list(t) for t in targets(derived, soak)]))
     out.append("")
     out.append("## Scenarios")
     out.append("")
@@ -1104,62 +1446,54 @@ def write_markdown(
     path.write_text("\n".join(out))
 
 
-def write_chart(
-    path: Path, scen: dict[str, Scenario], order: list[str], concurrencies: list[int], use_mpl: bool
-) -> str:
-    names = [n for n in order if scen[n].status == "ok"]
-    data = {(n, c): summarize(scen[n], c) for n in names for c in concurrencies}
+def write_chart(path: Path, scen: dict[str, Scenario], order: list[str], use_mpl: bool) -> str:
+    """Two panels, one bar per target: req/s at c=32 and CPU µs per request (both one core each)."""
+    names = [n for n in order if scen[n].status == "ok" and n != "direct"]
+    concurrencies = sorted({c for n in names for c in scen[n].runs})
+    tc = throughput_c(concurrencies) if concurrencies else THROUGHPUT_C
+    data = {n: summarize(scen[n], tc) for n in names}
+    panels = (
+        ("rps", f"requests/s at c={tc}, one core (higher is better)"),
+        ("cpu_us", "CPU µs per request (lower is better)"),
+    )
     if use_mpl:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib import ticker
 
-        fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
-        width = 0.8 / max(1, len(concurrencies))
-        for ax, key, title in (
-            (axes[0], "rps", "requests/s (higher is better)"),
-            (axes[1], "p99_ms", "p99 latency, ms (lower is better)"),
-        ):
-            for i, c in enumerate(concurrencies):
-                xs, ys = [], []
-                for j, n in enumerate(names):
-                    sm = data[(n, c)]
-                    if sm:
-                        xs.append(j + (i - (len(concurrencies) - 1) / 2) * width)
-                        ys.append(sm[key])
-                bars = ax.bar(xs, ys, width=width, label=f"c={c}")
-                for bx, by in zip(xs, ys, strict=True):
-                    label = f"{by:,.0f}" if key == "rps" else f"{by:.1f}"
-                    ax.annotate(label, (bx, by), ha="center", va="bottom", fontsize=6, rotation=90)
-                del bars
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        for ax, (key, title) in zip(axes, panels, strict=True):
+            values = [(data[n] or {}).get(key) or 0.0 for n in names]
+            values = [0.0 if math.isnan(v) else v for v in values]
+            colors = ["tab:red" if n.startswith("gateway") else "tab:gray" for n in names]
+            ax.bar(range(len(names)), values, color=colors)
+            for x, v in enumerate(values):
+                ax.annotate(
+                    f"{v:,.0f}" if key == "rps" else f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=8
+                )
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
-            ax.set_yscale("log")
-            tops = [sm[key] for sm in data.values() if sm and sm[key] > 0]
-            if tops:
-                ax.set_ylim(top=max(tops) * 3)  # room for the value labels above the bars
-            plain = ticker.FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 10 else f"{v:g}")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-            ax.set_title(title)
+            if any(v > 0 for v in values):
+                # Log scale: the naive proxy is two orders of magnitude off the others.
+                ax.set_yscale("log")
+                ax.set_ylim(top=max(values) * 3)
+            ax.set_title(title + ", log scale")
             ax.grid(axis="y", which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"scoring-gateway bench ({_dt.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} cores)")
+        fig.suptitle(f"scoring-gateway bench, per core ({_dt.datetime.now():%Y-%m-%d %H:%M})")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         return "(matplotlib)."
-    _plain_png(path, names, concurrencies, data)
+    _plain_png(path, names, [key for key, _ in panels], data)
     return (
-        "(matplotlib unavailable: plain bar chart without text; left half req/s, right half p99, "
-        "log scale, scenarios in table order, one bar per concurrency, darker = higher c)."
+        "(matplotlib unavailable: plain bar chart without text; left half req/s, right half CPU µs per "
+        "request, targets in table order)."
     )
 
 
-def _plain_png(path: Path, names: list[str], concurrencies: list[int], data: dict[Any, Any]) -> None:
-    """Minimal PNG writer (no dependencies) used only when matplotlib cannot be installed."""
+def _plain_png(path: Path, names: list[str], keys: list[str], data: dict[str, Any]) -> None:
+    """Minimal PNG writer (no dependencies) used only when matplotlib is not there."""
     w, h = 1200, 400
     px = bytearray(b"\xff" * (w * h * 3))
 
@@ -1169,24 +1503,20 @@ def _plain_png(path: Path, names: list[str], concurrencies: list[int], data: dic
             for x in range(max(0, x0), min(w, x1)):
                 px[row + 3 * x : row + 3 * x + 3] = bytes(rgb)
 
-    shades = [(120, 170, 230), (50, 110, 200), (10, 40, 120), (0, 0, 60)]
-    for panel, key in enumerate(("rps", "p99_ms")):
-        vals = [sm[key] for sm in data.values() if sm and sm[key] > 0]
-        if not vals:
-            continue
-        lo, hi = math.log10(min(vals)) - 0.3, math.log10(max(vals)) + 0.1
+    for panel, key in enumerate(keys):
+        vals = [(data[n] or {}).get(key) or 0.0 for n in names]
+        vals = [0.0 if math.isnan(v) else v for v in vals]
+        top = max(vals, default=0.0)
         x_base = panel * (w // 2) + 20
         slot = (w // 2 - 40) / max(1, len(names))
         rect(x_base, h - 21, x_base + w // 2 - 40, h - 20, (0, 0, 0))
-        for j, n in enumerate(names):
-            for i, c in enumerate(concurrencies):
-                sm = data[(n, c)]
-                if not sm or sm[key] <= 0:
-                    continue
-                bw = max(1, int(slot * 0.8 / len(concurrencies)))
-                x0 = int(x_base + j * slot + i * bw)
-                hgt = int((math.log10(sm[key]) - lo) / (hi - lo) * (h - 40))
-                rect(x0, h - 20 - hgt, x0 + bw - 1, h - 20, shades[i % len(shades)])
+        for j, (n, v) in enumerate(zip(names, vals, strict=True)):
+            if top <= 0 or v <= 0:
+                continue
+            x0 = int(x_base + j * slot)
+            hgt = int(v / top * (h - 40))
+            rgb = (200, 40, 40) if n.startswith("gateway") else (120, 120, 120)
+            rect(x0, h - 20 - hgt, x0 + int(slot * 0.8), h - 20, rgb)
     raw = b"".join(b"\x00" + bytes(px[y * w * 3 : (y + 1) * w * 3]) for y in range(h))
 
     def chunk(tag: bytes, body: bytes) -> bytes:
@@ -1206,41 +1536,60 @@ def _plain_png(path: Path, names: list[str], concurrencies: list[int], data: dic
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--quick", action="store_true", help="smoke-test settings: 1 s runs, 1 repeat, short soak (~1 min)"
+        "--quick",
+        action="store_true",
+        help="smoke-test settings: 1 s runs, 1 repeat, short soak; installs nothing but wrk and nginx "
+        "(peers that are missing are skipped)",
     )
     p.add_argument("--duration", type=int, help="seconds per wrk run (integer; default 5, quick 1)")
     p.add_argument(
         "--repeat", type=int, help="runs per scenario and concurrency, medians reported (default 3, quick 1)"
     )
-    p.add_argument("--warmup", type=int, help="seconds of warm-up load per scenario (default 2, quick 1)")
+    p.add_argument("--warmup", type=int, help="seconds of warm-up load per scenario (default 2, quick 0)")
     p.add_argument(
-        "--concurrency", default="1,32,128", help="comma-separated connection counts (default 1,32,128)"
+        "--concurrency",
+        help=f"comma-separated connection counts (default {LATENCY_C},{THROUGHPUT_C}: latency, throughput)",
     )
     p.add_argument(
         "--scenarios",
-        default=",".join(ALL_SCENARIOS),
-        help="comma-separated subset of: " + ", ".join(ALL_SCENARIOS),
+        help="comma-separated subset of: "
+        + ", ".join(s for s in ALL_SCENARIOS if s != BASELINE)
+        + " (default all; quick: "
+        + ", ".join(QUICK_SCENARIOS)
+        + ")",
     )
     p.add_argument(
-        "--threads", type=int, default=1, help="wrk threads (default 1: this bench targets 2-core machines)"
+        "--baseline",
+        type=Path,
+        help="another checkout of the gateway, measured as `gateway-baseline` next to this one "
+        "(same interpreter, that checkout on PYTHONPATH), alternating A B A B",
     )
+    p.add_argument(
+        "--threads", type=int, default=1, help="wrk threads (default 1: wrk and the upstream share one core)"
+    )
+    p.add_argument(
+        "--proxy-cpu",
+        type=int,
+        help="the core the proxy under test is pinned to (default: the last usable one)",
+    )
+    p.add_argument("--no-pin", action="store_true", help="do not pin anything to cores")
     p.add_argument(
         "--soak-requests",
         type=int,
-        help="requests sent through gateway-key-1w for the memory-growth check "
-        "(default 200000, quick 10000, 0 = off)",
+        help="requests through `gateway` for the memory-growth check (default 200000, quick 2000, 0 = off)",
     )
     p.add_argument("--soak-concurrency", type=int, default=32)
     p.add_argument("--soak-max-seconds", type=int, default=150, help="time cap for the soak (default 150)")
     p.add_argument(
         "--out", type=Path, default=BENCH_DIR / "results", help="output directory (default bench/results)"
     )
-    p.add_argument("--no-install", action="store_true", help="do not apt-get/pip install missing tools")
+    p.add_argument("--no-install", action="store_true", help="do not apt-get/pip install anything missing")
     args = p.parse_args(argv)
     defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
     for key, val in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, val)
+    args.install_peers = not (args.no_install or args.quick)
     if args.duration < 1 or args.repeat < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--duration/--repeat/--threads must be >= 1 and --warmup >= 0 (wrk takes whole seconds)")
     try:
@@ -1249,10 +1598,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--concurrency must be comma-separated integers")
     if not args.concurrency_list or min(args.concurrency_list) < 1:
         p.error("--concurrency needs positive integers")
-    wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if args.scenarios is None:
+        wanted = QUICK_SCENARIOS if args.quick else [s for s in ALL_SCENARIOS if s != BASELINE]
+    else:
+        wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in ALL_SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s) {unknown}; choose from {ALL_SCENARIOS}")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "gateway" / "cli.py").is_file():
+            p.error(f"--baseline {args.baseline} is not a checkout of the gateway (no gateway/cli.py)")
+        wanted = [*wanted, "gateway", BASELINE]
+    elif BASELINE in wanted:
+        p.error(f"{BASELINE} needs --baseline DIR")
     args.scenario_list = [s for s in ALL_SCENARIOS if s in wanted]
     args.command_line = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.command_line = args.command_line.strip()
@@ -1269,10 +1628,13 @@ def setup_scenarios(
     procs: ProcessSet,
     workdir: Path,
     scen: dict[str, Scenario],
+    pinning: Pinning,
 ) -> None:
     nginx = tools["nginx"]
+    proxy_cpus = pinning.proxy_cpus or None
     direct = scen["direct"]
     direct.port = free_port()
+    # The upstream inherits the bench's own affinity: the load core(s).
     direct.proc = start_nginx(procs, nginx, workdir, "direct", direct_conf(workdir / "direct", direct.port))
     wait_until(lambda: check_score(direct.port)[0], 20.0, direct.proc, "direct nginx")
     direct_url = direct.url
@@ -1290,10 +1652,15 @@ def setup_scenarios(
                 raise BenchError(f"sanity request failed: {detail}")
             # The emulator checks the key itself (401 otherwise) and sends no X-Bench-Auth header.
             sc.auth_seen = "key (emulator answered 200)" if name == "gateway-emulator" else detail
+            assert sc.proc is not None
+            sc.pids = process_tree(sc.proc.pid)
+            sc.pinned_to = fmt_cpus(tree_affinity(sc.pids))
+            if name != "direct" and pinning.active and sc.pinned_to != fmt_cpus(pinning.proxy_cpus):
+                raise BenchError(f"{name} runs on cores {sc.pinned_to}, not {fmt_cpus(pinning.proxy_cpus)}")
             sc.status = "ok"
             log(
-                f"{name} ready on port {sc.port} in {time.monotonic() - t0:.1f}s "
-                f"(upstream saw auth: {sc.auth_seen})"
+                f"{name} ready on port {sc.port} in {time.monotonic() - t0:.1f}s, {len(sc.pids)} "
+                f"process(es) on core {sc.pinned_to} (upstream saw auth: {sc.auth_seen})"
             )
         except Exception as exc:  # one scenario that cannot start must not sink the others
             sc.status = "skipped" if name in OPTIONAL_SCENARIOS else "failed"
@@ -1307,12 +1674,31 @@ def setup_scenarios(
     setup("direct", lambda sc: None)
 
     def nginx_proxy(sc: Scenario) -> None:
-        sc.proc = start_nginx(
-            procs, nginx, workdir, "nginx", proxy_conf(workdir / "nginx", sc.port, direct.port)
-        )
+        conf = proxy_conf(workdir / "nginx", sc.port, direct.port)
+        sc.proc = start_nginx(procs, nginx, workdir, "nginx", conf, proxy_cpus)
         wait_until(lambda: check_score(sc.port)[0], 20.0, sc.proc, "nginx proxy")
 
     setup("nginx", nginx_proxy)
+
+    def haproxy(sc: Scenario) -> None:
+        if not tools.get("haproxy"):
+            raise BenchError(
+                "haproxy is not installed" + ("" if args.install_peers else " (not installed here)")
+            )
+        sc.proc = start_haproxy(procs, tools["haproxy"], workdir, sc.port, direct.port, proxy_cpus)
+        wait_until(lambda: check_score(sc.port)[0], 20.0, sc.proc, "haproxy")
+
+    setup("haproxy", haproxy)
+
+    def caddy(sc: Scenario) -> None:
+        if not tools.get("caddy"):
+            raise BenchError(
+                "caddy is not installed" + ("" if args.install_peers else " (not installed here)")
+            )
+        sc.proc = start_caddy(procs, tools["caddy"], workdir, sc.port, direct.port, proxy_cpus)
+        wait_until(lambda: check_score(sc.port)[0], 30.0, sc.proc, "caddy")
+
+    setup("caddy", caddy)
 
     def naive(sc: Scenario) -> None:
         env = dict(os.environ, NAIVE_UPSTREAM_URL=direct_url, NAIVE_API_KEY=STATIC_KEY)
@@ -1320,33 +1706,49 @@ def setup_scenarios(
             sys.executable, "-m", "uvicorn", "naive_proxy:app", "--app-dir", str(BENCH_DIR),
             "--host", "127.0.0.1", "--port", str(sc.port), "--workers", "1", "--log-level", "warning",
         ]  # fmt: skip
-        sc.proc = procs.start("naive", cmd, workdir / "naive.log", env=env)
+        sc.proc = procs.start("naive", cmd, workdir / "naive.log", env=env, cpus=proxy_cpus)
         wait_until(lambda: http_request(sc.port, "GET", "/healthz")[0] == 200, 30.0, sc.proc, "naive proxy")
 
     setup("naive", naive)
 
+    def aiohttp_forwarder(sc: Scenario) -> None:
+        if not tools.get("aiohttp"):
+            raise BenchError("aiohttp is not importable by this interpreter")
+        env = dict(
+            os.environ, AIOHTTP_UPSTREAM_URL=direct_url, AIOHTTP_API_KEY=STATIC_KEY, AIOHTTP_PORT=str(sc.port)
+        )
+        cmd = [sys.executable, str(BENCH_DIR / "aiohttp_proxy.py")]
+        sc.proc = procs.start("aiohttp", cmd, workdir / "aiohttp.log", env=env, cpus=proxy_cpus)
+        wait_until(lambda: http_request(sc.port, "GET", "/healthz")[0] == 200, 30.0, sc.proc, "aiohttp proxy")
+
+    setup("aiohttp", aiohttp_forwarder)
+
     gw_wanted = [n for n in args.scenario_list if n.startswith("gateway")]
     if not gw_wanted:
         return
-    ok, why = gateway_available()
-    if not ok:
-        for name in gw_wanted:
+    roots = {name: (args.baseline if name == BASELINE else REPO_ROOT) for name in gw_wanted}
+    for root in set(roots.values()):
+        ok, why = gateway_available(root)
+        if ok:
+            continue
+        for name in [n for n, r in roots.items() if r == root]:
             scen[name].status = "skipped" if name in OPTIONAL_SCENARIOS else "failed"
             scen[name].reason = f"gateway not available: {why}"
             log(f"{name} {scen[name].status}: {scen[name].reason}")
-        return
+        gw_wanted = [n for n in gw_wanted if roots[n] != root]
 
-    for name, workers in (("gateway-key-1w", 1), ("gateway-key-2w", 2)):
-        setup(
-            name,
-            lambda sc, w=workers: start_gateway(  # type: ignore[misc]
-                procs, workdir, sc, key_gateway_yaml(sc.port, direct_url), w, check_first=False
-            ),
-        )
+    for name in ("gateway", BASELINE):
+        if name in gw_wanted:
+            setup(
+                name,
+                lambda sc, root=roots[name]: start_gateway(  # type: ignore[misc]
+                    procs, workdir, sc, key_gateway_yaml(sc.port, direct_url), False, proxy_cpus, root
+                ),
+            )
 
     emulator: dict[str, Any] = {}
     emu_error = ""
-    if "gateway-aad" in args.scenario_list or "gateway-emulator" in args.scenario_list:
+    if "gateway-aad" in gw_wanted or "gateway-emulator" in gw_wanted:
         try:
             emulator = start_emulator(procs, workdir)
             log(f"emulator up: { ({k: v for k, v in emulator.items() if k != 'proc'}) }")
@@ -1358,17 +1760,19 @@ def setup_scenarios(
         if emu_error:
             raise BenchError(emu_error)
         yaml_text = aad_gateway_yaml(sc.port, direct_url, emulator["https_url"], emulator["ca_file"])
-        start_gateway(procs, workdir, sc, yaml_text, 1, check_first=True)
+        start_gateway(procs, workdir, sc, yaml_text, True, proxy_cpus)
 
-    setup("gateway-aad", aad)
+    if "gateway-aad" in gw_wanted:
+        setup("gateway-aad", aad)
 
     def emu_route(sc: Scenario) -> None:
         if emu_error:
             raise BenchError(emu_error)
         url = emulator["http_url"].rstrip("/") + "/score"
-        start_gateway(procs, workdir, sc, key_gateway_yaml(sc.port, url), 1, check_first=True)
+        start_gateway(procs, workdir, sc, key_gateway_yaml(sc.port, url), True, proxy_cpus)
 
-    setup("gateway-emulator", emu_route)
+    if "gateway-emulator" in gw_wanted:
+        setup("gateway-emulator", emu_route)
 
 
 def run_soak(args: argparse.Namespace, tools: dict[str, str], sc: Scenario) -> dict[str, Any]:
@@ -1376,7 +1780,7 @@ def run_soak(args: argparse.Namespace, tools: dict[str, str], sc: Scenario) -> d
     assert sc.proc is not None
     target, conc = args.soak_requests, args.soak_concurrency
     sent, errors, t0 = 0, 0, time.monotonic()
-    rps_guess = max(1.0, (summarize(sc, target_concurrency(args.concurrency_list)) or {"rps": 1000.0})["rps"])
+    rps_guess = max(1.0, (summarize(sc, throughput_c(args.concurrency_list)) or {"rps": 1000.0})["rps"])
     capped = False
     log(f"soak: {target:,} requests at c={conc} through {sc.name} (cap {args.soak_max_seconds}s)")
     while sent < target:
@@ -1396,20 +1800,88 @@ def run_soak(args: argparse.Namespace, tools: dict[str, str], sc: Scenario) -> d
             "concurrency": conc, "capped": capped}  # fmt: skip
 
 
+def measure(args: argparse.Namespace, tools: dict[str, str], active: list[Scenario]) -> None:
+    """Warm up every scenario, then for each repeat, for each concurrency, run every scenario back to
+    back (the gateway and its baseline next to each other: A B A B), so slow drifts of the machine hit
+    them alike."""
+    if args.warmup > 0:
+        for sc in active:
+            res = run_wrk(tools["wrk"], sc.url, THROUGHPUT_C, args.warmup, args.threads)
+            sc.requests_served += res["requests"]
+            log(f"warm-up {sc.name}: {res['rps']:,.0f} req/s, {res['errors']} errors")
+    for sc in active:
+        if sc.name.startswith("gateway") and sc.proc:
+            sc.memory["after_warmup"] = tree_memory(sc.proc.pid) | {"served": sc.requests_served}
+
+    for rep in range(args.repeat):
+        for c in args.concurrency_list:
+            for sc in active:
+                if sc.proc is not None and not sc.proc.alive():
+                    if sc.status == "ok":
+                        sc.status = "failed"
+                        sc.reason = f"process died during the run: {sc.proc.log_tail()}"
+                        log(f"{sc.name}: {sc.reason}")
+                    continue
+                res = run_wrk(tools["wrk"], sc.url, c, args.duration, args.threads, cpu_pids=sc.pids)
+                res["repeat"] = rep
+                sc.runs.setdefault(c, []).append(res)
+                sc.requests_served += res["requests"]
+                cpu = res["cpu_us_per_req"]
+                log(
+                    f"rep {rep + 1}/{args.repeat} c={c:<4} {sc.name:<17} {res['rps']:>9,.0f} req/s  "
+                    f"cpu {'-' if cpu is None else f'{cpu:6.1f}'} us/req  "
+                    f"p50 {res['p50_us'] / 1000:7.3f} ms  p99 {res['p99_us'] / 1000:7.3f} ms  "
+                    f"errors {res['errors']}"
+                )
+    for sc in active:
+        if sc.status == "ok" and sc.name.startswith("gateway") and sc.proc:
+            sc.memory["after_measure"] = tree_memory(sc.proc.pid) | {"served": sc.requests_served}
+
+
+def soak_gateway(args: argparse.Namespace, tools: dict[str, str], gw: Scenario) -> dict[str, Any]:
+    soak = run_soak(args, tools, gw)
+    gw.requests_served += soak["requests"]
+    assert gw.proc is not None
+    time.sleep(0.5)
+    gw.memory["after_soak"] = tree_memory(gw.proc.pid) | {"served": gw.requests_served}
+    base = gw.memory["after_warmup"]["rss_kib"]
+    before = gw.memory["after_measure"]["rss_kib"]
+    after = gw.memory["after_soak"]["rss_kib"]
+    soak["growth_pct"] = (after - base) / base * 100 if base else None
+    soak["soak_growth_pct"] = (after - before) / before * 100 if before else None
+    soak["requests_between"] = gw.memory["after_soak"]["served"] - gw.memory["after_warmup"]["served"]
+    log(f"soak done: {soak['requests']:,} requests, RSS {base} -> {after} KiB ({soak['growth_pct']:+.1f}%)")
+    return soak
+
+
+PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.monotonic()
+    # Everything here talks to loopback directly: an egress proxy from the environment (honoured by
+    # httpx, and by the gateway since issue 9) would put that proxy into the measurement.
+    for name in PROXY_ENV:
+        os.environ.pop(name, None)
+        os.environ.pop(name.upper(), None)
+    pinning = choose_pinning(not args.no_pin, args.proxy_cpu)
+    if pinning.active:
+        # wrk, the upstream nginx, the emulator and this script inherit this: the load core(s).
+        os.sched_setaffinity(0, pinning.load_cpus)
+    log(f"pinning: {pinning.describe()}")
     cpu = CpuMeter()
     cpu.start()
     started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     signal.signal(signal.SIGTERM, _raise_exit)
     tools = ensure_tools(install=not args.no_install)
-    use_mpl = ensure_matplotlib(install=not args.no_install)
+    peers = [name for name in PEER_PACKAGES if name in args.scenario_list]
+    tools |= ensure_peers(peers, install=args.install_peers)
+    if "aiohttp" in args.scenario_list:
+        tools["aiohttp"] = "yes" if ensure_python_package("aiohttp", install=args.install_peers) else ""
+    use_mpl = ensure_python_package("matplotlib", install=not args.no_install and not args.quick)
 
-    est = (
-        len(args.scenario_list) * len(args.concurrency_list) * (args.repeat * args.duration)
-        + len(args.scenario_list) * args.warmup
-    )
+    est = len(args.scenario_list) * (len(args.concurrency_list) * args.repeat * args.duration + args.warmup)
     log(f"scenarios: {', '.join(args.scenario_list)}; concurrency {args.concurrency_list}; "
         f"~{est}s of load + soak (<= {args.soak_max_seconds}s) + start-up")  # fmt: skip
 
@@ -1421,60 +1893,11 @@ def main(argv: list[str] | None = None) -> int:
     procs = ProcessSet()
     workdir = Path(tempfile.mkdtemp(prefix="scoring-bench-"))
     try:
-        setup_scenarios(args, tools, procs, workdir, scen)
-        active = [scen[n] for n in args.scenario_list if scen[n].status == "ok"]
-
-        def served_by(sc: Scenario) -> int:
-            return sc.requests_served
-
-        if args.warmup > 0:
-            for sc in active:
-                res = run_wrk(tools["wrk"], sc.url, 32, args.warmup, args.threads)
-                sc.requests_served += res["requests"]
-                log(f"warm-up {sc.name}: {res['rps']:,.0f} req/s, {res['errors']} errors")
-        for sc in active:
-            if sc.name.startswith("gateway") and sc.proc:
-                sc.memory["after_warmup"] = tree_memory(sc.proc.pid) | {"served": served_by(sc)}
-
-        for rep in range(args.repeat):
-            for c in args.concurrency_list:
-                for sc in active:
-                    if sc.proc is not None and not sc.proc.alive():
-                        if sc.status == "ok":
-                            sc.status = "failed"
-                            sc.reason = f"process died during the run: {sc.proc.log_tail()}"
-                            log(f"{sc.name}: {sc.reason}")
-                        continue
-                    res = run_wrk(tools["wrk"], sc.url, c, args.duration, args.threads)
-                    res["repeat"] = rep
-                    sc.runs.setdefault(c, []).append(res)
-                    sc.requests_served += res["requests"]
-                    log(
-                        f"rep {rep + 1}/{args.repeat} c={c:<4} {sc.name:<17} {res['rps']:>9,.0f} req/s  "
-                        f"p50 {res['p50_us'] / 1000:7.3f} ms  p99 {res['p99_us'] / 1000:7.3f} ms  "
-                        f"errors {res['errors']}"
-                    )
-        active = [sc for sc in active if sc.status == "ok"]
-        for sc in active:
-            if sc.name.startswith("gateway") and sc.proc:
-                sc.memory["after_measure"] = tree_memory(sc.proc.pid) | {"served": served_by(sc)}
-
-        g1 = scen["gateway-key-1w"]
-        if args.soak_requests > 0 and g1.status == "ok" and g1.proc is not None:
-            soak = run_soak(args, tools, g1)
-            g1.requests_served += soak["requests"]
-            time.sleep(0.5)
-            g1.memory["after_soak"] = tree_memory(g1.proc.pid) | {"served": served_by(g1)}
-            base = g1.memory["after_warmup"]["rss_kib"]
-            before = g1.memory["after_measure"]["rss_kib"]
-            after = g1.memory["after_soak"]["rss_kib"]
-            soak["growth_pct"] = (after - base) / base * 100 if base else None
-            soak["soak_growth_pct"] = (after - before) / before * 100 if before else None
-            soak["requests_between"] = g1.memory["after_soak"]["served"] - g1.memory["after_warmup"]["served"]
-            log(
-                f"soak done: {soak['requests']:,} requests, "
-                f"RSS {base} -> {after} KiB ({soak['growth_pct']:+.1f}%)"
-            )
+        setup_scenarios(args, tools, procs, workdir, scen, pinning)
+        measure(args, tools, [scen[n] for n in args.scenario_list if scen[n].status == "ok"])
+        gw = scen["gateway"]
+        if args.soak_requests > 0 and gw.status == "ok" and gw.proc is not None:
+            soak = soak_gateway(args, tools, gw)
     finally:
         # Don't let a second Ctrl-C / SIGTERM interrupt the clean-up itself.
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1485,9 +1908,13 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, handler)
         with contextlib.suppress(OSError):
             run_dir.mkdir(parents=True, exist_ok=True)
-            for f in (
-                list(workdir.glob("*.log")) + list(workdir.glob("*.yaml")) + list(workdir.glob("*/error.log"))
-            ):
+            for f in [
+                *workdir.glob("*.log"),
+                *workdir.glob("*.yaml"),
+                *workdir.glob("*.cfg"),
+                *workdir.glob("*/error.log"),
+                *workdir.glob("*/Caddyfile"),
+            ]:
                 dest = run_dir / (f.parent.name + "-" + f.name if f.parent != workdir else f.name)
                 shutil.copy2(f, dest)
             for f in workdir.glob("*/nginx.conf"):
@@ -1497,38 +1924,31 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - t_start
     args.foreign_cpu_pct = cpu.foreign_pct()
     args.loadavg_start = cpu.loadavg
+    args.pinning = pinning.describe()
     if args.foreign_cpu_pct is not None and args.foreign_cpu_pct > 10:
         log(
             f"WARNING: other processes used ~{args.foreign_cpu_pct:.0f}% of all CPU during the run; "
             "the numbers are disturbed"
         )
-    derived = derive(scen, args.concurrency_list)
+    derived = derive(scen, args)
     machine = machine_info(tools)
-    png_note = write_chart(out_dir / "latest.png", scen, args.scenario_list, args.concurrency_list, use_mpl)
-    write_markdown(
-        out_dir / "latest.md",
-        args,
-        scen,
-        args.concurrency_list,
-        derived,
-        soak,
-        machine,
-        elapsed,
-        started,
-        png_note,
-    )
+    png_note = write_chart(out_dir / "latest.png", scen, args.scenario_list, use_mpl)
+    write_markdown(out_dir / "latest.md", args, scen, derived, soak, machine, elapsed, started, png_note)
     raw = {
         "command": args.command_line,
         "started": started,
         "elapsed_s": elapsed,
         "machine": machine,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"out": str(out_dir)},
+        "pinning": args.pinning,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "baseline")}
+        | {"out": str(out_dir), "baseline": str(args.baseline) if args.baseline else None},
         "scenarios": {
             n: {
                 "status": scen[n].status,
                 "port": scen[n].port,
                 "reason": scen[n].reason,
                 "auth_seen": scen[n].auth_seen,
+                "pinned_to": scen[n].pinned_to,
                 "summary": {c: summarize(scen[n], c) for c in args.concurrency_list},
                 "runs": scen[n].runs,
                 "memory": scen[n].memory,

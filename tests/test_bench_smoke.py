@@ -1,7 +1,9 @@
-"""Smoke test of the benchmark: a short run writes latest.md and latest.png with a row per scenario.
+"""Smoke test of the benchmark: a --quick run writes latest.md and latest.png with a row per target.
 
-No timing assertions: this only proves the bench runs end to end (nginx, wrk, the naive proxy and the
-gateway start, are driven, are stopped, and the report is written).
+No timing assertions: this only proves the bench runs end to end (nginx, wrk, the naive proxy, the
+aiohttp forwarder and the gateway, plus HAProxy and Caddy when they are installed, start pinned to their
+core, are driven, are stopped, and the report is written), including the before/after comparison with
+this same checkout as the baseline.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "run.py"
-SCENARIOS = ["direct", "nginx", "naive", "gateway-key-1w"]
-CONCURRENCY = [1, 8]
+# Always measured; haproxy and caddy are measured when installed (the quick run installs neither) and
+# aiohttp when importable, otherwise their rows say "skipped".
+REQUIRED = ["direct", "nginx", "naive", "gateway", "gateway-baseline"]
+OPTIONAL = ["haproxy", "caddy", "aiohttp"]
+CONCURRENCY = [1, 32]
 
 
 def _load_bench() -> ModuleType:
@@ -42,23 +47,7 @@ def test_bench_quick_run_writes_report(tmp_path: Path) -> None:
         pytest.skip(f"wrk/nginx are missing and could not be installed: {exc}")
 
     out = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        str(RUN),
-        "--quick",
-        "--scenarios",
-        ",".join(SCENARIOS),
-        "--duration",
-        "1",
-        "--repeat",
-        "1",
-        "--concurrency",
-        ",".join(map(str, CONCURRENCY)),
-        "--soak-requests",
-        "2000",
-        "--out",
-        str(out),
-    ]
+    cmd = [sys.executable, str(RUN), "--quick", "--baseline", str(ROOT), "--out", str(out)]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
     )
@@ -74,18 +63,44 @@ def test_bench_quick_run_writes_report(tmp_path: Path) -> None:
     md = (out / "latest.md").read_text()
     png = (out / "latest.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
-    assert (out / "latest.json").is_file()
-    for section in ("## Results", "## Targets", "## Machine", "## Gateway memory"):
+    raw = json.loads((out / "latest.json").read_text())
+    for section in (
+        "## Per core",
+        "## Client decision",
+        "## Before / after",
+        "## Results",
+        "## Targets",
+        "## Machine",
+        "## Gateway memory",
+    ):
         assert section in md
-    for name in SCENARIOS:
+    measured = [name for name in REQUIRED + OPTIONAL if raw["scenarios"][name]["status"] == "ok"]
+    assert set(REQUIRED) <= set(measured), raw["scenarios"]
+    for name in OPTIONAL:
+        if name not in measured:
+            assert raw["scenarios"][name]["status"] == "skipped", raw["scenarios"][name]
+            assert re.search(rf"^\| {name} \| skipped \|", md, re.MULTILINE), md
+    for name in measured:
         for c in CONCURRENCY:
-            row = re.compile(rf"^\| {re.escape(name)} \| {c} \| [0-9][0-9,]* \|", re.MULTILINE)
-            assert row.search(md), f"no measured row for {name} c={c} in latest.md:\n{md}"
+            row = re.compile(
+                rf"^\| {re.escape(name)} \| {c} \| [0-9][0-9,]* \| [0-9][0-9,.]* \|", re.MULTILINE
+            )
+            assert row.search(md), (
+                f"no measured row (req/s and CPU µs/req) for {name} c={c} in latest.md:\n{md}"
+            )
     assert "CPU" in md and "Kernel" in md and "Python" in md
+    assert raw["derived"]["before_after"]["rps"] > 0
+
+    # Each proxy ran alone on its own core, away from wrk and the upstream (when there are 2 cores).
+    if len(os.sched_getaffinity(0)) >= 2:
+        direct_cores = raw["scenarios"]["direct"]["pinned_to"]
+        for name in measured:
+            if name != "direct":
+                pinned = raw["scenarios"][name]["pinned_to"]
+                assert pinned and "," not in pinned and pinned not in direct_cores.split(","), (name, pinned)
 
     # Every server the bench started was stopped: nothing listens on the ports it used any more.
-    raw = json.loads((out / "latest.json").read_text())
-    for name in SCENARIOS:
+    for name in measured:
         port = raw["scenarios"][name]["port"]
         with socket.socket() as s, pytest.raises(OSError):
             s.settimeout(2)
