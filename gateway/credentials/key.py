@@ -79,6 +79,19 @@ class KeyCredential(Credential):
         self._active = self.slots[0]
         self._all_rejected = False
         self._source = source or ", ".join(f"{s.name}={s.secret.source}" for s in self.slots)
+        for slot in self.slots:
+            slot.secret.subscribe(self._key_changed)
+
+    def _key_changed(self, secret: Secret) -> None:
+        for slot in self.slots:
+            if slot.secret is secret:
+                metrics.KEY_ROTATIONS.labels(self.route, slot.name).inc()
+                logger.warning(
+                    "route %s: the %s key changed (%s); using the new one",
+                    self.route,
+                    slot.name,
+                    secret.source,
+                )
 
     @property
     def active(self) -> KeySlot:
@@ -164,13 +177,19 @@ class KeyCredential(Credential):
             state = "degraded"
         else:
             state = "valid"
+        extra: dict[str, object] = {"rejected_slots": rejected} if rejected else {}
+        wall = time.time()
+        ages = {s.name: round(max(0.0, wall - s.secret.since)) for s in self.slots}
+        for slot_name, age in ages.items():
+            metrics.KEY_AGE.labels(self.route, slot_name).set(age)
+        extra["key_age_s"] = ages
         return CredentialStatus(
             kind=self.kind,
             ready=bool(usable),
             state=state,
             active_slot=self._choose().name,
             source=self._source,
-            extra={"rejected_slots": rejected} if rejected else {},
+            extra=extra,
         )
 
     async def check(self) -> CredentialStatus:

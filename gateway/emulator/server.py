@@ -138,6 +138,11 @@ class EmulatorServer:
         return f"{self.https_url}/{tenant_id}"
 
     @property
+    def vault_url(self) -> str:
+        """The emulated Key Vault (`{vault}/secrets/{name}`); it needs a token for https://vault.azure.net."""
+        return self.https_url
+
+    @property
     def scoring_uri(self) -> str:
         return f"{self.http_url}/score"
 
