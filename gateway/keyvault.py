@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from gateway import metrics, redaction
-from gateway.config import IdentityConfig, KeyVaultConfig, KeyVaultRef
+from gateway.config import IdentityConfig, KeyVaultConfig, KeyVaultRef, LiteralRef
 from gateway.credentials import BuildContext
 from gateway.credentials.arm import ArmClient, shared_arm_client
 from gateway.credentials.base import Grant
@@ -355,10 +355,22 @@ class KeyVaults:
                     f"{self.ctx.source}: keyvault.identity: its own credentials cannot come from Key Vault"
                 )
             self._resolving_identity = True
-            try:
-                identity = resolve_identity(
-                    "<keyvault>", self.config.identity or IdentityConfig.model_validate({}), self.ctx
+            config = self.config.identity or IdentityConfig.model_validate({})
+            if self.ctx.warn_literals and isinstance(config.client_secret, LiteralRef):
+                logger.warning(
+                    "%s: keyvault.identity.client_secret is a literal secret in the config file; prefer "
+                    "{env: NAME} or {file: PATH}",
+                    self.ctx.source,
                 )
+            # Warned above with the right key path; the shared clients and identities are the same.
+            quiet = BuildContext(
+                ssl_context=self.ctx.ssl_context,
+                source=self.ctx.source,
+                warn_literals=False,
+                shared=self.ctx.shared,
+            )
+            try:
+                identity = resolve_identity("<keyvault>", config, quiet)
             except ConfigError as exc:
                 where = str(exc).replace("routes.<keyvault>.auth.identity", "keyvault.identity")
                 raise ConfigError(where) from None

@@ -1078,10 +1078,10 @@ class _Emulator:
     async def admin_set_fault(self, request: Request) -> Response:
         try:
             body = await _json_body(request)
-            unknown = set(body) - {"target", "status", "retry_after", "count", "hang_s", "delay_s"}
+            unknown = set(body) - {"target", "status", "retry_after", "count", "hang_s", "delay_s", "skip"}
             if unknown:
                 raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
-            for name in ("status", "retry_after", "count"):
+            for name in ("status", "retry_after", "count", "skip"):
                 if body.get(name) is not None and (type(body[name]) is not int):
                     raise ValueError(f"{name} must be an integer")
             for name in ("hang_s", "delay_s"):
@@ -1096,6 +1096,7 @@ class _Emulator:
                 count=body.get("count"),
                 hang_s=body.get("hang_s"),
                 delay_s=body.get("delay_s"),
+                skip=body.get("skip") or 0,
             )
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, 400)

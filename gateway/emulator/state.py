@@ -155,6 +155,7 @@ class Fault:
     `status`: answer with this HTTP status and the target's Azure-shaped error body.
     `retry_after`: seconds, sent as a Retry-After header along with `status`.
     `remaining`: how many more requests are affected; None means until cleared.
+    `skip`: how many requests pass untouched before the fault applies (fail the second call, not the first).
     `delay_s`: latency added before answering (normally, unless `status` is set too).
     `hang_s`: hold the request this long, then fail it (with `status`, else 504): an unresponsive service.
     """
@@ -165,6 +166,7 @@ class Fault:
     remaining: int | None = None
     hang_s: float | None = None
     delay_s: float | None = None
+    skip: int = 0
 
     @property
     def fails(self) -> bool:
@@ -616,6 +618,7 @@ class EmulatorState:
         count: int | None = None,
         hang_s: float | None = None,
         delay_s: float | None = None,
+        skip: int = 0,
     ) -> Fault:
         """Arm a fault for `target` ("token", "mi", "arm", "score"), replacing any previous one.
 
@@ -632,7 +635,9 @@ class EmulatorState:
         for name, value in (("retry_after", retry_after), ("hang_s", hang_s), ("delay_s", delay_s)):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative")
-        fault = Fault(target, status, retry_after, count, hang_s, delay_s)
+        if skip < 0:
+            raise ValueError("skip must not be negative")
+        fault = Fault(target, status, retry_after, count, hang_s, delay_s, skip)
         with self._lock:
             self._faults[target] = fault
         return fault
@@ -656,6 +661,9 @@ class EmulatorState:
         with self._lock:
             fault = self._faults.get(target)
             if fault is None:
+                return None
+            if fault.skip > 0:
+                self._faults[target] = replace(fault, skip=fault.skip - 1)
                 return None
             if fault.remaining is not None:
                 if fault.remaining <= 1:
