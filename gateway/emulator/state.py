@@ -177,7 +177,10 @@ class Fault:
         return self.status if self.status is not None else 504
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.skip:
+            del data["skip"]
+        return data
 
 
 def _new_signing_material() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
