@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="end-to-end demo on this machine: emulator + gateway + the seed's client code",
         description="Starts the emulator and the gateway on free loopback ports, scores two rows through the "
-        "gateway with plain HTTP and no credentials, regenerates the primary key and shows failover.",
+        "gateway with plain HTTP and no credentials, regenerates the primary key and shows failover, then "
+        "rotates both keys with `gateway rotate` while requests flow and counts the failed ones (zero).",
     )
     demo.add_argument(
         "--keep-running", action="store_true", help="leave both running and print a curl command"
