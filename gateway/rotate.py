@@ -82,6 +82,7 @@ class Plan:
     verify_url: str
     settle_s: float
     slots: list[SlotPlan] = field(default_factory=list)
+    auto_order: bool = False  # no --slots: a key the endpoint already rejects goes first
 
     def describe(self) -> list[str]:
         lines = [
@@ -100,6 +101,8 @@ class Plan:
             if number < len(self.slots):
                 steps.append(f"wait {self.settle_s:g} s for every gateway to pick it up")
             lines.append(f"  {number}. {slot.slot}: " + "; ".join(steps))
+        if self.auto_order and self.slots[0].source != "listKeys":
+            lines.append("  (a key whose current value the endpoint rejects is rotated first)")
         lines.append(f"  ARM: POST {self.regenerate_url.split('?')[0]}")
         return lines
 
@@ -191,6 +194,7 @@ def make_plan(
         verify_url=verify_url or verify_url_for(route),
         settle_s=settle,
         slots=plans,
+        auto_order=slots is None,
     )
 
 
@@ -218,6 +222,8 @@ class Rotation:
     async def run(self) -> None:
         self.arm.acquire(self)
         try:
+            if self.plan.auto_order and self.plan.slots[0].source != "listKeys":
+                await self._order()
             for number, slot in enumerate(self.plan.slots, 1):
                 await self._rotate(slot)
                 if number < len(self.plan.slots) and self.plan.settle_s > 0:
@@ -257,6 +263,45 @@ class Rotation:
         await self._verify(slot, new_key)
         slot.state = "rotated and verified"
         self.say(f"the {slot.slot} key is rotated and verified")
+
+    async def _order(self) -> None:
+        """Gateways use a key the endpoint accepts: one it rejects (a previous run stopped after writing
+        it, before the endpoint took it) is not in use anywhere, so it is rotated first."""
+        rejected = []
+        for slot in self.plan.slots:
+            try:
+                if isinstance(slot.ref, KeyVaultRef):
+                    assert self.vault is not None
+                    current = (await self.vault.get(slot.ref.keyvault.vault, slot.ref.keyvault.secret)).value
+                else:
+                    assert isinstance(slot.ref, FileRef)
+                    current = _read_file(Path(slot.ref.file))
+            except (KeyVaultError, OSError) as exc:
+                raise RotationFailed(
+                    "read", f"cannot read the current {slot.slot} key from {slot.where}: {exc}"
+                ) from None
+            if await self._rejected(current):
+                rejected.append(slot)
+        if len(rejected) == 1 and rejected[0] is not self.plan.slots[0]:
+            place = "Key Vault" if rejected[0].source == "keyvault" else "its file"
+            self.say(
+                f"the current {rejected[0].slot} key in {place} is rejected by the endpoint (a previous run "
+                "stopped half-way?): no gateway uses it, so it is rotated first"
+            )
+            self.plan.slots.remove(rejected[0])
+            self.plan.slots.insert(0, rejected[0])
+        elif len(rejected) == len(self.plan.slots):
+            self.say("the endpoint rejects every current key: requests fail already; rotating to repair that")
+
+    async def _rejected(self, key: str) -> bool:
+        """True when the scoring front end refuses `key` (401/403); other answers and errors: False."""
+        try:
+            response = await self.arm._http().get(
+                self.plan.verify_url, headers={"Authorization": f"Bearer {key}"}
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code in (401, 403)
 
     async def _write(self, slot: SlotPlan, new_key: str) -> None:
         try:
@@ -366,6 +411,12 @@ class Rotation:
 
     def key_states(self) -> str:
         return "; ".join(f"{s.slot}: {s.state}" for s in self.plan.slots)
+
+
+def _read_file(path: Path) -> str:
+    value = path.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+    redaction.register(value)
+    return value
 
 
 def _write_file(path: Path, value: str) -> None:

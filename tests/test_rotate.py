@@ -265,3 +265,62 @@ def test_no_key_value_in_any_output(emulator: EmulatorServer) -> None:
     for value in values:
         HYGIENE.add_secret(value, "quiet rotated key")
         assert value not in out
+
+
+def test_back_to_back_rotations_and_a_rerun_after_a_failure_fail_no_request(emulator: EmulatorServer) -> None:
+    """The gateway remembers a key it saw rejected (for `recheck_after_s`): a second rotation right after
+    the first, and a re-run after a run that stopped half-way (the vault then holds a primary the
+    endpoint does not have), must still find a working key for every request."""
+    key_pair(emulator, "again")
+    data = rotation_config(emulator, "again", refresh_every_s=0.3)
+    replicas = [ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))).start() for _ in range(2)]
+    try:
+        with Traffic(replicas) as traffic:
+            time.sleep(0.3)
+            first, out1 = rotate(data, settle_s=SETTLE_S)
+            second, out2 = rotate(data, settle_s=SETTLE_S)
+            emulator.state.set_fault(
+                "regenerate", status=500, skip=1, count=1
+            )  # the primary's regeneration fails
+            third, out3 = rotate(data, settle_s=SETTLE_S)
+            time.sleep(1.0)
+            fourth, out4 = rotate(data, settle_s=SETTLE_S)  # the recovery: run it again
+            time.sleep(1.0)
+        assert (first, second, third, fourth) == (0, 0, 1, 0), (out1, out2, out3, out4)
+        assert "primary key in Key Vault is rejected by the endpoint" in out4
+        assert out4.index("regenerating the primary key") < out4.index("regenerating the secondary key")
+        keys = emulator.state.keys()
+        for slot in ("primary", "secondary"):
+            stored = emulator.state.get_secret(f"again-{slot}")
+            assert stored is not None and stored.value == keys[slot]
+            HYGIENE.add_secret(keys[slot], f"rotated {slot} key")
+        assert traffic.failed == [], (len(traffic.failed), traffic.failed[:5])
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_key_files_are_rewritten_before_the_endpoint_takes_the_key(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    primary, secondary = key_pair(emulator, "files")
+    (tmp_path / "primary").write_text(primary + "\n")
+    (tmp_path / "secondary").write_text(secondary + "\n")
+    data = rotation_config(emulator, "files")
+    auth = data["routes"]["iris"]["auth"]
+    auth["primary"] = {"file": str(tmp_path / "primary")}
+    auth["secondary"] = {"file": str(tmp_path / "secondary")}
+    with (
+        ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
+        Traffic([gateway]) as traffic,
+    ):
+        time.sleep(0.3)
+        code, out = rotate(data)  # default settle: 1 s file checks + 5 s margin
+        time.sleep(1.5)
+    assert code == 0, out
+    assert "waiting 6 s" in out
+    keys = emulator.state.keys()
+    for slot in ("primary", "secondary"):
+        HYGIENE.add_secret(keys[slot], f"file-rotated {slot} key")
+        assert (tmp_path / slot).read_text() == keys[slot] + "\n"
+    assert traffic.failed == [], traffic.failed[:5]

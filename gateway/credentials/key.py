@@ -8,6 +8,7 @@ request and, if accepted, becomes active. A rejected slot is tried again when it
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -77,6 +78,7 @@ class KeyCredential(Credential):
         self.recheck_after_s = recheck_after_s
         self._refetch = refetch
         self._active = self.slots[0]
+        self._switched_at = -math.inf  # monotonic time of the last failover
         self._all_rejected = False
         self._source = source or ", ".join(f"{s.name}={s.secret.source}" for s in self.slots)
         for slot in self.slots:
@@ -127,8 +129,13 @@ class KeyCredential(Credential):
             return slot.grant()
         slot.reject()
         now = time.monotonic()
+        # The active key worked since the others were rejected, and now fails: the endpoint's keys
+        # changed (a rotation), so a rejection older than the last failover is stale: try that key again.
+        stale_before = self._switched_at if slot is self._active else -math.inf
         for other in self.slots:
-            if other is not slot and other.usable(now, self.recheck_after_s):
+            if other is not slot and (
+                other.usable(now, self.recheck_after_s) or other.rejected_at <= stale_before
+            ):
                 return other.grant()
         if self._refetch is not None and await self._refetch():
             candidate = self._choose()
@@ -159,6 +166,7 @@ class KeyCredential(Credential):
             )
         if slot is not active:
             self._active = slot
+            self._switched_at = time.monotonic()
             metrics.KEY_FAILOVERS.labels(self.route, slot.name).inc()
             logger.warning(
                 "route %s: switched to the %s key after the %s key was rejected",
