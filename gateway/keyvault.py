@@ -377,6 +377,7 @@ class KeyVaults:
             finally:
                 self._resolving_identity = False
             token = shared_token_cache(self.ctx).entry(identity, self.config.scope)
+            token.register(self, "keyvault", "keyvault")  # token log lines and metrics say what it is for
             self._client = KeyVaultClient(self.config, token, shared_arm_client(self.ctx))
         return self._client
 

@@ -129,18 +129,19 @@ class KeyCredential(Credential):
             return slot.grant()
         slot.reject()
         now = time.monotonic()
-        # The active key worked since the others were rejected, and now fails: the endpoint's keys
-        # changed (a rotation), so a rejection older than the last failover is stale: try that key again.
-        stale_before = self._switched_at if slot is self._active else -math.inf
         for other in self.slots:
-            if other is not slot and (
-                other.usable(now, self.recheck_after_s) or other.rejected_at <= stale_before
-            ):
+            if other is not slot and other.usable(now, self.recheck_after_s):
                 return other.grant()
         if self._refetch is not None and await self._refetch():
             candidate = self._choose()
             if candidate.usable(time.monotonic(), self.recheck_after_s):
                 return candidate.grant()
+        if slot is self._active:
+            # The active key worked since the others were rejected, and now fails: the endpoint's keys
+            # changed (a rotation), so a rejection older than the last failover is stale: try it again.
+            for other in self.slots:
+                if other is not slot and other.rejected_at <= self._switched_at:
+                    return other.grant()
         if not self._all_rejected:
             self._all_rejected = True
             logger.error(
