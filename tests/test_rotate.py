@@ -181,7 +181,7 @@ def test_rotation_with_two_replicas_under_traffic_fails_no_request(emulator: Emu
             ready = httpx.get(f"{replica.url}/readyz").json()
             assert ready["ready"] is True
             metrics = httpx.get(f"{replica.url}/metrics").text
-            for slot in ("secondary", "primary"):  # both replicas count in this process's one registry
+            for slot in ("secondary", "primary"):  # the process's one registry, shared by every test
                 line = f'gateway_key_rotations_total{{route="iris",slot="{slot}"}} '
                 assert float(metrics.split(line, 1)[1].split()[0]) >= 1
         print(f"rotation under traffic: {traffic.sent} requests, {len(traffic.failed)} failed")
