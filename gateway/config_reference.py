@@ -122,7 +122,9 @@ SECTION_NOTES: dict[str, str] = {
     "RouteConfig": "Give exactly one of `upstream` and `upstreams`.",
     "KeyAuth": (
         "Give either `primary` (and optionally `secondary`), or `from_endpoint` (and optionally "
-        "`identity`) to fetch both keys from the control plane; not both."
+        "`identity`) to fetch both keys from the control plane; not both. With `primary`/`secondary`, "
+        "`endpoint` (and optionally `identity`, used only by `gateway rotate`) names the endpoint the keys "
+        "belong to, so that `gateway rotate` can regenerate them (see [rotation](rotation.md))."
     ),
     "IdentityConfig": (
         "Give at most one of `client_secret`, `certificate`, `federated_token_file` and `managed_identity`. "
