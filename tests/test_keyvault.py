@@ -140,9 +140,10 @@ def test_vault_refuses_requests_without_a_vault_token(emulator: EmulatorServer) 
 def test_a_new_version_is_used_within_one_poll_without_restart(emulator: EmulatorServer) -> None:
     key_pair(emulator, "poll")
     config = parse_config(config_data(emulator, "poll", refresh_every_s=0.5), "kv.yaml")
-    reads_at_start = emulator.state.keyvault_request_count("GET")
-    assert reads_at_start >= 2
-    with ServerThread(GatewayApp(config)) as gateway, httpx.Client(timeout=10) as client:
+    reads = emulator.state.keyvault_request_count("GET")
+    app = GatewayApp(config)  # loads both secrets before it serves
+    assert emulator.state.keyvault_request_count("GET") == reads + 2
+    with ServerThread(app) as gateway, httpx.Client(timeout=10) as client:
         assert score(client, gateway) == 200
         status = readyz(gateway)
         assert {s["secret"] for s in status["keyvault"]} == {"poll-primary", "poll-secondary"}
