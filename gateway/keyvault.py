@@ -199,7 +199,7 @@ class KeyVaultSecret(Secret):
         self.since = first.created or time.time()
         self.checked_at = time.time()
         self.error: str | None = None
-        self.failures = 0
+        self.failures = 0  # consecutive failed reads
 
     @property
     def value(self) -> str:
@@ -230,6 +230,7 @@ class KeyVaultSecret(Secret):
         }
         if self.error is not None:
             data["error"] = self.error
+            data["failed_reads"] = self.failures
         return data
 
 
@@ -267,6 +268,7 @@ class Vault:
         metrics.KEYVAULT_SECRET_STALE.labels(self.label, secret.name).set(0)
         if secret.error is not None:
             secret.error = None
+            secret.failures = 0
             logger.warning("Key Vault %s: reading secret %s works again", self.url, secret.name)
         if changed:
             logger.warning(

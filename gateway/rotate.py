@@ -500,10 +500,15 @@ async def run_rotate(
         return 2
     try:
         await rotation.run()
-    except RotationFailed as exc:
+    except Exception as exc:  # RotationFailed, or a surprise: either way, say what state the keys are in
+        step, message = (
+            (exc.step, exc.message)
+            if isinstance(exc, RotationFailed)
+            else ("unknown", f"unexpected {type(exc).__name__}: {exc}")
+        )
         print(
             redaction.redact(
-                f"gateway rotate: route {route}: step `{exc.step}` failed: {exc.message}. "
+                f"gateway rotate: route {route}: step `{step}` failed: {message}. "
                 f"Key state: {rotation.key_states()}. See docs/rotation.md (recovering from a failed run)."
             ),
             file=errors,
