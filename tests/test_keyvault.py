@@ -267,3 +267,21 @@ def test_gateway_check_shows_vault_secret_version_and_age(
     assert version is not None
     assert "chk-primary" in out and version.version in out and emulator.vault_url in out
     assert primary not in out and secondary not in out
+
+
+def test_a_reload_adds_key_vault_secrets_and_keeps_the_loaded_ones(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "reload")
+    data = config_data(emulator, "reload", refresh_every_s=0.3)
+    app = GatewayApp(parse_config(data, "kv.yaml"))
+    with ServerThread(app) as gateway, httpx.Client(timeout=10) as client:
+        reads = emulator.state.keyvault_request_count("GET", "reload-primary")
+        publish(emulator, "reload-header", "header-after-reload-0123456789")
+        data["routes"]["iris"]["headers"] = {"x-tag": kv(emulator, "reload-header")}
+        gateway.call(app.reload(parse_config(data, "kv.yaml")))
+        assert score(client, gateway) == 200
+        secrets_shown = {s["secret"] for s in readyz(gateway)["keyvault"]}
+        assert secrets_shown == {"reload-primary", "reload-secondary", "reload-header"}
+        # The keys were not loaded again by the reload: only the poll loop reads them.
+        assert emulator.state.keyvault_request_count("GET", "reload-primary") - reads <= 3
+        before = emulator.state.keyvault_request_count("GET", "reload-header")
+        assert wait_until(lambda: emulator.state.keyvault_request_count("GET", "reload-header") > before, 3)
