@@ -246,7 +246,17 @@ class Rotation:
         body: dict[str, Any] = {"keyType": slot.slot.capitalize()}
         if new_key is not None:
             body["keyValue"] = new_key
-        response = await self._arm("POST", self.plan.regenerate_url, body, step="regenerate")
+        try:
+            response = await self._arm("POST", self.plan.regenerate_url, body, step="regenerate")
+        except RotationFailed as exc:
+            if exc.step != "regenerate":
+                raise
+            # Sent, but no answer: ARM may or may not have started the regeneration.
+            slot.state = (
+                f"{slot.state}; the regenerateKeys request got no answer, so the endpoint may have "
+                "the old or the new key"
+            )
+            raise
         if response.status_code not in (200, 202, 204):
             raise RotationFailed("regenerate", _arm_problem("regenerateKeys", response))
         slot.state = (
@@ -325,7 +335,7 @@ class Rotation:
         try:
             grant = self.management.peek() or await self.management.get()
         except CredentialUnavailable as exc:
-            raise RotationFailed(step, f"no management token for ARM: {exc.message}") from None
+            raise RotationFailed("token", f"no management token for ARM ({step}): {exc.message}") from None
         http = self.arm._http()  # the process's one httpx client for Azure APIs (TLS, proxy)
         for attempt in (1, 2):
             assert grant.header is not None

@@ -324,3 +324,17 @@ def test_key_files_are_rewritten_before_the_endpoint_takes_the_key(
         HYGIENE.add_secret(keys[slot], f"file-rotated {slot} key")
         assert (tmp_path / slot).read_text() == keys[slot] + "\n"
     assert traffic.failed == [], traffic.failed[:5]
+
+
+def test_no_management_token_stops_at_the_token_step_with_nothing_changed(emulator: EmulatorServer) -> None:
+    old = emulator.state.keys()
+    data = rotation_config(emulator, "tok")
+    auth = data["routes"]["iris"]["auth"]
+    for name in ("primary", "secondary", "endpoint"):
+        auth.pop(name)
+    auth["from_endpoint"] = endpoint_ref()
+    emulator.state.set_fault("token", status=401)
+    code, out = rotate(data, settle_s=0)
+    assert code == 1 and "step `token` failed" in out
+    assert "secondary: unchanged; primary: unchanged" in out
+    assert emulator.state.keys() == old
