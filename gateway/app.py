@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway import metrics
+from gateway import keyvault, metrics
 from gateway.client import UpstreamClient
 from gateway.client_watch import SEND_TIMEOUT_STATE
 from gateway.config import (
@@ -80,6 +80,7 @@ def build_router(
     reuse: dict[tuple[str, object], Credential] | None = None,
 ) -> Router:
     """Routes with their credentials; credentials whose auth config is unchanged are reused as they are."""
+    keyvault.configure(ctx, config.keyvault)
     routes: list[Route] = []
     for name, rc in config.routes.items():
         key = _credential_key(name, rc)
@@ -242,6 +243,7 @@ class GatewayApp:
         )
         for credential in self.credentials:
             await credential.start()
+        keyvault.configure(self.ctx, self.config.keyvault).start()
         if self.config_path:
             self._config_signature = _file_signature(self.config_path)
             self._watch_task = asyncio.create_task(self._watch_config())
@@ -277,6 +279,7 @@ class GatewayApp:
             self._watch_task.cancel()
         for credential in self.credentials:
             await credential.close()
+        await keyvault.configure(self.ctx, self.config.keyvault).stop()
         await self.client.close()
         if self.tracing is not None:
             await self.tracing.shutdown()
@@ -308,6 +311,7 @@ class GatewayApp:
             for route in router.routes:
                 if route.credential not in reuse.values():
                     await route.credential.start()
+            keyvault.configure(ctx, config.keyvault).start()  # vaults the new config added
             if config.telemetry != self.running_telemetry:
                 # The tracer provider and its exporter thread are built once; swapping them under
                 # requests in flight would split their spans between two providers.
@@ -366,7 +370,11 @@ class GatewayApp:
                         1 if slot == status.active_slot else 0
                     )
             routes.append({"name": route.name, "path": route.prefix, **status.as_dict()})
-        return {"ready": all(r["ready"] for r in routes), "routes": routes}
+        report: dict[str, Any] = {"ready": all(r["ready"] for r in routes), "routes": routes}
+        vaults = keyvault.shared_vaults(self.ctx)
+        if vaults is not None and vaults.vaults:
+            report["keyvault"] = vaults.status()  # a failed poll: the last good value is in use
+        return report
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         report = self.readiness()

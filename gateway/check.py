@@ -12,6 +12,7 @@ from gateway.client import UpstreamClient
 from gateway.config import GatewayConfig
 from gateway.credentials import BuildContext
 from gateway.errors import ConfigError, GatewayError
+from gateway.keyvault import print_keyvault_secrets
 from gateway.redaction import redact
 from gateway.tls import client_context
 
@@ -107,5 +108,6 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths, strict=True)) + "  " + headers[-1])
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+    print_keyvault_secrets(ctx)
     print("all routes OK" if healthy else "some routes have problems (see above)")
     return 0 if healthy else 1

@@ -1,4 +1,4 @@
-"""The `gateway` command: serve, check, emulator, demo."""
+"""The `gateway` command: serve, check, rotate, emulator, demo."""
 
 from __future__ import annotations
 
@@ -83,11 +83,43 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--port", type=int, default=5001, help="plain HTTP port (default 5001)")
     emulator.add_argument("--tls-port", type=int, default=None, help="HTTPS port (default: any free port)")
 
+    rotate = commands.add_parser(
+        "rotate",
+        help="rotate both keys of a key route's Azure ML endpoint without failed requests",
+        description="Regenerates the endpoint's keys slot by slot, the one not in use first: writes each new "
+        "key to Key Vault (or the key file) before ARM regenerateKeys makes it valid, verifies it against "
+        "the endpoint, and waits for every gateway to pick it up before the other slot. Never prints a key. "
+        "Exit status: 0 rotated, 1 a step failed (the message names it and the state of both keys), "
+        "2 invalid configuration. See docs/rotation.md.",
+    )
+    rotate.add_argument("route", metavar="ROUTE", help="the key route whose endpoint keys to rotate")
+    rotate.add_argument("--config", metavar="PATH", help=config_help)
+    rotate.add_argument(
+        "--slots",
+        default="secondary,primary",
+        help="slots in the order to rotate them (default: secondary,primary; the primary is in use)",
+    )
+    rotate.add_argument(
+        "--settle-s",
+        type=float,
+        default=None,
+        metavar="N",
+        help="wait between slots (default: the longest refresh interval of the route's key sources + margin)",
+    )
+    rotate.add_argument(
+        "--verify-url",
+        default=None,
+        metavar="URL",
+        help="URL to verify each new key with a GET (default: swagger.json beside the scoring URI)",
+    )
+    rotate.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+
     demo = commands.add_parser(
         "demo",
         help="end-to-end demo on this machine: emulator + gateway + the seed's client code",
         description="Starts the emulator and the gateway on free loopback ports, scores two rows through the "
-        "gateway with plain HTTP and no credentials, regenerates the primary key and shows failover.",
+        "gateway with plain HTTP and no credentials, regenerates the primary key and shows failover, then "
+        "rotates both keys with `gateway rotate` while requests flow and counts the failed ones (zero).",
     )
     demo.add_argument(
         "--keep-running", action="store_true", help="leave both running and print a curl command"
@@ -109,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gateway.emulator.server import run_cli
 
         return run_cli(args.host, args.port, args.tls_port)
+    if args.command == "rotate":
+        return rotate(args)
     if args.command == "demo":
         from gateway.demo import run_demo
 
@@ -262,6 +296,34 @@ def check(args: argparse.Namespace) -> int:
     from gateway.check import run_check
 
     return asyncio.run(run_check(config, config_path))
+
+
+def rotate(args: argparse.Namespace) -> int:
+    from gateway import logs
+
+    logs.configure("warning")
+    try:
+        config_path, config = _load(args.config)
+    except ConfigError as exc:
+        print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.settle_s is not None and args.settle_s < 0:
+        print("gateway rotate: --settle-s must not be negative", file=sys.stderr)
+        return EXIT_CONFIG
+    from gateway.rotate import run_rotate
+
+    slots = [s.strip().lower() for s in args.slots.split(",") if s.strip()]
+    return asyncio.run(
+        run_rotate(
+            config,
+            config_path,
+            args.route,
+            slots=slots,
+            settle_s=args.settle_s,
+            dry_run=args.dry_run,
+            verify_url=args.verify_url,
+        )
+    )
 
 
 if __name__ == "__main__":

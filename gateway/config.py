@@ -52,6 +52,36 @@ class FileRef(_Model):
     file: str = Field(min_length=1)
 
 
+class KeyVaultSecretRef(_Model):
+    vault: str = Field(
+        description="The vault's URL, e.g. https://NAME.vault.azure.net (any https URL: sovereign clouds, "
+        "private endpoints)."
+    )
+    secret: str = Field(description="The secret's name; its latest enabled version is used.")
+
+    @field_validator("vault")
+    @classmethod
+    def _vault(cls, value: str) -> str:
+        url = _check_url(value, "vault")
+        parts = urlsplit(url)
+        if parts.scheme != "https":
+            raise ValueError(f"vault must be an https:// URL (it receives a token), got {value!r}")
+        return url
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9A-Za-z-]{1,127}", value):
+            raise ValueError(f"{value!r} is not a Key Vault secret name (1-127 letters, digits and '-')")
+        return value
+
+
+class KeyVaultRef(_Model):
+    """`{keyvault: {vault: URL, secret: NAME}}`: a Key Vault secret, polled for new versions."""
+
+    keyvault: KeyVaultSecretRef
+
+
 class LiteralRef(_Model):
     """A secret written into the config file itself (allowed, with a start-up warning)."""
 
@@ -59,7 +89,7 @@ class LiteralRef(_Model):
 
 
 def _secret_spec(value: Any) -> Any:
-    if isinstance(value, LiteralRef | EnvRef | FileRef):
+    if isinstance(value, LiteralRef | EnvRef | FileRef | KeyVaultRef):
         return value
     if isinstance(value, str):
         if not value:
@@ -69,19 +99,24 @@ def _secret_spec(value: Any) -> Any:
         ((key, inner),) = value.items()
         if key in ("env", "file") and isinstance(inner, str) and inner:
             return EnvRef(env=inner) if key == "env" else FileRef(file=inner)
-    raise ValueError("expected a string, {env: VARIABLE_NAME} or {file: /path/to/file}")
+        if key == "keyvault" and isinstance(inner, dict):
+            return KeyVaultRef.model_validate(value)
+    raise ValueError(
+        "expected a string, {env: VARIABLE_NAME}, {file: /path/to/file} or "
+        "{keyvault: {vault: https://NAME.vault.azure.net, secret: NAME}}"
+    )
 
 
 def _dump_ref(value: Any) -> Any:
     if isinstance(value, LiteralRef):
         return "**********"
-    if isinstance(value, EnvRef | FileRef):
+    if isinstance(value, EnvRef | FileRef | KeyVaultRef):
         return value.model_dump()
     return value
 
 
 SecretSpec = Annotated[
-    LiteralRef | EnvRef | FileRef, PlainValidator(_secret_spec), PlainSerializer(_dump_ref)
+    LiteralRef | EnvRef | FileRef | KeyVaultRef, PlainValidator(_secret_spec), PlainSerializer(_dump_ref)
 ]
 
 
@@ -94,7 +129,9 @@ def _header_value(value: Any) -> Any:
 
 
 # A plain string is an ordinary header value; {env:} and {file:} carry secrets such as API keys.
-HeaderValue = Annotated[str | EnvRef | FileRef, PlainValidator(_header_value), PlainSerializer(_dump_ref)]
+HeaderValue = Annotated[
+    str | EnvRef | FileRef | KeyVaultRef, PlainValidator(_header_value), PlainSerializer(_dump_ref)
+]
 
 
 class ServerTlsConfig(_Model):
@@ -346,6 +383,11 @@ class KeyAuth(_Model):
     secondary: SecretSpec | None = None
     recheck_after_s: float = Field(300.0, gt=0, description="When a rejected key is tried again.")
     from_endpoint: EndpointRef | None = Field(None, description="Fetch the keys with listKeys instead.")
+    endpoint: EndpointRef | None = Field(
+        None,
+        description="The Azure ML endpoint whose keys `primary`/`secondary` hold, so that `gateway rotate` "
+        "can regenerate them (keys from Key Vault or files).",
+    )
     identity: IdentityConfig | None = None
     arm_url: str = "https://management.azure.com"
     api_version: str = "2023-04-01"
@@ -360,8 +402,12 @@ class KeyAuth(_Model):
                 raise ValueError(
                     "a key route needs `primary` (and optionally `secondary`), or `from_endpoint`"
                 )
-            if self.identity is not None:
-                raise ValueError("`identity` is only used with `from_endpoint`")
+            if self.identity is not None and self.endpoint is None:
+                raise ValueError("`identity` is only used with `from_endpoint` or `endpoint`")
+        elif self.endpoint is not None:
+            raise ValueError(
+                "`endpoint` is for keys given as `primary`/`secondary`; `from_endpoint` names it"
+            )
         elif self.primary is not None or self.secondary is not None:
             raise ValueError("give either literal keys (`primary`/`secondary`) or `from_endpoint`, not both")
         return self
@@ -525,6 +571,26 @@ def _check_url(value: str, what: str) -> str:
     return value.rstrip("/")
 
 
+class KeyVaultConfig(_Model):
+    """How `{keyvault: ...}` secrets are read: who the gateway is to Key Vault, and how often it polls."""
+
+    identity: IdentityConfig | None = Field(
+        None,
+        description="Who reads the secrets (same keys as a route's `identity`). Unset: the AZURE_* "
+        "variables (workload identity, a client secret or certificate).",
+    )
+    scope: str = Field(
+        "https://vault.azure.net/.default",
+        description="Token scope; sovereign clouds: https://vault.usgovcloudapi.net/.default, "
+        "https://vault.azure.cn/.default.",
+    )
+    refresh_every_s: float = Field(
+        60.0, gt=0, description="How often each secret is polled for a new version (one request per secret)."
+    )
+    api_version: str = Field("7.4", description="Key Vault REST API version.")
+    timeout_s: float = Field(10.0, gt=0, description="Timeout of one Key Vault request.")
+
+
 class GatewayConfig(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
@@ -534,6 +600,10 @@ class GatewayConfig(_Model):
         description="Telemetry beyond logs and `/metrics`: OpenTelemetry tracing.",
     )
     routes: dict[str, RouteConfig] = Field(min_length=1)
+    keyvault: KeyVaultConfig = Field(
+        default_factory=KeyVaultConfig,  # type: ignore[arg-type]
+        description="Key Vault access for `{keyvault: ...}` secrets.",
+    )
 
     @field_validator("routes")
     @classmethod

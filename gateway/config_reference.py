@@ -122,7 +122,9 @@ SECTION_NOTES: dict[str, str] = {
     "RouteConfig": "Give exactly one of `upstream` and `upstreams`.",
     "KeyAuth": (
         "Give either `primary` (and optionally `secondary`), or `from_endpoint` (and optionally "
-        "`identity`) to fetch both keys from the control plane; not both."
+        "`identity`) to fetch both keys from the control plane; not both. With `primary`/`secondary`, "
+        "`endpoint` (and optionally `identity`, used only by `gateway rotate`) names the endpoint the keys "
+        "belong to, so that `gateway rotate` can regenerate them (see [rotation](rotation.md))."
     ),
     "IdentityConfig": (
         "Give at most one of `client_secret`, `certificate`, `federated_token_file` and `managed_identity`. "
@@ -134,8 +136,8 @@ SECTION_NOTES: dict[str, str] = {
     "ManagedIdentityRef": "Give exactly one of `client_id` and `resource_id`.",
 }
 
-_SECRET_MODELS = frozenset({cfg.LiteralRef, cfg.EnvRef, cfg.FileRef})
-_HEADER_MODELS = frozenset({str, cfg.EnvRef, cfg.FileRef})
+_SECRET_MODELS = frozenset({cfg.LiteralRef, cfg.EnvRef, cfg.FileRef, cfg.KeyVaultRef})
+_HEADER_MODELS = frozenset({str, cfg.EnvRef, cfg.FileRef, cfg.KeyVaultRef})
 _SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
@@ -368,8 +370,11 @@ def render() -> str:
         "- `{file: PATH}`: the content of a file, one trailing newline removed. The file is checked for",
         "  changes at most once a second while the gateway runs, so a rotated file (for example a",
         "  Kubernetes Secret volume) takes effect without a restart; a failed re-read keeps the last value;",
+        "- `{keyvault: {vault: https://NAME.vault.azure.net, secret: NAME}}`: the latest version of a Key",
+        "  Vault secret, read with the identity in top-level `keyvault` and polled every",
+        "  `keyvault.refresh_every_s`; a failed poll keeps the last value (see [rotation](rotation.md));",
         "- a plain string: the secret itself, written into the config file. Allowed, with a warning at",
-        "  start-up; prefer the other two.",
+        "  start-up; prefer the others.",
         "",
         "Secrets are resolved when the gateway starts (or reloads), not when the file is validated.",
         f"Route `headers` may not set {reserved}; route paths may not shadow the admin endpoints {admin}.",

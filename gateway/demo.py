@@ -2,7 +2,8 @@
 
 Starts the emulator (a local Azure ML endpoint and Entra ID) and the real gateway (`gateway serve`
 in a child process) on free loopback ports, then runs the seed's client code against the gateway:
-plain HTTP, no credentials.
+plain HTTP, no credentials. Then it regenerates a key (failover), and rotates both keys of a route
+whose keys live in the emulated Key Vault with `gateway rotate` while requests flow, counting failures.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -75,18 +77,56 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 2
     raise RuntimeError("the gateway did not become healthy in time")
 
 
+def _rotate_under_traffic(gateway_url: str, config_path: Path, env: dict[str, str]) -> bool:
+    """Step 5: `gateway rotate` on a Key Vault route while requests flow; counts the failed ones."""
+    endpoint = f"{gateway_url}/iris-kv"
+    _say(f"5. Rotating both keys of the endpoint behind {gateway_url}/iris-kv with `gateway rotate`, while")
+    _say("   requests flow through it (its keys live in the emulated Key Vault, polled every second):")
+    stop = threading.Event()
+    counts = {"sent": 0, "failed": 0}
+
+    def traffic() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    ok = client.post(endpoint, json={"data": ROWS}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                counts["sent"] += 1
+                counts["failed"] += 0 if ok else 1
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        command = [sys.executable, "-m", "gateway.cli", "rotate", "--config", str(config_path), "iris-kv"]
+        result = subprocess.run(
+            [*command, "--settle-s", "2"], env=env, capture_output=True, text=True, timeout=120
+        )
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(35)
+    for line in (result.stdout + result.stderr).splitlines():
+        _say(f"   | {line}")
+    _say(f"   {counts['sent']} requests during the rotation, {counts['failed']} failed")
+    return result.returncode == 0 and counts["failed"] == 0
+
+
 def run_demo(*, keep_running: bool = False) -> int:
     from gateway.emulator.server import EmulatorServer
     from gateway.emulator.state import EmulatorState
 
     workdir = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
-    state = EmulatorState()
+    state = EmulatorState(lro_retry_after_s=1)
     tenant_id, client_id, client_secret = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex * 2
     state.add_app(tenant_id, client_id, secret=client_secret)
     emulator = EmulatorServer(state, directory=workdir / "emulator").start()
     process: subprocess.Popen[bytes] | None = None
     try:
         keys = state.keys()
+        state.set_secret("iris-primary-key", keys["primary"])
+        state.set_secret("iris-secondary-key", keys["secondary"])
         (workdir / "primary-key").write_text(keys["primary"] + "\n")
         (workdir / "secondary-key").write_text(keys["secondary"] + "\n")
         port = _free_port()
@@ -116,9 +156,34 @@ def run_demo(*, keep_running: bool = False) -> int:
                 },
             },
         }
+        identity = {
+            "tenant_id": tenant_id,
+            "client_id": client_id,
+            "client_secret": {"env": "DEMO_CLIENT_SECRET"},
+            "authority_host": emulator.authority_host,
+        }
+        vault = emulator.vault_url
+        routes["iris-kv"] = {
+            "path": "/iris-kv",
+            "upstream": emulator.scoring_uri,
+            "auth": {
+                "type": "key",
+                "primary": {"keyvault": {"vault": vault, "secret": "iris-primary-key"}},
+                "secondary": {"keyvault": {"vault": vault, "secret": "iris-secondary-key"}},
+                "endpoint": {
+                    "subscription_id": "00000000-0000-0000-0000-000000000000",
+                    "resource_group": "rg",
+                    "workspace": "ws",
+                    "name": "iris-endpoint",
+                },
+                "arm_url": emulator.https_url,
+                "identity": identity,
+            },
+        }
         config = {
             "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
             "tls": {"ca_bundle": str(emulator.ca_file)},
+            "keyvault": {"identity": identity, "refresh_every_s": 1},
             "routes": routes,
         }
         config_path = workdir / "gateway.yaml"
@@ -149,6 +214,7 @@ def run_demo(*, keep_running: bool = False) -> int:
         _say()
         (workdir / "primary-key.new").write_text(new_key + "\n")
         (workdir / "primary-key.new").replace(workdir / "primary-key")
+        state.set_secret("iris-primary-key", new_key)  # the Key Vault copy, for step 5
         _say("3. The new primary key was written to the key file (as a Kubernetes secret update would).")
         _say("   The gateway picks it up without a restart; readiness then reports no rejected key.")
         deadline = time.monotonic() + 10
@@ -166,6 +232,8 @@ def run_demo(*, keep_running: bool = False) -> int:
         aad_endpoint = f"{gateway_url}/iris-aad"
         _say(f"4. The same rows through an Entra ID (aad_token) route, {aad_endpoint}:")
         ok = _show(aad_endpoint) and ok
+        _say()
+        ok = _rotate_under_traffic(gateway_url, config_path, env) and ok
         _say()
         if keep_running:
             _say("Both keep running. Try:")

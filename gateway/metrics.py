@@ -82,3 +82,27 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+KEYVAULT_POLLS = Counter(
+    "gateway_keyvault_polls",
+    "Key Vault secret reads, by vault host, secret name and result.",
+    ["vault", "secret", "result"],
+)
+KEYVAULT_SECRET_STALE = Gauge(
+    "gateway_keyvault_secret_stale",
+    "1 while the last read of the Key Vault secret failed (its last good value stays in use).",
+    ["vault", "secret"],
+    multiprocess_mode=_GAUGE_MODE,
+)
+KEY_AGE = Gauge(
+    "gateway_key_age_seconds",
+    "Age of each key of a key route: since its Key Vault version was created, else since first seen.",
+    ["route", "slot"],
+    multiprocess_mode=_GAUGE_MODE,
+)
+KEY_ROTATIONS = Counter(
+    "gateway_key_rotations",
+    "New key values a key route picked up (a rotation reaching it), by slot.",
+    ["route", "slot"],
+)

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway import redaction
@@ -55,10 +57,29 @@ class Secret:
     def __init__(self, source: str) -> None:
         self.source = source
         self.version = 0
+        # Wall-clock time the value was created (a Key Vault version's `created`) or first seen here.
+        self.since = time.time()
+        self._listeners: list[weakref.WeakMethod[Callable[[Secret], None]]] = []
 
     @property
     def value(self) -> str:
         raise NotImplementedError
+
+    def subscribe(self, listener: Callable[[Secret], None]) -> None:
+        """Call the bound method `listener` after each change of the value (held weakly: a closed
+        credential is not kept alive by the secrets it used)."""
+        self._listeners.append(weakref.WeakMethod(listener))
+
+    def _changed(self, since: float | None = None) -> None:
+        self.version += 1
+        self.since = time.time() if since is None else since
+        alive = []
+        for reference in self._listeners:
+            listener = reference()
+            if listener is not None:
+                alive.append(reference)
+                listener(self)
+        self._listeners = alive
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(source={self.source!r})"
@@ -168,7 +189,7 @@ class FileSecret(Secret):
         if value == self._value:
             return False
         self._value = value
-        self.version += 1
+        self._changed()
         logger.info("secret %s changed; using the new value", self.source)
         return True
 
@@ -213,6 +234,10 @@ class ManagedSecret(Secret):
         redaction.register(value)
         if value == self._value:
             return False
+        first = self._value is None
         self._value = value
-        self.version += 1
+        if first:
+            self.since = time.time()
+        else:
+            self._changed()
         return True

@@ -73,7 +73,7 @@ def _wait_healthy(url: str, process: subprocess.Popen[str]) -> None:
 def test_help_explains_each_command():
     result = subprocess.run([*GATEWAY, "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    for command in ("serve", "check", "emulator", "demo"):
+    for command in ("serve", "check", "rotate", "emulator", "demo"):
         assert command in result.stdout
     result = subprocess.run([*GATEWAY, "serve", "--help"], capture_output=True, text=True, timeout=30)
     assert "--workers" in result.stdout and "GATEWAY_CONFIG" in result.stdout
@@ -205,3 +205,5 @@ def test_demo_runs_to_the_end():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[0.1, 2.3, 4.1, 2.0]" in result.stdout
     assert "demo finished: all calls succeeded" in result.stdout
+    assert "both keys rotated" in result.stdout
+    assert "requests during the rotation, 0 failed" in result.stdout

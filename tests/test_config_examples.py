@@ -19,6 +19,7 @@ from gateway.config import (
     FileRef,
     GatewayConfig,
     KeyAuth,
+    KeyVaultRef,
     LiteralRef,
     ManagedIdentityRef,
     load_config,
@@ -81,6 +82,8 @@ def _forms(config: GatewayConfig) -> set[str]:
                     forms.add("key env")
                 elif isinstance(slot, FileRef):
                     forms.add("key file")
+                elif isinstance(slot, KeyVaultRef):
+                    forms.add("key keyvault")
         elif isinstance(auth, AadTokenAuth | AmlTokenAuth):
             forms.add(auth.type)
             identity = auth.identity
@@ -109,6 +112,7 @@ def test_examples_cover_every_auth_form() -> None:
         "key env",
         "key file",
         "key from_endpoint",
+        "key keyvault",
         "aad_token",
         "aml_token",
         "client_secret",

@@ -62,6 +62,7 @@ def test_reference_covers_every_model() -> None:
     }
     # The three secret forms are explained once in the introduction rather than as sections.
     secret_forms = {config_models.LiteralRef, config_models.EnvRef, config_models.FileRef}
+    secret_forms |= {config_models.KeyVaultRef, config_models.KeyVaultSecretRef}
     assert models - secret_forms - rendered == set()
 
 

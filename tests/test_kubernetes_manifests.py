@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from gateway.cli import _parser, inbound_problem
-from gateway.config import AadTokenAuth, FileRef, GatewayConfig, KeyAuth, parse_config
+from gateway.config import AadTokenAuth, FileRef, GatewayConfig, KeyAuth, KeyVaultRef, parse_config
 
 try:
     import kubernetes_validate
@@ -95,10 +95,12 @@ def test_manifests_exist() -> None:
         "PodDisruptionBudget",
     } <= kinds
     assert {f.relative_to(MANIFESTS).as_posix() for f in FOLDERS} >= {
+        "keyvault-rotation",
         "sidecar/key-secret",
         "sidecar/workload-identity",
         "standalone",
     }
+    assert "CronJob" in kinds
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=str)
@@ -451,10 +453,19 @@ def test_workload_identity_needs_no_secret(gateway: Gateway) -> None:
     account = accounts[gateway.pod["serviceAccountName"]].data
     assert account["metadata"]["annotations"][WORKLOAD_IDENTITY_CLIENT_ID]
     for route in gateway.config.routes.values():
-        assert isinstance(route.auth, AadTokenAuth), "workload identity routes use Entra tokens"
-        identity = route.auth.identity
-        assert identity.client_secret is None and identity.certificate is None
-        assert identity.managed_identity is None
+        if isinstance(route.auth, KeyAuth):
+            # Keys are secrets, unless the gateway reads them from Key Vault with its workload identity.
+            assert isinstance(route.auth.primary, KeyVaultRef) and isinstance(
+                route.auth.secondary, KeyVaultRef
+            )
+            identities = [gateway.config.keyvault.identity, route.auth.identity]
+        else:
+            assert isinstance(route.auth, AadTokenAuth), "workload identity routes use Entra tokens"
+            identities = [route.auth.identity]
+        for identity in identities:
+            assert identity is not None
+            assert identity.client_secret is None and identity.certificate is None
+            assert identity.managed_identity is None
     assert not _by_kind(gateway.docs, "Secret"), "nothing secret is needed"
     assert not any("secret" in v for v in gateway.mounts.values())
 
@@ -466,3 +477,47 @@ def test_key_routes_read_keys_from_files(gateway: Gateway) -> None:
             # Files, not environment variables: a rotated Secret reaches the gateway without a restart.
             assert isinstance(route.auth.primary, FileRef)
             assert isinstance(route.auth.secondary, FileRef)
+
+
+# ------------------------------------------------------------------------------------- key rotation
+
+CRONJOBS = [doc for doc in DOCS if doc.kind == "CronJob"]
+
+
+@pytest.mark.parametrize("cronjob", CRONJOBS, ids=str)
+def test_rotation_cronjob_runs_gateway_rotate_with_workload_identity(cronjob: Doc) -> None:
+    from gateway.rotate import make_plan
+
+    spec = cronjob.data["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid", "two rotations of one endpoint must never overlap"
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0, "a failed rotation is looked at, not retried blindly"
+    template = job["template"]
+    pod = template["spec"]
+    assert template["metadata"]["labels"][WORKLOAD_IDENTITY_LABEL] == "true"
+    docs = folder_docs(cronjob.path.parent)
+    account = _by_kind(docs, "ServiceAccount")[pod["serviceAccountName"]].data
+    assert account["metadata"]["annotations"][WORKLOAD_IDENTITY_CLIENT_ID]
+    assert not _by_kind(docs, "Secret"), "workload identity: nothing secret is needed"
+    (container,) = pod["containers"]
+    assert container["image"] == GATEWAY_IMAGE
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    words = argv(container)
+    assert words[0] == "gateway"
+    args = _parser().parse_args(words[1:])
+    assert args.command == "rotate" and not args.dry_run
+    # The ConfigMap the gateways use, mounted where --config points, holds a route rotate can plan.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    directory, filename = posixpath.split(args.config)
+    config_map = _by_kind(docs, "ConfigMap")[mounts[directory]["configMap"]["name"]]
+    config = parse_config(yaml.safe_load(config_map.data["data"][filename]), str(config_map))
+    plan = make_plan(config, str(config_map), args.route, slots=None, settle_s=None, verify_url=None)
+    assert [s.slot for s in plan.slots] == ["secondary", "primary"]
+    assert all(s.source == "keyvault" for s in plan.slots)
+    assert plan.settle_s > config.keyvault.refresh_every_s
+    gateways = [g for g in GATEWAYS if g.folder == cronjob.path.parent]
+    assert gateways and all(g.config.routes[args.route] == config.routes[args.route] for g in gateways)
+    assert mounts.get("/tmp", {}).get("emptyDir") is not None

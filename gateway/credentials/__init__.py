@@ -13,6 +13,7 @@ from gateway.config import (
     EnvRef,
     FileRef,
     KeyAuth,
+    KeyVaultRef,
     LiteralRef,
     NoneAuth,
     SecretSpec,
@@ -52,6 +53,10 @@ def resolve_secret(spec: SecretSpec, where: str, ctx: BuildContext, *, header: b
             return EnvSecret(spec.env, header=header)
         if isinstance(spec, FileRef):
             return FileSecret(spec.file, header=header)
+        if isinstance(spec, KeyVaultRef):
+            from gateway import keyvault
+
+            return keyvault.resolve(spec, where, ctx, header=header)
         if ctx.warn_literals:
             logger.warning(
                 "%s: %s is a literal secret in the config file; prefer {env: NAME} or {file: PATH}",
@@ -78,7 +83,10 @@ def build_credential(route: str, auth: Any, ctx: BuildContext) -> Credential:
             slots.append(
                 KeySlot("secondary", resolve_secret(auth.secondary, f"{where}.secondary", ctx, header=True))
             )
-        return KeyCredential(route, slots, recheck_after_s=auth.recheck_after_s)
+        from gateway.keyvault import refetcher
+
+        refetch = refetcher([slot.secret for slot in slots])  # Key Vault keys: read again when rejected
+        return KeyCredential(route, slots, recheck_after_s=auth.recheck_after_s, refetch=refetch)
     if isinstance(auth, AadTokenAuth):
         from gateway.credentials.aad import build_aad_credential
 

@@ -8,6 +8,7 @@ request and, if accepted, becomes active. A rejected slot is tried again when it
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -77,8 +78,22 @@ class KeyCredential(Credential):
         self.recheck_after_s = recheck_after_s
         self._refetch = refetch
         self._active = self.slots[0]
+        self._switched_at = -math.inf  # monotonic time of the last failover
         self._all_rejected = False
         self._source = source or ", ".join(f"{s.name}={s.secret.source}" for s in self.slots)
+        for slot in self.slots:
+            slot.secret.subscribe(self._key_changed)
+
+    def _key_changed(self, secret: Secret) -> None:
+        for slot in self.slots:
+            if slot.secret is secret:
+                metrics.KEY_ROTATIONS.labels(self.route, slot.name).inc()
+                logger.warning(
+                    "route %s: the %s key changed (%s); using the new one",
+                    self.route,
+                    slot.name,
+                    secret.source,
+                )
 
     @property
     def active(self) -> KeySlot:
@@ -121,6 +136,12 @@ class KeyCredential(Credential):
             candidate = self._choose()
             if candidate.usable(time.monotonic(), self.recheck_after_s):
                 return candidate.grant()
+        if slot is self._active:
+            # The active key worked since the others were rejected, and now fails: the endpoint's keys
+            # changed (a rotation), so a rejection older than the last failover is stale: try it again.
+            for other in self.slots:
+                if other is not slot and other.rejected_at <= self._switched_at:
+                    return other.grant()
         if not self._all_rejected:
             self._all_rejected = True
             logger.error(
@@ -146,6 +167,7 @@ class KeyCredential(Credential):
             )
         if slot is not active:
             self._active = slot
+            self._switched_at = time.monotonic()
             metrics.KEY_FAILOVERS.labels(self.route, slot.name).inc()
             logger.warning(
                 "route %s: switched to the %s key after the %s key was rejected",
@@ -164,13 +186,19 @@ class KeyCredential(Credential):
             state = "degraded"
         else:
             state = "valid"
+        extra: dict[str, object] = {"rejected_slots": rejected} if rejected else {}
+        wall = time.time()
+        ages = {s.name: round(max(0.0, wall - s.secret.since)) for s in self.slots}
+        for slot_name, age in ages.items():
+            metrics.KEY_AGE.labels(self.route, slot_name).set(age)
+        extra["key_age_s"] = ages
         return CredentialStatus(
             kind=self.kind,
             ready=bool(usable),
             state=state,
             active_slot=self._choose().name,
             source=self._source,
-            extra={"rejected_slots": rejected} if rejected else {},
+            extra=extra,
         )
 
     async def check(self) -> CredentialStatus:

@@ -31,6 +31,7 @@ from gateway.emulator.classifier import predict
 from gateway.emulator.state import (
     AML_RESOURCE,
     ARM_RESOURCE,
+    KEYVAULT_RESOURCE,
     EmulatorState,
     Fault,
     RegisteredApp,
@@ -56,9 +57,12 @@ _ARM_ENDPOINT_PATH = re.compile(
 )
 _ARM_OPERATION_PATH = re.compile(
     r"^(?P<sub>[^/]+)/providers/Microsoft\.MachineLearningServices/locations/(?P<loc>[^/]+)/"
-    r"mfeOperationResults/(?P<id>[^/]+)/?$",
+    r"(?P<kind>mfeOperationResults|mfeOperationsStatus)/(?P<id>[^/]+)/?$",
     re.IGNORECASE,
 )
+_KEYVAULT_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
+# Key Vault's largest secret value.
+MAX_SECRET_VALUE: Final = 25 * 1024
 # ARM matches action names case-insensitively; these are the canonical spellings used as counter keys.
 _ARM_ACTIONS: Final = {"listkeys": "listKeys", "token": "token", "regeneratekeys": "regenerateKeys"}
 
@@ -782,7 +786,20 @@ class _Emulator:
             return JSONResponse(
                 self._endpoint_resource(request, path, endpoint.group("name")), headers=headers
             )
-        # An operation result: regeneration finishes synchronously, so every poll reports completion.
+        assert operation_result is not None
+        status = self.state.poll_operation(operation_result.group("id"))
+        if status is None:
+            return self._arm_error(request, 404, "ResourceNotFound", "The operation was not found.")
+        retry = {"Retry-After": str(self.state.lro_retry_after_s)}
+        if operation_result.group("kind").lower() == "mfeoperationsstatus":  # Azure-AsyncOperation
+            answer: dict[str, Any] = {"id": operation_result.group("id"), "status": status}
+            if status == "Failed":
+                answer["error"] = {"code": "InternalServerError", "message": "Regenerating the key failed."}
+            return JSONResponse(answer, headers={**headers, **(retry if status == "InProgress" else {})})
+        if status == "InProgress":  # Location: 202 while running, 200 when done, the error if it failed
+            return Response(status_code=202, headers={**headers, **retry})
+        if status == "Failed":
+            return self._arm_error(request, 500, "InternalServerError", "Regenerating the key failed.")
         return Response(status_code=200, headers=headers)
 
     async def _regenerate_keys(
@@ -798,15 +815,102 @@ class _Emulator:
             return self._arm_error(request, 400, "BadArgument", "keyType must be 'Primary' or 'Secondary'.")
         if key_value is not None and (not isinstance(key_value, str) or not key_value.strip()):
             return self._arm_error(request, 400, "BadArgument", "keyValue must be a non-empty string.")
-        self.state.regenerate_key(key_type.lower(), key_value)
-        operation_id = str(uuid.uuid4())
-        location = (
+        fault = await self._take_fault("regenerate")
+        if fault is not None:
+            status = fault.failure_status
+            code = _ARM_FAULT_CODES.get(status, "InternalServerError")
+            return self._arm_error(
+                request, status, code, "The request failed (emulated fault).", self._retry_after(fault)
+            )
+        if await self._take_fault("lro") is not None:
+            operation_id = self.state.start_operation("Failed")  # the key stays as it was
+        else:
+            self.state.regenerate_key(key_type.lower(), key_value)
+            operation_id = self.state.start_operation("Succeeded")
+        operations = (
             f"{str(request.base_url).rstrip('/')}/subscriptions/{subscription}/providers/"
-            f"Microsoft.MachineLearningServices/locations/emulator/mfeOperationResults/{operation_id}"
-            f"?api-version={api_version}"
+            f"Microsoft.MachineLearningServices/locations/emulator"
         )
-        headers = {**headers, "Location": location, "Retry-After": str(self.state.lro_retry_after_s)}
+        headers = {
+            **headers,
+            "Location": f"{operations}/mfeOperationResults/{operation_id}?api-version={api_version}",
+            "Azure-AsyncOperation": (
+                f"{operations}/mfeOperationsStatus/{operation_id}?api-version={api_version}"
+            ),
+            "Retry-After": str(self.state.lro_retry_after_s),
+        }
         return Response(status_code=202, headers=headers)
+
+    # ================================================================= Key Vault
+    def _vault_error(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> JSONResponse:
+        return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+
+    def _check_vault_token(self, request: Request) -> JSONResponse | None:
+        challenge = {
+            "WWW-Authenticate": (
+                f'Bearer authorization="{self.base_url}/common", resource="{KEYVAULT_RESOURCE}"'
+            )
+        }
+        token = _bearer(request)
+        if token is None:
+            return self._vault_error(
+                401, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.", challenge
+            )
+        try:
+            self.state.verify_access_token(token, audiences=(KEYVAULT_RESOURCE,))
+        except TokenValidationError as exc:
+            if exc.reason == "wrong_audience":
+                message = f"AKV10022: Invalid audience. Expected {KEYVAULT_RESOURCE}."
+            elif exc.reason == "expired":
+                message = "AKV10032: Invalid issuer or the token has expired."
+            else:
+                message = "AKV10000: The access token is invalid."
+            return self._vault_error(401, "Unauthorized", message, challenge)
+        return None
+
+    async def keyvault(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        self.state.record_keyvault_request(request.method, name)
+        fault = await self._take_fault("keyvault")
+        if fault is not None:
+            status = fault.failure_status
+            code = "Throttled" if status == 429 else "InternalServerError" if status >= 500 else "Forbidden"
+            return self._vault_error(
+                status, code, "The request failed (emulated fault).", self._retry_after(fault)
+            )
+        if (auth_error := self._check_vault_token(request)) is not None:
+            return auth_error
+        if not request.query_params.get("api-version"):
+            return self._vault_error(400, "BadParameter", "The api-version query parameter is missing.")
+        if not _KEYVAULT_NAME.match(name):
+            return self._vault_error(400, "BadParameter", "The secret name is invalid.")
+        if request.method == "PUT":
+            if version:
+                return self._vault_error(405, "MethodNotAllowed", "PUT creates a new version; omit it.")
+            try:
+                body = await _json_body(request)
+            except ValueError:
+                return self._vault_error(400, "BadParameter", "The request body is not JSON.")
+            value = body.get("value")
+            if not isinstance(value, str) or not value or len(value) > MAX_SECRET_VALUE:
+                return self._vault_error(400, "BadParameter", "value must be a string of 1 to 25 KB.")
+            new_version = self.state.set_secret(name, value)
+            stored = self.state.get_secret(name, new_version)
+            assert stored is not None
+            return JSONResponse(stored.bundle(self.vault_url(request), name))
+        found = self.state.get_secret(name, version)
+        if found is None:
+            named = f"{name}/{version}" if version else name
+            text = f"A secret with (name/id) {named} was not found in this key vault."
+            return self._vault_error(404, "SecretNotFound", text)
+        return JSONResponse(found.bundle(self.vault_url(request), name))
+
+    @staticmethod
+    def vault_url(request: Request) -> str:
+        return str(request.base_url).rstrip("/")
 
     def _endpoint_resource(self, request: Request, path: str, name: str) -> dict[str, Any]:
         base = str(request.base_url).rstrip("/")
@@ -957,13 +1061,27 @@ class _Emulator:
             return JSONResponse({"error": str(exc)}, 400)
         return JSONResponse({"slot": slot.lower(), "key": key})
 
+    async def admin_set_secret(self, request: Request) -> Response:
+        """A new version of a Key Vault secret, without a token: `{"name": ..., "value": ...}`."""
+        try:
+            body = await _json_body(request)
+            name, value = body.get("name"), body.get("value")
+            if not isinstance(name, str) or not _KEYVAULT_NAME.match(name):
+                raise ValueError("name must be a Key Vault secret name (letters, digits, '-')")
+            if not isinstance(value, str) or not value:
+                raise ValueError("value must be a non-empty string")
+            version = self.state.set_secret(name, value)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
+        return JSONResponse({"name": name, "version": version})
+
     async def admin_set_fault(self, request: Request) -> Response:
         try:
             body = await _json_body(request)
-            unknown = set(body) - {"target", "status", "retry_after", "count", "hang_s", "delay_s"}
+            unknown = set(body) - {"target", "status", "retry_after", "count", "hang_s", "delay_s", "skip"}
             if unknown:
                 raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
-            for name in ("status", "retry_after", "count"):
+            for name in ("status", "retry_after", "count", "skip"):
                 if body.get(name) is not None and (type(body[name]) is not int):
                     raise ValueError(f"{name} must be an integer")
             for name in ("hang_s", "delay_s"):
@@ -978,6 +1096,7 @@ class _Emulator:
                 count=body.get("count"),
                 hang_s=body.get("hang_s"),
                 delay_s=body.get("delay_s"),
+                skip=body.get("skip") or 0,
             )
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, 400)
@@ -1128,6 +1247,7 @@ def create_app(state: EmulatorState, *, base_url: str) -> Starlette:
     admin = [
         route("/state", emulator.admin_state, "GET"),
         route("/keys/regenerate", emulator.admin_regenerate, "POST"),
+        route("/secrets", emulator.admin_set_secret, "POST"),
         route("/faults", emulator.admin_set_fault, "POST"),
         route("/faults", emulator.admin_clear_faults, "DELETE"),
         route("/reset-counters", emulator.admin_reset_counters, "POST"),
@@ -1144,6 +1264,8 @@ def create_app(state: EmulatorState, *, base_url: str) -> Starlette:
         route("/metadata/identity/oauth2/token", emulator.imds, "GET"),
         route("/msi/token", emulator.app_service, "GET"),
         route("/subscriptions/{path:path}", emulator.arm, "GET", "POST", "PUT", "PATCH", "DELETE"),
+        route("/secrets/{name}", emulator.keyvault, "GET", "PUT"),
+        route("/secrets/{name}/{version}", emulator.keyvault, "GET"),
         Mount("/_emulator", routes=admin),
         route("/{tenant}/v2.0/.well-known/openid-configuration", emulator.discovery, "GET"),
         route("/{tenant}/discovery/v2.0/keys", emulator.jwks, "GET"),

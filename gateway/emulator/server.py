@@ -138,6 +138,11 @@ class EmulatorServer:
         return f"{self.https_url}/{tenant_id}"
 
     @property
+    def vault_url(self) -> str:
+        """The emulated Key Vault (`{vault}/secrets/{name}`); it needs a token for https://vault.azure.net."""
+        return self.https_url
+
+    @property
     def scoring_uri(self) -> str:
         return f"{self.http_url}/score"
 
@@ -285,6 +290,8 @@ def _banner(server: EmulatorServer, tenant_id: str, client_id: str, secret: str)
             f"  client secret  {secret}",
             "ARM (any subscription / resource group / workspace / endpoint name)",
             f"  listKeys       POST {server.arm_endpoint_url('listKeys')}",
+            "Key Vault (tokens for https://vault.azure.net; publish versions with the admin API)",
+            f"  vault          {server.vault_url}   secrets at {server.vault_url}/secrets/<name>",
             "Managed identity",
             f"  IMDS           AZURE_POD_IDENTITY_AUTHORITY_HOST={server.http_url}",
             f"  App Service    IDENTITY_ENDPOINT={server.http_url}/msi/token",
@@ -292,6 +299,8 @@ def _banner(server: EmulatorServer, tenant_id: str, client_id: str, secret: str)
             "Admin",
             f"  regenerate     curl -X POST {admin}/keys/regenerate -H 'content-type: application/json' "
             """-d '{"slot": "primary"}'""",
+            f"  secret         curl -X POST {admin}/secrets -H 'content-type: application/json' "
+            """-d '{"name": "iris-primary", "value": "..."}'""",
             f"  counters       curl {admin}/state",
             f"  faults         curl -X POST {admin}/faults -H 'content-type: application/json' "
             """-d '{"target": "score", "status": 503, "count": 3}'""",

@@ -30,6 +30,7 @@ __all__ = [
     "FAULT_TARGETS",
     "FEDERATED_AUDIENCE",
     "FEDERATED_ISSUER",
+    "KEYVAULT_RESOURCE",
     "EmulatorState",
     "Fault",
     "ManagedIdentity",
@@ -43,13 +44,21 @@ ARM_RESOURCE: Final = "https://management.azure.com"
 FEDERATED_AUDIENCE: Final = "api://AzureADTokenExchange"
 # A stand-in for a Kubernetes service-account issuer; `.invalid` guarantees nobody can resolve it.
 FEDERATED_ISSUER: Final = "https://oidc.emulator.invalid/"
-FAULT_TARGETS: Final = ("token", "mi", "arm", "score")
+# "keyvault": every Key Vault request; "regenerate": ARM regenerateKeys calls only; "lro": the status of
+# regenerateKeys operations (a failing fault makes the next operation report `Failed`).
+FAULT_TARGETS: Final = ("token", "mi", "arm", "score", "keyvault", "regenerate", "lro")
 
 KeySlot = Literal["primary", "secondary"]
-FaultTarget = Literal["token", "mi", "arm", "score"]
+FaultTarget = Literal["token", "mi", "arm", "score", "keyvault", "regenerate", "lro"]
+KEYVAULT_RESOURCE: Final = "https://vault.azure.net"
 
 _RECENT_SCORES = 200
-_DEFAULT_RESOURCES = (AML_RESOURCE, ARM_RESOURCE, "https://management.core.windows.net")
+_DEFAULT_RESOURCES = (
+    AML_RESOURCE,
+    ARM_RESOURCE,
+    "https://management.core.windows.net",
+    "https://vault.azure.net",
+)
 
 
 def _b64url(data: bytes) -> str:
@@ -117,12 +126,36 @@ class ManagedIdentity:
 
 
 @dataclass(frozen=True)
+class VaultSecretVersion:
+    """One version of a Key Vault secret."""
+
+    version: str
+    value: str = field(repr=False)
+    created: int
+    enabled: bool = True
+
+    def bundle(self, base_url: str, name: str) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "id": f"{base_url}/secrets/{name}/{self.version}",
+            "attributes": {
+                "enabled": self.enabled,
+                "created": self.created,
+                "updated": self.created,
+                "recoveryLevel": "Recoverable+Purgeable",
+            },
+            "tags": {},
+        }
+
+
+@dataclass(frozen=True)
 class Fault:
     """What to do to the next requests of one target.
 
     `status`: answer with this HTTP status and the target's Azure-shaped error body.
     `retry_after`: seconds, sent as a Retry-After header along with `status`.
     `remaining`: how many more requests are affected; None means until cleared.
+    `skip`: how many requests pass untouched before the fault applies (fail the second call, not the first).
     `delay_s`: latency added before answering (normally, unless `status` is set too).
     `hang_s`: hold the request this long, then fail it (with `status`, else 504): an unresponsive service.
     """
@@ -133,6 +166,7 @@ class Fault:
     remaining: int | None = None
     hang_s: float | None = None
     delay_s: float | None = None
+    skip: int = 0
 
     @property
     def fails(self) -> bool:
@@ -143,7 +177,10 @@ class Fault:
         return self.status if self.status is not None else 504
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.skip:
+            del data["skip"]
+        return data
 
 
 def _new_signing_material() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
@@ -170,7 +207,8 @@ class EmulatorState:
     `token_lifetime_s` (Entra ID client-credential tokens), `refresh_in_s` (None: Entra's own rule, i.e.
     half the lifetime when it is at least 2 h, else omitted; 0: never send `refresh_in`),
     `mi_token_lifetime_s` (None: same as `token_lifetime_s`), `aml_token_lifetime_s` (ARM `token` op),
-    `score_delay_s` (model latency), `lro_retry_after_s` (Retry-After of regenerateKeys' 202).
+    `score_delay_s` (model latency), `lro_retry_after_s` (Retry-After of regenerateKeys' 202 and of its
+    operation's InProgress answers), `lro_polls` (how many polls of an operation answer InProgress).
     """
 
     def __init__(
@@ -184,6 +222,7 @@ class EmulatorState:
         aml_token_lifetime_s: int = 3600,
         score_delay_s: float = 0.0,
         lro_retry_after_s: int = 10,
+        lro_polls: int = 0,
         mi_tenant_id: str | None = None,
         identity_header: str | None = None,
         deployment: str = "blue",
@@ -199,6 +238,7 @@ class EmulatorState:
         self.aml_token_lifetime_s = aml_token_lifetime_s
         self.score_delay_s = score_delay_s
         self.lro_retry_after_s = lro_retry_after_s
+        self.lro_polls = lro_polls
         self.deployment = deployment
 
         self._apps: dict[tuple[str, str], RegisteredApp] = {}
@@ -216,6 +256,8 @@ class EmulatorState:
         self._signing_der = der
 
         self._aml_tokens: dict[str, float] = {}
+        self._vault: dict[str, list[VaultSecretVersion]] = {}
+        self._operations: dict[str, tuple[str, int]] = {}  # id -> (final status, InProgress polls left)
         self._faults: dict[str, Fault] = {}
         self._init_counters()
 
@@ -255,6 +297,54 @@ class EmulatorState:
             if secrets.compare_digest(candidate.encode(), key.encode()):
                 found = slot
         return found
+
+    # ----------------------------------------------------------------- Key Vault
+    def set_secret(self, name: str, value: str, *, created: int | None = None) -> str:
+        """Add a new (latest) version of a Key Vault secret; returns its version id."""
+        if not value:
+            raise ValueError("a secret value must not be empty")
+        version = VaultSecretVersion(
+            uuid.uuid4().hex, value, int(time.time()) if created is None else created
+        )
+        with self._lock:
+            self._vault.setdefault(name.lower(), []).append(version)
+        return version.version
+
+    def get_secret(self, name: str, version: str | None = None) -> VaultSecretVersion | None:
+        """The latest enabled version (or the one named), None if there is none."""
+        with self._lock:
+            versions = list(self._vault.get(name.lower(), []))
+        if version:
+            return next((v for v in versions if v.version == version), None)
+        return next((v for v in reversed(versions) if v.enabled), None)
+
+    def secret_versions(self, name: str) -> list[str]:
+        with self._lock:
+            return [v.version for v in self._vault.get(name.lower(), [])]
+
+    def delete_secret(self, name: str) -> bool:
+        with self._lock:
+            return self._vault.pop(name.lower(), None) is not None
+
+    # ----------------------------------------------------------------- ARM operations
+    def start_operation(self, status: str = "Succeeded") -> str:
+        """A long-running operation that reports InProgress for `lro_polls` polls, then `status`."""
+        operation_id = str(uuid.uuid4())
+        with self._lock:
+            self._operations[operation_id] = (status, int(self.lro_polls))
+        return operation_id
+
+    def poll_operation(self, operation_id: str) -> str | None:
+        """The operation's status now (counting this poll); None for an unknown id."""
+        with self._lock:
+            entry = self._operations.get(operation_id)
+            if entry is None:
+                return None
+            status, pending = entry
+            if pending > 0:
+                self._operations[operation_id] = (status, pending - 1)
+                return "InProgress"
+            return status
 
     # ----------------------------------------------------------------- app registrations
     def add_app(
@@ -531,6 +621,7 @@ class EmulatorState:
         count: int | None = None,
         hang_s: float | None = None,
         delay_s: float | None = None,
+        skip: int = 0,
     ) -> Fault:
         """Arm a fault for `target` ("token", "mi", "arm", "score"), replacing any previous one.
 
@@ -547,7 +638,9 @@ class EmulatorState:
         for name, value in (("retry_after", retry_after), ("hang_s", hang_s), ("delay_s", delay_s)):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative")
-        fault = Fault(target, status, retry_after, count, hang_s, delay_s)
+        if skip < 0:
+            raise ValueError("skip must not be negative")
+        fault = Fault(target, status, retry_after, count, hang_s, delay_s, skip)
         with self._lock:
             self._faults[target] = fault
         return fault
@@ -572,6 +665,9 @@ class EmulatorState:
             fault = self._faults.get(target)
             if fault is None:
                 return None
+            if fault.skip > 0:
+                self._faults[target] = replace(fault, skip=fault.skip - 1)
+                return None
             if fault.remaining is not None:
                 if fault.remaining <= 1:
                     del self._faults[target]
@@ -584,6 +680,7 @@ class EmulatorState:
         self._token_requests: Counter[tuple[str, str]] = Counter()
         self._mi_requests: Counter[tuple[str, str]] = Counter()
         self._arm_calls: Counter[str] = Counter()
+        self._keyvault_requests: Counter[tuple[str, str]] = Counter()
         self._score_outcomes: Counter[str] = Counter()
         self._score_auth: Counter[str] = Counter()
         self._discovery_requests = 0
@@ -604,6 +701,18 @@ class EmulatorState:
     def record_arm_call(self, operation: str) -> None:
         with self._lock:
             self._arm_calls[operation] += 1
+
+    def record_keyvault_request(self, method: str, name: str) -> None:
+        with self._lock:
+            self._keyvault_requests[(method, name.lower())] += 1
+
+    def keyvault_request_count(self, method: str | None = None, name: str | None = None) -> int:
+        with self._lock:
+            return sum(
+                n
+                for (m, s), n in self._keyvault_requests.items()
+                if (method is None or m == method) and (name is None or s == name.lower())
+            )
 
     def record_score(self, outcome: str, *, auth: str | None, reason: str | None, request_id: str) -> None:
         """Count a scoring request. `outcome` is "ok" or the status code; `auth` is how it authenticated."""
@@ -671,6 +780,7 @@ class EmulatorState:
             "aml_token_lifetime_s": self.aml_token_lifetime_s,
             "score_delay_s": self.score_delay_s,
             "lro_retry_after_s": self.lro_retry_after_s,
+            "lro_polls": self.lro_polls,
         }
 
     def configure(self, **settings: Any) -> dict[str, Any]:

@@ -1,0 +1,287 @@
+"""`{keyvault: ...}` secrets against the emulator's Key Vault over TLS: start-up load, polling for new
+versions, failed polls, the re-read when every key is rejected, and what `/readyz`, `/metrics` and
+`gateway check` show (never a value)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from azure_env import clean_emulator_fixture, emulator_fixture, register_app  # noqa: F401
+from conftest import HYGIENE
+from servers import ServerThread
+
+from gateway.app import GatewayApp
+from gateway.config import parse_config
+from gateway.emulator.server import EmulatorServer
+from gateway.errors import ConfigError
+
+ROWS = {"data": [[5.1, 3.5, 1.4, 0.2]]}
+
+
+def new_key(label: str) -> str:
+    value = f"{label}-{secrets.token_urlsafe(24)}"
+    HYGIENE.add_secret(value, f"tests/test_keyvault.py {label}")
+    return value
+
+
+def publish(emulator: EmulatorServer, name: str, value: str) -> str:
+    HYGIENE.add_secret(value, f"tests/test_keyvault.py secret {name}")
+    return emulator.state.set_secret(name, value)
+
+
+def kv(emulator: EmulatorServer, name: str) -> dict[str, Any]:
+    return {"keyvault": {"vault": emulator.vault_url, "secret": name}}
+
+
+def config_data(
+    emulator: EmulatorServer, prefix: str, *, refresh_every_s: float = 0.3, **route: Any
+) -> dict[str, Any]:
+    app = register_app(emulator)
+    HYGIENE.add_secret(app.secret, "tests/test_keyvault.py client secret")
+    auth = {
+        "type": "key",
+        "primary": kv(emulator, f"{prefix}-primary"),
+        "secondary": kv(emulator, f"{prefix}-secondary"),
+    }
+    return {
+        "tls": {"ca_bundle": str(emulator.ca_file)},
+        "server": {"access_log": False},
+        "keyvault": {
+            "identity": {
+                "tenant_id": app.tenant_id,
+                "client_id": app.client_id,
+                "client_secret": app.secret,
+                "authority_host": emulator.authority_host,
+                "timeout_s": 3,
+            },
+            "refresh_every_s": refresh_every_s,
+        },
+        "routes": {"iris": {"path": "/iris", "upstream": emulator.http_url, "auth": auth, **route}},
+    }
+
+
+def key_pair(emulator: EmulatorServer, prefix: str) -> tuple[str, str]:
+    """Both endpoint keys, set in the emulated endpoint and published in the vault."""
+    primary, secondary = new_key("primary"), new_key("secondary")
+    emulator.state.regenerate_key("primary", primary)
+    emulator.state.regenerate_key("secondary", secondary)
+    publish(emulator, f"{prefix}-primary", primary)
+    publish(emulator, f"{prefix}-secondary", secondary)
+    return primary, secondary
+
+
+def score(client: httpx.Client, gateway: ServerThread) -> int:
+    return client.post(f"{gateway.url}/iris/score", json=ROWS).status_code
+
+
+def readyz(gateway: ServerThread) -> dict[str, Any]:
+    data: dict[str, Any] = httpx.get(f"{gateway.url}/readyz").json()
+    return data
+
+
+def metric(gateway: ServerThread, sample: str) -> float:
+    """The value of one sample (`name{labels}`) in the gateway's /metrics; 0 when absent. The registry
+    is the process's, shared by every test: compare before and after."""
+    for line in httpx.get(f"{gateway.url}/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_until(predicate: Any, within: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            return bool(predicate())
+        time.sleep(interval)
+    return True
+
+
+def test_missing_secret_at_start_up_is_a_config_error_naming_vault_and_secret(
+    emulator: EmulatorServer,
+) -> None:
+    data = config_data(emulator, "absent")
+    with pytest.raises(ConfigError) as raised:
+        GatewayApp(parse_config(data, "kv.yaml"))
+    message = str(raised.value)
+    assert emulator.vault_url in message and "absent-primary" in message
+    assert "SecretNotFound" in message and "routes.iris.auth.primary" in message
+
+
+def test_vault_refuses_requests_without_a_vault_token(emulator: EmulatorServer) -> None:
+    publish(emulator, "plain", new_key("plain"))
+    with httpx.Client(verify=emulator.ssl_context()) as client:
+        anonymous = client.get(f"{emulator.vault_url}/secrets/plain?api-version=7.4")
+        assert anonymous.status_code == 401
+        assert 'resource="https://vault.azure.net"' in anonymous.headers["www-authenticate"]
+        app = register_app(emulator)
+        wrong = emulator.state.issue_access_token(
+            audience="https://management.azure.com", tenant_id=app.tenant_id, appid=app.client_id
+        )
+        refused = client.get(
+            f"{emulator.vault_url}/secrets/plain?api-version=7.4",
+            headers={"Authorization": f"Bearer {wrong}"},
+        )
+        assert refused.status_code == 401 and "audience" in refused.json()["error"]["message"]
+
+
+def test_a_new_version_is_used_within_one_poll_without_restart(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "poll")
+    config = parse_config(config_data(emulator, "poll", refresh_every_s=0.5), "kv.yaml")
+    reads = emulator.state.keyvault_request_count("GET")
+    app = GatewayApp(config)  # loads both secrets before it serves
+    assert emulator.state.keyvault_request_count("GET") == reads + 2
+    with ServerThread(app) as gateway, httpx.Client(timeout=10) as client:
+        assert score(client, gateway) == 200
+        status = readyz(gateway)
+        assert {s["secret"] for s in status["keyvault"]} == {"poll-primary", "poll-secondary"}
+        rotations = 'gateway_key_rotations_total{route="iris",slot="primary"}'
+        before = metric(gateway, rotations)
+        rotated = new_key("rotated")
+        version = publish(emulator, "poll-primary", rotated)
+        published = time.monotonic()
+        emulator.state.regenerate_key("primary", rotated)
+        assert wait_until(
+            lambda: any(s["version"] == version for s in readyz(gateway)["keyvault"]), within=0.5 + 3.0
+        )
+        picked_up = time.monotonic() - published
+        assert score(client, gateway) == 200
+        # The gateway uses the new primary: no failover happened.
+        assert readyz(gateway)["routes"][0]["active_slot"] == "primary"
+        assert emulator.state.score_auth_count("key:primary") >= 2
+        assert metric(gateway, rotations) == before + 1
+        metrics = httpx.get(f"{gateway.url}/metrics").text
+        assert 'gateway_key_age_seconds{route="iris",slot="primary"}' in metrics
+        # One request per secret per poll, for both secrets.
+        polls_before = emulator.state.keyvault_request_count("GET", "poll-secondary")
+        time.sleep(1.6)
+        polls = emulator.state.keyvault_request_count("GET", "poll-secondary") - polls_before
+        assert 1 <= polls <= 5
+        assert rotated not in metrics
+    print(f"new Key Vault version picked up after {picked_up:.2f} s (interval 0.5 s)")
+
+
+def test_a_failed_poll_keeps_the_last_value_logs_once_and_shows(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_pair(emulator, "stale")
+    config = parse_config(config_data(emulator, "stale", refresh_every_s=0.2), "kv.yaml")
+    with ServerThread(GatewayApp(config)) as gateway, httpx.Client(timeout=10) as client:
+        caplog.set_level(logging.WARNING, logger="gateway.keyvault")
+        emulator.state.set_fault("keyvault", status=503)
+        assert wait_until(lambda: emulator.state.keyvault_request_count("GET", "stale-primary") > 0, 2)
+        time.sleep(1.2)  # several failed polls
+        assert score(client, gateway) == 200
+        failures = [r for r in caplog.records if "cannot read secret stale-primary" in r.getMessage()]
+        assert len(failures) == 1, [r.getMessage() for r in failures]
+        status = readyz(gateway)
+        assert status["ready"] is True  # the last good keys are in use
+        primary = next(s for s in status["keyvault"] if s["secret"] == "stale-primary")
+        assert primary["ok"] is False and "503" in primary["error"]
+        metrics = httpx.get(f"{gateway.url}/metrics").text
+        host = emulator.vault_url.removeprefix("https://")
+        assert f'gateway_keyvault_secret_stale{{secret="stale-primary",vault="{host}"}} 1.0' in metrics
+        assert 'result="error"' in metrics
+        emulator.state.clear_faults()
+        assert wait_until(lambda: all(s["ok"] for s in readyz(gateway)["keyvault"]), within=3), readyz(
+            gateway
+        )
+        recovered = [
+            r for r in caplog.records if "reading secret stale-primary works again" in r.getMessage()
+        ]
+        assert len(recovered) == 1
+
+
+def test_every_key_rejected_reads_the_vault_at_once(emulator: EmulatorServer) -> None:
+    """Both keys changed in the vault and the endpoint: the poll is an hour away, yet the request that
+    meets the rejection makes the gateway read the vault again and succeeds."""
+    key_pair(emulator, "both")
+    config = parse_config(config_data(emulator, "both", refresh_every_s=3600), "kv.yaml")
+    with ServerThread(GatewayApp(config)) as gateway, httpx.Client(timeout=10) as client:
+        assert score(client, gateway) == 200
+        key_pair(emulator, "both")
+        assert score(client, gateway) == 200
+        assert readyz(gateway)["ready"] is True
+
+
+def test_header_values_and_client_secrets_from_the_vault(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "hdr")
+    publish(emulator, "hdr-header", "header-from-vault-0123456789")
+    data = config_data(emulator, "hdr")
+    data["routes"]["iris"]["headers"] = {"x-api-tag": kv(emulator, "hdr-header")}
+    # The Entra client secret of an aad_token route, from the vault too.
+    app = register_app(emulator)
+    publish(emulator, "hdr-client-secret", app.secret)
+    data["routes"]["aad"] = {
+        "path": "/aad",
+        "upstream": emulator.http_url,
+        "auth": {
+            "type": "aad_token",
+            "identity": {
+                "tenant_id": app.tenant_id,
+                "client_id": app.client_id,
+                "client_secret": kv(emulator, "hdr-client-secret"),
+                "authority_host": emulator.authority_host,
+            },
+        },
+    }
+    publish(emulator, "hdr-bad-header", "line\r\nbreak-0123456789")
+    bad = {**data, "routes": {**data["routes"]}}
+    bad["routes"]["iris"] = {**data["routes"]["iris"], "headers": {"x-tag": kv(emulator, "hdr-bad-header")}}
+    with pytest.raises(ConfigError, match="hdr-bad-header"):
+        GatewayApp(parse_config(bad, "kv.yaml"))
+    with (
+        ServerThread(GatewayApp(parse_config(data, "kv.yaml"))) as gateway,
+        httpx.Client(timeout=10) as client,
+    ):
+        assert score(client, gateway) == 200
+        assert client.post(f"{gateway.url}/aad/score", json=ROWS).status_code == 200
+
+
+def test_gateway_check_shows_vault_secret_version_and_age(
+    emulator: EmulatorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    primary, secondary = key_pair(emulator, "chk")
+    data = config_data(emulator, "chk")
+    path = tmp_path / "kv.yaml"
+    path.write_text(yaml.safe_dump(data))
+    from gateway.check import run_check
+
+    code = asyncio.run(run_check(parse_config(data, str(path)), str(path)))
+    out = capsys.readouterr().out
+    HYGIENE.record_output("gateway check (in process) during test_keyvault", out)
+    assert code == 0, out
+    version = emulator.state.get_secret("chk-primary")
+    assert version is not None
+    assert "chk-primary" in out and version.version in out and emulator.vault_url in out
+    assert primary not in out and secondary not in out
+
+
+def test_a_reload_adds_key_vault_secrets_and_keeps_the_loaded_ones(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "reload")
+    data = config_data(emulator, "reload", refresh_every_s=0.3)
+    app = GatewayApp(parse_config(data, "kv.yaml"))
+    with ServerThread(app) as gateway, httpx.Client(timeout=10) as client:
+        reads = emulator.state.keyvault_request_count("GET", "reload-primary")
+        publish(emulator, "reload-header", "header-after-reload-0123456789")
+        data["routes"]["iris"]["headers"] = {"x-tag": kv(emulator, "reload-header")}
+        gateway.call(app.reload(parse_config(data, "kv.yaml")))
+        assert score(client, gateway) == 200
+        secrets_shown = {s["secret"] for s in readyz(gateway)["keyvault"]}
+        assert secrets_shown == {"reload-primary", "reload-secondary", "reload-header"}
+        # The keys were not loaded again by the reload: only the poll loop reads them.
+        assert emulator.state.keyvault_request_count("GET", "reload-primary") - reads <= 3
+        before = emulator.state.keyvault_request_count("GET", "reload-header")
+        assert wait_until(lambda: emulator.state.keyvault_request_count("GET", "reload-header") > before, 3)

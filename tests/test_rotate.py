@@ -1,0 +1,340 @@
+"""`gateway rotate` against the emulator (ARM regenerateKeys with its asynchronous operation, Key Vault,
+the scoring front end) over real HTTP/TLS: two gateway replicas under continuous traffic see no failed
+request; a failure stops the run with the step and the keys' state; --dry-run changes nothing; no key
+value appears in any output."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from azure_env import (  # noqa: F401
+    clean_emulator_fixture,
+    emulator_fixture,
+    endpoint_ref,
+    register_app,
+)
+from conftest import HYGIENE
+from servers import ServerThread
+from test_keyvault import ROWS, config_data, key_pair
+
+from gateway.app import GatewayApp
+from gateway.config import parse_config
+from gateway.emulator.server import EmulatorServer
+from gateway.rotate import run_rotate
+
+SETTLE_S = 1.5
+
+
+@pytest.fixture(autouse=True)
+def quick_operations(emulator: EmulatorServer) -> Iterator[None]:
+    """regenerateKeys operations answer InProgress once, with a Retry-After of 0: polling is exercised
+    without slowing the suite."""
+    emulator.state.configure(lro_retry_after_s=0, lro_polls=1)
+    yield
+    emulator.state.configure(lro_retry_after_s=10, lro_polls=0)
+
+
+def rotation_config(emulator: EmulatorServer, prefix: str, **keyvault: Any) -> dict[str, Any]:
+    data = config_data(emulator, prefix, **keyvault)
+    arm_app = register_app(emulator)
+    HYGIENE.add_secret(arm_app.secret, "tests/test_rotate.py ARM client secret")
+    data["routes"]["iris"]["auth"].update(
+        {
+            "endpoint": endpoint_ref(),
+            "arm_url": emulator.https_url,
+            "identity": {
+                "tenant_id": arm_app.tenant_id,
+                "client_id": arm_app.client_id,
+                "client_secret": arm_app.secret,
+                "authority_host": emulator.authority_host,
+                "timeout_s": 3,
+            },
+        }
+    )
+    return data
+
+
+def rotate(data: dict[str, Any], **options: Any) -> tuple[int, str]:
+    out = io.StringIO()
+    code = asyncio.run(
+        run_rotate(parse_config(data, "rotate.yaml"), "rotate.yaml", "iris", out=out, **options)
+    )
+    text = out.getvalue()
+    HYGIENE.record_output("gateway rotate (in process)", text)
+    return code, text
+
+
+class Traffic:
+    """Requests sent continuously through every gateway from background threads; counts what failed."""
+
+    def __init__(self, gateways: list[ServerThread]) -> None:
+        self.gateways = gateways
+        self.sent = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(g,), daemon=True) for g in gateways]
+        self._lock = threading.Lock()
+
+    def _run(self, gateway: ServerThread) -> None:
+        with httpx.Client(timeout=20) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(f"{gateway.url}/iris/score", json=ROWS)
+                    outcome = (
+                        None
+                        if response.status_code == 200
+                        else f"{response.status_code} {response.text[:200]}"
+                    )
+                except httpx.HTTPError as exc:
+                    outcome = f"{type(exc).__name__}"
+                with self._lock:
+                    self.sent += 1
+                    if outcome is not None:
+                        self.failed.append(outcome)
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(emulator: EmulatorServer) -> None:
+    primary, secondary = key_pair(emulator, "dry")
+    data = rotation_config(emulator, "dry")
+    calls = emulator.state.arm_call_count("regenerateKeys")
+    writes = emulator.state.keyvault_request_count("PUT")
+    code, out = rotate(data, dry_run=True, settle_s=5)
+    assert code == 0, out
+    assert "1. secondary" in out and "2. primary" in out and "dry-secondary" in out
+    assert "wait 5 s" in out and "swagger.json" in out and "dry run" in out
+    assert emulator.state.arm_call_count("regenerateKeys") == calls
+    assert emulator.state.keyvault_request_count("PUT") == writes
+    assert emulator.state.keys() == {"primary": primary, "secondary": secondary}
+
+
+def test_cli_dry_run_and_config_errors(emulator: EmulatorServer, tmp_path: Path) -> None:
+    key_pair(emulator, "cli")
+    data = rotation_config(emulator, "cli")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-m", "gateway.cli", "rotate", "--config", str(path), "iris", "--dry-run"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = process.communicate(timeout=60)
+    HYGIENE.record_output("gateway rotate --dry-run", out, err)
+    assert process.returncode == 0, err
+    assert "1. secondary" in out
+    unknown = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "rotate", "--config", str(path), "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    HYGIENE.record_output("gateway rotate nope", unknown.stdout, unknown.stderr)
+    assert unknown.returncode == 2 and "no route named 'nope'" in unknown.stderr
+    without_endpoint = rotation_config(emulator, "cli")
+    del without_endpoint["routes"]["iris"]["auth"]["endpoint"]
+    del without_endpoint["routes"]["iris"]["auth"]["identity"]
+    code, out = rotate(without_endpoint)
+    assert code == 2 and "auth.endpoint" in out
+
+
+def test_rotation_with_two_replicas_under_traffic_fails_no_request(emulator: EmulatorServer) -> None:
+    old = key_pair(emulator, "rot")
+    data = rotation_config(emulator, "rot", refresh_every_s=0.3)
+    replicas = [ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))).start() for _ in range(2)]
+    try:
+        with Traffic(replicas) as traffic:
+            time.sleep(0.5)
+            code, out = rotate(data, settle_s=SETTLE_S)
+            time.sleep(1.0)  # requests after the rotation too
+        assert code == 0, out
+        keys = emulator.state.keys()
+        assert set(keys.values()).isdisjoint(old)
+        for slot in ("primary", "secondary"):
+            stored = emulator.state.get_secret(f"rot-{slot}")
+            assert stored is not None and stored.value == keys[slot]
+            HYGIENE.add_secret(keys[slot], f"rotated {slot} key")
+        assert traffic.sent > 20
+        assert traffic.failed == [], traffic.failed[:5]
+        assert "secondary key is rotated and verified" in out and "both keys rotated" in out
+        assert out.index("secondary key is rotated") < out.index("regenerating the primary key")
+        for replica in replicas:
+            ready = httpx.get(f"{replica.url}/readyz").json()
+            assert ready["ready"] is True
+            metrics = httpx.get(f"{replica.url}/metrics").text
+            for slot in ("secondary", "primary"):  # the process's one registry, shared by every test
+                line = f'gateway_key_rotations_total{{route="iris",slot="{slot}"}} '
+                assert float(metrics.split(line, 1)[1].split()[0]) >= 1
+        print(f"rotation under traffic: {traffic.sent} requests, {len(traffic.failed)} failed")
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_failure_mid_way_stops_with_the_step_and_the_key_state(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "mid")
+    data = rotation_config(emulator, "mid", refresh_every_s=0.3)
+    # The secondary's regenerateKeys succeeds; the primary's fails.
+    emulator.state.set_fault("regenerate", status=500, skip=1)
+    with (
+        ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
+        Traffic([gateway]) as traffic,
+    ):
+        code, out = rotate(data, settle_s=SETTLE_S)
+        time.sleep(1.0)  # the gateway now holds a primary the endpoint rejects: it uses the secondary
+    assert code == 1
+    assert "step `regenerate` failed" in out and "500" in out
+    assert "secondary: rotated and verified" in out
+    assert "primary: a new key is in Key Vault" in out and "still has the old one" in out
+    assert traffic.failed == [], traffic.failed[:5]
+    keys = emulator.state.keys()
+    stored = emulator.state.get_secret("mid-primary")
+    assert stored is not None and stored.value != keys["primary"]
+    HYGIENE.add_secret(stored.value, "mid-way primary key")
+
+
+def test_a_failed_operation_stops_at_the_wait_step(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "lro")
+    data = rotation_config(emulator, "lro")
+    emulator.state.set_fault("lro", status=500, count=1)
+    code, out = rotate(data, settle_s=0)
+    assert code == 1
+    assert "step `wait` failed" in out and "Failed" in out
+    assert "secondary: regeneration requested with the new key" in out and "primary: unchanged" in out
+
+
+def test_verification_failure_names_the_verify_step(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "ver")
+    data = rotation_config(emulator, "ver")
+    code, out = rotate(data, settle_s=0, slots=["secondary"], verify_url=f"{emulator.http_url}/nope-401")
+    # The emulator answers 404 for unknown paths: authenticated as far as the check can tell.
+    assert code == 0, out
+    emulator.state.set_fault("score", status=401)
+    code, out = rotate(data, settle_s=0, slots=["secondary"], verify_url=f"{emulator.http_url}/score")
+    assert code == 1 and "step `verify` failed" in out and "rejected" in out
+
+
+def test_from_endpoint_routes_rotate_through_list_keys(emulator: EmulatorServer) -> None:
+    old = emulator.state.keys()
+    data = rotation_config(emulator, "lk")
+    auth = data["routes"]["iris"]["auth"]
+    for name in ("primary", "secondary", "endpoint"):
+        auth.pop(name)
+    auth["from_endpoint"] = endpoint_ref()
+    auth["refresh_every_s"] = 3600
+    with (
+        ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
+        Traffic([gateway]) as traffic,
+    ):
+        time.sleep(0.3)
+        code, out = rotate(data, settle_s=0.5)
+        time.sleep(0.5)
+    assert code == 0, out
+    new = emulator.state.keys()
+    assert set(new.values()).isdisjoint(old.values())
+    for slot, value in new.items():
+        HYGIENE.add_secret(value, f"listKeys rotated {slot}")
+    assert traffic.failed == [], traffic.failed[:5]
+
+
+def test_no_key_value_in_any_output(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "quiet")
+    data = rotation_config(emulator, "quiet")
+    code, out = rotate(data, settle_s=0)
+    assert code == 0, out
+    values = list(emulator.state.keys().values())
+    for value in values:
+        HYGIENE.add_secret(value, "quiet rotated key")
+        assert value not in out
+
+
+def test_back_to_back_rotations_and_a_rerun_after_a_failure_fail_no_request(emulator: EmulatorServer) -> None:
+    """The gateway remembers a key it saw rejected (for `recheck_after_s`): a second rotation right after
+    the first, and a re-run after a run that stopped half-way (the vault then holds a primary the
+    endpoint does not have), must still find a working key for every request."""
+    key_pair(emulator, "again")
+    data = rotation_config(emulator, "again", refresh_every_s=0.3)
+    replicas = [ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))).start() for _ in range(2)]
+    try:
+        with Traffic(replicas) as traffic:
+            time.sleep(0.3)
+            first, out1 = rotate(data, settle_s=SETTLE_S)
+            second, out2 = rotate(data, settle_s=SETTLE_S)
+            emulator.state.set_fault(
+                "regenerate", status=500, skip=1, count=1
+            )  # the primary's regeneration fails
+            third, out3 = rotate(data, settle_s=SETTLE_S)
+            time.sleep(1.0)
+            fourth, out4 = rotate(data, settle_s=SETTLE_S)  # the recovery: run it again
+            time.sleep(1.0)
+        assert (first, second, third, fourth) == (0, 0, 1, 0), (out1, out2, out3, out4)
+        assert "primary key in Key Vault is rejected by the endpoint" in out4
+        assert out4.index("regenerating the primary key") < out4.index("regenerating the secondary key")
+        keys = emulator.state.keys()
+        for slot in ("primary", "secondary"):
+            stored = emulator.state.get_secret(f"again-{slot}")
+            assert stored is not None and stored.value == keys[slot]
+            HYGIENE.add_secret(keys[slot], f"rotated {slot} key")
+        assert traffic.failed == [], (len(traffic.failed), traffic.failed[:5])
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_key_files_are_rewritten_before_the_endpoint_takes_the_key(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    primary, secondary = key_pair(emulator, "files")
+    (tmp_path / "primary").write_text(primary + "\n")
+    (tmp_path / "secondary").write_text(secondary + "\n")
+    data = rotation_config(emulator, "files")
+    auth = data["routes"]["iris"]["auth"]
+    auth["primary"] = {"file": str(tmp_path / "primary")}
+    auth["secondary"] = {"file": str(tmp_path / "secondary")}
+    with (
+        ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
+        Traffic([gateway]) as traffic,
+    ):
+        time.sleep(0.3)
+        code, out = rotate(data)  # default settle: 1 s file checks + 5 s margin
+        time.sleep(1.5)
+    assert code == 0, out
+    assert "waiting 6 s" in out
+    keys = emulator.state.keys()
+    for slot in ("primary", "secondary"):
+        HYGIENE.add_secret(keys[slot], f"file-rotated {slot} key")
+        assert (tmp_path / slot).read_text() == keys[slot] + "\n"
+    assert traffic.failed == [], traffic.failed[:5]
+
+
+def test_no_management_token_stops_at_the_token_step_with_nothing_changed(emulator: EmulatorServer) -> None:
+    old = emulator.state.keys()
+    data = rotation_config(emulator, "tok")
+    auth = data["routes"]["iris"]["auth"]
+    for name in ("primary", "secondary", "endpoint"):
+        auth.pop(name)
+    auth["from_endpoint"] = endpoint_ref()
+    emulator.state.set_fault("token", status=401)
+    code, out = rotate(data, settle_s=0)
+    assert code == 1 and "step `token` failed" in out
+    assert "secondary: unchanged; primary: unchanged" in out
+    assert emulator.state.keys() == old
