@@ -65,6 +65,8 @@ class Route:
     read_timeout_s: float
     max_body_bytes: int
     replay_buffer_bytes: int
+    write_timeout_s: float = 30.0
+    pool_timeout_s: float = 5.0
     retry_attempts: int = 3
     retry_statuses: frozenset[int] = frozenset({429, 502, 503, 504})
     retry_on_connection_errors: bool = True

@@ -120,6 +120,37 @@ def test_upstream_connection_cut_mid_response(gateway_factory, keys, framing):
     assert load.duplicated == 0
 
 
+@pytest.mark.parametrize("rst", [False, True], ids=["fin", "rst"])
+def test_upstream_executes_then_dies_is_never_resent_behind_the_policy(gateway_factory, keys, rst):
+    """Some POSTs are read in full and executed, then the upstream dies before answering (on pooled
+    connections, mostly). With `retry.attempts: 1` the gateway must answer those with an error and
+    never send them again on its own: `duplicated` counts executions at the upstream."""
+    ledger = Ledger()
+
+    def behaviour(request: Request) -> Answer | Drop:
+        if index_of(request) % 10 == 5:
+            return Drop(rst=rst, executed=True)
+        return OK
+
+    with fault_upstream(ledger, accepted_keys={PRIMARY}, behaviour=behaviour) as upstream:
+        route = key_route(upstream.url, **keys)
+        route["retry"] = {"attempts": 1}
+        gw = gateway_factory({"routes": {"iris": route}})
+        load = drive(
+            f"upstream_executes_then_dies[{'rst' if rst else 'fin'}]",
+            gw.url + "/iris/score",
+            total=200,
+            ledger=ledger,
+        )
+
+    died = {o.index for o in load.outcomes if o.index % 10 == 5}
+    assert {o.index for o in load.failed} == died, load.summary()
+    for outcome in load.failed:
+        assert outcome.status == 502, outcome
+    assert ledger.outcomes["executed_unanswered"] == len(died)
+    assert load.duplicated == 0, ledger.executed_twice()
+
+
 def test_one_of_several_upstreams_dies(gateway_factory, keys):
     """Two upstreams share the load; one dies mid-load (listener gone, pooled connections closed,
     requests in progress cut): no client notices, and the dead one is ejected."""
