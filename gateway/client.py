@@ -216,7 +216,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._reading_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._writing_paused = False
+        self.writing_paused = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -276,10 +276,10 @@ class _Connection(asyncio.Protocol):
         self.client._forget(self)
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self.writing_paused = True
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
+        self.writing_paused = False
         self._wake_drain()
 
     # httptools callbacks
@@ -371,16 +371,15 @@ class _Connection(asyncio.Protocol):
         self.timer = self.loop.call_at(min(deadline, self.last_activity + read_timeout), self._on_timer)
         return waiter
 
-    def sent(self, complete: bool) -> None:
-        """The request is written (`complete`) or abandoned because the answer came first."""
-        if not complete or (self.transport is not None and self.transport.get_write_buffer_size()):
-            # The upstream answered before reading the whole request: what it did not read would be
-            # taken for the next request on this connection.
-            self.reusable = False
+    def sent(self, complete: bool, took_time: bool) -> None:
+        """The request is written (`complete`), or abandoned because the answer came first."""
+        if not complete:
+            self.reusable = False  # the upstream would take the rest of the body for the next request
         if self.state == SENDING:
             if self.response is None:
                 self.state = AWAITING_HEAD
-                self.last_activity = self.loop.time()  # the upstream's silence counts from here
+                if took_time:
+                    self.last_activity = self.loop.time()  # the upstream's silence counts from here
             else:
                 self.state = RECEIVING_BODY
 
@@ -422,7 +421,7 @@ class _Connection(asyncio.Protocol):
 
     def _on_write_timer(self) -> None:
         self.write_timer = None
-        if self.state == SENDING and self._writing_paused:
+        if self.state == SENDING and self.writing_paused:
             self._time_out(
                 f"the upstream {self.origin.name} stopped reading the request for {self.write_timeout:g} s "
                 "(write_timeout_s)",
@@ -484,7 +483,7 @@ class _Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         """Wait while the upstream is not reading what we write, at most `write_timeout` per stall."""
-        if not self._writing_paused or self.state != SENDING or self.response is not None:
+        if self.state != SENDING or self.response is not None:
             return
         self._drain_waiter = self.loop.create_future()
         self.write_timer = self.loop.call_later(self.write_timeout, self._on_write_timer)
@@ -510,7 +509,16 @@ class _Connection(asyncio.Protocol):
 
     def finish(self) -> None:
         """The caller read the whole answer: back to the pool when the exchange allows it."""
-        if self.state != DONE or not self.reusable or self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if (
+            self.state != DONE
+            or not self.reusable
+            or transport is None
+            or transport.is_closing()
+            # The answer came before the upstream read all of the request: the rest would be taken
+            # for the next request on this connection.
+            or transport.get_write_buffer_size()
+        ):
             self.abort()
             return
         self.state = IDLE
@@ -703,8 +711,11 @@ class UpstreamClient:
         try:
             if body is None or isinstance(body, bytes):
                 transport.write(head + body if body else head)
-                await conn.drain()
-                conn.sent(True)
+                if conn.writing_paused:
+                    await conn.drain()
+                    conn.sent(True, True)
+                else:
+                    conn.sent(True, False)
             else:
                 transport.write(head)
                 complete = True
@@ -713,13 +724,17 @@ class UpstreamClient:
                         complete = False  # answered (or failed) already: stop sending
                         break
                     transport.write(chunk)
-                    await conn.drain()
-                conn.sent(complete)
+                    if conn.writing_paused:
+                        await conn.drain()
+                conn.sent(complete, True)
             return await waiter
         except BaseException:
             conn.abort()
             if waiter.done() and not waiter.cancelled():
                 waiter.exception()  # retrieved: the error that matters is the one propagating
+            # The error's traceback holds this frame: without these locals it holds no connection
+            # (error -> traceback -> frame -> waiter -> error would wait for the garbage collector).
+            del conn, transport, waiter
             raise
 
     async def close(self) -> None:

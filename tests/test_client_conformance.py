@@ -874,3 +874,103 @@ def test_pool_reuses_connections_across_many_requests():
         assert run(main) == 200
         assert upstream.accepted <= 4
         assert upstream.executions(b"POST /echo") == 200
+
+
+def test_final_answer_during_a_large_upload_through_the_gateway(gateway_factory):
+    """A client streams 48 MiB through the gateway; the upstream refuses after the head: the refusal
+    reaches the client within seconds, not after the route's timeout (or later)."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_head()
+        await peer.send(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 12\r\n\r\nunauthorized")
+        await asyncio.sleep(15)
+
+    size = 48 << 20
+    with RawUpstream(handler) as upstream:
+        gw = gateway_factory({"routes": {"open": open_route(upstream.url, timeout_s=5, max_body_bytes=size)}})
+        sock = socket.create_connection(("127.0.0.1", gw.port))
+        sock.settimeout(10)
+        started = time.monotonic()
+        sock.sendall(b"POST /open/score HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
+
+        def upload() -> None:
+            block = b"z" * (256 * 1024)
+            with contextlib.suppress(OSError):
+                for _ in range(size // len(block)):
+                    sock.sendall(block)
+
+        uploader = threading.Thread(target=upload, daemon=True)
+        uploader.start()
+        answer = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in answer:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        elapsed = time.monotonic() - started
+        sock.close()
+        uploader.join(10)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert elapsed < 4.0
+
+
+def test_a_closed_connection_is_freed_without_the_garbage_collector():
+    """Connection, parser and the half-parsed head go away by reference counting once the connection
+    closed (no protocol <-> parser <-> response cycle keeps them)."""
+    import gc
+    import weakref
+
+    from gateway import client as client_module
+
+    made: list[weakref.ref[Any]] = []
+    original = client_module._Connection.connection_made
+
+    def connection_made(self: Any, transport: Any) -> None:
+        made.append(weakref.ref(self))
+        original(self, transport)
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"f" * 2000 + b"\r\n" * 1)
+        await peer.send(b"".join(b"X-F%d: %s\r\n" % (i, b"g" * 1000) for i in range(80)))
+        await asyncio.sleep(5)
+
+    async def main() -> None:
+        client, origin = new_client(upstream.url)
+        try:
+            await client.request(origin, get(), None, **FAST)
+        except ProtocolError:
+            pass  # (no `pytest.raises` here: its record of the error would keep this frame alive)
+        else:
+            raise AssertionError("no ProtocolError")
+        for _ in range(5):
+            await asyncio.sleep(0.05)  # connection_lost runs on a later loop iteration
+
+    client_module._Connection.connection_made = connection_made  # type: ignore[method-assign]
+    gc.disable()
+    try:
+        with RawUpstream(handler) as upstream:
+            run(main)
+        alive = [ref for ref in made if ref() is not None]
+    finally:
+        gc.enable()
+        client_module._Connection.connection_made = original  # type: ignore[method-assign]
+    assert made and not alive, [type(ref()).__name__ for ref in alive]
+
+
+def test_connect_error_says_nothing_was_sent():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+
+    async def main() -> ConnectError:
+        client, origin = new_client(f"http://127.0.0.1:{port}")
+        with pytest.raises(ConnectError) as caught:
+            await client.request(origin, get(), None, **FAST)
+        return caught.value
+
+    error = run(main)
+    assert error.request_sent is False
+    assert f"127.0.0.1:{port}" in str(error)
