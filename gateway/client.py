@@ -351,6 +351,7 @@ class _Connection(asyncio.Protocol):
     # the exchange
     def begin(
         self,
+        now: float,
         head_request: bool,
         deadline: float,
         total_timeout: float,
@@ -366,7 +367,7 @@ class _Connection(asyncio.Protocol):
         self.total_timeout = total_timeout
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
-        self.last_activity = self.loop.time()
+        self.last_activity = now
         waiter = self.head_waiter = self.loop.create_future()
         self.timer = self.loop.call_at(min(deadline, self.last_activity + read_timeout), self._on_timer)
         return waiter
@@ -703,10 +704,21 @@ class UpstreamClient:
         the socket raises with `request_sent=True` (the caller's retry policy decides)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + total_timeout
-        conn = await self._acquire(origin, pool_timeout, min(connect_timeout, total_timeout))
+        conn = await self._acquire(
+            origin, min(pool_timeout, total_timeout), min(connect_timeout, total_timeout)
+        )
         transport = conn.transport
         assert transport is not None
-        waiter = conn.begin(head_request, deadline, total_timeout, read_timeout, write_timeout)
+        now = loop.time()
+        if now >= deadline:
+            # The wait for a connection used the whole attempt: give it back unused.
+            self._release(conn)
+            raise TransportTimeout(
+                f"no time left to send the request to {origin.name} within {total_timeout:g} s (timeout_s)",
+                phase="total",
+                request_sent=False,
+            )
+        waiter = conn.begin(now, head_request, deadline, total_timeout, read_timeout, write_timeout)
         conn.request_sent = True
         try:
             if body is None or isinstance(body, bytes):

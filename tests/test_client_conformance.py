@@ -974,3 +974,36 @@ def test_connect_error_says_nothing_was_sent():
     error = run(main)
     assert error.request_sent is False
     assert f"127.0.0.1:{port}" in str(error)
+
+
+@pytest.mark.parametrize("case", ["bytes_after_the_body", "body_after_a_head_answer"])
+def test_bytes_past_the_answer_are_not_taken_for_the_next_answer(case):
+    """Whatever follows a complete answer is not the answer to the next request: the answer is
+    delivered, the connection closed, and the next request gets a fresh connection."""
+
+    async def handler(peer: Peer) -> None:
+        first = peer.index == 1
+        while await peer.read_request() is not None:
+            if first and case == "bytes_after_the_body":
+                await peer.send(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+            elif first:
+                await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+            else:
+                await peer.send(OK)
+            first = False
+
+    async def main() -> list[tuple[int, bytes]]:
+        client, origin = new_client(upstream.url)
+        is_head = case == "body_after_a_head_answer"
+        head = b"HEAD /x HTTP/1.1\r\nHost: u\r\n\r\n" if is_head else get()
+        first = await client.request(origin, head, None, head_request=is_head, **FAST)
+        seen = [(first.status, await read_all(first))]
+        await asyncio.sleep(0.2)  # whatever follows arrives while the connection is pooled
+        second = await client.request(origin, get("/next"), None, **FAST)
+        seen.append((second.status, await read_all(second)))
+        return seen
+
+    with RawUpstream(handler) as upstream:
+        expected_first = (200, b"") if case == "body_after_a_head_answer" else (200, b"ok")
+        assert run(main) == [expected_first, (200, b"ok")]
+        assert upstream.accepted == 2
