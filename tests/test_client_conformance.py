@@ -205,8 +205,9 @@ def new_client(url: str, *, max_connections: int = 8, ssl_context: ssl.SSLContex
 
 
 # ----------------------------------------------------------------------- framing: close-delimited
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("version", [b"1.1", b"1.0"])
-def test_close_delimited_body_is_delivered_whole(version):
+def test_close_delimited_body_is_delivered_whole(version, loop):
     """No Content-Length, no chunking: the body ends at the upstream's clean end of stream."""
     body = bytes(range(256)) * 4096  # 1 MiB
 
@@ -223,7 +224,27 @@ def test_close_delimited_body_is_delivered_whole(version):
         return await read_all(response)
 
     with RawUpstream(handler) as upstream:
-        assert run(main) == body
+        assert run(main, loop) == body
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_close_delimited_body_over_tls_is_delivered_whole(tmp_path, loop):
+    from gateway.tls import client_context
+
+    body = b"tls-body" * 50_000
+    ca_file, server = _pki(tmp_path)
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n\r\n" + body)
+        peer.close()  # close_notify, then FIN
+
+    async def main() -> bytes:
+        client, origin = new_client(upstream.url, ssl_context=client_context(str(ca_file)))
+        return await read_all(await client.request(origin, get(), None, **FAST))
+
+    with RawUpstream(handler, ssl_context=server) as upstream:
+        assert run(main, loop) == body
 
 
 def test_reset_mid_close_delimited_body_is_an_error():
@@ -303,8 +324,9 @@ def test_post_executed_then_upstream_dies_through_the_gateway_with_one_attempt(g
         assert upstream.executions(b"POST") == 2  # one for each client request, never a hidden third
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("body_kind", ["bytes", "stream"])
-def test_stale_pooled_connection_is_replaced_before_anything_is_written(body_kind):
+def test_stale_pooled_connection_is_replaced_before_anything_is_written(body_kind, loop):
     """The upstream closed an idle pooled connection and the loop has not noticed yet: the request goes
     out on a fresh connection, once, transparently."""
 
@@ -330,7 +352,7 @@ def test_stale_pooled_connection_is_replaced_before_anything_is_written(body_kin
         return await read_all(await client.request(origin, head, body, **FAST))
 
     with RawUpstream(handler) as upstream:
-        assert run(main) == b"ok"
+        assert run(main, loop) == b"ok"
         assert upstream.accepted == 2
         assert upstream.executions(b"POST /score") == 1
 
@@ -369,7 +391,8 @@ def test_waiter_handed_a_connection_that_closed_meanwhile_never_hangs(loop):
 
 
 # --------------------------------------------------------------------- early answer, idle bytes
-def test_final_answer_during_a_large_streaming_upload_is_returned_at_once():
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_final_answer_during_a_large_streaming_upload_is_returned_at_once(loop):
     """A 401 while 48 MiB are still being sent: the client stops sending and returns the 401 promptly."""
 
     async def handler(peer: Peer) -> None:
@@ -387,7 +410,7 @@ def test_final_answer_during_a_large_streaming_upload_is_returned_at_once():
         return response.status, body, time.monotonic() - started
 
     with RawUpstream(handler) as upstream:
-        status, body, elapsed = run(main, timeout=8)
+        status, body, elapsed = run(main, loop, timeout=8)
         assert (status, body) == (401, b"unauthorized")
         assert elapsed < 3.0
         # The connection was abandoned mid-body: never pooled again.
