@@ -203,9 +203,9 @@ class _Connection(asyncio.Protocol):
         self.received_any = False
         self.head_request = False
         self.reusable = True  # False once anything makes the next exchange on it unsafe
-        self.framed = False  # the answer has Content-Length or Transfer-Encoding (else: ends at EOF)
-        self.head_bytes = 0  # received while the head is incomplete (an endless header grows in httptools)
-        self.head_size = 0  # of the status and header lines parsed so far
+        # Bytes received while the answer's head is incomplete: an endless header line grows inside
+        # httptools, out of sight of the callbacks, so the limit is enforced on what arrives.
+        self.head_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.total_timeout = 0.0
@@ -246,8 +246,9 @@ class _Connection(asyncio.Protocol):
             self._protocol_error(self._head_limit_message())
 
     def eof_received(self) -> bool | None:
-        if self.state == RECEIVING_BODY and not self.framed and self.response is not None:
-            # A close-delimited body (no Content-Length, no chunking) ends at the clean end of stream.
+        response = self.response
+        if self.state == RECEIVING_BODY and response is not None and _close_delimited(response.headers):
+            # A body without Content-Length or chunking ends at the upstream's clean end of stream.
             self.reusable = False
             self._message_done()
         return None  # close our side too
@@ -283,24 +284,12 @@ class _Connection(asyncio.Protocol):
         self._wake_drain()
 
     # httptools callbacks
-    def on_status(self, status: bytes) -> None:
-        self.head_size += len(status)
-        if self.head_size > MAX_RESPONSE_HEAD_BYTES:
-            self._protocol_error(self._head_limit_message())
-            raise _StopParsing
-
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
         headers.append((name, value))
-        size = len(name)
-        self.head_size += size + len(value) + 4
-        if self.head_size > MAX_RESPONSE_HEAD_BYTES or len(headers) > MAX_RESPONSE_HEADERS:
+        if len(headers) > MAX_RESPONSE_HEADERS:
             self._protocol_error(self._head_limit_message())
             raise _StopParsing
-        if size == 14 or size == 17:
-            lowered = name.lower()
-            if lowered == b"content-length" or lowered == b"transfer-encoding":
-                self.framed = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -318,11 +307,15 @@ class _Connection(asyncio.Protocol):
                 raise _StopParsing  # what follows is not HTTP
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self._headers = []
-            self.framed = False
             return
+        headers = self._headers
+        if self.head_bytes > MAX_RESPONSE_HEAD_BYTES and _head_size(headers) > MAX_RESPONSE_HEAD_BYTES:
+            # Only a large read can hide a large head (the common small answer skips the sum).
+            self._protocol_error(self._head_limit_message())
+            raise _StopParsing
         if not self.parser.should_keep_alive():
             self.reusable = False
-        response = UpstreamResponse(self, status, self._headers)
+        response = UpstreamResponse(self, status, headers)
         self._headers = []
         self.response = response
         if self.state == AWAITING_HEAD:
@@ -360,16 +353,17 @@ class _Connection(asyncio.Protocol):
     ) -> asyncio.Future[UpstreamResponse]:
         self.state = SENDING
         self.head_request = head_request
-        self.framed = False
+        if self._headers:
+            self._headers = []  # trailers of the previous chunked answer: not this answer's headers
         self.head_bytes = 0
-        self.head_size = 0
         self.deadline = deadline
         self.total_timeout = total_timeout
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.last_activity = now
         waiter = self.head_waiter = self.loop.create_future()
-        self.timer = self.loop.call_at(min(deadline, self.last_activity + read_timeout), self._on_timer)
+        first_check = now + read_timeout
+        self.timer = self.loop.call_at(deadline if deadline < first_check else first_check, self._on_timer)
         return waiter
 
     def sent(self, complete: bool, took_time: bool) -> None:
@@ -599,13 +593,15 @@ class UpstreamClient:
             raise ConnectError(f"cannot connect to {origin.name}: {exc.strerror or exc}") from None
         return conn
 
-    async def _acquire(self, origin: Origin, pool_timeout: float, connect_timeout: float) -> _Connection:
+    async def _acquire(
+        self, origin: Origin, pool_timeout: float, connect_timeout: float, total_timeout: float
+    ) -> _Connection:
         """A live connection: an idle one, one handed over by a finishing request, or a new one.
 
         Liveness is checked at every hand-off, right before the caller writes (no await in between),
-        so a connection found closed here is replaced before a byte of the request was sent."""
-        loop = asyncio.get_running_loop()
-        waited_until = loop.time() + pool_timeout
+        so a connection found closed here is replaced before a byte of the request was sent. Neither
+        wait outlasts the attempt's `total_timeout`."""
+        waited_until = 0.0
         idle = origin.idle
         while True:
             now = time.monotonic()
@@ -618,12 +614,16 @@ class UpstreamClient:
             if origin.open < origin.max_connections:
                 origin.open += 1
                 try:
-                    return await self._connect(origin, connect_timeout)
+                    return await self._connect(origin, min(connect_timeout, total_timeout))
                 except BaseException:
                     origin.open -= 1
                     self._wake_waiter(origin)
                     raise
-            handed = await self._wait_for_connection(origin, waited_until - loop.time(), pool_timeout)
+            loop = asyncio.get_running_loop()
+            limit = min(pool_timeout, total_timeout)
+            if not waited_until:
+                waited_until = loop.time() + limit
+            handed = await self._wait_for_connection(origin, waited_until - loop.time(), limit)
             if handed is not None:
                 if handed.alive(time.monotonic()):
                     handed.reused = True
@@ -704,9 +704,7 @@ class UpstreamClient:
         the socket raises with `request_sent=True` (the caller's retry policy decides)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + total_timeout
-        conn = await self._acquire(
-            origin, min(pool_timeout, total_timeout), min(connect_timeout, total_timeout)
-        )
+        conn = await self._acquire(origin, pool_timeout, connect_timeout, total_timeout)
         transport = conn.transport
         assert transport is not None
         now = loop.time()
@@ -754,6 +752,18 @@ class UpstreamClient:
         for origin in self._origins.values():
             while origin.idle:
                 origin.idle.pop().abort()
+
+
+def _close_delimited(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, _ in headers:
+        lowered = name.lower()
+        if lowered == b"content-length" or lowered == b"transfer-encoding":
+            return False
+    return True
+
+
+def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def _certificate_problem(origin: Origin, exc: ssl.SSLCertVerificationError) -> str:

@@ -1030,3 +1030,31 @@ def test_bytes_past_the_answer_are_not_taken_for_the_next_answer(case):
         expected_first = (200, b"") if case == "body_after_a_head_answer" else (200, b"ok")
         assert run(main) == [expected_first, (200, b"ok")]
         assert upstream.accepted == 2
+
+
+def test_trailers_of_a_chunked_answer_do_not_leak_into_the_next_answer():
+    async def handler(peer: Peer) -> None:
+        first = True
+        while await peer.read_request() is not None:
+            if first:
+                await peer.send(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+                    b"2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n"
+                )
+            else:
+                await peer.send(OK)
+            first = False
+
+    async def main() -> list[list[tuple[bytes, bytes]]]:
+        client, origin = new_client(upstream.url)
+        seen = []
+        for _ in range(2):
+            response = await client.request(origin, get(), None, **FAST)
+            assert await read_all(response) == b"ok"
+            seen.append(response.headers)
+        return seen
+
+    with RawUpstream(handler) as upstream:
+        _, second = run(main)
+        assert upstream.accepted == 1
+    assert second == [(b"Content-Length", b"2")]
