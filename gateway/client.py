@@ -239,7 +239,11 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            if self.state != CLOSED:  # else a callback failed the exchange already
+            if self.state == DONE:
+                self.reusable = (
+                    False  # garbage after a complete answer: the answer stands, not the connection
+                )
+            elif self.state != CLOSED:  # else a callback failed the exchange already
                 self._protocol_error(f"invalid HTTP response from {self.origin.name}: {exc}")
             return
         if self.response is None and self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
@@ -292,6 +296,10 @@ class _Connection(asyncio.Protocol):
             raise _StopParsing
 
     def on_headers_complete(self) -> None:
+        if self.state == DONE:
+            # A second answer in the same read as the first one: nothing asked for it.
+            self.reusable = False
+            raise _StopParsing
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
