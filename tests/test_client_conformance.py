@@ -388,6 +388,8 @@ def test_waiter_handed_a_connection_that_closed_meanwhile_never_hangs(loop):
 
     with RawUpstream(handler) as upstream:
         assert run(main, loop) == b"ok"
+        assert upstream.accepted == 2
+        assert upstream.executions(b"POST /b") == 1
 
 
 # --------------------------------------------------------------------- early answer, idle bytes
