@@ -331,13 +331,16 @@ def test_stale_pooled_connection_is_replaced_before_anything_is_written(body_kin
     out on a fresh connection, once, transparently."""
 
     close_now = threading.Event()
+    closed = threading.Event()
 
     async def handler(peer: Peer) -> None:
         if peer.index == 1:
             await peer.read_request()
             await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
             await asyncio.get_running_loop().run_in_executor(None, close_now.wait, 5)
-            peer.close()  # the upstream's keep-alive timeout
+            peer.close()
+            await peer.writer.wait_closed()
+            closed.set()  # the upstream's keep-alive timeout
             return
         while await peer.read_request() is not None:
             await peer.send(OK)
@@ -346,7 +349,9 @@ def test_stale_pooled_connection_is_replaced_before_anything_is_written(body_kin
         client, origin = new_client(upstream.url)
         assert await read_all(await client.request(origin, get(), None, **FAST)) == b"ok"
         close_now.set()
-        time.sleep(0.3)  # noqa: ASYNC251 (blocks the loop: the FIN reaches the kernel, unseen by the client)
+        # Blocks the loop: the FIN reaches the kernel but the client's loop does not see it.
+        assert closed.wait(10)
+        time.sleep(0.05)  # noqa: ASYNC251
         body: bytes | AsyncIterator[bytes] = b"{}" if body_kind == "bytes" else body_stream(3, 1)
         head = post_head("/score", 2 if body_kind == "bytes" else 3)
         return await read_all(await client.request(origin, head, body, **FAST))
@@ -363,6 +368,7 @@ def test_waiter_handed_a_connection_that_closed_meanwhile_never_hangs(loop):
     B is served on a new connection (or fails fast), never left pending."""
 
     reset_now = threading.Event()
+    reset_done = threading.Event()
 
     async def handler(peer: Peer) -> None:
         await peer.read_request()
@@ -370,6 +376,7 @@ def test_waiter_handed_a_connection_that_closed_meanwhile_never_hangs(loop):
         if peer.index == 1:
             await asyncio.get_running_loop().run_in_executor(None, reset_now.wait, 5)
             peer.reset()
+            reset_done.set()
             return
         while await peer.read_request() is not None:
             await peer.send(OK)
@@ -381,7 +388,9 @@ def test_waiter_handed_a_connection_that_closed_meanwhile_never_hangs(loop):
         await asyncio.sleep(0.05)  # B is queued for the only connection
         assert await first.read() == b"ok"
         reset_now.set()
-        time.sleep(0.3)  # noqa: ASYNC251 (the reset reaches the kernel while A holds the connection)
+        # Blocks the loop: the reset reaches the kernel while A still holds the connection.
+        assert reset_done.wait(10)
+        time.sleep(0.05)  # noqa: ASYNC251
         first.release()  # A hands the connection to B
         response = await asyncio.wait_for(second, 5)
         return await read_all(response)
@@ -611,13 +620,13 @@ def test_read_timeout_is_reset_by_progress():
         await peer.read_request()
         await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
         for byte in b"abcdefghijkl":
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.2)
             await peer.send(bytes([byte]))
 
     async def main() -> bytes:
         client, origin = new_client(upstream.url)
         response = await client.request(
-            origin, get(), None, connect_timeout=2, read_timeout=0.6, total_timeout=10
+            origin, get(), None, connect_timeout=2, read_timeout=1.0, total_timeout=10
         )
         return await read_all(response)
 
