@@ -111,6 +111,8 @@ def build_router(
                 timeout_s=rc.timeout_s,
                 connect_timeout_s=rc.connect_timeout_s,
                 read_timeout_s=rc.read_timeout_s or rc.timeout_s,
+                write_timeout_s=rc.write_timeout_s,
+                pool_timeout_s=rc.pool_timeout_s,
                 max_body_bytes=config.max_body_bytes(rc),
                 replay_buffer_bytes=config.replay_buffer_bytes(rc),
                 replay=ReplayPolicy.from_config(rc.retry),

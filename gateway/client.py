@@ -5,23 +5,75 @@ objects, URL parsing, cookie jars, tracing hooks, timeout contexts) cost more th
 bench/ measures the difference. This client does only what a reverse proxy needs: send a request
 head and body already in wire form, hand back status, raw headers and a flow-controlled body stream,
 and keep connections alive. Everything per origin (Host header, TLS settings) is prepared once.
+
+Each connection follows one exchange at a time through an explicit state machine, with h11's and
+httpcore's discipline:
+
+    IDLE -> SENDING -> AWAITING_HEAD -> RECEIVING_BODY -> DONE -> IDLE (pooled again) ... -> CLOSED
+
+- Bytes that arrive while no request is outstanding (IDLE, DONE) are never parsed as an answer: the
+  connection is closed (an unsolicited `408` on an idle keep-alive connection, a HEAD answer's body).
+- A connection is checked for liveness at every hand-off (idle pick and waiter), including a poll of
+  its socket, so a connection the upstream closed is never written to; a closing one is never pooled.
+- The one resend rule: a request is sent again by the client itself only when no byte of it reached
+  the socket. Every other failure raises with `request_sent=True` and the route's retry policy decides.
+- A final answer that arrives while the request body is still being sent stops the sending and goes to
+  the caller at once; the connection is then not reused.
+- Every timer fails its own request directly (it does not wait for `connection_lost`). One timer per
+  exchange covers `timeout_s` (the whole attempt) and `read_timeout_s` (the longest silence of the
+  upstream while its answer is awaited): it checks a last-activity stamp when it fires and re-arms,
+  instead of being re-armed on every chunk. `write_timeout_s` is armed only while a write is stalled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import select
 import ssl
 import time
 from collections.abc import AsyncIterator
+from typing import Final
 from urllib.parse import urlsplit
 
 import httptools
 
-from gateway.errors import ConnectError, ConnectionLost, ProtocolError, TransportTimeout
+from gateway.errors import (
+    ConnectError,
+    ConnectionLost,
+    PoolTimeout,
+    ProtocolError,
+    TransportError,
+    TransportTimeout,
+)
+
+logger = logging.getLogger("gateway.client")
 
 _HIGH_WATER = 256 * 1024  # pause reading from the upstream while this much body waits for the client
 _LOW_WATER = 64 * 1024
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+MAX_RESPONSE_HEADERS = 100
+# Timers may fire a hair early (the loop's clock resolution): a deadline this close counts as reached.
+_EPSILON = 0.001
+
+# Connection states. Plain ints: compared on every callback of the hot path.
+IDLE: Final = 0  # pooled or just opened; no request outstanding: any byte from the upstream is an error
+SENDING: Final = 1  # the request is being written (an early answer may already have arrived)
+AWAITING_HEAD: Final = 2  # the request is written; the answer's head is awaited
+RECEIVING_BODY: Final = 3  # the head was handed to the caller; the body is arriving
+DONE: Final = 4  # the answer is complete; waiting for the caller to release the connection
+CLOSED: Final = 5
+
+# OpenSSL verification results worth their own explanation (X509_V_ERR_*).
+_UNKNOWN_CA = frozenset({2, 18, 19, 20, 21})
+_NAME_MISMATCH = frozenset({62, 64})
+_EXPIRED = 10
+_NOT_YET_VALID = 9
+
+
+class _StopParsing(Exception):
+    """Raised inside a parser callback once the exchange has failed: nothing after it is parsed."""
 
 
 class Origin:
@@ -45,6 +97,7 @@ class Origin:
         )
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = (host if default_port else f"{host}:{self.port}").encode("idna")
+        self.name = f"{host}:{self.port}"
         self.max_connections = max_connections
         self.keepalive_s = keepalive_s
         self.idle: collections.deque[_Connection] = collections.deque()
@@ -58,15 +111,12 @@ class Origin:
 class UpstreamResponse:
     """Status and raw headers at once; the body as a stream that must be consumed or closed."""
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_error", "_size", "_waiter", "headers", "keep_alive", "status")
+    __slots__ = ("_chunks", "_conn", "_eof", "_error", "_size", "_waiter", "headers", "status")
 
-    def __init__(
-        self, conn: _Connection, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool
-    ) -> None:
+    def __init__(self, conn: _Connection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self._conn: _Connection | None = conn
         self.status = status
         self.headers = headers
-        self.keep_alive = keep_alive
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._eof = False
@@ -130,7 +180,7 @@ class UpstreamResponse:
         if conn is None:
             return
         self._conn = None
-        if self._eof and not self._chunks and self.keep_alive and self._error is None:
+        if self._eof and not self._chunks and self._error is None:
             conn.finish()
         else:
             conn.abort()
@@ -142,154 +192,370 @@ class _Connection(asyncio.Protocol):
         self.client = client
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.poller: select.poll | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.state = IDLE
         self.reused = False
         self.idle_since = 0.0
-        self.closed = False
         self.response: UpstreamResponse | None = None
         self.head_waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.request_sent = False
         self.received_any = False
         self.head_request = False
+        self.reusable = True  # False once anything makes the next exchange on it unsafe
+        # Bytes received while the answer's head is incomplete: an endless header line grows inside
+        # httptools, out of sight of the callbacks, so the limit is enforced on what arrives.
+        self.head_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
-        self.timed_out: str | None = None
+        self.deadline = 0.0
+        self.total_timeout = 0.0
+        self.read_timeout = 0.0
+        self.last_activity = 0.0
+        self.write_timeout = 0.0
+        self.write_timer: asyncio.TimerHandle | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._reading_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._writing_paused = False
+        self.writing_paused = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == IDLE or state == DONE or state == CLOSED:
+            # Nothing was asked: an unsolicited answer (a 408 before closing) or bytes past the answer.
+            self._close_unsolicited()
+            return
         self.received_any = True
+        self.last_activity = self.loop.time()
+        if self.response is None:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"invalid HTTP response from the upstream: {exc}"))
-            self.abort()
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.state == DONE:
+                self.reusable = (
+                    False  # garbage after a complete answer: the answer stands, not the connection
+                )
+            elif self.state != CLOSED:  # else a callback failed the exchange already
+                self._protocol_error(f"invalid HTTP response from {self.origin.name}: {exc}")
+            return
+        if self.response is None and self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            self._protocol_error(self._head_limit_message())
 
     def eof_received(self) -> bool | None:
+        response = self.response
+        if self.state == RECEIVING_BODY and response is not None and _close_delimited(response.headers):
+            # A body without Content-Length or chunking ends at the upstream's clean end of stream.
+            self.reusable = False
+            self._message_done()
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._cancel_timer()
-        if self.timed_out is not None:
-            error: BaseException = TransportTimeout(self.timed_out)
-        else:
-            error = ConnectionLost(
-                "the upstream closed the connection"
-                + (f" ({type(exc).__name__})" if exc is not None else ""),
-                reused=self.reused,
-                received_any=self.received_any,
+        state = self.state
+        self.state = CLOSED
+        self._cancel_timers()
+        if state != IDLE and state != DONE and state != CLOSED:
+            self._fail(
+                ConnectionLost(
+                    f"the upstream {self.origin.name} closed the connection"
+                    + (f" ({type(exc).__name__})" if exc is not None else "")
+                    + (" before answering" if not self.received_any else " mid-answer"),
+                    request_sent=self.request_sent,
+                    reused=self.reused,
+                    received_any=self.received_any,
+                )
             )
-        self._fail(error)
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(error)
+        # Break the protocol <-> parser and connection <-> response cycles now, so their buffers are
+        # freed by reference counting instead of waiting for the garbage collector.
+        self.parser = _DEAD_PARSER
+        self.response = None
+        self.head_waiter = None
+        self._headers = []
         self.client._forget(self)
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self.writing_paused = True
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self.writing_paused = False
+        self._wake_drain()
 
     # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._headers = []
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > MAX_RESPONSE_HEADERS:
+            self._protocol_error(self._head_limit_message())
+            raise _StopParsing
 
     def on_headers_complete(self) -> None:
+        if self.state == DONE:
+            # A second answer in the same read as the first one: nothing asked for it.
+            self.reusable = False
+            raise _StopParsing
         status = self.parser.get_status_code()
         if status < 200:
-            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-        self._cancel_timer()  # the first-byte deadline is met; `request()` arms the total one
-        keep_alive = self.parser.should_keep_alive() and not self.head_request
-        response = UpstreamResponse(self, status, self._headers, keep_alive)
+            if status == 101:
+                logger.warning(
+                    "upstream %s answered 101 Switching Protocols; the gateway does not forward protocol "
+                    "upgrades: answering 502 upstream_protocol_error",
+                    self.origin.name,
+                )
+                self._protocol_error(
+                    f"the upstream {self.origin.name} answered 101 Switching Protocols; protocol upgrades "
+                    "are not forwarded"
+                )
+                raise _StopParsing  # what follows is not HTTP
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self._headers = []
+            return
+        headers = self._headers
+        if self.head_bytes > MAX_RESPONSE_HEAD_BYTES and _head_size(headers) > MAX_RESPONSE_HEAD_BYTES:
+            # Only a large read can hide a large head (the common small answer skips the sum).
+            self._protocol_error(self._head_limit_message())
+            raise _StopParsing
+        if not self.parser.should_keep_alive():
+            self.reusable = False
+        response = UpstreamResponse(self, status, headers)
+        self._headers = []
         self.response = response
+        if self.state == AWAITING_HEAD:
+            self.state = RECEIVING_BODY
         waiter = self.head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
-        if self.head_request or status in (204, 304):
-            # httptools cannot be told a response to HEAD has no body; end it here and never reuse.
-            response._feed_eof()
+        self._wake_drain()  # an answer during the upload: stop sending (see `UpstreamClient.request`)
+        if self.head_request:
+            # httptools cannot be told that an answer to HEAD has no body: end it here and parse what
+            # comes next with a fresh parser (bytes that still reach this one are unsolicited).
+            self.parser = httptools.HttpResponseParser(self)
+            self._message_done()
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response._feed(body)
+        response = self.response
+        if response is None or self.state == DONE:
+            self._close_unsolicited()
+            return
+        response._feed(body)
 
     def on_message_complete(self) -> None:
-        if self.response is not None and self.parser.get_status_code() >= 200:
-            self.response._feed_eof()
-            self._cancel_timer()
+        if self.response is not None and self.state != DONE:
+            self._message_done()
 
-    # helpers
-    def _fail(self, error: BaseException) -> None:
+    # the exchange
+    def begin(
+        self,
+        now: float,
+        head_request: bool,
+        deadline: float,
+        total_timeout: float,
+        read_timeout: float,
+        write_timeout: float,
+    ) -> asyncio.Future[UpstreamResponse]:
+        self.state = SENDING
+        self.head_request = head_request
+        if self._headers:
+            self._headers = []  # trailers of the previous chunked answer: not this answer's headers
+        self.head_bytes = 0
+        self.deadline = deadline
+        self.total_timeout = total_timeout
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.last_activity = now
+        waiter = self.head_waiter = self.loop.create_future()
+        first_check = now + read_timeout
+        self.timer = self.loop.call_at(deadline if deadline < first_check else first_check, self._on_timer)
+        return waiter
+
+    def sent(self, complete: bool, took_time: bool) -> None:
+        """The request is written (`complete`), or abandoned because the answer came first."""
+        if not complete:
+            self.reusable = False  # the upstream would take the rest of the body for the next request
+        if self.state == SENDING:
+            if self.response is None:
+                self.state = AWAITING_HEAD
+                if took_time:
+                    self.last_activity = self.loop.time()  # the upstream's silence counts from here
+            else:
+                self.state = RECEIVING_BODY
+
+    def _message_done(self) -> None:
+        response = self.response
+        assert response is not None
+        self.state = DONE
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        response._feed_eof()
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        state = self.state
+        if state == IDLE or state == DONE or state == CLOSED:
+            return
+        now = self.loop.time()
+        if now >= self.deadline - _EPSILON:
+            self._time_out(
+                f"the upstream {self.origin.name} did not complete its answer within "
+                f"{self.total_timeout:g} s (timeout_s)",
+                "total",
+            )
+            return
+        if state == SENDING or self._reading_paused:
+            self.last_activity = now  # waiting on our side, not on the upstream's
+        elif now - self.last_activity >= self.read_timeout - _EPSILON:
+            where = "before its answer's head" if self.response is None else "in the middle of its answer"
+            self._time_out(
+                f"the upstream {self.origin.name} sent nothing for {self.read_timeout:g} s {where} "
+                "(read_timeout_s)",
+                "read",
+            )
+            return
+        self.timer = self.loop.call_at(
+            min(self.deadline, self.last_activity + self.read_timeout), self._on_timer
+        )
+
+    def _on_write_timer(self) -> None:
+        self.write_timer = None
+        if self.state == SENDING and self.writing_paused:
+            self._time_out(
+                f"the upstream {self.origin.name} stopped reading the request for {self.write_timeout:g} s "
+                "(write_timeout_s)",
+                "write",
+            )
+
+    def _time_out(self, message: str, phase: str) -> None:
+        self._fail(TransportTimeout(message, phase=phase, request_sent=True))
+        self.abort()
+
+    def _protocol_error(self, message: str) -> None:
+        self._fail(ProtocolError(message, request_sent=True))
+        self.abort()
+
+    def _head_limit_message(self) -> str:
+        return (
+            f"the answer head of {self.origin.name} breaks the limits of {MAX_RESPONSE_HEAD_BYTES} bytes "
+            f"and {MAX_RESPONSE_HEADERS} header lines"
+        )
+
+    def _close_unsolicited(self) -> None:
+        self.reusable = False
+        if self.state == IDLE:
+            self.abort()  # pooled: nobody to tell, the next request takes another connection
+        # DONE: the caller still reads the buffered answer; `release()` closes the connection.
+
+    def _fail(self, error: TransportError) -> None:
         waiter = self.head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
-        if self.response is not None:
+        elif self.response is not None:
             self.response._fail(error)
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_exception(error)
+
+    def _cancel_timers(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+
+    def _wake_drain(self) -> None:
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     def pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None and not self.closed:
+        if not self._reading_paused and self.transport is not None and self.state != CLOSED:
             self._reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self.closed:
+        if self._reading_paused and self.transport is not None and self.state != CLOSED:
             self._reading_paused = False
             self.transport.resume_reading()
 
-    def start_timer(self, delay: float, reason: str, limit: float) -> None:
-        self._cancel_timer()
-        self.timer = self.loop.call_later(delay, self._on_timeout, reason, limit)
-
-    def _on_timeout(self, reason: str, limit: float) -> None:
-        self.timer = None
-        self.timed_out = reason % limit
-        self.abort()
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     async def drain(self) -> None:
-        if self._writing_paused and not self.closed:
-            self._drain_waiter = self.loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
+        """Wait while the upstream is not reading what we write, at most `write_timeout` per stall."""
+        if self.state != SENDING or self.response is not None:
+            return
+        self._drain_waiter = self.loop.create_future()
+        self.write_timer = self.loop.call_later(self.write_timeout, self._on_write_timer)
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+            if self.write_timer is not None:
+                self.write_timer.cancel()
+                self.write_timer = None
 
-    def usable(self, now: float) -> bool:
+    def alive(self, now: float) -> bool:
+        """Safe to send a request on: idle, open, within keep-alive, and nothing unread on its socket
+        (an unread close or unsolicited answer that the event loop has not processed yet)."""
+        transport = self.transport
         return (
-            not self.closed
-            and self.transport is not None
-            and not self.transport.is_closing()
-            and (now - self.idle_since < self.origin.keepalive_s)
+            self.state == IDLE
+            and transport is not None
+            and not transport.is_closing()
+            and now - self.idle_since < self.origin.keepalive_s
+            and not (self.poller is not None and self.poller.poll(0))
         )
 
     def finish(self) -> None:
-        """The exchange ended cleanly: back to the pool."""
-        self._cancel_timer()
+        """The caller read the whole answer: back to the pool when the exchange allows it."""
+        transport = self.transport
+        if (
+            self.state != DONE
+            or not self.reusable
+            or transport is None
+            or transport.is_closing()
+            # The answer came before the upstream read all of the request: the rest would be taken
+            # for the next request on this connection.
+            or transport.get_write_buffer_size()
+        ):
+            self.abort()
+            return
+        self.state = IDLE
         self.response = None
         self.head_waiter = None
         self.head_request = False
+        self.request_sent = False
         self.received_any = False
         self.resume_reading()
         self.client._release(self)
 
     def abort(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self._cancel_timers()
+        if self.transport is not None:
             self.transport.abort()
-        self.closed = True
+
+
+class _NoParser:
+    """Stands in for the parser of a closed connection (no data arrives after `connection_lost`)."""
+
+    def feed_data(self, data: bytes) -> None:
+        raise httptools.HttpParserError("the connection is closed")
+
+    def get_status_code(self) -> int:
+        return 0
+
+    def should_keep_alive(self) -> bool:
+        return False
+
+
+_DEAD_PARSER: httptools.HttpResponseParser = _NoParser()  # type: ignore[assignment]
 
 
 class UpstreamClient:
@@ -322,62 +588,96 @@ class UpstreamClient:
                     server_hostname=origin.host if origin.ssl is not None else None,
                 )
         except TimeoutError:
-            raise ConnectError(f"no connection to {origin.host}:{origin.port} within {limit_s:g} s") from None
+            raise TransportTimeout(
+                f"no connection to {origin.name} within {limit_s:g} s (connect_timeout_s)",
+                phase="connect",
+                request_sent=False,
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(_certificate_problem(origin, exc)) from None
         except ssl.SSLError as exc:
-            raise ConnectError(
-                f"TLS handshake with {origin.host}:{origin.port} failed: {exc.reason}"
-            ) from None
+            raise ConnectError(f"TLS handshake with {origin.name} failed: {exc.reason or exc}") from None
         except OSError as exc:
-            raise ConnectError(
-                f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}"
-            ) from None
+            raise ConnectError(f"cannot connect to {origin.name}: {exc.strerror or exc}") from None
         return conn
 
-    async def _acquire(self, origin: Origin, connect_timeout: float) -> _Connection:
-        now = time.monotonic()
+    async def _acquire(
+        self, origin: Origin, pool_timeout: float, connect_timeout: float, total_timeout: float
+    ) -> _Connection:
+        """A live connection: an idle one, one handed over by a finishing request, or a new one.
+
+        Liveness is checked at every hand-off, right before the caller writes (no await in between),
+        so a connection found closed here is replaced before a byte of the request was sent. Neither
+        wait outlasts the attempt's `total_timeout`."""
+        waited_until = 0.0
         idle = origin.idle
-        while idle:
-            conn = idle.pop()
-            if conn.usable(now):
-                conn.reused = True
-                return conn
-            conn.abort()
-        if origin.open >= origin.max_connections:
-            waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
-            origin.waiters.append(waiter)
-            try:
-                async with asyncio.timeout(connect_timeout):
-                    handed = await waiter
-            except TimeoutError:
-                if not waiter.done() or waiter.cancelled():
-                    waiter.cancel()
-                    raise ConnectError(
-                        f"all {origin.max_connections} connections to {origin.host}:{origin.port} stayed "
-                        f"busy for {connect_timeout:g} s"
-                    ) from None
-                # Handed a connection (or a free slot) just as the wait ran out: take it, never leak it.
-                handed = waiter.result()
+        while True:
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()
+                if conn.alive(now):
+                    conn.reused = True
+                    return conn
+                conn.abort()
+            if origin.open < origin.max_connections:
+                origin.open += 1
+                try:
+                    return await self._connect(origin, min(connect_timeout, total_timeout))
+                except BaseException:
+                    origin.open -= 1
+                    self._wake_waiter(origin)
+                    raise
+            loop = asyncio.get_running_loop()
+            limit = min(pool_timeout, total_timeout)
+            if not waited_until:
+                waited_until = loop.time() + limit
+            handed = await self._wait_for_connection(origin, waited_until - loop.time(), limit)
             if handed is not None:
-                handed.reused = True
-                return handed
-        origin.open += 1
+                if handed.alive(time.monotonic()):
+                    handed.reused = True
+                    return handed
+                handed.abort()  # closed meanwhile: its slot comes free; look again
+
+    async def _wait_for_connection(
+        self, origin: Origin, left: float, pool_timeout: float
+    ) -> _Connection | None:
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        origin.waiters.append(waiter)
         try:
-            return await self._connect(origin, connect_timeout)
-        except BaseException:
-            origin.open -= 1
-            self._wake_waiter(origin)
+            async with asyncio.timeout(max(left, 0.0)):
+                return await waiter
+        except TimeoutError:
+            if not waiter.done() or waiter.cancelled():
+                waiter.cancel()
+                raise PoolTimeout(
+                    f"all {origin.max_connections} connections to {origin.name} stayed busy for "
+                    f"{pool_timeout:g} s (pool_timeout_s)"
+                ) from None
+            # Handed a connection (or a free slot) just as the wait ran out: take it, never leak it.
+            return waiter.result()
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                handed = waiter.result()
+                if handed is not None:
+                    handed.reused = True
+                    self._release(handed)  # pass it on to the next waiter or the pool
+                else:
+                    self._wake_waiter(origin)
+            else:
+                waiter.cancel()
             raise
 
     def _release(self, conn: _Connection) -> None:
         origin = conn.origin
-        if conn.closed:
+        if conn.state != IDLE or conn.transport is None or conn.transport.is_closing():
+            conn.abort()
             return
+        conn.idle_since = time.monotonic()
         while origin.waiters:
             waiter = origin.waiters.popleft()
             if not waiter.done():
-                waiter.set_result(conn)
+                waiter.set_result(conn)  # the waiter checks it is still alive when it resumes
                 return
-        conn.idle_since = time.monotonic()
         origin.idle.append(conn)
 
     def _forget(self, conn: _Connection) -> None:
@@ -403,57 +703,98 @@ class UpstreamClient:
         head_request: bool = False,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        write_timeout: float = 30.0,
+        pool_timeout: float = 5.0,
         total_timeout: float = 60.0,
     ) -> UpstreamResponse:
         """Send `head` (request line and headers, ending in a blank line) and `body`; return the response
-        once its headers arrived. A bytes body is retried once on a fresh connection when a pooled one
-        turns out to be closed by the upstream before it answered."""
+        once its headers arrived. Never sends the request twice: a failure after its first byte reached
+        the socket raises with `request_sent=True` (the caller's retry policy decides)."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        first_byte = min(read_timeout, total_timeout)
-        for attempt in (1, 2):
-            conn = await self._acquire(origin, connect_timeout)
-            conn.head_request = head_request
-            conn.head_waiter = loop.create_future()
-            conn.start_timer(first_byte - (loop.time() - started), "no answer within %g s", first_byte)
-            try:
-                transport = conn.transport
-                assert transport is not None
-                if body is None or isinstance(body, bytes):
-                    transport.write(head + body if body else head)
+        deadline = loop.time() + total_timeout
+        conn = await self._acquire(origin, pool_timeout, connect_timeout, total_timeout)
+        transport = conn.transport
+        assert transport is not None
+        now = loop.time()
+        if now >= deadline:
+            # The wait for a connection used the whole attempt: give it back unused.
+            self._release(conn)
+            raise TransportTimeout(
+                f"no time left to send the request to {origin.name} within {total_timeout:g} s (timeout_s)",
+                phase="total",
+                request_sent=False,
+            )
+        waiter = conn.begin(now, head_request, deadline, total_timeout, read_timeout, write_timeout)
+        conn.request_sent = True
+        try:
+            if body is None or isinstance(body, bytes):
+                transport.write(head + body if body else head)
+                if conn.writing_paused:
+                    await conn.drain()
+                    conn.sent(True, True)
                 else:
-                    transport.write(head)
-                    async for chunk in body:
-                        if conn.closed:
-                            break
-                        transport.write(chunk)
+                    conn.sent(True, False)
+            else:
+                transport.write(head)
+                complete = True
+                async for chunk in body:
+                    if conn.state != SENDING or waiter.done():
+                        complete = False  # answered (or failed) already: stop sending
+                        break
+                    transport.write(chunk)
+                    if conn.writing_paused:
                         await conn.drain()
-                response = await conn.head_waiter
-            except ConnectionLost as exc:
-                conn.abort()
-                if (
-                    attempt == 1
-                    and exc.reused
-                    and not exc.received_any
-                    and not (body is not None and not isinstance(body, bytes))
-                ):
-                    continue
-                raise
-            except BaseException:
-                conn.abort()
-                raise
-            if not response.at_eof:
-                # From here the total timeout covers the rest of the body.
-                remaining = total_timeout - (loop.time() - started)
-                conn.start_timer(remaining, "the answer took longer than %g s", total_timeout)
-            return response
-        raise AssertionError("unreachable")
+                conn.sent(complete, True)
+            return await waiter
+        except BaseException:
+            conn.abort()
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved: the error that matters is the one propagating
+            # The error's traceback holds this frame: without these locals it holds no connection
+            # (error -> traceback -> frame -> waiter -> error would wait for the garbage collector).
+            del conn, transport, waiter
+            raise
 
     async def close(self) -> None:
         self._closed = True
         for origin in self._origins.values():
             while origin.idle:
                 origin.idle.pop().abort()
+
+
+def _close_delimited(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, _ in headers:
+        lowered = name.lower()
+        if lowered == b"content-length" or lowered == b"transfer-encoding":
+            return False
+    return True
+
+
+def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+def _certificate_problem(origin: Origin, exc: ssl.SSLCertVerificationError) -> str:
+    code = exc.verify_code
+    detail = exc.verify_message or exc.reason or str(exc)
+    if code in _UNKNOWN_CA:
+        return (
+            f"the TLS certificate of {origin.name} is not signed by a CA the gateway trusts ({detail}); "
+            "if the upstream uses a private CA, put that CA in a PEM file and name it in tls.ca_bundle"
+        )
+    if code in _NAME_MISMATCH:
+        return (
+            f"the TLS certificate of {origin.name} is not valid for the name {origin.host} ({detail}); "
+            "use the host name the certificate was issued for in the upstream URL"
+        )
+    if code == _EXPIRED:
+        return f"the TLS certificate of {origin.name} has expired ({detail}); the upstream must renew it"
+    if code == _NOT_YET_VALID:
+        return (
+            f"the TLS certificate of {origin.name} is not valid yet ({detail}); check the clocks of the "
+            "gateway and the upstream"
+        )
+    return f"the TLS certificate of {origin.name} was rejected: {detail}"
 
 
 def build_head(method: bytes, target: bytes, host: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -495,13 +495,27 @@ class RouteConfig(_Model):
     upstream: str | None = None
     upstreams: list[UpstreamConfig] | None = None
     timeout_s: float = Field(60.0, gt=0, description="Total time for one upstream attempt.")
-    connect_timeout_s: float = Field(5.0, gt=0)
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="Longest time to open an upstream connection (TCP, TLS and proxy CONNECT)."
+    )
     headers: dict[str, HeaderValue] = Field(default_factory=dict)
     auth: AuthConfig
     max_body_bytes: int | None = Field(None, ge=0, description="Overrides server.max_body_bytes.")
     replay_buffer_bytes: int | None = Field(None, ge=0, description="Overrides server.replay_buffer_bytes.")
     read_timeout_s: float | None = Field(
-        None, gt=0, description="Longest wait for the next byte (first included)."
+        None,
+        gt=0,
+        description="Longest silence of the upstream while its answer (head or body) is awaited; every "
+        "byte resets it, so a streamed answer that makes progress is never cut. Default: `timeout_s`.",
+    )
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="Longest stall while the request is sent (the upstream stops reading it)."
+    )
+    pool_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest wait for a pooled connection when all `max_connections` are busy; after it "
+        "503 overloaded with Retry-After (never retried, never counted against the upstream).",
     )
     max_connections: int = Field(256, ge=1, description="Pooled upstream connections for this route.")
     max_concurrent_requests: int | None = Field(

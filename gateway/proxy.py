@@ -278,6 +278,8 @@ class Proxy:
                     head_request=head_request,
                     connect_timeout=route.connect_timeout_s,
                     read_timeout=route.read_timeout_s,
+                    write_timeout=route.write_timeout_s,
+                    pool_timeout=route.pool_timeout_s,
                     total_timeout=policy.attempt_timeout(route.timeout_s, deadline),
                 )
             except _BodyLimit:

@@ -28,6 +28,8 @@ class Route:
     read_timeout_s: float
     max_body_bytes: int
     replay_buffer_bytes: int
+    write_timeout_s: float = 30.0
+    pool_timeout_s: float = 5.0
     replay: ReplayPolicy = field(default_factory=ReplayPolicy)
     outlier_failures: int = 5
     ejection_s: float = 30.0

@@ -5,10 +5,12 @@ below ASGI: a connection reset before the status line, a reset or a clean close 
 a socket that never answers, a listener that disappears while connections are pooled.
 
 Every request carries its own `x-request-id` (the gateway passes a client's id on), so the upstream
-can count, per request id, how many attempts reached it and how many it *executed*: answered 2xx,
-i.e. did the scoring work. Refusals (401, 503, resets before an answer, hangs) are not executions, so
-a retry after them is not a duplicate. `duplicated` is the number of request ids executed more than
-once: work done twice for one client request, which no retry policy should cause here.
+can count, per request id, how many attempts reached it and how many it *executed*: read in full and
+did the scoring work, whether or not the answer made it back (answered 2xx, cut halfway through the
+answer, or `Drop(executed=True)`: worked on and died before answering). Refusals (401, 503), hangs
+and drops before the work are not executions, so a retry after them is not a duplicate.
+`duplicated` is the number of request ids executed more than once: work done twice for one client
+request, which only a retry policy that was allowed to may cause.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from conftest import record_fault_line
 
 BODY = json.dumps({"data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}).encode()
 HANG_CAP_S = 4.0  # a hung upstream request is held at most this long (bounded even if never released)
+EXECUTED = frozenset({"executed", "truncated", "executed_unanswered"})  # outcomes where the work was done
 
 
 # --------------------------------------------------------------------------------------------- ledger
@@ -65,11 +68,12 @@ class Ledger:
             return self.attempts[rid]
 
     def finished(self, rid: str, outcome: str) -> None:
-        """`executed` and `truncated` (the work was done, only the answer broke) count as executions."""
+        """`executed`, `truncated` and `executed_unanswered` (the work was done, only the answer broke or
+        never left) count as executions."""
         with self.lock:
             self.outcomes[outcome] += 1
             self.active -= 1
-            if outcome in ("executed", "truncated"):
+            if outcome in EXECUTED:
                 self.executions[rid] += 1
             left = self.in_flight.get(rid, 0) - 1
             if left > 0:
@@ -122,9 +126,13 @@ class Hang:
 
 @dataclass(frozen=True)
 class Drop:
-    """Cut the connection before any answer: `rst` sends a TCP reset, else a clean close (FIN)."""
+    """Cut the connection before any answer: `rst` sends a TCP reset, else a clean close (FIN).
+
+    `executed`: the upstream did the work first (the model ran) and died before answering, so the
+    request counts as executed; a client must not learn of it except through an error."""
 
     rst: bool = True
+    executed: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,7 +287,9 @@ class FaultUpstream:
                 _cut(writer, rst=True)
                 return False
             if isinstance(action, Drop):
-                outcome = "dropped"
+                if action.executed and self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                outcome = "executed_unanswered" if action.executed else "dropped"
                 _cut(writer, rst=action.rst)
                 return False
             if self.delay_s:
