@@ -15,6 +15,7 @@ from gateway import metrics
 from gateway.client import UpstreamClient
 from gateway.config import GatewayConfig, RouteConfig, default_config_path, load_config
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
+from gateway.egress import build_egress
 from gateway.errors import ClientFacingError
 from gateway.inbound import InboundGuard
 from gateway.proxy import ABSOLUTE_FORM, Proxy, Receive, Scope, Send
@@ -136,7 +137,8 @@ class GatewayApp:
         self.config_path = config_path
         self.ssl_context = client_context(config.tls.ca_bundle)
         self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
-        self.client = UpstreamClient(self.ssl_context)
+        self.ctx.egress = build_egress(config.egress, self.ctx)
+        self.client = UpstreamClient(self.ssl_context, self.ctx.egress)
         self.router = build_router(config, self.ctx, self.client)
         # A missing OpenTelemetry package is a ConfigError here, before the server starts.
         self.tracing = build_tracing(config.telemetry.otel, self.ctx.source)
@@ -257,7 +259,12 @@ class GatewayApp:
             old = self.router
             reuse = {r.credential_key: r.credential for r in old.routes}
             # The same shared clients (MSAL applications, token cache, ARM client) serve the new routes.
-            ctx = BuildContext(ssl_context=self.ssl_context, source=self.ctx.source, shared=self.ctx.shared)
+            ctx = BuildContext(
+                ssl_context=self.ssl_context,
+                source=self.ctx.source,
+                shared=self.ctx.shared,
+                egress=self.ctx.egress,
+            )
             router = build_router(config, ctx, self.client, reuse)
             kept = {id(r.credential) for r in router.routes}
             for route in router.routes:
@@ -267,6 +274,9 @@ class GatewayApp:
                 # The tracer provider and its exporter thread are built once; swapping them under
                 # requests in flight would split their spans between two providers.
                 logger.warning("telemetry settings changed: they take effect at the next restart")
+            if config.egress != self.config.egress:
+                # Open connections and the clients' pools were made under the running policy.
+                logger.warning("egress settings changed: they take effect at the next restart")
             self.router = router  # atomic: requests in flight keep the Route objects they hold
             self.guard = InboundGuard(config.inbound) if config.inbound.enabled else None
             self.config = config

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway import egress
 from gateway.errors import ConnectError, ConnectionLost, ProtocolError, TransportTimeout
 
 _HIGH_WATER = 256 * 1024  # pause reading from the upstream while this much body waits for the client
@@ -34,6 +35,7 @@ class Origin:
         *,
         max_connections: int = 256,
         keepalive_s: float = 30.0,
+        proxy: egress.Proxy | None = None,
     ) -> None:
         parts = urlsplit(url)
         self.scheme = parts.scheme
@@ -45,6 +47,12 @@ class Origin:
         )
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = (host if default_port else f"{host}:{self.port}").encode("idna")
+        # The egress proxy, chosen at start-up. An http origin behind one gets its requests in absolute
+        # form: `forward_prefix` is what goes before the path (None: origin form, the usual case).
+        self.proxy = proxy
+        self.forward_prefix = (
+            b"http://" + self.host_header if proxy is not None and self.scheme == "http" else None
+        )
         self.max_connections = max_connections
         self.keepalive_s = keepalive_s
         self.idle: collections.deque[_Connection] = collections.deque()
@@ -295,8 +303,11 @@ class _Connection(asyncio.Protocol):
 class UpstreamClient:
     """One per process. Origins are created at start-up (`origin()`) and reused for every request."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, ssl_context: ssl.SSLContext | None, egress_policy: egress.Egress | None = None
+    ) -> None:
         self.ssl_context = ssl_context
+        self.egress = egress_policy or egress.Egress.direct()
         self._origins: dict[str, Origin] = {}
         self._closed = False
 
@@ -305,7 +316,12 @@ class UpstreamClient:
         key = f"{parts.scheme}://{parts.netloc}"
         origin = self._origins.get(key)
         if origin is None:
-            origin = self._origins[key] = Origin(url, self.ssl_context, max_connections=max_connections)
+            origin = self._origins[key] = Origin(
+                url,
+                self.ssl_context,
+                max_connections=max_connections,
+                proxy=self.egress.proxy_for(parts.scheme, parts.hostname or ""),
+            )
         else:
             origin.max_connections = max(origin.max_connections, max_connections)
         return origin
@@ -313,14 +329,9 @@ class UpstreamClient:
     async def _connect(self, origin: Origin, limit_s: float) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(limit_s):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(origin, self),
-                    origin.host,
-                    origin.port,
-                    ssl=origin.ssl,
-                    server_hostname=origin.host if origin.ssl is not None else None,
-                )
+            _, conn = await egress.open_connection(
+                loop, lambda: _Connection(origin, self), origin, origin.ssl, limit_s
+            )
         except TimeoutError:
             raise ConnectError(f"no connection to {origin.host}:{origin.port} within {limit_s:g} s") from None
         except ssl.SSLError as exc:
@@ -410,6 +421,9 @@ class UpstreamClient:
         turns out to be closed by the upstream before it answered."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        if origin.forward_prefix is not None:
+            assert origin.proxy is not None
+            head = egress.absolute_form(head, origin.forward_prefix, origin.proxy)
         first_byte = min(read_timeout, total_timeout)
         for attempt in (1, 2):
             conn = await self._acquire(origin, connect_timeout)
