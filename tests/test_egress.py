@@ -544,6 +544,43 @@ def test_environment_variables_are_honoured_and_proxy_none_ignores_them(
     assert relay.request_lines() == []
 
 
+def test_proxy_failures_are_502_upstream_unreachable_within_connect_timeout(
+    emulator: EmulatorServer, relay: Relay, gateway_factory: Any
+) -> None:
+    # The proxy cannot reach the origin: proxy.py answers CONNECT with 502.
+    closed = socket.create_server(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    gateway = gateway_factory(_key_config(emulator, f"https://localhost:{dead_port}", {"proxy": relay.url}))
+    response = _score(gateway)
+    assert response.status_code == 502, response.text
+    message = response.json()["error"]["message"]
+    assert f"the egress proxy {relay.address} refused the tunnel to localhost:{dead_port}: 502" in message
+
+    # A proxy that accepts and never answers CONNECT: connect_timeout_s bounds the exchange.
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+    try:
+        config = _key_config(
+            emulator,
+            _emulator_origin(emulator, "localhost"),
+            {"proxy": f"http://127.0.0.1:{silent.getsockname()[1]}"},
+        )
+        config["routes"]["iris"]["connect_timeout_s"] = 0.5
+        gateway = gateway_factory(config)
+        started = time.monotonic()
+        response = _score(gateway)
+        assert response.status_code == 502, response.text
+        assert response.json()["error"]["code"] == "upstream_unreachable"
+        assert time.monotonic() - started < 20  # 0.5 s, with a wide margin for a loaded machine
+        assert held, "the gateway never connected to the proxy"
+    finally:
+        silent.close()
+        for sock in held:
+            sock.close()
+
+
 def test_proxy_credentials_are_sent_and_a_refusal_is_502_naming_the_proxy(
     emulator: EmulatorServer,
     auth_relay: Relay,
