@@ -431,17 +431,17 @@ class _Tunnel(asyncio.Protocol):
 
     def __init__(self, proxy: Proxy, origin: _OriginLike) -> None:
         self.proxy = proxy
-        self.origin = origin
         self.target = _authority(origin.host, origin.port)
         self.buffer = bytearray()
         self.answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.answered = False
-        self.closed: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pass
 
     def data_received(self, data: bytes) -> None:
+        if self.answer.done() and not self.answered:
+            return  # the answer's head is complete or refused: the rest waits for `establish`
         self.buffer += data
         if self.answered:
             return  # bytes after the handshake, before attach: handed to the real protocol
