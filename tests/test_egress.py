@@ -303,6 +303,27 @@ def test_proxy_selection_from_the_config_and_the_environment() -> None:
         build({}, {"HTTPS_PROXY": "socks5://p:1080"})
 
 
+def test_rotated_proxy_credentials_are_used_from_the_next_connection(tmp_path: Path) -> None:
+    from gateway.egress import Proxy, absolute_form
+    from gateway.secrets import FileSecret
+
+    path = tmp_path / "proxy-auth"
+    path.write_text(f"{PROXY_USER}:{PROXY_PASSWORD}\n")
+    secret = FileSecret(path)
+    proxy = Proxy("proxy", 3128, auth=secret)
+    head = b"POST /score HTTP/1.1\r\nHost: u:8080\r\nContent-Length: 2\r\n\r\n"
+    first = base64.b64encode(f"{PROXY_USER}:{PROXY_PASSWORD}".encode())
+    assert absolute_form(head, b"http://u:8080", proxy) == (
+        b"POST http://u:8080/score HTTP/1.1\r\nProxy-Authorization: Basic " + first + b"\r\n"
+        b"Host: u:8080\r\nContent-Length: 2\r\n\r\n"
+    )
+    path.write_text(f"{PROXY_USER}:rotated-{PROXY_PASSWORD}\n")
+    secret.refresh()
+    rotated = base64.b64encode(f"{PROXY_USER}:rotated-{PROXY_PASSWORD}".encode()).decode()
+    assert proxy.basic_credentials() == f"Basic {rotated}"
+    assert PROXY_PASSWORD not in repr(proxy) + str(proxy)
+
+
 @pytest.mark.parametrize(
     ("egress", "message"),
     [
@@ -596,6 +617,13 @@ def test_proxy_credentials_are_sent_and_a_refusal_is_502_naming_the_proxy(
     assert _score(gateway).status_code == 200
     encoded = base64.b64encode(f"{PROXY_USER}:{PROXY_PASSWORD}".encode()).decode()
     assert f"Proxy-Authorization: Basic {encoded}\r\n" in auth_relay.sent()
+
+    # The same credentials in the proxy variable's URL, as curl takes them.
+    auth_relay.clear()
+    monkeypatch.setenv("HTTPS_PROXY", auth_relay.url.replace("//", f"//{PROXY_USER}:{PROXY_PASSWORD}@"))
+    assert _score(gateway_factory(_key_config(emulator, origin, None))).status_code == 200
+    assert f"Proxy-Authorization: Basic {encoded}\r\n" in auth_relay.sent()
+    monkeypatch.delenv("HTTPS_PROXY")
 
     caplog.set_level(logging.WARNING, logger="gateway")
     gateway = gateway_factory(_key_config(emulator, origin, {"proxy": auth_relay.url}))
