@@ -22,6 +22,7 @@ from gateway.config import (
     with_server_overrides,
 )
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
+from gateway.egress import build_egress
 from gateway.errors import ClientFacingError, ConfigError, InternalError
 from gateway.headers import new_request_id
 from gateway.inbound import InboundGuard, inbound_problem
@@ -144,7 +145,8 @@ class GatewayApp:
         self.config_path = config_path
         self.ssl_context = client_context(config.tls.ca_bundle)
         self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
-        self.client = UpstreamClient(self.ssl_context)
+        self.ctx.egress = build_egress(config.egress, self.ctx)
+        self.client = UpstreamClient(self.ssl_context, self.ctx.egress)
         self.router = build_router(config, self.ctx, self.client)
         # A missing OpenTelemetry package is a ConfigError here, before the server starts.
         self.tracing = build_tracing(config.telemetry.otel, self.ctx.source)
@@ -307,7 +309,12 @@ class GatewayApp:
             old = self.router
             reuse = {r.credential_key: r.credential for r in old.routes}
             # The same shared clients (MSAL applications, token cache, ARM client) serve the new routes.
-            ctx = BuildContext(ssl_context=self.ssl_context, source=self.ctx.source, shared=self.ctx.shared)
+            ctx = BuildContext(
+                ssl_context=self.ssl_context,
+                source=self.ctx.source,
+                shared=self.ctx.shared,
+                egress=self.ctx.egress,
+            )
             router = build_router(config, ctx, self.client, reuse)
             kept = {id(r.credential) for r in router.routes}
             for route in router.routes:
@@ -318,6 +325,9 @@ class GatewayApp:
                 # The tracer provider and its exporter thread are built once; swapping them under
                 # requests in flight would split their spans between two providers.
                 logger.warning("telemetry settings changed: they take effect at the next restart")
+            if config.egress != self.config.egress:
+                # Open connections and the clients' pools were made under the running policy.
+                logger.warning("egress settings changed: they take effect at the next restart")
             restart = [
                 f"server.{name}"
                 for name in ServerConfig.model_fields

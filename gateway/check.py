@@ -3,39 +3,84 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
+from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import msal
 
 from gateway.app import build_router
 from gateway.client import UpstreamClient
-from gateway.config import GatewayConfig
+from gateway.config import AmlTokenAuth, AuthConfig, GatewayConfig, IdentityConfig, KeyAuth
 from gateway.credentials import BuildContext
-from gateway.errors import ConfigError, GatewayError
+from gateway.credentials.identity import DEFAULT_AUTHORITY_HOST, ENV_AUTHORITY_HOST, managed_identity_source
+from gateway.egress import IMDS_ADDRESS, Egress, Proxy, build_egress, open_connection
+from gateway.errors import ConfigError, ConnectError, GatewayError
 from gateway.keyvault import print_keyvault_secrets
 from gateway.redaction import redact
 from gateway.tls import client_context
 
 
-async def _reach(url: str, context: ssl.SSLContext, limit_s: float = 5.0) -> str | None:
-    """None when a TCP (and TLS) connection to the upstream opens, else why not."""
+@dataclass(frozen=True)
+class _Target:
+    host: str
+    port: int
+    proxy: Proxy | None
+
+
+async def _reach(url: str, context: ssl.SSLContext, egress: Egress, limit_s: float = 5.0) -> str | None:
+    """None when a connection to the origin opens (TCP and TLS, through the proxy's tunnel when the
+    egress policy says so), else why not: for a tunnel, the proxy and its answer."""
     parts = urlsplit(url)
     secure = parts.scheme == "https"
-    port = parts.port or (443 if secure else 80)
+    host = parts.hostname or ""
+    target = _Target(host, parts.port or (443 if secure else 80), egress.proxy_for_url(url))
+    loop = asyncio.get_running_loop()
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, port, ssl=context if secure else None), limit_s
+        transport, _ = await open_connection(
+            loop, asyncio.Protocol, target, context if secure else None, limit_s
         )
     except TimeoutError:
-        return f"no connection within {limit_s:g} s"
+        via = "" if target.proxy is None else f" through the egress proxy {target.proxy.address}"
+        return f"no connection{via} within {limit_s:g} s"
+    except ConnectError as exc:
+        return str(exc)
     except (OSError, ssl.SSLError) as exc:
         return f"{type(exc).__name__}: {exc}"
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except (OSError, ssl.SSLError):
-        pass
+    transport.abort()
     return None
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _auth_origins(auth: AuthConfig) -> list[tuple[str, str]]:
+    """(what, origin URL) of the identity provider and ARM a route's credential talks to."""
+    if isinstance(auth, KeyAuth):
+        if auth.from_endpoint is None:
+            return []
+        identity: IdentityConfig | None = auth.identity or IdentityConfig.model_validate({})
+    else:
+        identity = getattr(auth, "identity", None)
+    found: list[tuple[str, str]] = []
+    if identity is not None:
+        if identity.managed_identity is None:
+            host = (
+                identity.authority_host or os.environ.get(ENV_AUTHORITY_HOST) or DEFAULT_AUTHORITY_HOST
+            ).strip()
+            found.append(("Entra ID", _origin(host if "://" in host else f"https://{host}")))
+        elif managed_identity_source() is not msal.managed_identity.DEFAULT_TO_VM:
+            found.append(("managed identity", _origin(os.environ.get("IDENTITY_ENDPOINT", ""))))
+        else:
+            found.append(("managed identity (IMDS)", f"http://{IMDS_ADDRESS}"))
+    arm_url = getattr(auth, "arm_url", None)
+    if isinstance(auth, AmlTokenAuth) or (isinstance(auth, KeyAuth) and auth.from_endpoint is not None):
+        found.append(("ARM", _origin(str(arm_url))))
+    return found
 
 
 def _format_expiry(seconds: float | None) -> str:
@@ -55,13 +100,33 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
         print(f"gateway: {exc}")
         return 2
     ctx = BuildContext(ssl_context=context, source=config_path, warn_literals=False)
+    try:
+        ctx.egress = build_egress(config.egress, ctx)
+    except ConfigError as exc:
+        print(f"gateway: {exc}")
+        return 2
+    egress = ctx.egress
     rows: list[tuple[str, ...]] = []
     healthy = True
+    # Every origin the gateway will connect to, with who uses it; each is tried once.
+    origins: dict[str, list[str]] = {}
+    reached: dict[str, str | None] = {}
+
+    async def reach(url: str) -> str | None:
+        origin = _origin(url)
+        if origin not in reached:
+            reached[origin] = await _reach(origin, context, egress)
+        return reached[origin]
+
     for name, route in config.routes.items():
         single = config.model_copy(update={"routes": {name: route}})
         upstreams = [u.url for u in route.upstream_list()]
+        for url in upstreams:
+            origins.setdefault(_origin(url), []).append(f"upstream of {name}")
+        for what, url in _auth_origins(route.auth):
+            origins.setdefault(url, []).append(f"{what} for {name}")
         try:
-            router = build_router(single, ctx, UpstreamClient(context))
+            router = build_router(single, ctx, UpstreamClient(context, egress))
         except ConfigError as exc:
             healthy = False
             problem = str(exc).replace(f"{config_path}: ", "")
@@ -86,12 +151,12 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
         finally:
             await credential.close()
         elapsed = time.monotonic() - started
-        reach = []
+        reachable = []
         for url in upstreams:
-            unreachable = await _reach(url, context)
+            unreachable = await reach(url)
             if unreachable is not None:
                 healthy = False
-            reach.append("reachable" if unreachable is None else f"UNREACHABLE ({unreachable})")
+            reachable.append("reachable" if unreachable is None else f"UNREACHABLE ({unreachable})")
         rows.append(
             (
                 name,
@@ -99,7 +164,7 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
                 route.auth.type,
                 state,
                 expiry,
-                "; ".join(reach),
+                "; ".join(reachable),
                 f"{detail} [{elapsed * 1000:.0f} ms]".strip(),
             )
         )
@@ -107,6 +172,22 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:-1])]
     print("  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths, strict=True)) + "  " + headers[-1])
     for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+    print()
+    egress_rows = [("ORIGIN", "USED BY", "EGRESS", "CONNECTION")]
+    for origin, users in origins.items():
+        failure = await reach(origin)
+        if failure is not None:
+            healthy = False
+        proxied = egress.proxy_for_url(origin) is not None
+        connection = (
+            ("tunnel ok" if proxied and origin.startswith("https:") else "ok")
+            if failure is None
+            else f"FAILED ({failure})"
+        )
+        egress_rows.append((origin, ", ".join(users), egress.describe(origin), connection))
+    widths = [max(len(r[i]) for r in egress_rows) for i in range(3)]
+    for row in egress_rows:
         print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     print_keyvault_secrets(ctx)
     print("all routes OK" if healthy else "some routes have problems (see above)")

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway import egress
 from gateway.errors import (
     ConnectError,
     ConnectionLost,
@@ -86,6 +87,7 @@ class Origin:
         *,
         max_connections: int = 256,
         keepalive_s: float = 30.0,
+        proxy: egress.Proxy | None = None,
     ) -> None:
         parts = urlsplit(url)
         self.scheme = parts.scheme
@@ -98,6 +100,12 @@ class Origin:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = (host if default_port else f"{host}:{self.port}").encode("idna")
         self.name = f"{host}:{self.port}"
+        # The egress proxy, chosen at start-up. An http origin behind one gets its requests in absolute
+        # form: `forward_prefix` is what goes before the path (None: origin form, the usual case).
+        self.proxy = proxy
+        self.forward_prefix = (
+            b"http://" + self.host_header if proxy is not None and self.scheme == "http" else None
+        )
         self.max_connections = max_connections
         self.keepalive_s = keepalive_s
         self.idle: collections.deque[_Connection] = collections.deque()
@@ -561,8 +569,11 @@ _DEAD_PARSER: httptools.HttpResponseParser = _NoParser()  # type: ignore[assignm
 class UpstreamClient:
     """One per process. Origins are created at start-up (`origin()`) and reused for every request."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, ssl_context: ssl.SSLContext | None, egress_policy: egress.Egress | None = None
+    ) -> None:
         self.ssl_context = ssl_context
+        self.egress = egress_policy or egress.Egress.direct()
         self._origins: dict[str, Origin] = {}
         self._closed = False
 
@@ -571,7 +582,12 @@ class UpstreamClient:
         key = f"{parts.scheme}://{parts.netloc}"
         origin = self._origins.get(key)
         if origin is None:
-            origin = self._origins[key] = Origin(url, self.ssl_context, max_connections=max_connections)
+            origin = self._origins[key] = Origin(
+                url,
+                self.ssl_context,
+                max_connections=max_connections,
+                proxy=self.egress.proxy_for(parts.scheme, parts.hostname or ""),
+            )
         else:
             origin.max_connections = max(origin.max_connections, max_connections)
         return origin
@@ -579,17 +595,13 @@ class UpstreamClient:
     async def _connect(self, origin: Origin, limit_s: float) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(limit_s):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(origin, self),
-                    origin.host,
-                    origin.port,
-                    ssl=origin.ssl,
-                    server_hostname=origin.host if origin.ssl is not None else None,
-                )
+            _, conn = await egress.open_connection(
+                loop, lambda: _Connection(origin, self), origin, origin.ssl, limit_s
+            )
         except TimeoutError:
+            via = f" through the egress proxy {origin.proxy.address}" if origin.proxy is not None else ""
             raise TransportTimeout(
-                f"no connection to {origin.name} within {limit_s:g} s (connect_timeout_s)",
+                f"no connection to {origin.name}{via} within {limit_s:g} s (connect_timeout_s)",
                 phase="connect",
                 request_sent=False,
             ) from None
@@ -711,6 +723,10 @@ class UpstreamClient:
         once its headers arrived. Never sends the request twice: a failure after its first byte reached
         the socket raises with `request_sent=True` (the caller's retry policy decides)."""
         loop = asyncio.get_running_loop()
+        if origin.forward_prefix is not None:
+            # An http origin behind the egress proxy: the request line in absolute form.
+            assert origin.proxy is not None
+            head = egress.absolute_form(head, origin.forward_prefix, origin.proxy)
         deadline = loop.time() + total_timeout
         conn = await self._acquire(origin, pool_timeout, connect_timeout, total_timeout)
         transport = conn.transport

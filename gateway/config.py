@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.egress import NoProxy, parse_proxy_url
 from gateway.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "config/gateway.yaml"
@@ -271,6 +272,59 @@ class TlsConfig(_Model):
         None,
         description="PEM file of CAs trusted in addition to the system ones, for every outbound connection.",
     )
+
+
+class EgressConfig(_Model):
+    """The forward proxy for every outbound connection: upstreams, Entra ID, the App Service identity
+    endpoint and ARM (the instance metadata service is always direct). Unset keys fall back to the
+    environment: `https_proxy`/`HTTPS_PROXY` for https origins, `http_proxy`/`HTTP_PROXY` for http
+    ones, `no_proxy`/`NO_PROXY` (lower case first, as curl)."""
+
+    proxy: str | None = Field(
+        None,
+        description=(
+            "`http://host:port` of the proxy (https origins go through a CONNECT tunnel, http ones in "
+            "absolute form), or `none` for no proxy whatever the environment says. Unset: the "
+            "environment's variables."
+        ),
+    )
+    no_proxy: list[str] | None = Field(
+        None,
+        description=(
+            "Origins reached directly: host names (which cover their subdomains), domain suffixes such "
+            "as `.internal`, IP addresses, CIDRs, or `*`. Loopback is proxied unless listed: add "
+            "`localhost` and `127.0.0.1`. Unset: `NO_PROXY`."
+        ),
+    )
+    proxy_auth: SecretSpec | None = Field(
+        None, description="`user:password` sent to the proxy as Basic `Proxy-Authorization`; a secret."
+    )
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        if value is None or value == "none":
+            return value
+        try:
+            parse_proxy_url(value, "proxy", environment=False)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("proxy: ")) from None
+        return value
+
+    @field_validator("no_proxy")
+    @classmethod
+    def _no_proxy(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        for entry in value:
+            NoProxy.check(entry)  # ValueError says what is wrong
+        return value
+
+    @model_validator(mode="after")
+    def _auth_needs_a_proxy(self) -> EgressConfig:
+        if self.proxy == "none" and self.proxy_auth is not None:
+            raise ValueError("`proxy_auth` is for a proxy; `proxy: none` uses none")
+        return self
 
 
 class OtelConfig(_Model):
@@ -612,6 +666,10 @@ class GatewayConfig(_Model):
     telemetry: TelemetryConfig = Field(
         default_factory=TelemetryConfig,
         description="Telemetry beyond logs and `/metrics`: OpenTelemetry tracing.",
+    )
+    egress: EgressConfig = Field(
+        default_factory=EgressConfig,  # type: ignore[arg-type]
+        description="Forward proxy for outbound connections (default: the environment's proxy variables).",
     )
     routes: dict[str, RouteConfig] = Field(min_length=1)
     keyvault: KeyVaultConfig = Field(

@@ -98,7 +98,7 @@ class KeyVaultClient:
             grant: Grant = self.token.peek() or await self.token.get()
         except CredentialUnavailable as exc:
             raise KeyVaultError(f"{where}: no token for {self.token.scope}: {exc.message}") from None
-        http = self.arm._http()  # the process's one httpx client for Azure APIs (TLS, proxy)
+        http = self.arm.http_client()  # the process's one httpx client for Azure APIs (TLS, proxy)
         for attempt in (1, 2):
             assert grant.header is not None
             try:
@@ -412,7 +412,7 @@ class KeyVaults:
 
     async def _load(self, vault: Vault, name: str) -> SecretVersion:
         # Built outside the running loop (see run_blocking): a client of its own, closed afterwards.
-        arm = ArmClient(self.ctx.ssl_context, timeout_s=vault.client.config.timeout_s)
+        arm = ArmClient(self.ctx.ssl_context, self.ctx.egress, timeout_s=vault.client.config.timeout_s)
         client = KeyVaultClient(vault.client.config, vault.client.token, arm)
         arm.acquire(self)
         try:

@@ -1,4 +1,4 @@
-"""The HTTP client MSAL uses: httpx with our TLS policy and a timeout on every call.
+"""The HTTP client MSAL uses: httpx with our TLS and egress policy and a timeout on every call.
 
 MSAL's default client is a `requests.Session` with no timeout, and `requests` lets REQUESTS_CA_BUNDLE /
 CURL_CA_BUNDLE (set on these machines) replace the CA list given to it. Passing `http_client=` makes MSAL
@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from gateway.egress import Egress
+
 logger = logging.getLogger("gateway.msal_http")
 
 # Arguments MSAL may pass that would change TLS, proxies or redirects: ignored, our policy is fixed.
@@ -28,14 +30,10 @@ class MsalHttpClient:
     `MsalServiceError` on a 5xx without exposing the response, and the token cache must honour it.
     """
 
-    def __init__(self, ssl_context: ssl.SSLContext, timeout_s: float) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext, timeout_s: float, egress: Egress) -> None:
         self.timeout_s = timeout_s
-        self._client = httpx.Client(
-            verify=ssl_context,
-            timeout=httpx.Timeout(timeout_s),
-            trust_env=False,  # neither proxy nor CA variables from the environment
-            follow_redirects=False,
-        )
+        # The egress policy decides about proxies; CA variables of the environment are never read.
+        self._client = egress.httpx_client(ssl_context, httpx.Timeout(timeout_s))
         self._local = threading.local()
 
     def get(

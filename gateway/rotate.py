@@ -40,6 +40,7 @@ from gateway.credentials import BuildContext
 from gateway.credentials.arm import ArmClient, arm_scope, check_arm_url, endpoint_url, shared_arm_client
 from gateway.credentials.identity import resolve_identity
 from gateway.credentials.token import shared_token_cache
+from gateway.egress import build_egress
 from gateway.errors import ConfigError, CredentialUnavailable
 from gateway.keyvault import KeyVaultClient, KeyVaultError, configure
 from gateway.secrets import CHECK_INTERVAL_S
@@ -208,6 +209,9 @@ class Rotation:
         assert isinstance(auth, KeyAuth)
         self.auth = auth
         self.ctx = BuildContext(ssl_context=client_context(config.tls.ca_bundle), source=source)
+        self.ctx.egress = build_egress(
+            config.egress, self.ctx
+        )  # ARM, Key Vault and Entra ID as `serve` reaches them
         arm_url = check_arm_url(auth.arm_url, f"routes.{plan.route}.auth.arm_url", self.ctx)
         identity = resolve_identity(plan.route, auth.identity or IdentityConfig.model_validate({}), self.ctx)
         self.management: TokenEntry = shared_token_cache(self.ctx).entry(identity, arm_scope(arm_url))
@@ -306,7 +310,7 @@ class Rotation:
     async def _rejected(self, key: str) -> bool:
         """True when the scoring front end refuses `key` (401/403); other answers and errors: False."""
         try:
-            response = await self.arm._http().get(
+            response = await self.arm.http_client().get(
                 self.plan.verify_url, headers={"Authorization": f"Bearer {key}"}
             )
         except httpx.HTTPError:
@@ -336,7 +340,7 @@ class Rotation:
             grant = self.management.peek() or await self.management.get()
         except CredentialUnavailable as exc:
             raise RotationFailed("token", f"no management token for ARM ({step}): {exc.message}") from None
-        http = self.arm._http()  # the process's one httpx client for Azure APIs (TLS, proxy)
+        http = self.arm.http_client()  # the process's one httpx client for Azure APIs (TLS, proxy)
         for attempt in (1, 2):
             assert grant.header is not None
             try:
@@ -404,7 +408,7 @@ class Rotation:
         problem = ""
         for attempt in range(1, VERIFY_ATTEMPTS + 1):
             try:
-                response = await self.arm._http().get(
+                response = await self.arm.http_client().get(
                     self.plan.verify_url, headers={"Authorization": f"Bearer {key}"}
                 )
             except httpx.HTTPError as exc:

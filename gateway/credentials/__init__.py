@@ -20,6 +20,7 @@ from gateway.config import (
 )
 from gateway.credentials.base import Credential, CredentialStatus, Grant, NoCredential
 from gateway.credentials.key import KeyCredential, KeySlot
+from gateway.egress import Egress
 from gateway.errors import ConfigError, SecretError
 from gateway.secrets import EnvSecret, FileSecret, LiteralSecret, Secret
 
@@ -37,12 +38,13 @@ logger = logging.getLogger("gateway.config")
 
 @dataclass
 class BuildContext:
-    """What credentials share within one process: TLS policy and long-lived clients."""
+    """What credentials share within one process: TLS and egress policy, and long-lived clients."""
 
     ssl_context: ssl.SSLContext
     source: str = "<config>"
     warn_literals: bool = True
     shared: dict[str, Any] = field(default_factory=dict)
+    egress: Egress = field(default_factory=Egress.direct)  # built from the config by the app
 
 
 def resolve_secret(spec: SecretSpec, where: str, ctx: BuildContext, *, header: bool = False) -> Secret:

@@ -1,9 +1,9 @@
 """Azure Resource Manager calls on an online endpoint (`token`, `listKeys`) with a management token.
 
-One `httpx.AsyncClient` per process (shared through `BuildContext.shared`), verifying with the gateway's
-TLS context and ignoring proxy and CA variables from the environment. A 401 from ARM makes the management
-token be fetched again once (through the token cache, single flight); other failures become
-`TokenFetchError`s that say what to fix.
+One `httpx.AsyncClient` per process (shared through `BuildContext.shared`), built by
+`Egress.httpx_async_client`: the gateway's TLS context and egress policy, never CA variables from the
+environment. A 401 from ARM makes the management token be fetched again once (through the token cache,
+single flight); other failures become `TokenFetchError`s that say what to fix.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import httpx
 from gateway.config import EndpointRef
 from gateway.credentials import BuildContext
 from gateway.credentials.identity import transport_error
+from gateway.egress import Egress
 from gateway.errors import ConfigError, CredentialUnavailable
 from gateway.tokens import TokenEntry, TokenFetchError
 
@@ -72,9 +73,10 @@ class ArmClient:
     """POSTs to ARM. The httpx client is opened on first use in the running loop and closed when the
     last user releases it."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, timeout_s: float = ARM_TIMEOUT_S) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext, egress: Egress, timeout_s: float = ARM_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self._ssl_context = ssl_context
+        self._egress = egress
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._users: set[int] = set()
@@ -88,15 +90,12 @@ class ArmClient:
             client, self._client = self._client, None
             await client.aclose()
 
-    def _http(self) -> httpx.AsyncClient:
+    def http_client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             # An AsyncClient's pool belongs to one event loop (tests and `gateway check` run several).
-            self._client = httpx.AsyncClient(
-                verify=self._ssl_context,
-                timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
-                trust_env=False,
-                follow_redirects=False,
+            self._client = self._egress.httpx_async_client(
+                self._ssl_context, httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s))
             )
             self._loop = loop
         return self._client
@@ -115,7 +114,7 @@ class ArmClient:
         for attempt in (1, 2):
             assert grant.header is not None
             try:
-                response = await self._http().post(
+                response = await self.http_client().post(
                     url, headers={"Authorization": grant.header, "Accept": "application/json"}
                 )
             except httpx.TimeoutException:
@@ -183,6 +182,6 @@ def _arm_error(action: str, response: httpx.Response, management: TokenEntry) ->
 
 def shared_arm_client(ctx: BuildContext) -> ArmClient:
     if _SHARED_ARM not in ctx.shared:
-        ctx.shared[_SHARED_ARM] = ArmClient(ctx.ssl_context)
+        ctx.shared[_SHARED_ARM] = ArmClient(ctx.ssl_context, ctx.egress)
     client: ArmClient = ctx.shared[_SHARED_ARM]
     return client

@@ -35,6 +35,7 @@ from msal.exceptions import MsalServiceError
 from gateway.blocking import BlockingPool
 from gateway.config import IdentityConfig, ManagedIdentityRef
 from gateway.credentials import BuildContext, resolve_secret
+from gateway.egress import Egress
 from gateway.errors import ConfigError, SecretError
 from gateway.msal_http import MsalHttpClient
 from gateway.secrets import EnvSecret, FileSecret, Secret
@@ -201,6 +202,7 @@ class MsalSource(TokenSource):
         timeout_s: float,
         pool: BlockingPool,
         endpoint: str,
+        egress: Egress,
     ) -> None:
         self.key = key
         self.description = description
@@ -210,6 +212,7 @@ class MsalSource(TokenSource):
         self.deadline_s = 2 * timeout_s + 1.0
         self.endpoint = endpoint  # for error messages: where the identity provider is
         self._ssl_context = ssl_context
+        self._egress = egress
         self._pool = pool
         self._lock = threading.Lock()
         self._http: MsalHttpClient | None = None
@@ -222,8 +225,11 @@ class MsalSource(TokenSource):
     def _client(self) -> MsalHttpClient:
         with self._lock:
             if self._http is None:
-                self._http = MsalHttpClient(self._ssl_context, self.timeout_s)
+                self._http = MsalHttpClient(self._ssl_context, self.timeout_s, self._http_egress())
             return self._http
+
+    def _http_egress(self) -> Egress:
+        return self._egress
 
     @abc.abstractmethod
     def _call(self, http: MsalHttpClient, scope: str) -> dict[str, Any] | None:
@@ -376,6 +382,13 @@ class ManagedIdentitySource(MsalSource):
         self._msal_client: msal.ManagedIdentityClient | None = None
         self._built_on: MsalHttpClient | None = None
 
+    def _http_egress(self) -> Egress:
+        # The instance metadata service (or the node's stand-in for it) answers only this host, so MSAL
+        # reaches it directly; App Service's identity endpoint follows the egress policy.
+        if managed_identity_source() is msal.managed_identity.DEFAULT_TO_VM:
+            return Egress.direct()
+        return self._egress
+
     def _call(self, http: MsalHttpClient, scope: str) -> dict[str, Any] | None:
         with self._lock:
             if self._msal_client is None or self._built_on is not http:
@@ -402,6 +415,11 @@ _ERROR_HINTS = {
     "invalid_scope": "check auth.scope: client credentials need a resource's `/.default` scope",
     "temporarily_unavailable": "the identity provider is throttling or failing; the gateway keeps retrying",
 }
+
+
+def managed_identity_source() -> object:
+    """MSAL's choice of managed identity flavour from the environment (IMDS is `DEFAULT_TO_VM`)."""
+    return msal.managed_identity.get_managed_identity_source()
 
 
 def transport_error(endpoint: str, exc: httpx.HTTPError) -> TokenFetchError:
@@ -458,6 +476,7 @@ def resolve_identity(route: str, config: IdentityConfig, ctx: BuildContext) -> M
                 description=description,
                 client_id=getattr(config.managed_identity, "client_id", None),
                 ssl_context=ctx.ssl_context,
+                egress=ctx.egress,
                 timeout_s=config.timeout_s,
                 pool=pool,
             )
@@ -499,6 +518,7 @@ def resolve_identity(route: str, config: IdentityConfig, ctx: BuildContext) -> M
             key=key,
             description=description,
             ssl_context=ctx.ssl_context,
+            egress=ctx.egress,
             timeout_s=config.timeout_s,
             pool=pool,
         )
