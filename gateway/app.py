@@ -212,6 +212,7 @@ class GatewayApp:
         )
         for credential in self.credentials:
             await credential.start()
+            credential.publish()
         if self.config_path:
             self._config_signature = _file_signature(self.config_path)
             self._watch_task = asyncio.create_task(self._watch_config())
@@ -263,6 +264,7 @@ class GatewayApp:
             for route in router.routes:
                 if route.credential not in reuse.values():
                     await route.credential.start()
+                    route.credential.publish()
             if config.telemetry != self.running_telemetry:
                 # The tracer provider and its exporter thread are built once; swapping them under
                 # requests in flight would split their spans between two providers.
@@ -294,19 +296,11 @@ class GatewayApp:
         await send_bytes(send, 200, b'{"status":"ok"}', b"application/json")
 
     def readiness(self) -> dict[str, Any]:
-        """Every route's credential state; refreshes the credential gauges on the way."""
+        """Every route's credential state; refreshes this process's credential gauges on the way (the
+        credentials also set them whenever their state changes)."""
         routes = []
         for route in self.router.routes:
-            status = route.credential.status()
-            metrics.CREDENTIAL_READY.labels(route.name).set(1 if status.ready else 0)
-            if status.kind in ("aad_token", "aml_token"):
-                # 0 once the token is gone, so an expired credential never shows its last countdown.
-                metrics.CREDENTIAL_EXPIRY.labels(route.name).set(status.expires_in_s or 0)
-            elif status.kind == "key" and status.active_slot:
-                for slot in ("primary", "secondary"):
-                    metrics.ACTIVE_KEY_SLOT.labels(route.name, slot).set(
-                        1 if slot == status.active_slot else 0
-                    )
+            status = route.credential.publish()
             routes.append({"name": route.name, "path": route.prefix, **status.as_dict()})
         return {"ready": all(r["ready"] for r in routes), "routes": routes}
 

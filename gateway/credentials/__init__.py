@@ -17,7 +17,7 @@ from gateway.config import (
     NoneAuth,
     SecretSpec,
 )
-from gateway.credentials.base import Credential, CredentialStatus, Grant, NoCredential
+from gateway.credentials.base import Credential, CredentialStatus, Grant, NoCredential, RejectionPolicy
 from gateway.credentials.key import KeyCredential, KeySlot
 from gateway.errors import ConfigError, SecretError
 from gateway.secrets import EnvSecret, FileSecret, LiteralSecret, Secret
@@ -78,7 +78,9 @@ def build_credential(route: str, auth: Any, ctx: BuildContext) -> Credential:
             slots.append(
                 KeySlot("secondary", resolve_secret(auth.secondary, f"{where}.secondary", ctx, header=True))
             )
-        return KeyCredential(route, slots, recheck_after_s=auth.recheck_after_s)
+        return KeyCredential(
+            route, slots, recheck_after_s=auth.recheck_after_s, rejection=RejectionPolicy.of(auth)
+        )
     if isinstance(auth, AadTokenAuth):
         from gateway.credentials.aad import build_aad_credential
 

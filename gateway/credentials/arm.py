@@ -18,6 +18,7 @@ import httpx
 
 from gateway.config import EndpointRef
 from gateway.credentials import BuildContext
+from gateway.credentials.base import Grant
 from gateway.credentials.identity import transport_error
 from gateway.errors import ConfigError, CredentialUnavailable
 from gateway.tokens import TokenEntry, TokenFetchError
@@ -104,7 +105,7 @@ class ArmClient:
     async def post(self, url: str, management: TokenEntry, *, action: str) -> dict[str, Any]:
         """POST `url` with the management token; the JSON object answered, or TokenFetchError."""
         origin = _origin(url)
-        grant = management.peek()
+        grant: Grant | None = management.peek()
         if grant is None:
             try:
                 grant = await management.get()
@@ -133,6 +134,7 @@ class ArmClient:
             break
         if response.status_code != 200:
             raise _arm_error(action, response, management)
+        management.accept(grant)
         try:
             data = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
