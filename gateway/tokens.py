@@ -399,12 +399,14 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
             return grant
         return await self._fetch_shared()
 
-    async def reject(self, rejected: Grant) -> Grant | None:
+    async def reject(self, rejected: Grant, *, verdict: bool = True) -> Grant | None:
         """The upstream refused `rejected`: return a different valid token to replay with, or None. The
-        refused token stays in the cache (suspect) until a different one has been obtained."""
+        refused token stays in the cache (suspect) until a different one has been obtained. `verdict`:
+        count the refusal towards declaring the route's token rejected (not for a management token
+        refused by ARM, which says nothing about the scoring credential)."""
         now = time.monotonic()
         tried = rejected.tried
-        if "token" not in tried:
+        if verdict and "token" not in tried:
             self._count_rejection(now)
             tried = tried | {"token"}
         current = self.grant

@@ -12,14 +12,24 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import httpx
-from conftest import PRIMARY, SECONDARY, key_route
+import yaml
+from azure_env import (
+    clean_emulator_fixture,  # noqa: F401 - pytest fixture
+    emulator_fixture,  # noqa: F401 - pytest fixture
+    identity,
+    register_app,
+)
+from conftest import HYGIENE, PRIMARY, SECONDARY, key_route
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from servers import free_socket
 
 from gateway import metrics
+from gateway.emulator.server import EmulatorServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,3 +176,87 @@ def test_dead_workers_gauges_no_longer_count(tmp_path: Path) -> None:
             if worker.poll() is None:
                 worker.kill()
                 worker.wait(10)
+
+
+def _free_port() -> int:
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def _pids(directory: Path, pattern: str = "gauge_live*.db") -> set[int]:
+    return {int(p.stem.rpartition("_")[2]) for p in directory.glob(pattern)}
+
+
+def test_serve_with_two_workers_counts_live_workers_only(emulator: EmulatorServer, tmp_path: Path) -> None:
+    """`gateway serve --workers 2` on a token route whose identity provider fails: no worker has a token.
+    A worker that died earlier had one (its last gauge says ready): it must not count. A worker killed
+    now has its gauge files removed by the next scrape."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    dead = subprocess.Popen(
+        [sys.executable, "-c", _WORKER.replace("time.sleep(60)", ""), "1", "2000"], env=env, text=True
+    )
+    assert dead.wait(60) == 0
+    assert _pids(directory) == {dead.pid}
+    app = register_app(emulator)
+    emulator.state.set_fault("token", status=503)
+    port = _free_port()
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "access_log": False},
+        "tls": {"ca_bundle": str(emulator.ca_file)},
+        "routes": {
+            "r": {
+                "path": "/r",
+                "upstream": emulator.http_url,
+                "auth": {"type": "aad_token", "identity": identity(emulator, app)},
+            }
+        },
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # so that the workers go with it, whatever happens
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def workers() -> set[int]:
+        # Workers publish their credential gauges at start-up (the supervisor writes none of these).
+        return _pids(directory, "gauge_livemin_*.db") - {dead.pid}
+
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers()) < 2:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)
+        text = httpx.get(url + "/metrics", timeout=10).text
+        assert dead.pid not in _pids(directory)
+        assert _value(text, "gateway_credential_ready", route="r") == 0
+        victim = min(workers())
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while victim in _pids(directory):
+            assert time.monotonic() < deadline, "the killed worker's gauges still count"
+            try:
+                httpx.get(url + "/metrics", timeout=5)
+            except httpx.HTTPError:
+                pass  # the connection may have gone to the killed worker
+            time.sleep(0.2)
+        text = httpx.get(url + "/metrics", timeout=10).text
+        assert _value(text, "gateway_credential_ready", route="r") == 0
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate(timeout=30)
+        HYGIENE.record_output("`gateway serve --workers 2` (metrics scenario)", out, err)

@@ -127,7 +127,7 @@ class ArmClient:
             except httpx.HTTPError as exc:
                 raise transport_error(f"ARM ({origin})", exc) from None
             if response.status_code == 401 and attempt == 1:
-                replacement = await management.reject(grant)
+                replacement = await management.reject(grant, verdict=False)
                 if replacement is not None:
                     grant = replacement
                     continue
