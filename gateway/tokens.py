@@ -451,19 +451,22 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
     def _count_rejection(self, now: float) -> None:
         for route, _kind in set(self._users.values()):
             metrics.CREDENTIAL_REJECTIONS.labels(route, "token").inc()
-        if self.suspicion.rejected(now):
-            policy = self.suspicion.policy
-            logger.error(
-                "route %s: the upstream refused the token for %s in %d requests within %s s with no "
-                "acceptance in between (%s); the route is not ready. Check the identity's role assignment "
-                "on the endpoint and that the scope is the endpoint's audience",
-                self.routes,
-                self.scope,
-                policy.reject_after,
-                f"{policy.window_s:g}",
-                self.source.description,
-            )
-            self._publish()
+        if not self.suspicion.rejected(now):
+            if self.suspicion.declared_at is not None:
+                self._publish()  # still refused: declared anew (readiness may have come back meanwhile)
+            return
+        policy = self.suspicion.policy
+        logger.error(
+            "route %s: the upstream refused the token for %s in %d requests within %s s with no "
+            "acceptance in between (%s); the route is not ready. Check the identity's role assignment "
+            "on the endpoint and that the scope is the endpoint's audience",
+            self.routes,
+            self.scope,
+            policy.reject_after,
+            f"{policy.window_s:g}",
+            self.source.description,
+        )
+        self._publish()
 
     def _log_refetch(self) -> None:
         logger.warning(

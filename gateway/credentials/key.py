@@ -164,6 +164,8 @@ class KeyCredential(Credential):
     def _count_rejection(self, slot: KeySlot, now: float) -> None:
         metrics.CREDENTIAL_REJECTIONS.labels(self.route, slot.name).inc()
         if not slot.reject(now):
+            if slot.rejected_value is not None:
+                self.publish()  # refused again after recheck_after_s: declared anew, without a new log
             return
         policy = self.rejection
         logger.error(
