@@ -405,24 +405,26 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
         count the refusal towards declaring the route's token rejected (not for a management token
         refused by ARM, which says nothing about the scoring credential)."""
         now = time.monotonic()
+        current = self.grant
+        held = current is not None and current.header == rejected.header
         tried = rejected.tried
         if verdict and "token" not in tried:
-            self._count_rejection(now)
             tried = tried | {"token"}
-        current = self.grant
-        if current is not None and current.header != rejected.header:
+            # One count per request, and only for the token held when no new one is being fetched: a
+            # burst of refusals of a revoked token while its replacement is on the way is one event.
+            self._count_rejection(now, verdict=self._inflight is None and (held or current is None))
+        if current is not None and not held:
             fresh = self.peek()  # another request (or the refresher) already replaced it
             if fresh is not None:
                 return replay(fresh, tried)
-        if current is not None and current.header == rejected.header:
+        if held:
             self.suspect = True
             self.settled = None
         if self._inflight is None and self.retry_at > now:
             return None  # backing off after a failed fetch: a down provider is not called per request
         # A token the upstream had accepted and now refuses was revoked: always worth a new one. One
         # never accepted may simply not be allowed: at most one new token per interval.
-        accepted = current is not None and current.header == rejected.header and self.accepted_current
-        interval = 0.0 if accepted else FORCED_REFRESH_INTERVAL_S
+        interval = 0.0 if held and self.accepted_current else FORCED_REFRESH_INTERVAL_S
         fresh = await self._fetch_forced(interval, self._log_refetch, self._log_rejected_again)
         if fresh is None or fresh.header == rejected.header:
             return None
@@ -448,9 +450,11 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
         declared_at = self.suspicion.declared_at
         return declared_at is not None and time.monotonic() - declared_at < VERDICT_RECHECK_S
 
-    def _count_rejection(self, now: float) -> None:
+    def _count_rejection(self, now: float, *, verdict: bool) -> None:
         for route, _kind in set(self._users.values()):
             metrics.CREDENTIAL_REJECTIONS.labels(route, "token").inc()
+        if not verdict:
+            return
         if not self.suspicion.rejected(now):
             if self.suspicion.declared_at is not None:
                 self._publish()  # still refused: declared anew (readiness may have come back meanwhile)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -245,3 +246,39 @@ def test_token_never_accepted_is_refreshed_at_most_once_per_interval_and_then_de
         emulator.state.clear_faults("score")
         assert client.post("/aad/score", json=ROWS).status_code == 200
         assert client.get("/readyz").status_code == 200
+
+
+def test_a_revocation_under_concurrent_load_declares_nothing(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twenty requests in flight when the token is revoked: all are refused at about the same time, while
+    one new token is fetched. That is one event, not twenty rejections: every request is replayed and
+    answered, and the route never leaves its Service."""
+    app = register_app(emulator)
+    auth = {
+        "type": "aml_token",
+        "identity": identity(emulator, app),
+        "endpoint": endpoint_ref(),
+        "arm_url": emulator.https_url,
+    }
+    config = gateway_config(emulator, {"aml": {"auth": auth}})
+    with (
+        ServerThread(GatewayApp(config)) as gateway,
+        httpx.Client(base_url=gateway.url, timeout=10) as client,
+    ):
+        assert client.post("/aml/score", json=ROWS).status_code == 200
+        calls = emulator.state.arm_call_count("token")
+        emulator.state.revoke_aml_tokens()
+        emulator.state.set_fault("arm", delay_s=0.5)  # the new token takes a while: refusals pile up
+        with caplog.at_level(logging.INFO, logger="gateway"), ThreadPoolExecutor(20) as pool:
+            statuses = list(
+                pool.map(
+                    lambda _: httpx.post(gateway.url + "/aml/score", json=ROWS, timeout=10).status_code,
+                    range(20),
+                )
+            )
+        assert statuses == [200] * 20
+        assert emulator.state.arm_call_count("token") == calls + 1
+        route = client.get("/readyz").json()["routes"][0]
+        assert route["ready"] and route["state"] == "valid"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
