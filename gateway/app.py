@@ -247,6 +247,7 @@ class GatewayApp:
         )
         for credential in self.credentials:
             await credential.start()
+            credential.publish()
         keyvault.configure(self.ctx, self.config.keyvault).start()
         if self.config_path:
             self._config_signature = _file_signature(self.config_path)
@@ -320,6 +321,7 @@ class GatewayApp:
             for route in router.routes:
                 if route.credential not in reuse.values():
                     await route.credential.start()
+                    route.credential.publish()
             keyvault.configure(ctx, config.keyvault).start()  # vaults the new config added
             if config.telemetry != self.running_telemetry:
                 # The tracer provider and its exporter thread are built once; swapping them under
@@ -368,19 +370,11 @@ class GatewayApp:
         await send_bytes(send, 200, b'{"status":"ok"}', b"application/json")
 
     def readiness(self) -> dict[str, Any]:
-        """Every route's credential state; refreshes the credential gauges on the way."""
+        """Every route's credential state; refreshes this process's credential gauges on the way (the
+        credentials also set them whenever their state changes)."""
         routes = []
         for route in self.router.routes:
-            status = route.credential.status()
-            metrics.CREDENTIAL_READY.labels(route.name).set(1 if status.ready else 0)
-            if status.kind in ("aad_token", "aml_token"):
-                # 0 once the token is gone, so an expired credential never shows its last countdown.
-                metrics.CREDENTIAL_EXPIRY.labels(route.name).set(status.expires_in_s or 0)
-            elif status.kind == "key" and status.active_slot:
-                for slot in ("primary", "secondary"):
-                    metrics.ACTIVE_KEY_SLOT.labels(route.name, slot).set(
-                        1 if slot == status.active_slot else 0
-                    )
+            status = route.credential.publish()
             routes.append({"name": route.name, "path": route.prefix, **status.as_dict()})
         report: dict[str, Any] = {"ready": all(r["ready"] for r in routes), "routes": routes}
         vaults = keyvault.shared_vaults(self.ctx)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -431,11 +432,37 @@ class NoneAuth(_Model):
     type: Literal["none"]
 
 
+def _check_reject_statuses(value: tuple[int, ...]) -> tuple[int, ...]:
+    for status in value:
+        if not 400 <= status <= 499:
+            raise ValueError(f"{status} is not a 4xx status: only a refusal can mean a bad credential")
+    return value
+
+
+# When the upstream's answers declare a credential rejected (readiness, error log, metric): the same
+# three keys on every auth type that holds a credential. A tuple, so that the auth config stays hashable.
+RejectStatuses = Annotated[tuple[int, ...], AfterValidator(_check_reject_statuses)]
+_REJECT_STATUSES = Field(
+    (401,),
+    description="Upstream statuses that mean the credential was refused: the request is replayed with "
+    "another key or a fresh token.",
+)
+_REJECT_AFTER = Field(
+    3, ge=1, description="Refusals in this many distinct requests declare a key or token rejected..."
+)
+_REJECT_WINDOW_S = Field(
+    60.0, gt=0, description="...when they fall within this many seconds with no acceptance in between."
+)
+
+
 class KeyAuth(_Model):
     type: Literal["key"]
     primary: SecretSpec | None = None
     secondary: SecretSpec | None = None
     recheck_after_s: float = Field(300.0, gt=0, description="When a rejected key is tried again.")
+    reject_statuses: RejectStatuses = _REJECT_STATUSES
+    reject_after: int = _REJECT_AFTER
+    reject_window_s: float = _REJECT_WINDOW_S
     from_endpoint: EndpointRef | None = Field(None, description="Fetch the keys with listKeys instead.")
     endpoint: EndpointRef | None = Field(
         None,
@@ -471,6 +498,9 @@ class AadTokenAuth(_Model):
     type: Literal["aad_token"]
     identity: IdentityConfig = Field(default_factory=IdentityConfig)  # type: ignore[arg-type]
     scope: str = "https://ml.azure.com/.default"
+    reject_statuses: RejectStatuses = _REJECT_STATUSES
+    reject_after: int = _REJECT_AFTER
+    reject_window_s: float = _REJECT_WINDOW_S
 
 
 class AmlTokenAuth(_Model):
@@ -479,6 +509,9 @@ class AmlTokenAuth(_Model):
     endpoint: EndpointRef
     arm_url: str = "https://management.azure.com"
     api_version: str = "2023-04-01"
+    reject_statuses: RejectStatuses = _REJECT_STATUSES
+    reject_after: int = _REJECT_AFTER
+    reject_window_s: float = _REJECT_WINDOW_S
 
 
 AuthConfig = Annotated[NoneAuth | KeyAuth | AadTokenAuth | AmlTokenAuth, Field(discriminator="type")]

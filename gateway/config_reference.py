@@ -69,7 +69,7 @@ FIELD_NOTES: dict[str, str] = {
     "NoneAuth.type": "The upstream needs no credential. The client's own `Authorization` is still dropped.",
     "KeyAuth.type": "Endpoint key auth: `Authorization: Bearer <key>`.",
     "KeyAuth.primary": "The primary endpoint key.",
-    "KeyAuth.secondary": "The secondary key: used when the upstream rejects the primary one (401/403).",
+    "KeyAuth.secondary": "The secondary key: used when the upstream refuses the primary (`reject_statuses`).",
     "KeyAuth.identity": "The identity used to call `listKeys` (with `from_endpoint`).",
     "KeyAuth.arm_url": "Azure Resource Manager base URL (with `from_endpoint`).",
     "KeyAuth.api_version": "ARM `api-version` of the `listKeys` call.",
@@ -215,7 +215,7 @@ def _scalar_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_scalar_text(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_scalar_text(v)}" for k, v in value.items()) + "}"
@@ -284,8 +284,8 @@ class _Renderer:
         origin = typing.get_origin(tp)
         if origin is Literal:
             return _literal_text(typing.get_args(tp)), []
-        if origin is list:
-            (item,) = typing.get_args(tp)
+        if origin is list or origin is tuple:  # tuple[X, ...]: a list kept hashable
+            item = typing.get_args(tp)[0]
             text, nested = self.type_text(item, f"{path}[]")
             return f"list of {_plural(text)}", nested
         if origin is dict:

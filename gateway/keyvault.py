@@ -120,7 +120,7 @@ class KeyVaultClient:
                 problem = transport_error(f"the vault {vault}", exc)
                 raise KeyVaultError(f"{where}: {problem.message}", hint=problem.hint) from None
             if response.status_code == 401 and attempt == 1:
-                replacement = await self.token.reject(grant)
+                replacement = await self.token.reject(grant, verdict=False)
                 if replacement is not None:
                     grant = replacement
                     continue

@@ -1,14 +1,17 @@
-"""Prometheus metrics. Label values are route names, slots, status classes and error codes:
-all bounded and set by the configuration, never a raw path or a secret.
+"""Prometheus metrics. Label values are route names, slots, status codes (a known set; others folded
+into their class, see `status_label`) and error codes: all bounded, never a raw path or a secret.
 
 With several workers, prometheus-client's multiprocess mode aggregates across processes: the CLI
-sets PROMETHEUS_MULTIPROC_DIR before the workers start.
+sets PROMETHEUS_MULTIPROC_DIR before the workers start. Gauges count live processes only: readiness
+and expiry are the minimum over them (one worker without a token is a problem), the in-flight count
+their sum. Each scrape first removes the gauge files of worker processes that have died
+(`mark_process_dead`), so a killed worker's last values stop counting.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,15 +22,45 @@ from prometheus_client import (
     generate_latest,
 )
 
+if TYPE_CHECKING:
+    from gateway.credentials.base import CredentialStatus
+
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-# Per-process values aggregated across workers: the worst (max) for states, the sum for counts.
-_GAUGE_MODE: Literal["max", "all"] = "max" if MULTIPROCESS else "all"
+# Per-process values aggregated across live workers: the minimum for readiness and expiry, the
+# maximum for "this slot is in use / declared rejected", the sum for counts.
+_MIN_MODE: Literal["livemin", "all"] = "livemin" if MULTIPROCESS else "all"
+_MAX_MODE: Literal["livemax", "all"] = "livemax" if MULTIPROCESS else "all"
 _SUM_MODE: Literal["livesum", "all"] = "livesum" if MULTIPROCESS else "all"
+
+# Status codes that keep their own label value: those the gateway answers itself and those Azure ML's
+# front end and inference server answer (each needs a different action). Any other code is counted
+# under its class ("4xx"), so a misbehaving upstream cannot grow the label set.
+KNOWN_STATUSES = frozenset(
+    {200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308}
+    | {400, 401, 403, 404, 405, 408, 409, 410, 411, 412, 413, 414, 415, 416, 422, 424, 429, 431, 499}
+    | {500, 501, 502, 503, 504}
+)
+_STATUS_LABELS = {
+    code: str(code) if code in KNOWN_STATUSES else f"{code // 100}xx" for code in range(100, 600)
+}
+
+
+def status_label(code: int) -> str:
+    """The label value for an HTTP status: the code if known, else its class; "other" outside 100-599."""
+    return _STATUS_LABELS.get(code, "other")
+
 
 REQUESTS = Counter(
     "gateway_requests",
-    "Requests handled, by route, status class and gateway error code ('' when the upstream answered).",
-    ["route", "status_class", "error_code"],
+    "Requests handled, by route, the status the client got (known codes, else the class) and the "
+    "gateway's error code ('' when the upstream answered).",
+    ["route", "status", "error_code"],
+)
+UPSTREAM_RESPONSES = Counter(
+    "gateway_upstream_responses",
+    "Requests answered by the upstream, by route and the upstream's final status (known codes, else "
+    "the class).",
+    ["route", "status"],
 )
 UPSTREAM_LATENCY = Histogram(
     "gateway_upstream_duration_seconds",
@@ -40,7 +73,9 @@ IN_FLIGHT = Gauge(
 )
 RETRIES = Counter("gateway_upstream_retries", "Upstream attempts repeated after a failure.", ["route"])
 CREDENTIAL_REPLAYS = Counter(
-    "gateway_credential_replays", "Requests sent again with another credential after a 401/403.", ["route"]
+    "gateway_credential_replays",
+    "Requests sent again with another credential after the upstream refused one (auth.reject_statuses).",
+    ["route"],
 )
 KEY_FAILOVERS = Counter(
     "gateway_key_failovers", "Switches of the active key, by new slot.", ["route", "slot"]
@@ -52,21 +87,39 @@ CREDENTIAL_REFRESHES = Counter(
 )
 CREDENTIAL_EXPIRY = Gauge(
     "gateway_credential_expiry_seconds",
-    "Seconds until the route's cached credential expires (absent for keys).",
+    "Seconds until the route's cached credential expires (absent for keys), as of the last update.",
     ["route"],
-    multiprocess_mode=_GAUGE_MODE,
+    multiprocess_mode=_MIN_MODE,
+)
+CREDENTIAL_EXPIRY_TIMESTAMP = Gauge(
+    "gateway_credential_expiry_timestamp_seconds",
+    "Unix time at which the route's cached token expires; 0 without one (absent for keys).",
+    ["route"],
+    multiprocess_mode=_MIN_MODE,
 )
 CREDENTIAL_READY = Gauge(
     "gateway_credential_ready",
     "1 when the route holds a credential believed valid.",
     ["route"],
-    multiprocess_mode=_GAUGE_MODE,
+    multiprocess_mode=_MIN_MODE,
 )
 ACTIVE_KEY_SLOT = Gauge(
     "gateway_active_key_slot",
     "1 for the key slot in use on each key route.",
     ["route", "slot"],
-    multiprocess_mode=_GAUGE_MODE,
+    multiprocess_mode=_MAX_MODE,
+)
+CREDENTIAL_REJECTIONS = Counter(
+    "gateway_credential_rejections",
+    "Requests in which the upstream refused a key slot or token (once per request; one may be "
+    "provoked by a client).",
+    ["route", "slot"],
+)
+CREDENTIAL_REJECTED = Gauge(
+    "gateway_credential_rejected",
+    "1 while a key slot or token is declared rejected (refused in auth.reject_after requests in a row).",
+    ["route", "slot"],
+    multiprocess_mode=_MAX_MODE,
 )
 UPSTREAM_EJECTIONS = Counter(
     "gateway_upstream_ejections", "Upstreams ejected by outlier detection.", ["route", "upstream"]
@@ -74,10 +127,60 @@ UPSTREAM_EJECTIONS = Counter(
 RELOADS = Counter("gateway_config_reloads", "Configuration reloads, by result.", ["result"])
 
 
+_TOKEN_KINDS = frozenset({"aad_token", "aml_token"})
+_KEY_SLOTS = ("primary", "secondary")
+
+
+def publish_credential(route: str, status: CredentialStatus) -> None:
+    """Set the route's credential gauges from `status`."""
+    CREDENTIAL_READY.labels(route).set(1 if status.ready else 0)
+    if status.kind in _TOKEN_KINDS:
+        # 0 once the token is gone, so an expired credential never shows its last countdown.
+        CREDENTIAL_EXPIRY.labels(route).set(status.expires_in_s or 0)
+        CREDENTIAL_EXPIRY_TIMESTAMP.labels(route).set(status.expires_at or 0)
+        CREDENTIAL_REJECTED.labels(route, "token").set(1 if status.state == "rejected" else 0)
+    elif status.kind == "key" and status.active_slot:
+        rejected = status.extra.get("rejected_slots", ())
+        for slot in _KEY_SLOTS:
+            ACTIVE_KEY_SLOT.labels(route, slot).set(1 if slot == status.active_slot else 0)
+            CREDENTIAL_REJECTED.labels(route, slot).set(1 if slot in rejected else 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed worker its parent has not reaped yet is a zombie: dead all the same
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[:1] != ["Z"]
+    except OSError:
+        return True
+
+
+def forget_dead_processes(directory: str) -> None:
+    """Remove the live-gauge files of worker processes that no longer run."""
+    from prometheus_client import multiprocess
+
+    pids: set[int] = set()
+    for name in os.listdir(directory):
+        if name.startswith("gauge_live") and name.endswith(".db"):
+            digits = name[:-3].rpartition("_")[2]
+            if digits.isdigit():
+                pids.add(int(digits))
+    for pid in pids:
+        if pid != os.getpid() and not _alive(pid):
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
 def render() -> tuple[bytes, str]:
-    if MULTIPROCESS:
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
         from prometheus_client import multiprocess
 
+        forget_dead_processes(directory)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
@@ -93,13 +196,13 @@ KEYVAULT_SECRET_STALE = Gauge(
     "gateway_keyvault_secret_stale",
     "1 while the last read of the Key Vault secret failed (its last good value stays in use).",
     ["vault", "secret"],
-    multiprocess_mode=_GAUGE_MODE,
+    multiprocess_mode=_MAX_MODE,
 )
 KEY_AGE = Gauge(
     "gateway_key_age_seconds",
     "Age of each key of a key route: since its Key Vault version was created, else since first seen.",
     ["route", "slot"],
-    multiprocess_mode=_GAUGE_MODE,
+    multiprocess_mode=_MAX_MODE,
 )
 KEY_ROTATIONS = Counter(
     "gateway_key_rotations",

@@ -38,6 +38,7 @@ from gateway import redaction
 from gateway.config import FileRef, GatewayConfig, IdentityConfig, KeyAuth, KeyVaultRef, RouteConfig
 from gateway.credentials import BuildContext
 from gateway.credentials.arm import ArmClient, arm_scope, check_arm_url, endpoint_url, shared_arm_client
+from gateway.credentials.base import Grant
 from gateway.credentials.identity import resolve_identity
 from gateway.credentials.token import shared_token_cache
 from gateway.egress import build_egress
@@ -337,7 +338,7 @@ class Rotation:
 
     async def _arm(self, method: str, url: str, body: dict[str, Any] | None, *, step: str) -> httpx.Response:
         try:
-            grant = self.management.peek() or await self.management.get()
+            grant: Grant = self.management.peek() or await self.management.get()
         except CredentialUnavailable as exc:
             raise RotationFailed("token", f"no management token for ARM ({step}): {exc.message}") from None
         http = self.arm.http_client()  # the process's one httpx client for Azure APIs (TLS, proxy)
@@ -355,7 +356,7 @@ class Rotation:
                     step, f"ARM ({_origin(url)}) could not be reached: {type(exc).__name__}: {exc}"
                 ) from None
             if response.status_code == 401 and attempt == 1:
-                replacement = await self.management.reject(grant)
+                replacement = await self.management.reject(grant, verdict=False)
                 if replacement is not None:
                     grant = replacement
                     continue

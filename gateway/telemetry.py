@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 
 access_logger = logging.getLogger("gateway.access")
 
-_STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-
 
 class RequestRecord:
     __slots__ = (
@@ -66,19 +64,30 @@ class Telemetry:
     def __init__(self, *, access_log: bool = True) -> None:
         self.access_log = access_log
         # Bound metric children, created once per label set: labels() takes a lock and hashes.
-        self._requests: dict[tuple[str, str, str], Any] = {}
+        self._requests: dict[tuple[str, int, str], Any] = {}
+        self._upstream: dict[tuple[str, int], Any] = {}
         self._latency: dict[str, Any] = {}
 
     def request_done(self, record: RequestRecord) -> None:
         duration = time.perf_counter() - record.started
         route = record.route or ""
-        status_class = _STATUS_CLASSES.get(record.status // 100, "other")
-        key = (route, status_class, record.error or "")
+        error = record.error or ""
+        key = (route, record.status, error)
         counter = self._requests.get(key)
         if counter is None:
-            counter = self._requests[key] = metrics.REQUESTS.labels(*key)
+            counter = self._requests[key] = metrics.REQUESTS.labels(
+                route, metrics.status_label(record.status), error
+            )
         counter.inc()
-        if record.upstream_status is not None:
+        upstream_status = record.upstream_status
+        if upstream_status is not None:
+            upstream_key = (route, upstream_status)
+            counter = self._upstream.get(upstream_key)
+            if counter is None:
+                counter = self._upstream[upstream_key] = metrics.UPSTREAM_RESPONSES.labels(
+                    route, metrics.status_label(upstream_status)
+                )
+            counter.inc()
             histogram = self._latency.get(route)
             if histogram is None:
                 histogram = self._latency[route] = metrics.UPSTREAM_LATENCY.labels(route)

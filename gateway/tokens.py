@@ -12,8 +12,14 @@ Everything else happens off the request path, per (identity, scope) entry:
 - one fetch at a time (single flight): concurrent requests on a cold entry share one `asyncio.Task`;
 - failures back off with full jitter (1 s to 60 s), honour Retry-After and never stop the task; the
   cached token is served until it expires, then `get()` raises `CredentialUnavailable` (503);
-- `reject()` (the upstream answered 401) drops the token and fetches a new one, at most once per
+- `reject()` (the upstream refused the token) marks it suspect and fetches a new one; the suspect token
+  stays in use until a different one has been obtained (with Entra ID down, requests keep the token rather
+  than getting 503). The forced fetch is always allowed when the refused token had been accepted since it
+  was fetched (a real revocation); for a token refused before ever being accepted, at most once per
   `FORCED_REFRESH_INTERVAL_S`, so a misconfigured upstream cannot turn every request into a token request.
+  Refusals in `reject_after` distinct requests within `reject_window_s` with no acceptance in between
+  declare the entry's tokens rejected (the route is not ready) until one is accepted or
+  `VERDICT_RECHECK_S` pass (see `gateway.credentials.base`).
 
 The refresher, single flight, backoff and forced-fetch limit live in `RefreshingEntry`, which the endpoint
 keys of `auth.type: key` with `from_endpoint` (`gateway.credentials.control_plane`) share.
@@ -39,7 +45,7 @@ from cachetools import TLRUCache
 
 from gateway import metrics
 from gateway.backoff import Backoff
-from gateway.credentials.base import Grant
+from gateway.credentials.base import Credential, Grant, Suspicion, replay
 from gateway.errors import CredentialUnavailable
 from gateway.redaction import redact
 
@@ -56,8 +62,11 @@ EXPIRY_SKEW_FRACTION = 0.05
 # gateway processes started together do not all refresh at the same instant.
 JITTER_FRACTION = 0.05
 JITTER_MAX_S = 30.0
-# After an upstream 401, at most one forced refresh per entry in this interval.
+# After an upstream 401 on a token never accepted, at most one forced refresh per entry in this interval.
 FORCED_REFRESH_INTERVAL_S = 5.0
+# A token declared rejected makes the route not ready for at most this long without a new refusal, so a
+# pod taken out of its Service gets traffic again to find out (keys have `recheck_after_s`).
+VERDICT_RECHECK_S = 300.0
 # How often "the upstream rejects fresh tokens too" is logged per entry.
 _REJECTION_LOG_INTERVAL_S = 60.0
 
@@ -162,6 +171,7 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
         self._refresher: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._users: dict[int, tuple[str, str]] = {}  # owner id -> (route, kind)
+        self._owners: dict[int, Credential] = {}  # whose gauges follow this entry's state
         self._active: set[int] = set()  # owners that started, i.e. want background refresh
 
     # ------------------------------------------------------------------ for subclasses
@@ -193,6 +203,8 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
     def register(self, owner: object, route: str, kind: str) -> None:
         """`owner`, a credential of `route`, uses this entry: logs and metrics name the route."""
         self._users[id(owner)] = (route, kind)
+        if isinstance(owner, Credential):
+            self._owners[id(owner)] = owner
 
     def attach(self, owner: object, route: str, kind: str) -> None:
         """Refresh in the background on behalf of `owner` (a started credential). Needs a running loop."""
@@ -205,6 +217,7 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
     async def detach(self, owner: object) -> None:
         """`owner` is closed; the last started one stops the refresher, the last one drops the entry."""
         self._users.pop(id(owner), None)
+        self._owners.pop(id(owner), None)
         self._active.discard(id(owner))
         if self._active:
             return
@@ -245,6 +258,11 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
         if self.retry_at:
             return self.retry_at  # backing off after a failure
         return self._next_refresh()
+
+    def _publish(self) -> None:
+        """The state changed: update the owners' credential gauges now, not at the next scrape."""
+        for owner in list(self._owners.values()):
+            owner.publish()
 
     def _poke(self) -> None:
         if self._wake is not None:
@@ -314,6 +332,7 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
         self.backoff.reset()
         self._count("ok")
         self._poke()
+        self._publish()
         return recovered
 
     def _failed(self, error: TokenFetchError) -> None:
@@ -324,6 +343,7 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
         self._count("error")
         self._log_failed(delay, f" ({error.hint})" if error.hint else "")
         self._poke()
+        self._publish()
 
     def _count(self, result: str) -> None:
         for route, kind in set(self._users.values()):
@@ -356,6 +376,12 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
         self.expires_mono = 0.0
         self.refresh_mono = 0.0
         self._rejection_logged_at = -math.inf
+        # Routes sharing a token share its verdict; TokenCredential sets the policy of the latest route.
+        self.suspicion = Suspicion()
+        self.accepted_current = False  # the held token was accepted since it was fetched
+        self.suspect = False  # the held token was refused since it was fetched or last accepted
+        # The held token once accepted and not refused since: TokenCredential.accepted's fast path.
+        self.settled: TokenGrant | None = None
 
     # ------------------------------------------------------------------ request path
     def peek(self) -> TokenGrant | None:
@@ -373,26 +399,86 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
             return grant
         return await self._fetch_shared()
 
-    async def reject(self, rejected: Grant) -> TokenGrant | None:
-        """The upstream refused `rejected`: return a different valid token to replay with, or None."""
+    async def reject(self, rejected: Grant, *, verdict: bool = True) -> Grant | None:
+        """The upstream refused `rejected`: return a different valid token to replay with, or None. The
+        refused token stays in the cache (suspect) until a different one has been obtained. `verdict`:
+        count the refusal towards declaring the route's token rejected (not for a management token
+        refused by ARM, which says nothing about the scoring credential)."""
+        now = time.monotonic()
         current = self.grant
-        if current is not None and current.header != rejected.header:
-            fresh = self.peek()  # another request already replaced it
+        held = current is not None and current.header == rejected.header
+        tried = rejected.tried
+        if verdict and "token" not in tried:
+            tried = tried | {"token"}
+            # One count per request, and only for the token held when no new one is being fetched: a
+            # burst of refusals of a revoked token while its replacement is on the way is one event.
+            self._count_rejection(now, verdict=self._inflight is None and (held or current is None))
+        if current is not None and not held:
+            fresh = self.peek()  # another request (or the refresher) already replaced it
             if fresh is not None:
-                return fresh
+                return replay(fresh, tried)
+        if held:
+            self.suspect = True
+            self.settled = None
+        if self._inflight is None and self.retry_at > now:
+            return None  # backing off after a failed fetch: a down provider is not called per request
+        # A token the upstream had accepted and now refuses was revoked: always worth a new one. One
+        # never accepted may simply not be allowed: at most one new token per interval.
+        interval = 0.0 if held and self.accepted_current else FORCED_REFRESH_INTERVAL_S
+        fresh = await self._fetch_forced(interval, self._log_refetch, self._log_rejected_again)
+        if fresh is None or fresh.header == rejected.header:
+            return None
+        return replay(fresh, tried)
 
-        def starting() -> None:
+    def accept(self, accepted: Grant) -> None:
+        """The upstream accepted `accepted` (TokenCredential.accepted's slow path)."""
+        current = self.grant
+        if current is not None and accepted.header == current.header:
+            self.accepted_current = True
+            self.suspect = False
+            self.settled = current
+        if self.suspicion.accepted():
             logger.warning(
-                "route %s: the upstream rejected the token for %s (%s); fetching a new one",
+                "route %s: the upstream accepts the token for %s again; the route is ready",
                 self.routes,
                 self.scope,
-                self.source.description,
             )
-            if current is not None and current.header == rejected.header:
-                self._drop()
+            self._publish()
 
-        fresh = await self._fetch_forced(FORCED_REFRESH_INTERVAL_S, starting, self._log_rejected_again)
-        return None if fresh is None or fresh.header == rejected.header else fresh
+    def declared(self) -> bool:
+        """Declared rejected: refused in `reject_after` distinct requests in a row, recently."""
+        declared_at = self.suspicion.declared_at
+        return declared_at is not None and time.monotonic() - declared_at < VERDICT_RECHECK_S
+
+    def _count_rejection(self, now: float, *, verdict: bool) -> None:
+        for route, _kind in set(self._users.values()):
+            metrics.CREDENTIAL_REJECTIONS.labels(route, "token").inc()
+        if not verdict:
+            return
+        if not self.suspicion.rejected(now):
+            if self.suspicion.declared_at is not None:
+                self._publish()  # still refused: declared anew (readiness may have come back meanwhile)
+            return
+        policy = self.suspicion.policy
+        logger.error(
+            "route %s: the upstream refused the token for %s in %d requests within %s s with no "
+            "acceptance in between (%s); the route is not ready. Check the identity's role assignment "
+            "on the endpoint and that the scope is the endpoint's audience",
+            self.routes,
+            self.scope,
+            policy.reject_after,
+            f"{policy.window_s:g}",
+            self.source.description,
+        )
+        self._publish()
+
+    def _log_refetch(self) -> None:
+        logger.warning(
+            "route %s: the upstream rejected the token for %s (%s); fetching a new one",
+            self.routes,
+            self.scope,
+            self.source.description,
+        )
 
     # ------------------------------------------------------------------ the refresher's hooks
     def _next_refresh(self) -> float:
@@ -433,6 +519,9 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
         except ValueError:  # a line break or NUL in the token: it cannot go into a header
             raise TokenFetchError("the provider issued a token that is not a valid header value") from None
         self.grant = grant
+        self.accepted_current = False
+        self.suspect = False
+        self.settled = None
         self.expires_mono = expires_mono
         self.refresh_mono = started_mono + refresh_delay(lifetime, hint, self.cache.rng)
         self.cache.valid[self.key] = grant
@@ -473,11 +562,6 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
                 delay,
             )
 
-    def _drop(self) -> None:
-        self.cache.valid.pop(self.key, None)
-        self.grant = None
-        self.expires_mono = 0.0
-
     def _log_rejected_again(self, now: float) -> None:
         if now - self._rejection_logged_at < _REJECTION_LOG_INTERVAL_S:
             return
@@ -505,8 +589,11 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
         return max(self.expires_mono - time.monotonic(), 0.0)
 
     def state(self) -> str:
-        """valid; refreshing (still valid, but refreshing it fails); expired (and no new one yet);
-        unavailable (none obtained, the last attempt failed); pending (none obtained yet)."""
+        """rejected (declared: refused in repeated requests); valid; refreshing (still valid, but refreshing
+        it fails); expired (and no new one yet); unavailable (none obtained, the last attempt failed);
+        pending (none obtained yet)."""
+        if self.declared():
+            return "rejected"
         if self.peek() is not None:
             return "refreshing" if self.last_error is not None else "valid"
         if self.grant is not None:

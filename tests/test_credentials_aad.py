@@ -122,7 +122,9 @@ def test_federated_token_file_is_read_for_every_token_request(
         token_file.write_text(emulator.state.issue_federated_token(SUBJECT))
         await credential.start()
         try:
-            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
+            # The refused token stays in use until the refresher (backing off) obtains a new one.
+            assert await wait_for(lambda: emulator.state.token_request_count(app.client_id) == 3, 3)
+            assert await wait_for(lambda: credential.grant_nowait().header != first.header, 3)  # type: ignore[union-attr]
         finally:
             await credential.close()
 

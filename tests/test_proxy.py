@@ -198,6 +198,10 @@ def test_both_keys_rejected_passes_upstream_answer_and_turns_unready(upstream, g
     response = httpx.post(gw.url + "/iris/echo", content=b"{}")
     assert response.status_code == 401
     assert response.json() == {"message": "Unauthorized"}
+    # One refused request could be the client's doing: declared only after `reject_after` (3) requests.
+    assert httpx.get(gw.url + "/readyz").status_code == 200
+    for _ in range(2):
+        assert httpx.post(gw.url + "/iris/echo", content=b"{}").status_code == 401
     ready = httpx.get(gw.url + "/readyz")
     assert ready.status_code == 503
     assert ready.json()["routes"][0]["state"] == "rejected"

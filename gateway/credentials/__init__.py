@@ -18,7 +18,7 @@ from gateway.config import (
     NoneAuth,
     SecretSpec,
 )
-from gateway.credentials.base import Credential, CredentialStatus, Grant, NoCredential
+from gateway.credentials.base import Credential, CredentialStatus, Grant, NoCredential, RejectionPolicy
 from gateway.credentials.key import KeyCredential, KeySlot
 from gateway.egress import Egress
 from gateway.errors import ConfigError, SecretError
@@ -88,7 +88,13 @@ def build_credential(route: str, auth: Any, ctx: BuildContext) -> Credential:
         from gateway.keyvault import refetcher
 
         refetch = refetcher([slot.secret for slot in slots])  # Key Vault keys: read again when rejected
-        return KeyCredential(route, slots, recheck_after_s=auth.recheck_after_s, refetch=refetch)
+        return KeyCredential(
+            route,
+            slots,
+            recheck_after_s=auth.recheck_after_s,
+            rejection=RejectionPolicy.of(auth),
+            refetch=refetch,
+        )
     if isinstance(auth, AadTokenAuth):
         from gateway.credentials.aad import build_aad_credential
 

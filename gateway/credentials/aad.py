@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.config import AadTokenAuth
 from gateway.credentials import BuildContext
-from gateway.credentials.base import Credential
+from gateway.credentials.base import Credential, RejectionPolicy
 from gateway.credentials.identity import resolve_identity
 from gateway.credentials.token import TokenCredential, shared_token_cache
 from gateway.errors import ConfigError
@@ -23,4 +23,6 @@ def build_aad_credential(route: str, auth: AadTokenAuth, ctx: BuildContext) -> C
         )
     identity = resolve_identity(route, auth.identity, ctx)
     entry = shared_token_cache(ctx).entry(identity, scope)
-    return AadTokenCredential(route, entry, source=f"{identity.description}, scope {scope}")
+    return AadTokenCredential(
+        route, entry, source=f"{identity.description}, scope {scope}", rejection=RejectionPolicy.of(auth)
+    )

@@ -13,7 +13,7 @@ from typing import Any
 from gateway.config import AmlTokenAuth
 from gateway.credentials import BuildContext
 from gateway.credentials.arm import ArmClient, arm_scope, check_arm_url, endpoint_url, shared_arm_client
-from gateway.credentials.base import Credential
+from gateway.credentials.base import DEFAULT_REJECTION, Credential, RejectionPolicy
 from gateway.credentials.identity import resolve_identity
 from gateway.credentials.token import TokenCredential, shared_token_cache
 from gateway.tokens import AccessToken, TokenEntry, TokenFetchError, TokenSource
@@ -73,9 +73,16 @@ class AmlTokenCredential(TokenCredential):
     kind = "aml_token"
 
     def __init__(
-        self, route: str, entry: TokenEntry, *, source: str, management: TokenEntry, arm: ArmClient
+        self,
+        route: str,
+        entry: TokenEntry,
+        *,
+        source: str,
+        management: TokenEntry,
+        arm: ArmClient,
+        rejection: RejectionPolicy = DEFAULT_REJECTION,
     ) -> None:
-        super().__init__(route, entry, source=source, dependencies=[management])
+        super().__init__(route, entry, source=source, dependencies=[management], rejection=rejection)
         self.arm = arm
 
     async def start(self) -> None:
@@ -103,4 +110,5 @@ def build_aml_credential(route: str, auth: AmlTokenAuth, ctx: BuildContext) -> C
         source=f"ARM token for endpoint {auth.endpoint.name} as {identity.description}",
         management=management,
         arm=arm,
+        rejection=RejectionPolicy.of(auth),
     )

@@ -18,6 +18,7 @@ import httpx
 
 from gateway.config import EndpointRef
 from gateway.credentials import BuildContext
+from gateway.credentials.base import Grant
 from gateway.credentials.identity import transport_error
 from gateway.egress import Egress
 from gateway.errors import ConfigError, CredentialUnavailable
@@ -103,7 +104,7 @@ class ArmClient:
     async def post(self, url: str, management: TokenEntry, *, action: str) -> dict[str, Any]:
         """POST `url` with the management token; the JSON object answered, or TokenFetchError."""
         origin = _origin(url)
-        grant = management.peek()
+        grant: Grant | None = management.peek()
         if grant is None:
             try:
                 grant = await management.get()
@@ -125,13 +126,14 @@ class ArmClient:
             except httpx.HTTPError as exc:
                 raise transport_error(f"ARM ({origin})", exc) from None
             if response.status_code == 401 and attempt == 1:
-                replacement = await management.reject(grant)
+                replacement = await management.reject(grant, verdict=False)
                 if replacement is not None:
                     grant = replacement
                     continue
             break
         if response.status_code != 200:
             raise _arm_error(action, response, management)
+        management.accept(grant)
         try:
             data = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):

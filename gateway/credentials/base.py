@@ -3,14 +3,24 @@
 The proxy asks for a `Grant` (the Authorization header value to send) on every request, tells the
 credential when the upstream rejected or accepted it, and reads `status()` for readiness, metrics
 and `gateway check`. `grant_nowait()` must be cheap: no lock, no I/O, no coroutine.
+
+A rejection fails the request over at once (`rejected()` returns the grant to replay with), but one
+401 says little: a client can provoke it (a payload the endpoint's WAF or `score.py` refuses). A key or
+token is *declared* rejected (readiness, error log, metric) only after rejections in `reject_after`
+distinct requests within `reject_window_s` with no acceptance in between (`Suspicion`). Distinct
+requests are told apart by the grant: the replacement `rejected()` returns carries the slots already
+refused within its request (`Grant.tried`), and the proxy passes it back unchanged.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from gateway import metrics
 from gateway.errors import SecretError
 from gateway.secrets import check_header_value
 
@@ -22,6 +32,9 @@ class Grant:
     header: str | None
     slot: str  # "primary", "secondary", "token", "none": safe to log and to use as a metric label
     expires_at: float | None = None  # wall-clock seconds, for tokens
+    # Slots already refused within the request this grant replays (set by `replay`, empty otherwise):
+    # a rejection counts once per request, however often the request is replayed.
+    tried: frozenset[str] = frozenset()
     # The whole header line as the upstream client writes it, encoded once per grant, not per request.
     header_line: bytes | None = field(init=False, default=None)
 
@@ -39,6 +52,66 @@ class Grant:
         return f"Grant(slot={self.slot!r})"
 
 
+def replay(grant: Grant, tried: frozenset[str]) -> Grant:
+    """`grant` for a replay within the request that already saw `tried` refused (a copy: cached grants are
+    shared by every request). Only on the rejection path, never per request."""
+    return dataclasses.replace(grant, tried=tried)
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionPolicy:
+    """Which upstream statuses mean "credential refused", and when refusals declare it rejected."""
+
+    statuses: frozenset[int] = frozenset({401})
+    reject_after: int = 3  # distinct requests...
+    window_s: float = 60.0  # ...within this many seconds, with no acceptance in between
+
+    @classmethod
+    def of(cls, auth: Any) -> RejectionPolicy:
+        """The policy an auth config block (`reject_statuses`, `reject_after`, `reject_window_s`) sets."""
+        return cls(frozenset(auth.reject_statuses), auth.reject_after, auth.reject_window_s)
+
+
+DEFAULT_REJECTION = RejectionPolicy()
+
+
+class Suspicion:
+    """Rejections of one credential across distinct requests; `rejected()` declares it after
+    `reject_after` of them within `window_s`, and any acceptance forgets them."""
+
+    __slots__ = ("_times", "declared_at", "policy")
+
+    def __init__(self, policy: RejectionPolicy = DEFAULT_REJECTION) -> None:
+        self.policy = policy
+        self._times: deque[float] = deque(maxlen=policy.reject_after)
+        self.declared_at: float | None = None  # monotonic, while declared rejected
+
+    @property
+    def suspect(self) -> bool:
+        """Refused at least once since it was last accepted."""
+        return bool(self._times) or self.declared_at is not None
+
+    def rejected(self, now: float) -> bool:
+        """Count one request's rejection (monotonic `now`); True when it declares the credential rejected."""
+        if self.declared_at is not None:
+            self.declared_at = now  # still refused: the declaration is renewed, not repeated
+            return False
+        times = self._times
+        times.append(now)
+        if len(times) == times.maxlen and now - times[0] <= self.policy.window_s:
+            times.clear()
+            self.declared_at = now
+            return True
+        return False
+
+    def accepted(self) -> bool:
+        """Forget every rejection; True if the credential had been declared rejected."""
+        declared = self.declared_at is not None
+        self._times.clear()
+        self.declared_at = None
+        return declared
+
+
 @dataclass(slots=True)
 class CredentialStatus:
     kind: str
@@ -47,6 +120,7 @@ class CredentialStatus:
     active_slot: str | None = None
     source: str = ""
     expires_in_s: float | None = None
+    expires_at: float | None = None  # wall-clock seconds, for tokens
     detail: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -68,11 +142,13 @@ class CredentialStatus:
 
 class Credential(abc.ABC):
     kind: ClassVar[str]
-    # Upstream statuses that mean "this credential was refused".
-    rejection_statuses: ClassVar[frozenset[int]] = frozenset({401})
+    # Upstream statuses that mean "this credential was refused" (`auth.reject_statuses`).
+    rejection_statuses: frozenset[int]
 
-    def __init__(self, route: str) -> None:
+    def __init__(self, route: str, rejection: RejectionPolicy = DEFAULT_REJECTION) -> None:
         self.route = route
+        self.rejection = rejection
+        self.rejection_statuses = rejection.statuses
 
     @abc.abstractmethod
     def grant_nowait(self) -> Grant | None:
@@ -94,6 +170,13 @@ class Credential(abc.ABC):
     @abc.abstractmethod
     def status(self) -> CredentialStatus: ...
 
+    def publish(self) -> CredentialStatus:
+        """Set the route's credential gauges from the current state; called whenever it changes (a
+        verdict, a refresh, a failover) and on every scrape."""
+        status = self.status()
+        metrics.publish_credential(self.route, status)
+        return status
+
     async def start(self) -> None:  # noqa: B027
         """Begin background work (refresh loops). Called once the event loop runs."""
 
@@ -113,8 +196,10 @@ class NoCredential(Credential):
     """`auth.type: none`: the upstream is open; the client's own Authorization is still dropped."""
 
     kind = "none"
-    rejection_statuses = frozenset()
     _GRANT = Grant(header=None, slot="none")
+
+    def __init__(self, route: str) -> None:
+        super().__init__(route, RejectionPolicy(statuses=frozenset()))
 
     def grant_nowait(self) -> Grant:
         return self._GRANT

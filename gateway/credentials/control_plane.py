@@ -18,7 +18,7 @@ from gateway.backoff import Backoff
 from gateway.config import IdentityConfig, KeyAuth
 from gateway.credentials import BuildContext
 from gateway.credentials.arm import ArmClient, arm_scope, check_arm_url, endpoint_url, shared_arm_client
-from gateway.credentials.base import Credential, CredentialStatus, Grant
+from gateway.credentials.base import DEFAULT_REJECTION, Credential, CredentialStatus, Grant, RejectionPolicy
 from gateway.credentials.identity import resolve_identity
 from gateway.credentials.key import KeyCredential, KeySlot
 from gateway.credentials.token import shared_token_cache
@@ -162,7 +162,13 @@ class ControlPlaneKeyCredential(KeyCredential):
     """A KeyCredential whose slots are filled from the control plane."""
 
     def __init__(
-        self, route: str, keys: ControlPlaneKeys, *, arm: ArmClient, recheck_after_s: float = 300.0
+        self,
+        route: str,
+        keys: ControlPlaneKeys,
+        *,
+        arm: ArmClient,
+        recheck_after_s: float = 300.0,
+        rejection: RejectionPolicy = DEFAULT_REJECTION,
     ) -> None:
         super().__init__(
             route,
@@ -170,6 +176,7 @@ class ControlPlaneKeyCredential(KeyCredential):
             recheck_after_s=recheck_after_s,
             refetch=keys.refetch,
             source=keys.description,
+            rejection=rejection,
         )
         self.keys = keys
         self.arm = arm
@@ -243,4 +250,6 @@ def build_control_plane_keys(route: str, auth: KeyAuth, ctx: BuildContext) -> Cr
             refresh_every_s=auth.refresh_every_s,
             registry=registry,
         )
-    return ControlPlaneKeyCredential(route, keys, arm=arm, recheck_after_s=auth.recheck_after_s)
+    return ControlPlaneKeyCredential(
+        route, keys, arm=arm, recheck_after_s=auth.recheck_after_s, rejection=RejectionPolicy.of(auth)
+    )

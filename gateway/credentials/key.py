@@ -1,19 +1,35 @@
 """`auth.type: key`: a primary and an optional secondary endpoint key, with failover between them.
 
-The active slot is used until the upstream rejects it; then the other slot is tried with the same
-request and, if accepted, becomes active. A rejected slot is tried again when its value changes
-(a rotated file, keys fetched again from the control plane) or after `recheck_after_s`.
+The active slot is used until the upstream refuses it; then the other slot is tried with the same
+request at once and, if accepted, becomes active. One refusal only makes a slot suspect: a client can
+provoke a 401 (see `gateway.credentials.base`). A slot is declared rejected (readiness, error log,
+metric) after refusals in `reject_after` distinct requests within `reject_window_s` with no acceptance
+in between; a declared slot is skipped by failover and tried again when its value changes (a rotated
+file, keys fetched again from the control plane) or after `recheck_after_s`. The route is not ready
+while every slot is declared rejected.
+
+A rotation can leave a slot declared with a value the endpoint accepts again (a key written to the
+source just before the control plane took it): when the active slot is refused, nothing else is usable
+and the sources hold nothing new, a slot declared before the active one was last accepted is tried
+once more within the request, since the endpoint's keys evidently changed since that declaration.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from gateway import metrics
-from gateway.credentials.base import Credential, CredentialStatus, Grant
+from gateway.credentials.base import (
+    DEFAULT_REJECTION,
+    Credential,
+    CredentialStatus,
+    Grant,
+    RejectionPolicy,
+    Suspicion,
+    replay,
+)
 from gateway.secrets import Secret
 
 logger = logging.getLogger("gateway.credentials")
@@ -28,8 +44,11 @@ class KeySlot:
         self.secret = secret
         self._value: str | None = None
         self._grant: Grant | None = None
-        self.rejected_value: str | None = None
-        self.rejected_at = 0.0
+        self.suspicion = Suspicion()  # with the credential's policy, set by KeyCredential
+        self.suspect = False  # refused since last accepted; read by the accepted() fast path
+        self._suspect_value: str | None = None  # the value the suspicion is about
+        self.rejected_value: str | None = None  # declared rejected while it still holds this value
+        self.declared_after = 0  # the credential's acceptance count when this slot was declared
 
     def grant(self) -> Grant:
         value = self.secret.value
@@ -39,19 +58,35 @@ class KeySlot:
         return self._grant
 
     def is_current(self, grant: Grant) -> bool:
-        return grant is self.grant()
+        """`grant` carries the slot's present value (replays are copies, so compare the header)."""
+        return grant.header == self.grant().header
 
     def usable(self, now: float, recheck_after_s: float) -> bool:
         rejected = self.rejected_value
         if rejected is None:
             return True
-        if self.secret.value != rejected or now - self.rejected_at >= recheck_after_s:
+        declared_at = self.suspicion.declared_at
+        return self.secret.value != rejected or declared_at is None or now - declared_at >= recheck_after_s
+
+    def reject(self, now: float) -> bool:
+        """One request's refusal of the present value; True when it declares the slot rejected."""
+        value = self.secret.value
+        if value != self._suspect_value:  # a new value starts with a clean record
+            self.suspicion.accepted()
+            self._suspect_value = value
+            self.rejected_value = None
+        self.suspect = True
+        if self.suspicion.rejected(now):
+            self.rejected_value = value
             return True
         return False
 
-    def reject(self) -> None:
-        self.rejected_value = self.secret.value
-        self.rejected_at = time.monotonic()
+    def accept(self) -> bool:
+        """The present value was accepted; True if the slot had been declared rejected."""
+        self.suspect = False
+        self._suspect_value = None
+        self.rejected_value = None
+        return self.suspicion.accepted()
 
     def __repr__(self) -> str:
         return f"KeySlot(name={self.name!r}, source={self.secret.source!r})"
@@ -59,8 +94,6 @@ class KeySlot:
 
 class KeyCredential(Credential):
     kind = "key"
-    # Azure ML answers 401 for a wrong key; 403 is what some fronts (and AKS endpoints) use.
-    rejection_statuses = frozenset({401, 403})
 
     def __init__(
         self,
@@ -70,15 +103,18 @@ class KeyCredential(Credential):
         recheck_after_s: float = 300.0,
         refetch: Refetch | None = None,
         source: str | None = None,
+        rejection: RejectionPolicy = DEFAULT_REJECTION,
     ) -> None:
-        super().__init__(route)
+        super().__init__(route, rejection)
         if not slots:
             raise ValueError("a key credential needs at least one key")
         self.slots = list(slots)
+        for slot in self.slots:
+            slot.suspicion = Suspicion(rejection)
         self.recheck_after_s = recheck_after_s
         self._refetch = refetch
         self._active = self.slots[0]
-        self._switched_at = -math.inf  # monotonic time of the last failover
+        self._accepts = 0  # acceptances of the active slot, to date declarations (see the docstring)
         self._all_rejected = False
         self._source = source or ", ".join(f"{s.name}={s.secret.source}" for s in self.slots)
         for slot in self.slots:
@@ -124,25 +160,54 @@ class KeyCredential(Credential):
         slot = self._slot(grant)
         if slot is None:
             return None
+        tried = grant.tried
         if not slot.is_current(grant):
-            # The key changed while this request was in flight: the new value deserves a try.
-            return slot.grant()
-        slot.reject()
+            # The key changed while this request was in flight: the new value deserves a try, and the
+            # refusal of the old one says nothing about it.
+            return replay(slot.grant(), tried)
         now = time.monotonic()
+        if slot.name not in tried:
+            self._count_rejection(slot, now)
+        tried = tried | {slot.name}
         for other in self.slots:
-            if other is not slot and other.usable(now, self.recheck_after_s):
-                return other.grant()
-        if self._refetch is not None and await self._refetch():
-            candidate = self._choose()
-            if candidate.usable(time.monotonic(), self.recheck_after_s):
-                return candidate.grant()
+            if other.name not in tried and other.usable(now, self.recheck_after_s):
+                return replay(other.grant(), tried)
+        if self._refetch is not None:
+            held = {s.name: s.secret.value for s in self.slots}
+            if await self._refetch():
+                now = time.monotonic()
+                for other in self.slots:
+                    if other.secret.value != held[other.name] and other.usable(now, self.recheck_after_s):
+                        return replay(other.grant(), tried - {other.name})
         if slot is self._active:
-            # The active key worked since the others were rejected, and now fails: the endpoint's keys
-            # changed (a rotation), so a rejection older than the last failover is stale: try it again.
             for other in self.slots:
-                if other is not slot and other.rejected_at <= self._switched_at:
-                    return other.grant()
-        if not self._all_rejected:
+                if (
+                    other.name not in tried
+                    and other.rejected_value is not None
+                    and other.declared_after < self._accepts
+                ):
+                    return replay(other.grant(), tried)
+        return None
+
+    def _count_rejection(self, slot: KeySlot, now: float) -> None:
+        metrics.CREDENTIAL_REJECTIONS.labels(self.route, slot.name).inc()
+        if not slot.reject(now):
+            if slot.rejected_value is not None:
+                slot.declared_after = self._accepts
+                self.publish()  # refused again after recheck_after_s: declared anew, without a new log
+            return
+        slot.declared_after = self._accepts
+        policy = self.rejection
+        logger.error(
+            "route %s: the upstream refused the %s key in %d requests within %s s with no acceptance in "
+            "between; it is declared rejected and skipped until its value changes or for %s s",
+            self.route,
+            slot.name,
+            policy.reject_after,
+            f"{policy.window_s:g}",
+            f"{self.recheck_after_s:g}",
+        )
+        if not self._all_rejected and not any(s.usable(now, self.recheck_after_s) for s in self.slots):
             self._all_rejected = True
             logger.error(
                 "route %s: every key was rejected by the upstream (%s); the route is not ready. "
@@ -150,24 +215,32 @@ class KeyCredential(Credential):
                 self.route,
                 ", ".join(s.name for s in self.slots),
             )
-        return None
+        self.publish()
 
     def accepted(self, grant: Grant) -> None:
         active = self._active
-        if grant.slot == active.name and active.rejected_value is None:
+        if grant.slot == active.name and not active.suspect:
+            self._accepts += 1
             return
         slot = self._slot(grant)
         if slot is None or not slot.is_current(grant):
             return
-        slot.rejected_value = None
+        changed = slot.accept()
+        self._accepts += 1
         if self._all_rejected:
             self._all_rejected = False
             logger.warning(
                 "route %s: the %s key is accepted again; the route is ready", self.route, slot.name
             )
+        elif changed:
+            logger.warning(
+                "route %s: the %s key is accepted again; it is no longer declared rejected",
+                self.route,
+                slot.name,
+            )
         if slot is not active:
             self._active = slot
-            self._switched_at = time.monotonic()
+            changed = True
             metrics.KEY_FAILOVERS.labels(self.route, slot.name).inc()
             logger.warning(
                 "route %s: switched to the %s key after the %s key was rejected",
@@ -175,18 +248,25 @@ class KeyCredential(Credential):
                 slot.name,
                 active.name,
             )
+        if changed:
+            self.publish()
 
     def status(self) -> CredentialStatus:
         now = time.monotonic()
         usable = [s for s in self.slots if s.usable(now, self.recheck_after_s)]
         rejected = [s.name for s in self.slots if s not in usable]
+        suspect = [s.name for s in usable if s.suspect]
         if not usable:
             state = "rejected"
         elif rejected:
             state = "degraded"
         else:
             state = "valid"
-        extra: dict[str, object] = {"rejected_slots": rejected} if rejected else {}
+        extra: dict[str, object] = {}
+        if rejected:
+            extra["rejected_slots"] = rejected
+        if suspect:
+            extra["suspect_slots"] = suspect
         wall = time.time()
         ages = {s.name: round(max(0.0, wall - s.secret.since)) for s in self.slots}
         for slot_name, age in ages.items():

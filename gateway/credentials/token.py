@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gateway.credentials import BuildContext
-from gateway.credentials.base import Credential, CredentialStatus, Grant
+from gateway.credentials.base import (
+    DEFAULT_REJECTION,
+    Credential,
+    CredentialStatus,
+    Grant,
+    RejectionPolicy,
+    Suspicion,
+)
 from gateway.tokens import TokenCache, TokenEntry
 
 _SHARED_CACHE = "token_cache"
@@ -23,8 +30,6 @@ class TokenCredential(Credential):
     """The route's token lives in the shared cache; `dependencies` are tokens needed to obtain it (the
     management token behind an Azure ML endpoint token), kept fresh while the route exists."""
 
-    rejection_statuses = frozenset({401})
-
     def __init__(
         self,
         route: str,
@@ -32,8 +37,11 @@ class TokenCredential(Credential):
         *,
         source: str,
         dependencies: Sequence[TokenEntry] = (),
+        rejection: RejectionPolicy = DEFAULT_REJECTION,
     ) -> None:
-        super().__init__(route)
+        super().__init__(route, rejection)
+        if entry.suspicion.policy != rejection and not entry.suspicion.suspect:
+            entry.suspicion = Suspicion(rejection)
         self.entry = entry
         self.dependencies = tuple(dependencies)
         self.source = source
@@ -56,6 +64,11 @@ class TokenCredential(Credential):
     async def rejected(self, grant: Grant) -> Grant | None:
         return await self.entry.reject(grant)
 
+    def accepted(self, grant: Grant) -> None:
+        # Per request: one identity check while the token is known good.
+        if grant is not self.entry.settled:
+            self.entry.accept(grant)
+
     async def start(self) -> None:
         for entry in (*self.dependencies, self.entry):
             entry.attach(self, self.route, self.kind)
@@ -75,12 +88,15 @@ class TokenCredential(Credential):
                 if dependency.last_error:
                     detail = f"refreshing {dependency.scope} fails: {dependency.last_error}"
                     break
+        held = entry.grant
         return CredentialStatus(
             kind=self.kind,
-            ready=self.grant_nowait() is not None,
+            ready=state != "rejected" and self.grant_nowait() is not None,
             state=state,
             active_slot="token",
             source=self.source,
             expires_in_s=entry.expires_in(),
+            expires_at=held.expires_at if held is not None and entry.peek() is not None else None,
             detail=detail,
+            extra={"suspect": True} if entry.suspect else {},
         )
