@@ -184,11 +184,18 @@ def run_demo(*, keep_running: bool = False) -> int:
             "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
             "tls": {"ca_bundle": str(emulator.ca_file)},
             "keyvault": {"identity": identity, "refresh_every_s": 1},
+            # Everything the demo talks to is on this machine: a proxy from the environment must not
+            # carry loopback traffic.
+            "egress": {"proxy": "none"},
             "routes": routes,
         }
         config_path = workdir / "gateway.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         env = {**os.environ, "DEMO_CLIENT_SECRET": client_secret}
+        # The demo's own clients (the seed's `requests` code, httpx) reach loopback directly as well.
+        loopback = "127.0.0.1,localhost"
+        for name in ("NO_PROXY", "no_proxy"):
+            os.environ[name] = f"{os.environ[name]},{loopback}" if os.environ.get(name) else loopback
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_path)], env=env
         )

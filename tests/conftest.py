@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,13 @@ from upstream import Upstream
 
 from gateway.app import GatewayApp
 from gateway.config import parse_config
+
+# Every server in the suite is on loopback, and the gateway honours proxy variables (issue 9): a proxy
+# set on the developer's machine must not carry the suite's traffic. Tests of the egress proxy set
+# their own. This changes this process's environment (and its children's) only.
+for _name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.lower(), None)
 
 PRIMARY = "primary-key-0123456789abcdef"
 SECONDARY = "secondary-key-0123456789abcdef"

@@ -201,7 +201,11 @@ def test_hot_reload_on_file_change_and_rejects_invalid(upstream, tmp_path):
 
 
 def test_demo_runs_to_the_end():
-    result = subprocess.run([*GATEWAY, "demo"], capture_output=True, text=True, timeout=180)
+    # A newcomer's machine may set proxy variables: the demo is all loopback and must not use them
+    # (here they point at a closed port, so any request sent through them would fail).
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "HTTPS_PROXY": dead, "HTTP_PROXY": dead, "https_proxy": dead, "http_proxy": dead}
+    result = subprocess.run([*GATEWAY, "demo"], capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[0.1, 2.3, 4.1, 2.0]" in result.stdout
     assert "demo finished: all calls succeeded" in result.stdout
