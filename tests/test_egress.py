@@ -629,9 +629,16 @@ def test_proxy_credentials_are_sent_and_a_refusal_is_502_naming_the_proxy(
     monkeypatch.delenv("HTTPS_PROXY")
 
     caplog.set_level(logging.WARNING, logger="gateway")
-    gateway = gateway_factory(_key_config(emulator, origin, {"proxy": auth_relay.url}))
+    config = _key_config(emulator, origin, {"proxy": auth_relay.url})
+    config["routes"]["iris"]["retry"] = {"attempts": 3}
+    gateway = gateway_factory(config)
+    auth_relay.clear()
     response = _score(gateway)
     assert response.status_code == 502, response.text
+    # The proxy's refusal is the proxy's policy, not the upstream failing: not replayed (it would be
+    # refused again) and not counted against the upstream (it would eject healthy upstreams).
+    connects = [line for line in auth_relay.request_lines() if line.startswith("CONNECT ")]
+    assert len(connects) == 1, connects
     error = response.json()["error"]
     assert error["code"] == "upstream_unreachable"
     assert f"the egress proxy {auth_relay.address} refused the tunnel to localhost:" in error["message"]
