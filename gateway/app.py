@@ -239,8 +239,6 @@ class GatewayApp:
         self.proxy = Proxy(
             client=self.client,
             telemetry=self.telemetry,
-            max_header_bytes=self.config.server.max_header_bytes,
-            max_header_count=self.config.server.max_header_count,
             client_body_timeout_s=self.config.server.client_body_timeout_s,
             body_timeout_s=self.config.server.body_timeout_s,
             tracing=self.tracing,
