@@ -146,6 +146,7 @@ class GatewayApp:
         self.ssl_context = client_context(config.tls.ca_bundle)
         self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
         self.ctx.egress = build_egress(config.egress, self.ctx)
+        self.running_egress = config.egress  # what the clients were built with; a reload cannot change it
         self.client = UpstreamClient(self.ssl_context, self.ctx.egress)
         self.router = build_router(config, self.ctx, self.client)
         # A missing OpenTelemetry package is a ConfigError here, before the server starts.
@@ -325,7 +326,7 @@ class GatewayApp:
                 # The tracer provider and its exporter thread are built once; swapping them under
                 # requests in flight would split their spans between two providers.
                 logger.warning("telemetry settings changed: they take effect at the next restart")
-            if config.egress != self.config.egress:
+            if config.egress != self.running_egress:
                 # Open connections and the clients' pools were made under the running policy.
                 logger.warning("egress settings changed: they take effect at the next restart")
             restart = [
