@@ -145,6 +145,7 @@ class GatewayApp:
         self.config_path = config_path
         self.ssl_context = client_context(config.tls.ca_bundle)
         self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
+        keyvault.configure(self.ctx, config.keyvault)  # before any secret is resolved, proxy_auth included
         self.ctx.egress = build_egress(config.egress, self.ctx)
         self.running_egress = config.egress  # what the clients were built with; a reload cannot change it
         self.client = UpstreamClient(self.ssl_context, self.ctx.egress)
