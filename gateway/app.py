@@ -80,8 +80,9 @@ def build_router(
     client: UpstreamClient,
     reuse: dict[tuple[str, object], Credential] | None = None,
 ) -> Router:
-    """Routes with their credentials; credentials whose auth config is unchanged are reused as they are."""
-    keyvault.configure(ctx, config.keyvault)
+    """Routes with their credentials; credentials whose auth config is unchanged are reused as they are.
+    Key Vault secrets are read with the settings `keyvault.configure` gave `ctx` before (a reload applies
+    its own only once the new routes are built)."""
     routes: list[Route] = []
     for name, rc in config.routes.items():
         key = _credential_key(name, rc)

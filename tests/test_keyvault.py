@@ -287,6 +287,23 @@ def test_a_reload_adds_key_vault_secrets_and_keeps_the_loaded_ones(emulator: Emu
         assert wait_until(lambda: emulator.state.keyvault_request_count("GET", "reload-header") > before, 3)
 
 
+def test_a_rejected_reload_leaves_the_key_vault_settings_as_they_were(tmp_path: Path) -> None:
+    from gateway import keyvault
+
+    def config(refresh_every_s: float, auth: dict[str, Any]) -> Any:
+        route = {"path": "/iris", "upstream": "http://127.0.0.1:9", "auth": auth}
+        return parse_config({"keyvault": {"refresh_every_s": refresh_every_s}, "routes": {"iris": route}})
+
+    app = GatewayApp(config(60, {"type": "none"}))
+    missing = {"type": "key", "primary": {"file": str(tmp_path / "missing-key")}}
+    with pytest.raises(ConfigError):
+        asyncio.run(app.reload(config(5, missing)))
+    vaults = keyvault.shared_vaults(app.ctx)
+    assert vaults is not None and vaults.config.refresh_every_s == 60  # the running config is kept whole
+    asyncio.run(app.reload(config(5, {"type": "none"})))
+    assert vaults.config.refresh_every_s == 5
+
+
 def test_egress_proxy_credentials_from_the_vault_are_read_with_the_keyvault_identity(
     emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
