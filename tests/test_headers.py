@@ -41,3 +41,20 @@ def test_response_headers():
         (b"x-ms-run-fn-exec-ms", b"3"),
         (b"x-request-id", b"our-id"),
     ]
+
+
+def test_the_configured_header_limits_are_enforced_by_the_server(gateway_factory, upstream):
+    """The limits live in the server protocol only (gateway.server_protocol), built from `server.*` as
+    `gateway serve` builds it: the in-process servers of the tests must get the configured ones too."""
+    import httpx
+    from conftest import PRIMARY, key_route
+
+    _, server = upstream
+    gateway = gateway_factory(
+        {"server": {"max_header_count": 10}, "routes": {"iris": key_route(server.url, primary=PRIMARY)}}
+    )
+    few = {f"x-h{i}": "v" for i in range(3)}
+    many = {f"x-h{i}": "v" for i in range(12)}
+    assert httpx.post(f"{gateway.url}/iris/score", json={}, headers=few, timeout=10).status_code == 200
+    refused = httpx.post(f"{gateway.url}/iris/score", json={}, headers=many, timeout=10)
+    assert refused.status_code == 431 and refused.json()["error"]["code"] == "headers_too_large"
