@@ -80,8 +80,9 @@ def build_router(
     client: UpstreamClient,
     reuse: dict[tuple[str, object], Credential] | None = None,
 ) -> Router:
-    """Routes with their credentials; credentials whose auth config is unchanged are reused as they are."""
-    keyvault.configure(ctx, config.keyvault)
+    """Routes with their credentials; credentials whose auth config is unchanged are reused as they are.
+    Key Vault secrets are read with the settings `keyvault.configure` gave `ctx` before (a reload applies
+    its own only once the new routes are built)."""
     routes: list[Route] = []
     for name, rc in config.routes.items():
         key = _credential_key(name, rc)
@@ -145,7 +146,9 @@ class GatewayApp:
         self.config_path = config_path
         self.ssl_context = client_context(config.tls.ca_bundle)
         self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
+        keyvault.configure(self.ctx, config.keyvault)  # before any secret is resolved, proxy_auth included
         self.ctx.egress = build_egress(config.egress, self.ctx)
+        self.running_egress = config.egress  # what the clients were built with; a reload cannot change it
         self.client = UpstreamClient(self.ssl_context, self.ctx.egress)
         self.router = build_router(config, self.ctx, self.client)
         # A missing OpenTelemetry package is a ConfigError here, before the server starts.
@@ -239,8 +242,6 @@ class GatewayApp:
         self.proxy = Proxy(
             client=self.client,
             telemetry=self.telemetry,
-            max_header_bytes=self.config.server.max_header_bytes,
-            max_header_count=self.config.server.max_header_count,
             client_body_timeout_s=self.config.server.client_body_timeout_s,
             body_timeout_s=self.config.server.body_timeout_s,
             tracing=self.tracing,
@@ -327,7 +328,7 @@ class GatewayApp:
                 # The tracer provider and its exporter thread are built once; swapping them under
                 # requests in flight would split their spans between two providers.
                 logger.warning("telemetry settings changed: they take effect at the next restart")
-            if config.egress != self.config.egress:
+            if config.egress != self.running_egress:
                 # Open connections and the clients' pools were made under the running policy.
                 logger.warning("egress settings changed: they take effect at the next restart")
             restart = [

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import msal
 
+from gateway import keyvault
 from gateway.app import build_router
 from gateway.client import UpstreamClient
 from gateway.config import AmlTokenAuth, AuthConfig, GatewayConfig, IdentityConfig, KeyAuth
@@ -100,6 +101,7 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
         print(f"gateway: {exc}")
         return 2
     ctx = BuildContext(ssl_context=context, source=config_path, warn_literals=False)
+    keyvault.configure(ctx, config.keyvault)  # before any secret is resolved, egress.proxy_auth included
     try:
         ctx.egress = build_egress(config.egress, ctx)
     except ConfigError as exc:

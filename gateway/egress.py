@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from gateway import redaction
-from gateway.errors import ConfigError, ConnectError
+from gateway.errors import ConfigError, ConnectError, ProxyRefused
 from gateway.secrets import LiteralSecret, Secret
 
 if TYPE_CHECKING:
@@ -385,8 +385,8 @@ async def open_connection(
     """A connection to `origin`: direct, to the proxy (http origins, which are then sent in absolute
     form), or through a CONNECT tunnel with TLS to the origin inside it. Everything, the CONNECT
     exchange included, happens within `limit_s` (TimeoutError after it). A proxy that cannot be reached
-    or refuses the tunnel raises ConnectError naming the proxy; OSError and ssl.SSLError from the
-    origin's side are left to the caller."""
+    raises ConnectError, one that refuses the tunnel ProxyRefused, both naming the proxy; OSError and
+    ssl.SSLError from the origin's side are left to the caller."""
     proxy = origin.proxy
     async with asyncio.timeout(limit_s):
         if proxy is None:
@@ -492,7 +492,7 @@ class _Tunnel(asyncio.Protocol):
         status = int(status_text)
         if not 200 <= status < 300:
             refusal = f"{status} {reason}".strip() + _refusal_hint(status, self.proxy)
-            raise ConnectError(refused(self.proxy, self.target, refusal))
+            raise ProxyRefused(refused(self.proxy, self.target, refusal), status=status)
         if self.buffer:
             raise ConnectError(
                 f"the egress proxy {self.proxy.address} sent data before the TLS handshake to {self.target}"

@@ -61,6 +61,19 @@ class ConnectError(TransportError):
         super().__init__(message, request_sent=False)
 
 
+class ProxyRefused(ConnectError):
+    """The egress proxy answered CONNECT with a non-2xx `status`. A 407 or 403 is the proxy's own
+    policy (credentials, allowed destinations): replaying cannot help and the upstream is not at fault."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def proxy_policy(self) -> bool:
+        return self.status in (403, 407)
+
+
 class PoolTimeout(TransportError):
     """Every pooled connection of the origin stayed busy for `pool_timeout_s`: the gateway is overloaded,
     the upstream is not at fault (503 overloaded, never retried, never counted against the upstream)."""

@@ -9,8 +9,6 @@ import os
 import re
 from collections.abc import Iterable
 
-from gateway.errors import HeadersTooLarge
-
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -73,18 +71,14 @@ class InboundHeaders:
         self.content_length: int | None = None
 
 
-def read_request_headers(
-    raw: Iterable[tuple[bytes, bytes]], max_bytes: int, max_count: int
-) -> InboundHeaders:
-    """Split the client's headers into those to forward and the few the gateway itself uses."""
+def read_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> InboundHeaders:
+    """Split the client's headers into those to forward and the few the gateway itself uses.
+
+    Their count and size were checked while they arrived (`gateway.server_protocol`, 431)."""
     result = InboundHeaders()
     forwarded = result.forwarded
     dropped: set[bytes] | None = None
-    total = 0
-    count = 0
     for name, value in raw:
-        count += 1
-        total += len(name) + len(value) + 4
         if name in _READ:
             if name == b"x-request-id":
                 if _REQUEST_ID_FORM.fullmatch(value):
@@ -105,11 +99,6 @@ def read_request_headers(
                 dropped = (dropped or set()) | connection_tokens(value)
             continue
         forwarded.append((name, value))
-    if count > max_count or total > max_bytes:
-        raise HeadersTooLarge(
-            f"the request has {count} headers of {total} bytes; the limit is {max_count} headers "
-            f"and {max_bytes} bytes"
-        )
     if dropped:
         result.forwarded = [(n, v) for n, v in forwarded if n.lower() not in dropped]
         if _CLIENT_REQUEST_ID in dropped:

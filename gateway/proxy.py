@@ -71,16 +71,12 @@ class Proxy:
         *,
         client: UpstreamClient,
         telemetry: Telemetry,
-        max_header_bytes: int,
-        max_header_count: int,
         client_body_timeout_s: float = 30.0,
         body_timeout_s: float = 120.0,
         tracing: Tracing | None = None,
     ) -> None:
         self.client = client
         self.telemetry = telemetry
-        self.max_header_bytes = max_header_bytes
-        self.max_header_count = max_header_count
         self.client_body_timeout_s = client_body_timeout_s
         self.body_timeout_s = body_timeout_s
         self.tracing = tracing
@@ -99,12 +95,10 @@ class Proxy:
         # The server protocol cancels this task if the client goes away (see gateway.client_watch).
         scope[CLIENT_TASK] = asyncio.current_task()
         try:
-            inbound = read_request_headers(scope["headers"], self.max_header_bytes, self.max_header_count)
+            inbound = read_request_headers(scope["headers"])
             record.request_id = inbound.request_id or new_request_id()
             if self.tracing is not None:
                 self.tracing.begin(record, inbound)  # the span is ended by the telemetry's request_done
-            if record.method == "CONNECT":
-                raise BadRequestPath("CONNECT is not supported: this is not a forward proxy")
             if record.method == "TRACE":
                 # An upstream that honours TRACE echoes the request, the gateway's credential included.
                 raise BadRequestPath("TRACE is not supported: it would echo the gateway's credential back")

@@ -27,6 +27,7 @@ from gateway.errors import (
     Overloaded,
     PoolTimeout,
     ProtocolError,
+    ProxyRefused,
     TransportError,
     TransportTimeout,
     UpstreamProtocolError,
@@ -201,6 +202,11 @@ class ReplayPolicy:
                 ),
                 replayable=False,
                 upstream_fault=False,
+            )
+        if isinstance(exc, ProxyRefused) and exc.proxy_policy:
+            # The egress proxy's credentials or policy: refused again on replay, and no upstream's fault.
+            return TransportFailure(
+                UpstreamUnreachable(f"route {route}: {exc}"), replayable=False, upstream_fault=False
             )
         error: ClientFacingError
         if isinstance(exc, TransportTimeout):

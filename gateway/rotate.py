@@ -210,6 +210,7 @@ class Rotation:
         assert isinstance(auth, KeyAuth)
         self.auth = auth
         self.ctx = BuildContext(ssl_context=client_context(config.tls.ca_bundle), source=source)
+        configure(self.ctx, config.keyvault)  # before any secret is resolved (egress.proxy_auth, identity)
         self.ctx.egress = build_egress(
             config.egress, self.ctx
         )  # ARM, Key Vault and Entra ID as `serve` reaches them

@@ -7,7 +7,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gateway import metrics
-from gateway.logs import escape_field
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -100,7 +99,7 @@ class Telemetry:
             access_logger.info(
                 "%s %s route=%s status=%s upstream_status=%s duration_ms=%.1f attempts=%d credential=%s "
                 "bytes_in=%d bytes_out=%d%s",
-                escape_field(record.request_id) if record.request_id else "-",
+                record.request_id or "-",
                 record.method,
                 route or "-",
                 record.status,

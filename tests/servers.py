@@ -10,7 +10,8 @@ from typing import Any
 
 import uvicorn
 
-from gateway.server_protocol import GatewayHttpToolsProtocol
+from gateway.app import GatewayApp
+from gateway.server_protocol import GatewayHttpToolsProtocol, InboundLimits, http_protocol
 
 
 def free_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -35,7 +36,10 @@ class ServerThread:
         config = uvicorn.Config(
             app,
             loop="uvloop",
-            http=GatewayHttpToolsProtocol,
+            # A gateway gets its configured inbound limits, as `gateway serve` gives them.
+            http=http_protocol(InboundLimits.from_config(app.config.server))
+            if isinstance(app, GatewayApp)
+            else GatewayHttpToolsProtocol,
             lifespan=lifespan,
             server_header=False,
             date_header=False,

@@ -629,9 +629,16 @@ def test_proxy_credentials_are_sent_and_a_refusal_is_502_naming_the_proxy(
     monkeypatch.delenv("HTTPS_PROXY")
 
     caplog.set_level(logging.WARNING, logger="gateway")
-    gateway = gateway_factory(_key_config(emulator, origin, {"proxy": auth_relay.url}))
+    config = _key_config(emulator, origin, {"proxy": auth_relay.url})
+    config["routes"]["iris"]["retry"] = {"attempts": 3}
+    gateway = gateway_factory(config)
+    auth_relay.clear()
     response = _score(gateway)
     assert response.status_code == 502, response.text
+    # The proxy's refusal is the proxy's policy, not the upstream failing: not replayed (it would be
+    # refused again) and not counted against the upstream (it would eject healthy upstreams).
+    connects = [line for line in auth_relay.request_lines() if line.startswith("CONNECT ")]
+    assert len(connects) == 1, connects
     error = response.json()["error"]
     assert error["code"] == "upstream_unreachable"
     assert f"the egress proxy {auth_relay.address} refused the tunnel to localhost:" in error["message"]
@@ -767,3 +774,27 @@ def test_check_names_the_proxy_it_cannot_reach(
     out = capsys.readouterr().out
     assert code == 1
     assert f"cannot connect to the egress proxy 127.0.0.1:{port}" in out
+
+
+def test_a_reload_warns_about_egress_against_the_running_policy(
+    no_proxy_variables: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.app import GatewayApp
+
+    def config(egress: dict[str, Any]) -> Any:
+        route = {"path": "/iris", "upstream": "http://127.0.0.1:9", "auth": {"type": "none"}}
+        return parse_config({"egress": egress, "routes": {"iris": route}})
+
+    running = config({"proxy": "none"})
+    app = GatewayApp(running)
+    caplog.set_level(logging.WARNING, logger="gateway")
+
+    def egress_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("egress settings")]
+
+    asyncio.run(app.reload(config({"proxy": "http://127.0.0.1:3128"})))
+    assert len(egress_warnings()) == 1  # not applied: the running policy stays until a restart
+    asyncio.run(app.reload(config({"proxy": "http://127.0.0.1:3128"})))
+    assert len(egress_warnings()) == 2  # still not applied: said again
+    asyncio.run(app.reload(running))
+    assert len(egress_warnings()) == 2  # back to the running policy: nothing to warn about

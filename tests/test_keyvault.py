@@ -285,3 +285,42 @@ def test_a_reload_adds_key_vault_secrets_and_keeps_the_loaded_ones(emulator: Emu
         assert emulator.state.keyvault_request_count("GET", "reload-primary") - reads <= 3
         before = emulator.state.keyvault_request_count("GET", "reload-header")
         assert wait_until(lambda: emulator.state.keyvault_request_count("GET", "reload-header") > before, 3)
+
+
+def test_a_rejected_reload_leaves_the_key_vault_settings_as_they_were(tmp_path: Path) -> None:
+    from gateway import keyvault
+
+    def config(refresh_every_s: float, auth: dict[str, Any]) -> Any:
+        route = {"path": "/iris", "upstream": "http://127.0.0.1:9", "auth": auth}
+        return parse_config({"keyvault": {"refresh_every_s": refresh_every_s}, "routes": {"iris": route}})
+
+    app = GatewayApp(config(60, {"type": "none"}))
+    missing = {"type": "key", "primary": {"file": str(tmp_path / "missing-key")}}
+    with pytest.raises(ConfigError):
+        asyncio.run(app.reload(config(5, missing)))
+    vaults = keyvault.shared_vaults(app.ctx)
+    assert vaults is not None and vaults.config.refresh_every_s == 60  # the running config is kept whole
+    asyncio.run(app.reload(config(5, {"type": "none"})))
+    assert vaults.config.refresh_every_s == 5
+
+
+def test_egress_proxy_credentials_from_the_vault_are_read_with_the_keyvault_identity(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """egress.proxy_auth is resolved before the routes: it must already use `keyvault.identity` (not
+    the AZURE_* variables), and no "takes effect at the next restart" warning may follow."""
+    for name in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "AZURE_FEDERATED_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    key_pair(emulator, "egress")
+    publish(emulator, "proxy-auth", f"user:{new_key('proxy password')}")
+    data = config_data(emulator, "egress")
+    data["egress"] = {
+        "proxy": "http://127.0.0.1:9",
+        "no_proxy": ["localhost", "127.0.0.1"],
+        "proxy_auth": kv(emulator, "proxy-auth"),
+    }
+    caplog.set_level(logging.WARNING, logger="gateway")
+    app = GatewayApp(parse_config(data, "kv.yaml"))
+    assert app.ctx.egress is not None and app.ctx.egress.https_proxy is not None
+    assert app.ctx.egress.https_proxy.auth is not None
+    assert not [r for r in caplog.records if "next restart" in r.getMessage()]
