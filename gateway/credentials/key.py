@@ -130,6 +130,9 @@ class KeyCredential(Credential):
                     slot.name,
                     secret.source,
                 )
+        # A new value lifts a declared rejection: the gauges must say so now, not at this worker's next
+        # request or scrape (with several workers, /metrics shows the minimum over all of them).
+        self.publish()
 
     @property
     def active(self) -> KeySlot:
