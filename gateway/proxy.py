@@ -407,6 +407,8 @@ async def _read_body(
 async def _receive_within(
     receive: Receive, idle_timeout_s: float, deadline: float, body_timeout_s: float
 ) -> Message:
+    if _message_waiting(receive):
+        return await receive()  # the body came with the head (the usual case): nothing to wait for
     left = deadline - asyncio.get_running_loop().time()
     try:
         async with asyncio.timeout(min(idle_timeout_s, left)):
@@ -421,6 +423,14 @@ async def _receive_within(
             f"the client sent no request body bytes for {idle_timeout_s:g} s (server.client_body_timeout_s); "
             "send the body without pauses"
         ) from None
+
+
+def _message_waiting(receive: Receive) -> bool:
+    """True when the server already holds the next message, so `receive()` returns at once and needs no
+    timer. `receive` is the bound `receive` of uvicorn's request cycle, whose `message_event` is set
+    while body bytes (or the end of the body, or a disconnect) wait to be read."""
+    event = getattr(getattr(receive, "__self__", None), "message_event", None)
+    return event is not None and event.is_set()
 
 
 async def _stream_rest(

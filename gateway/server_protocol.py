@@ -140,6 +140,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._chunk_open = False  # a chunk header was parsed and neither data nor its end followed yet
         self._keep_alive_after_body = True
         self._header_timer: TimerHandle | None = None
+        self._head_wait_since: float | None = None  # loop time the wait for a request head began
         self._linger_timer: TimerHandle | None = None
         self._refused = False  # an error was (or will be) answered: nothing more is parsed
         self._deferred: ClientFacingError | None = None  # answered once earlier answers are out
@@ -151,7 +152,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
+        self._stop_header_timer()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -256,7 +257,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._cancel_header_timer()
+        self._end_head_wait()
         self._phase = _BODY
         parser = self.parser
         if parser.get_method() == b"CONNECT" or (parser.should_upgrade() and not self._should_upgrade()):
@@ -314,7 +315,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         if self._refused:
             return
         self._refused = True
-        self._cancel_header_timer()
+        self._end_head_wait()
         cycle = self.cycle
         offending = (
             cycle if self._phase == _BODY and cycle is not None and cycle.scope is self.scope else None
@@ -367,17 +368,32 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
 
     # Header timeout
 
-    def _arm_header_timer(self) -> None:
-        self._cancel_header_timer()
-        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timeout)
+    # One timer per connection, not one per request: arming only stamps the time the wait for a head
+    # began, and the timer, when it fires, checks that stamp and re-arms itself for what is left.
 
-    def _cancel_header_timer(self) -> None:
+    def _arm_header_timer(self) -> None:
+        self._head_wait_since = self.loop.time()
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timeout)
+
+    def _end_head_wait(self) -> None:
+        self._head_wait_since = None
+
+    def _stop_header_timer(self) -> None:
+        self._head_wait_since = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
     def _header_timeout(self) -> None:
         self._header_timer = None
+        since = self._head_wait_since
+        if since is None:
+            return  # a head arrived in time; the next wait arms the timer again
+        left = since + self.limits.header_timeout_s - self.loop.time()
+        if left > 0:
+            self._header_timer = self.loop.call_later(left, self._header_timeout)
+            return
         if self._refused or self.transport.is_closing():
             return
         if self._phase == _IDLE:
