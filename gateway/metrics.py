@@ -125,6 +125,11 @@ UPSTREAM_EJECTIONS = Counter(
     "gateway_upstream_ejections", "Upstreams ejected by outlier detection.", ["route", "upstream"]
 )
 RELOADS = Counter("gateway_config_reloads", "Configuration reloads, by result.", ["result"])
+INBOUND_REFUSALS = Counter(
+    "gateway_inbound_refusals",
+    "Requests the HTTP server refused while they arrived, before any route (no access line), by error code.",
+    ["code"],
+)
 
 
 _TOKEN_KINDS = frozenset({"aad_token", "aml_token"})

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from gateway import metrics
 from gateway.client_watch import WatchedHttpToolsProtocol
 from gateway.errors import (
     ChunkExtensionTooLong,
@@ -315,6 +316,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         if self._refused:
             return
         self._refused = True
+        metrics.INBOUND_REFUSALS.labels(error.code).inc()
         self._end_head_wait()
         cycle = self.cycle
         offending = (

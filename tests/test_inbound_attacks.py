@@ -240,6 +240,9 @@ def test_endless_url_gets_414_at_once(gateway):
     assert headers["connection"] == "close"
     assert _healthz_latency(gateway) < 2.0
     assert gateway.upstream_paths() == []
+    # Refused before any route: no access line, but operators can count attacks by code.
+    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert 'gateway_inbound_refusals_total{code="url_too_long"} 1.0' in metrics
 
 
 def test_endless_trailer_and_chunk_extension_are_refused(gateway):
