@@ -16,6 +16,7 @@ from gateway.app import build_router
 from gateway.client import UpstreamClient
 from gateway.config import AmlTokenAuth, AuthConfig, GatewayConfig, IdentityConfig, KeyAuth
 from gateway.credentials import BuildContext
+from gateway.credentials.arm import origin_of
 from gateway.credentials.identity import DEFAULT_AUTHORITY_HOST, ENV_AUTHORITY_HOST, managed_identity_source
 from gateway.egress import IMDS_ADDRESS, Egress, Proxy, build_egress, open_connection
 from gateway.errors import ConfigError, ConnectError, GatewayError
@@ -54,11 +55,6 @@ async def _reach(url: str, context: ssl.SSLContext, egress: Egress, limit_s: flo
     return None
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 def _auth_origins(auth: AuthConfig) -> list[tuple[str, str]]:
     """(what, origin URL) of the identity provider and ARM a route's credential talks to."""
     if isinstance(auth, KeyAuth):
@@ -73,14 +69,14 @@ def _auth_origins(auth: AuthConfig) -> list[tuple[str, str]]:
             host = (
                 identity.authority_host or os.environ.get(ENV_AUTHORITY_HOST) or DEFAULT_AUTHORITY_HOST
             ).strip()
-            found.append(("Entra ID", _origin(host if "://" in host else f"https://{host}")))
+            found.append(("Entra ID", origin_of(host if "://" in host else f"https://{host}")))
         elif managed_identity_source() is not msal.managed_identity.DEFAULT_TO_VM:
-            found.append(("managed identity", _origin(os.environ.get("IDENTITY_ENDPOINT", ""))))
+            found.append(("managed identity", origin_of(os.environ.get("IDENTITY_ENDPOINT", ""))))
         else:
             found.append(("managed identity (IMDS)", f"http://{IMDS_ADDRESS}"))
     arm_url = getattr(auth, "arm_url", None)
     if isinstance(auth, AmlTokenAuth) or (isinstance(auth, KeyAuth) and auth.from_endpoint is not None):
-        found.append(("ARM", _origin(str(arm_url))))
+        found.append(("ARM", origin_of(str(arm_url))))
     return found
 
 
@@ -115,7 +111,7 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
     reached: dict[str, str | None] = {}
 
     async def reach(url: str) -> str | None:
-        origin = _origin(url)
+        origin = origin_of(url)
         if origin not in reached:
             reached[origin] = await _reach(origin, context, egress)
         return reached[origin]
@@ -124,7 +120,7 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
         single = config.model_copy(update={"routes": {name: route}})
         upstreams = [u.url for u in route.upstream_list()]
         for url in upstreams:
-            origins.setdefault(_origin(url), []).append(f"upstream of {name}")
+            origins.setdefault(origin_of(url), []).append(f"upstream of {name}")
         for what, url in _auth_origins(route.auth):
             origins.setdefault(url, []).append(f"{what} for {name}")
         try:

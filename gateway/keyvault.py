@@ -32,7 +32,7 @@ import httpx
 from gateway import metrics, redaction
 from gateway.config import IdentityConfig, KeyVaultConfig, KeyVaultRef, LiteralRef
 from gateway.credentials import BuildContext
-from gateway.credentials.arm import ArmClient, shared_arm_client
+from gateway.credentials.arm import ArmClient, azure_error, shared_arm_client
 from gateway.credentials.base import Grant
 from gateway.credentials.identity import resolve_identity, transport_error
 from gateway.credentials.token import shared_token_cache
@@ -157,12 +157,7 @@ def _parse(where: str, response: httpx.Response) -> SecretVersion:
 
 def _error(where: str, method: str, response: httpx.Response, token: TokenEntry) -> KeyVaultError:
     status = response.status_code
-    code, message = "", ""
-    try:
-        error = response.json().get("error") or {}
-        code, message = str(error.get("code") or ""), str(error.get("message") or "")
-    except (ValueError, AttributeError):
-        pass
+    code, message = azure_error(response)
     inner = ""
     with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
         inner = str(response.json()["error"]["innererror"]["code"])

@@ -37,7 +37,15 @@ import httpx
 from gateway import redaction
 from gateway.config import FileRef, GatewayConfig, IdentityConfig, KeyAuth, KeyVaultRef, RouteConfig
 from gateway.credentials import BuildContext
-from gateway.credentials.arm import ArmClient, arm_scope, check_arm_url, endpoint_url, shared_arm_client
+from gateway.credentials.arm import (
+    ArmClient,
+    arm_scope,
+    azure_error,
+    check_arm_url,
+    endpoint_url,
+    origin_of,
+    shared_arm_client,
+)
 from gateway.credentials.base import Grant
 from gateway.credentials.identity import resolve_identity
 from gateway.credentials.token import shared_token_cache
@@ -354,7 +362,7 @@ class Rotation:
                 )
             except httpx.HTTPError as exc:
                 raise RotationFailed(
-                    step, f"ARM ({_origin(url)}) could not be reached: {type(exc).__name__}: {exc}"
+                    step, f"ARM ({origin_of(url)}) could not be reached: {type(exc).__name__}: {exc}"
                 ) from None
             if response.status_code == 401 and attempt == 1:
                 replacement = await self.management.reject(grant, verdict=False)
@@ -464,16 +472,8 @@ def _retry_after(response: httpx.Response) -> float:
     return min(max(value, 0.0), RETRY_AFTER_CAP_S)
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 def _arm_problem(what: str, response: httpx.Response) -> str:
-    error = _json(response).get("error")
-    code = message = ""
-    if isinstance(error, dict):
-        code, message = str(error.get("code") or ""), str(error.get("message") or "")
+    code, message = azure_error(response)
     text = f"{what} answered {response.status_code}" + (f" {code}" if code else "")
     if message:
         text += f": {message}"

@@ -103,7 +103,7 @@ class ArmClient:
 
     async def post(self, url: str, management: TokenEntry, *, action: str) -> dict[str, Any]:
         """POST `url` with the management token; the JSON object answered, or TokenFetchError."""
-        origin = _origin(url)
+        origin_url = origin_of(url)
         grant: Grant | None = management.peek()
         if grant is None:
             try:
@@ -120,11 +120,11 @@ class ArmClient:
                 )
             except httpx.TimeoutException:
                 raise TokenFetchError(
-                    f"ARM {action}: {origin} did not answer within {self.timeout_s:g} s",
+                    f"ARM {action}: {origin_url} did not answer within {self.timeout_s:g} s",
                     hint="check network access to the ARM endpoint",
                 ) from None
             except httpx.HTTPError as exc:
-                raise transport_error(f"ARM ({origin})", exc) from None
+                raise transport_error(f"ARM ({origin_url})", exc) from None
             if response.status_code == 401 and attempt == 1:
                 replacement = await management.reject(grant, verdict=False)
                 if replacement is not None:
@@ -143,19 +143,26 @@ class ArmClient:
         return data
 
 
-def _origin(url: str) -> str:
+def origin_of(url: str) -> str:
+    """`scheme://host[:port]` of a URL: what messages name (never a path, a query or credentials)."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+def azure_error(response: httpx.Response) -> tuple[str, str]:
+    """(code, message) of an Azure REST error body `{"error": {"code", "message"}}`; empty when absent."""
+    try:
+        error = response.json().get("error") or {}
+        return str(error.get("code") or ""), str(error.get("message") or "")
+    except (ValueError, AttributeError):
+        return "", ""
 
 
 def _arm_error(action: str, response: httpx.Response, management: TokenEntry) -> TokenFetchError:
     status = response.status_code
-    code, message = "", ""
-    try:
-        error = response.json().get("error") or {}
-        code, message = str(error.get("code") or ""), str(error.get("message") or "")
-    except (ValueError, AttributeError):
-        pass
+    code, message = azure_error(response)
     what = (
         f"ARM {action} answered {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
     )
