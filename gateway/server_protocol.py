@@ -21,6 +21,7 @@ import asyncio
 import functools
 import http
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from gateway.errors import (
     ClientTimeout,
     HeadersTooLarge,
     MalformedRequest,
+    Overloaded,
     TrailersTooLarge,
     UpgradeNotSupported,
     UrlTooLong,
@@ -108,10 +110,14 @@ def _answer(error: ClientFacingError) -> bytes:
     request_id = new_request_id()
     body = error_body(error.code, error.message, request_id)
     status = error.status
+    retry_after = (
+        b"" if error.retry_after is None else b"retry-after: %d\r\n" % max(1, math.ceil(error.retry_after))
+    )
     return b"".join(
         (
             b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode()),
             b"content-type: application/json\r\n",
+            retry_after,
             b"content-length: %d\r\n" % len(body),
             b"x-request-id: " + request_id.encode() + b"\r\n",
             b"connection: close\r\n\r\n",
@@ -128,6 +134,10 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
     def __init__(self, *args: Any, limits: InboundLimits = DEFAULT_LIMITS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        # server.max_connections is enforced here, when a connection opens; uvicorn's own check (at the
+        # end of a request head) would keep every connection over it open and answer text/plain.
+        self.max_connections = self.limit_concurrency
+        self.limit_concurrency = None
         self._phase = _IDLE
         self._url_bytes = 0
         self._header_bytes = 0
@@ -148,6 +158,18 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            # Answered and closed at once (after LINGER_S at most), not counted as served: the
+            # gateway's descriptors stay bounded whatever number of sockets a client opens.
+            self.connections.discard(self)
+            self._refuse(
+                Overloaded(
+                    f"the gateway is serving its limit of {self.max_connections} client connections "
+                    "(server.max_connections); retry shortly",
+                    retry_after=1,
+                )
+            )
+            return
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:

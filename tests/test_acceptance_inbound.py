@@ -1,0 +1,111 @@
+"""Acceptance run on inbound hardening (issue 10), as the attacker outside the repository tries it:
+raw sockets against a real `gateway serve` process, counting what reached the upstream and what each
+client got."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from servers import ServerThread, free_socket
+from test_inbound_attacks import Gateway, _error_code, _read_all, _responses
+from upstream import Upstream
+
+from gateway.server_protocol import LINGER_S
+
+MAX_CONNECTIONS = 20
+
+
+@contextlib.contextmanager
+def _serve(tmp: Path, server: dict[str, Any], route: dict[str, Any] | None = None) -> Iterator[Gateway]:
+    upstream = Upstream(accepted_keys=None)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    with ServerThread(upstream, lifespan="off") as up:
+        config = {
+            "server": {"host": "127.0.0.1", "port": port, "log_format": "text", **server},
+            "routes": {
+                "iris": {
+                    "path": "/iris",
+                    "upstream": up.url + "/api",
+                    "auth": {"type": "none"},
+                    **(route or {}),
+                }
+            },
+        }
+        path = tmp / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log_path = tmp / "gateway.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        gw = Gateway(process, port, upstream, log_path)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                assert process.poll() is None, gw.log()
+                try:
+                    if httpx.get(gw.url + "/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, f"gateway did not start: {gw.log()}"
+                time.sleep(0.05)
+            yield gw
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with _serve(
+        tmp_path_factory.mktemp("acceptance-limited"),
+        {"max_connections": MAX_CONNECTIONS, "header_timeout_s": 3.0},
+    ) as gw:
+        yield gw
+
+
+def _open_fds(gw: Gateway) -> int:
+    return len(list(Path(f"/proc/{gw.process.pid}/fd").iterdir()))
+
+
+def test_connections_over_max_connections_get_json_503_and_are_closed_at_once(limited):
+    baseline = _open_fds(limited)
+    idle = [socket.create_connection(("127.0.0.1", limited.port), timeout=5) for _ in range(200)]
+    try:
+        # Connections beyond the limit get a JSON 503 and are closed (after LINGER_S at most, if the
+        # client does not close first): the gateway's descriptors stay bounded.
+        ((status, headers, body),) = _responses(_read_all(idle[-1], LINGER_S + 2))
+        assert status == 503 and _error_code(body) == "overloaded"
+        time.sleep(LINGER_S + 0.5)
+        assert _open_fds(limited) < baseline + MAX_CONNECTIONS + 10
+        with socket.create_connection(("127.0.0.1", limited.port), timeout=5) as sock:
+            sock.sendall(b"GET /iris/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = _read_all(sock, 3.0)
+        ((status, headers, body),) = _responses(answer)
+        assert status == 503 and headers["content-type"] == "application/json", answer
+        assert _error_code(body) == "overloaded"
+        assert headers["connection"] == "close" and headers["retry-after"] and headers["x-request-id"]
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.5)
+    assert httpx.get(limited.url + "/healthz", timeout=5).status_code == 200
+    assert limited.upstream_paths() == []
