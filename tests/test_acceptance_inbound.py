@@ -5,11 +5,12 @@ client got."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from servers import ServerThread, free_socket
 from test_inbound_attacks import Gateway, _error_code, _read_all, _responses
+from test_inbound_lifecycle import RawUpstream, _access_lines, _config, _raw_client, _wait
 from upstream import Upstream
 
 from gateway.server_protocol import LINGER_S
@@ -82,6 +84,13 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield gw
 
 
+@pytest.fixture
+def raw_upstream() -> Iterator[RawUpstream]:
+    upstream = RawUpstream()
+    yield upstream
+    upstream.stop()
+
+
 def _open_fds(gw: Gateway) -> int:
     return len(list(Path(f"/proc/{gw.process.pid}/fd").iterdir()))
 
@@ -109,3 +118,27 @@ def test_connections_over_max_connections_get_json_503_and_are_closed_at_once(li
     time.sleep(0.5)
     assert httpx.get(limited.url + "/healthz", timeout=5).status_code == 200
     assert limited.upstream_paths() == []
+
+
+def test_a_client_hanging_up_with_a_pipelined_request_cancels_the_running_one(
+    raw_upstream: RawUpstream,
+    gateway_factory: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn marks only the last request parsed as disconnected; the one running is the first."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    server = gateway_factory(_config(raw_upstream.url, max_concurrent_requests=1, queue_timeout_s=0))
+    client = _raw_client(
+        server.port,
+        b"GET /big/slow HTTP/1.1\r\nHost: gw\r\nx-request-id: gone-p\r\n\r\n"
+        b"GET /big/ok HTTP/1.1\r\nHost: gw\r\nx-request-id: queued-p\r\n\r\n",
+    )
+    _wait(lambda: raw_upstream.count(raw_upstream.started, "/slow") == 1, 10, "the upstream has it")
+    client.close()
+    _wait(lambda: raw_upstream.count(raw_upstream.closed, "/slow") == 1, 10, "the upstream sees EOF")
+    assert httpx.get(server.url + "/big/ok", timeout=10).status_code == 200  # the slot is free
+    _wait(lambda: any("gone-p" in line for line in _access_lines(caplog)), 10, "the access line")
+    (line,) = [line for line in _access_lines(caplog) if "gone-p" in line]
+    assert "error=client_disconnected" in line and "status=499" in line
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no internal error"
+    assert raw_upstream.count(raw_upstream.started, "/ok") == 1  # only the request sent after
