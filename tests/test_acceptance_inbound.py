@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ import yaml
 from servers import ServerThread, free_socket
 from test_inbound_attacks import Gateway, _error_code, _read_all, _responses
 from test_inbound_lifecycle import RawUpstream, _access_lines, _config, _raw_client, _wait
+from test_inbound_tls import Ca, _free_port, _request, _stop, _tls_client, _wait_listening
+from test_inbound_tls import _serve as _serve_tls
 from upstream import Upstream
 
 from gateway.server_protocol import LINGER_S
@@ -142,3 +145,40 @@ def test_a_client_hanging_up_with_a_pipelined_request_cancels_the_running_one(
     assert "error=client_disconnected" in line and "status=499" in line
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no internal error"
     assert raw_upstream.count(raw_upstream.started, "/ok") == 1  # only the request sent after
+
+
+def test_tls_connections_that_never_finish_the_handshake_are_closed_after_header_timeout(
+    upstream: Any, tmp_path: Path
+) -> None:
+    _, upstream_server = upstream
+    ca = Ca("acceptance server CA")
+    cert, key = ca.issue("localhost", server=True)
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(cert)
+    key_file.write_bytes(key)
+    port = _free_port()
+    tls = {"cert": {"file": str(cert_file)}, "key": {"file": str(key_file)}}
+    server = {"host": "127.0.0.1", "port": port, "tls": tls, "header_timeout_s": 1.0}
+    process = _serve_tls(tmp_path, upstream_server.url, server)
+    client = _tls_client(ca, tmp_path)
+
+    def connect() -> ssl.SSLSocket:
+        return client.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost"
+        )
+
+    silent: list[socket.socket] = []
+    try:
+        _wait_listening(connect, process)
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        silent[0].sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, never finished
+        started = time.monotonic()
+        answers = [_read_all(sock, 8.0) for sock in silent]
+        assert time.monotonic() - started < 8.0, "the handshakes were not timed"
+        assert all(answer in (b"<EOF>", b"") for answer in answers), answers
+        with connect() as sock:  # the listener still serves
+            assert _request(sock, "/healthz").startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in silent:
+            sock.close()
+        _stop(process)
