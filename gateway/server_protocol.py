@@ -56,6 +56,11 @@ logger = logging.getLogger("gateway.server")
 # before the client read it.
 LINGER_S = 2.0
 
+# Requests a connection may have waiting behind the one in progress. Everything parsed from one socket
+# read is queued at once: without a bound, one read of tiny pipelined requests behind a slow one costs
+# tens of MiB. More are answered 503 (after the queued ones) and the connection closed.
+MAX_PIPELINED = 16
+
 # Where the parser is in the current request.
 _IDLE = 0  # between requests: nothing of the next one has arrived
 _HEAD = 1  # request line and headers
@@ -288,6 +293,14 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         if self.url[:1] != b"/" and self.url != b"*":
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[ABSOLUTE_FORM] = {}
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise _Refused(
+                Overloaded(
+                    f"more than {MAX_PIPELINED} pipelined requests wait on this connection; wait for "
+                    "answers before sending more requests",
+                    retry_after=1,
+                )
+            )
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:

@@ -28,6 +28,7 @@ from upstream import Upstream
 from gateway.server_protocol import LINGER_S
 
 MAX_CONNECTIONS = 20
+MIB = 1024 * 1024
 
 
 @contextlib.contextmanager
@@ -182,3 +183,35 @@ def test_tls_connections_that_never_finish_the_handshake_are_closed_after_header
         for sock in silent:
             sock.close()
         _stop(process)
+
+
+@pytest.fixture(scope="module")
+def slow_route(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with _serve(tmp_path_factory.mktemp("acceptance-slow"), {}, {"timeout_s": 2.0}) as gw:
+        yield gw
+
+
+def test_pipelined_requests_behind_a_slow_one_keep_memory_bounded(slow_route):
+    """Every request parsed from one socket read is queued; thousands of tiny pipelined requests behind
+    a slow one cost tens of MiB per connection unless the queue is bounded."""
+    tiny = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    base = slow_route.rss_bytes()
+    clients = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", slow_route.port), timeout=10)
+            sock.sendall(b"GET /iris/hang HTTP/1.1\r\nHost: x\r\n\r\n" + tiny * 60_000)  # 2 MiB
+            clients.append(sock)
+        time.sleep(0.5)
+        growth = slow_route.rss_bytes() - base
+        assert growth < 20 * MIB, f"RSS grew by {growth / MIB:.1f} MiB"
+        # What was queued is answered in order after the slow one (504 from the route's timeout), then
+        # the connection closes with a JSON 503.
+        responses = _responses(_read_all(clients[0], 10.0))
+        statuses = [r[0] for r in responses]
+        assert statuses[0] == 504 and set(statuses[1:-1]) == {200} and statuses[-1] == 503, statuses[:5]
+        assert _error_code(responses[-1][2]) == "overloaded"
+        assert responses[-1][1]["connection"] == "close"
+    finally:
+        for sock in clients:
+            sock.close()
