@@ -280,6 +280,15 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
+        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # The parser decodes the chunks and ignores any coding before them (`gzip, chunked`): the
+            # upstream would get the body still coded, presented as plain.
+            raise _Refused(
+                MalformedRequest(
+                    "the only transfer coding the gateway accepts is `Transfer-Encoding: chunked`; send "
+                    "the body uncoded (or set Content-Encoding)"
+                )
+            )
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

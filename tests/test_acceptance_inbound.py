@@ -5,6 +5,7 @@ client got."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import socket
 import ssl
@@ -215,3 +216,21 @@ def test_pipelined_requests_behind_a_slow_one_keep_memory_bounded(slow_route):
     finally:
         for sock in clients:
             sock.close()
+
+
+def test_a_transfer_coding_other_than_chunked_is_refused_not_dropped(slow_route):
+    """`Transfer-Encoding: gzip, chunked`: the parser decodes the chunks and forgets the gzip; the
+    upstream would get a compressed body presented as plain JSON."""
+    body = gzip.compress(b'{"data": [[1, 2, 3, 4]]}')
+    with socket.create_connection(("127.0.0.1", slow_route.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /iris/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            + b"%x\r\n" % len(body)
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+        answer = _read_all(sock, 5.0)
+    ((status, headers, body),) = _responses(answer)
+    assert status == 400 and _error_code(body) == "malformed_request", answer[:300]
+    assert headers["connection"] == "close"
+    assert "/api/echo" not in slow_route.upstream_paths()
