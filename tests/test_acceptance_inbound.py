@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import logging
 import socket
 import ssl
@@ -234,3 +235,16 @@ def test_a_transfer_coding_other_than_chunked_is_refused_not_dropped(slow_route)
     assert status == 400 and _error_code(body) == "malformed_request", answer[:300]
     assert headers["connection"] == "close"
     assert "/api/echo" not in slow_route.upstream_paths()
+
+
+def test_a_refused_websocket_handshake_carries_a_request_id(slow_route):
+    with socket.create_connection(("127.0.0.1", slow_route.port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /iris/x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        answer = _read_all(sock, 5.0)
+    ((status, headers, body),) = _responses(answer)
+    assert status == 400 and headers["content-type"] == "application/json"
+    request_id = json.loads(body)["error"]["request_id"]
+    assert request_id and headers["x-request-id"] == request_id
