@@ -7,8 +7,8 @@ limit is crossed the client gets the gateway's JSON error with `Connection: clos
 closed. Whatever a client streams, a connection holds at most a limit plus one socket read.
 
 It also times the request head (`server.header_timeout_s`, from the connection's opening or the end of
-the previous answer), refuses what would desynchronise the parser from the client (an `Upgrade` other
-than a WebSocket handshake, `CONNECT`), never lets chunked trailers into the request headers, closes a
+the previous answer), refuses what would desynchronise the parser from the client (any `Upgrade`, WebSocket
+handshakes included, and `CONNECT`), never lets chunked trailers into the request headers, closes a
 connection whose answer went out before its request body was read, and answers a bad request pipelined
 behind good ones only after their answers.
 
@@ -194,12 +194,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # Only a WebSocket handshake gets here (on_headers_complete refused every other upgrade);
-            # the application refuses it.
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._refuse(UpgradeNotSupported(_UPGRADE_MESSAGE))
+            self._refuse(UpgradeNotSupported(_UPGRADE_MESSAGE))  # on_headers_complete refused it first
             return
         except httptools.HttpParserError as exc:
             refused = exc.__context__
@@ -236,6 +231,11 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
                             "send chunks without extensions"
                         )
                     )
+
+    def _should_upgrade(self) -> bool:
+        """Never: a WebSocket handshake is refused like every other upgrade. Handed to the WebSocket
+        library, a broken one got that library's text/plain 400, and a POST one no answer at all."""
+        return False
 
     def shutdown(self) -> None:
         self._keep_alive_after_body = False
@@ -295,7 +295,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._cancel_header_timer()
         self._phase = _BODY
         parser = self.parser
-        if parser.get_method() == b"CONNECT" or (parser.should_upgrade() and not self._should_upgrade()):
+        if parser.get_method() == b"CONNECT" or parser.should_upgrade():
             # The parser would stop at the end of this head and take what follows (the body, or another
             # request) as a different protocol's bytes: never forward any of it.
             raise _Refused(UpgradeNotSupported(_UPGRADE_MESSAGE))

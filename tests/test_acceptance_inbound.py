@@ -248,3 +248,27 @@ def test_a_refused_websocket_handshake_carries_a_request_id(slow_route):
     assert status == 400 and headers["content-type"] == "application/json"
     request_id = json.loads(body)["error"]["request_id"]
     assert request_id and headers["x-request-id"] == request_id
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /iris/x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n",
+        b"POST /iris/x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Content-Length: 38\r\n\r\n"
+        b"GET /iris/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=["no-key", "post-with-body"],
+)
+def test_a_broken_websocket_handshake_gets_the_gateways_json_400(slow_route, head):
+    """The WebSocket library answered a bad handshake with its own text/plain 400, and held a POST one
+    open without an answer."""
+    with socket.create_connection(("127.0.0.1", slow_route.port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = _read_all(sock, 5.0)
+    ((status, headers, body),) = _responses(answer)
+    assert status == 400 and headers["content-type"] == "application/json", answer[:300]
+    assert _error_code(body) and headers["connection"] == "close" and answer.endswith(b"<EOF>")
+    assert "/api/smuggled" not in slow_route.upstream_paths()
