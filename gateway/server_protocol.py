@@ -147,6 +147,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._url_bytes = 0
         self._header_bytes = 0
         self._header_count = 0
+        self._host_count = 0
         self._trailer_bytes = 0
         self._head_raw = 0  # bytes fed while the head was incomplete (what the parser may buffer)
         self._framing_raw = 0  # bytes fed in the body phase that brought no body event
@@ -248,6 +249,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._phase = _HEAD
         self._begun_in_feed += 1
         self._url_bytes = self._header_bytes = self._header_count = self._trailer_bytes = 0
+        self._host_count = 0
         self._head_raw = self._framing_raw = 0
         self._chunk_open = False
 
@@ -280,6 +282,10 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
+        elif name == b"host":
+            self._host_count += 1
+            if self._host_count > 1:  # RFC 9112 3.2: which host is meant is ambiguous
+                raise _Refused(MalformedRequest("the request has more than one Host header; send one"))
         elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
             # The parser decodes the chunks and ignores any coding before them (`gzip, chunked`): the
             # upstream would get the body still coded, presented as plain.

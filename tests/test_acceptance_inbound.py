@@ -272,3 +272,15 @@ def test_a_broken_websocket_handshake_gets_the_gateways_json_400(slow_route, hea
     assert status == 400 and headers["content-type"] == "application/json", answer[:300]
     assert _error_code(body) and headers["connection"] == "close" and answer.endswith(b"<EOF>")
     assert "/api/smuggled" not in slow_route.upstream_paths()
+
+
+def test_two_host_headers_are_refused(slow_route):
+    """RFC 9112 3.2: a request with more than one Host is answered 400; forwarded, the upstream saw
+    the last one as X-Forwarded-Host while anything reading the first saw another host."""
+    with socket.create_connection(("127.0.0.1", slow_route.port), timeout=10) as sock:
+        sock.sendall(b"GET /iris/two-hosts HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n")
+        answer = _read_all(sock, 5.0)
+    ((status, headers, body),) = _responses(answer)
+    assert status == 400 and _error_code(body) == "malformed_request", answer[:300]
+    assert headers["connection"] == "close"
+    assert "/api/two-hosts" not in slow_route.upstream_paths()
