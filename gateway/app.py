@@ -51,10 +51,17 @@ async def _refuse_websocket(scope: Scope, receive: Receive, send: Send) -> None:
     when the app ignored the scope), or a close (403 from uvicorn) without the denial extension."""
     await receive()  # websocket.connect
     if "websocket.http.response" in scope.get("extensions", {}):
+        request_id = new_request_id()
         body = error_body(
-            "bad_request_path", "WebSocket upgrades are not supported: the gateway forwards plain HTTP", None
+            "bad_request_path",
+            "WebSocket upgrades are not supported: the gateway forwards plain HTTP",
+            request_id,
         )
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
         await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": body})
     else:

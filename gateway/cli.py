@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -11,9 +12,10 @@ import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import uvloop
 from uvicorn import config as uvicorn_config
 
 from gateway import __version__
@@ -216,7 +218,11 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         if server.workers == 1:
-            uv_server = uvicorn.Server(GatewayUvicornConfig(app, server_tls=server.tls, **options))
+            uv_server = uvicorn.Server(
+                GatewayUvicornConfig(
+                    app, server_tls=server.tls, handshake_timeout_s=server.header_timeout_s, **options
+                )
+            )
             uv_server.run(sockets=sockets)
             return EXIT_OK if uv_server.started else EXIT_PROBLEM
         # Several workers: the config is valid (above); each worker builds its own app from it.
@@ -225,7 +231,12 @@ def serve(args: argparse.Namespace) -> int:
         os.environ["GATEWAY_LOG_FORMAT"] = server.log_format
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-"))
         uv_config = GatewayUvicornConfig(
-            "gateway.app:app_from_env", factory=True, workers=server.workers, server_tls=server.tls, **options
+            "gateway.app:app_from_env",
+            factory=True,
+            workers=server.workers,
+            server_tls=server.tls,
+            handshake_timeout_s=server.header_timeout_s,
+            **options,
         )
         Multiprocess(uv_config, sockets=sockets).run()
         return EXIT_OK
@@ -238,16 +249,45 @@ def serve(args: argparse.Namespace) -> int:
 
 class GatewayUvicornConfig(uvicorn_config.Config):
     """uvicorn's Config with the gateway's server TLS: an SSLContext that picks up a rotated
-    certificate (`gateway.server_tls`), built where uvicorn builds its own, in each worker."""
+    certificate (`gateway.server_tls`), built where uvicorn builds its own, in each worker, and a TLS
+    handshake timed like a request head (`server.header_timeout_s`)."""
 
-    def __init__(self, app: Any, *, server_tls: ServerTlsConfig | None, **options: Any) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        server_tls: ServerTlsConfig | None,
+        handshake_timeout_s: float = 10.0,
+        **options: Any,
+    ) -> None:
         super().__init__(app, **options)
         self.server_tls = server_tls
+        self.handshake_timeout_s = handshake_timeout_s
+
+    def get_loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop] | None:
+        if self.server_tls is None:
+            return super().get_loop_factory()
+        return functools.partial(_HandshakeTimedLoop, self.handshake_timeout_s)
 
     def load(self) -> None:
         super().load()
         if self.server_tls is not None:
             self.ssl = ServerTls(self.server_tls, os.environ.get("GATEWAY_CONFIG", "<config>")).context
+
+
+class _HandshakeTimedLoop(uvloop.Loop):
+    """uvloop with `ssl_handshake_timeout` on every TLS listener. uvicorn creates its servers without
+    one, so a client that connects and never finishes its handshake would keep its connection for
+    the event loop's default of 60 s, before the protocol (and its header timer) even exists."""
+
+    def __init__(self, handshake_timeout_s: float) -> None:
+        super().__init__()
+        self.handshake_timeout_s = handshake_timeout_s
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", self.handshake_timeout_s)
+        return await super().create_server(*args, **kwargs)  # type: ignore[return-value]
 
 
 def listen_sockets(server: ServerConfig) -> list[socket.socket]:

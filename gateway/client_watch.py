@@ -18,7 +18,7 @@ import asyncio
 import logging
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 logger = logging.getLogger("gateway.server")
 
@@ -38,14 +38,24 @@ class WatchedHttpToolsProtocol(HttpToolsProtocol):
 
     _send_timer: asyncio.TimerHandle | None = None
     _gone_reason = DISCONNECTED
+    # The request whose application call runs: not `self.cycle` (the last request parsed) when the
+    # client pipelined another behind it.
+    _running: RequestResponseCycle | None = None
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
-        cycle = self.cycle
+        cycle = self._running
         super().connection_lost(exc)
         if cycle is not None and not cycle.response_complete:
+            # uvicorn marks only `self.cycle`; a queued request behind this one never starts.
+            cycle.disconnected = True
+            cycle.message_event.set()
             scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
             task: asyncio.Task[Any] | None = scope.pop(CLIENT_TASK, None)
             if task is not None and not task.done():

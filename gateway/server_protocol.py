@@ -7,8 +7,8 @@ limit is crossed the client gets the gateway's JSON error with `Connection: clos
 closed. Whatever a client streams, a connection holds at most a limit plus one socket read.
 
 It also times the request head (`server.header_timeout_s`, from the connection's opening or the end of
-the previous answer), refuses what would desynchronise the parser from the client (an `Upgrade` other
-than a WebSocket handshake, `CONNECT`), never lets chunked trailers into the request headers, closes a
+the previous answer), refuses what would desynchronise the parser from the client (any `Upgrade`, WebSocket
+handshakes included, and `CONNECT`), never lets chunked trailers into the request headers, closes a
 connection whose answer went out before its request body was read, and answers a bad request pipelined
 behind good ones only after their answers.
 
@@ -21,6 +21,7 @@ import asyncio
 import functools
 import http
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from gateway.errors import (
     ClientTimeout,
     HeadersTooLarge,
     MalformedRequest,
+    Overloaded,
     TrailersTooLarge,
     UpgradeNotSupported,
     UrlTooLong,
@@ -54,6 +56,11 @@ logger = logging.getLogger("gateway.server")
 # sends for this long: closing with unread bytes would reset the connection and could destroy the answer
 # before the client read it.
 LINGER_S = 2.0
+
+# Requests a connection may have waiting behind the one in progress. Everything parsed from one socket
+# read is queued at once: without a bound, one read of tiny pipelined requests behind a slow one costs
+# tens of MiB. More are answered 503 (after the queued ones) and the connection closed.
+MAX_PIPELINED = 16
 
 # Where the parser is in the current request.
 _IDLE = 0  # between requests: nothing of the next one has arrived
@@ -109,10 +116,14 @@ def _answer(error: ClientFacingError) -> bytes:
     request_id = new_request_id()
     body = error_body(error.code, error.message, request_id)
     status = error.status
+    retry_after = (
+        b"" if error.retry_after is None else b"retry-after: %d\r\n" % max(1, math.ceil(error.retry_after))
+    )
     return b"".join(
         (
             b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode()),
             b"content-type: application/json\r\n",
+            retry_after,
             b"content-length: %d\r\n" % len(body),
             b"x-request-id: " + request_id.encode() + b"\r\n",
             b"connection: close\r\n\r\n",
@@ -129,10 +140,15 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
     def __init__(self, *args: Any, limits: InboundLimits = DEFAULT_LIMITS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        # server.max_connections is enforced here, when a connection opens; uvicorn's own check (at the
+        # end of a request head) would keep every connection over it open and answer text/plain.
+        self.max_connections = self.limit_concurrency
+        self.limit_concurrency = None
         self._phase = _IDLE
         self._url_bytes = 0
         self._header_bytes = 0
         self._header_count = 0
+        self._host_count = 0
         self._trailer_bytes = 0
         self._head_raw = 0  # bytes fed while the head was incomplete (what the parser may buffer)
         self._framing_raw = 0  # bytes fed in the body phase that brought no body event
@@ -150,6 +166,18 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            # Answered and closed at once (after LINGER_S at most), not counted as served: the
+            # gateway's descriptors stay bounded whatever number of sockets a client opens.
+            self.connections.discard(self)
+            self._refuse(
+                Overloaded(
+                    f"the gateway is serving its limit of {self.max_connections} client connections "
+                    "(server.max_connections); retry shortly",
+                    retry_after=1,
+                )
+            )
+            return
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -169,12 +197,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # Only a WebSocket handshake gets here (on_headers_complete refused every other upgrade);
-            # the application refuses it.
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._refuse(UpgradeNotSupported(_UPGRADE_MESSAGE))
+            self._refuse(UpgradeNotSupported(_UPGRADE_MESSAGE))  # on_headers_complete refused it first
             return
         except httptools.HttpParserError as exc:
             refused = exc.__context__
@@ -212,6 +235,11 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
                         )
                     )
 
+    def _should_upgrade(self) -> bool:
+        """Never: a WebSocket handshake is refused like every other upgrade. Handed to the WebSocket
+        library, a broken one got that library's text/plain 400, and a POST one no answer at all."""
+        return False
+
     def shutdown(self) -> None:
         self._keep_alive_after_body = False
         super().shutdown()
@@ -223,6 +251,7 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._phase = _HEAD
         self._begun_in_feed += 1
         self._url_bytes = self._header_bytes = self._header_count = self._trailer_bytes = 0
+        self._host_count = 0
         self._head_raw = self._framing_raw = 0
         self._chunk_open = False
 
@@ -255,19 +284,40 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
+        elif name == b"host":
+            self._host_count += 1
+            if self._host_count > 1:  # RFC 9112 3.2: which host is meant is ambiguous
+                raise _Refused(MalformedRequest("the request has more than one Host header; send one"))
+        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # The parser decodes the chunks and ignores any coding before them (`gzip, chunked`): the
+            # upstream would get the body still coded, presented as plain.
+            raise _Refused(
+                MalformedRequest(
+                    "the only transfer coding the gateway accepts is `Transfer-Encoding: chunked`; send "
+                    "the body uncoded (or set Content-Encoding)"
+                )
+            )
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._end_head_wait()
         self._phase = _BODY
         parser = self.parser
-        if parser.get_method() == b"CONNECT" or (parser.should_upgrade() and not self._should_upgrade()):
+        if parser.get_method() == b"CONNECT" or parser.should_upgrade():
             # The parser would stop at the end of this head and take what follows (the body, or another
             # request) as a different protocol's bytes: never forward any of it.
             raise _Refused(UpgradeNotSupported(_UPGRADE_MESSAGE))
         if self.url[:1] != b"/" and self.url != b"*":
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[ABSOLUTE_FORM] = {}
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise _Refused(
+                Overloaded(
+                    f"more than {MAX_PIPELINED} pipelined requests wait on this connection; wait for "
+                    "answers before sending more requests",
+                    retry_after=1,
+                )
+            )
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:
