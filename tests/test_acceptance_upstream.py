@@ -1,0 +1,550 @@
+"""Acceptance run against misbehaving upstreams: a real `gateway serve` process, raw-socket upstreams.
+
+Every upstream here is a thread that accepts connections and runs a scripted behaviour on each one;
+it counts executions (requests read in full), so a test can say how often the model ran. The client
+side is a raw socket or httpx; what reaches it is compared byte for byte with what the upstream sent.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from servers import free_socket
+
+Behaviour = Callable[[socket.socket, "RawUpstream"], None]
+
+
+def read_request(conn: socket.socket) -> tuple[bytes, bytes] | None:
+    """One request (head, body) from `conn`, Content-Length or chunked; None at end of stream."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lowered = head.lower()
+    if b"transfer-encoding: chunked" in lowered:
+        while not rest.endswith(b"0\r\n\r\n"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            rest += chunk
+        return head, rest
+    length = 0
+    for line in lowered.split(b"\r\n")[1:]:
+        if line.startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    while len(rest) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        rest += chunk
+    return head, rest
+
+
+@dataclass
+class RawUpstream:
+    behaviour: Behaviour
+    executions: int = 0
+    connections: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    open: set[socket.socket] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                self.open.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self.behaviour(conn, self)
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.open.discard(conn)
+            conn.close()
+
+    def request(self, conn: socket.socket) -> tuple[bytes, bytes] | None:
+        """Read one request and count it as executed."""
+        got = read_request(conn)
+        if got is not None:
+            with self.lock:
+                self.executions += 1
+                self.heads.append(got[0])
+        return got
+
+    def reset(self, behaviour: Behaviour) -> None:
+        """A new behaviour for new connections; the open ones (pooled by the gateway) are closed."""
+        with self.lock:
+            for conn in self.open:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        time.sleep(0.1)  # the gateway sees the closes before the next request
+        with self.lock:
+            self.behaviour = behaviour
+            self.executions = 0
+            self.connections = 0
+            self.heads = []
+
+
+def rst(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    conn.close()
+
+
+def ok(conn: socket.socket, up: RawUpstream) -> None:
+    while up.request(conn) is not None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@dataclass
+class Gateway:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    upstreams: dict[str, RawUpstream]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+ROUTES: dict[str, dict[str, object]] = {
+    # one attempt, short timers
+    "once": {"retry": {"attempts": 1}, "timeout_s": 3, "read_timeout_s": 1},
+    # the default replay policy, short timers
+    "default": {"timeout_s": 3, "read_timeout_s": 1, "retry": {"backoff_base_s": 0.01}},
+    # a small pool
+    "pool": {"max_connections": 1, "pool_timeout_s": 0.5, "timeout_s": 3},
+    # streamed uploads (small replay buffer)
+    "upload": {"retry": {"attempts": 1}, "timeout_s": 5, "replay_buffer_bytes": 1024},
+    # a dead upstream before a live one
+    "pair": {"timeout_s": 3, "retry": {"backoff_base_s": 0.01}},
+}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("acceptance-upstream")
+    upstreams = {name: RawUpstream(ok) for name in ROUTES}
+    dead = free_socket()  # bound, then closed: connections to it are refused
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "log_format": "text"},
+        "routes": {
+            name: {
+                "path": f"/{name}",
+                "auth": {"type": "none"},
+                **options,
+                **_upstream(name, upstreams, dead_url),
+            }
+            for name, options in ROUTES.items()
+        },
+    }
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp / "gateway.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    gw = Gateway(process, port, log_path, upstreams)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, gw.log()
+            try:
+                if httpx.get(gw.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"gateway did not start: {gw.log()}"
+            time.sleep(0.05)
+        yield gw
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _upstream(name: str, upstreams: dict[str, RawUpstream], dead_url: str) -> dict[str, object]:
+    if name == "pair":
+        return {"upstreams": [{"url": dead_url}, {"url": upstreams[name].url}]}
+    return {"upstream": upstreams[name].url}
+
+
+def raw_exchange(gw: Gateway, request: bytes, limit_s: float = 6.0) -> bytes:
+    """Send `request` on a fresh connection; everything until the gateway closes (or `limit_s`)."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=limit_s) as sock:
+        sock.sendall(request)
+        data = b""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                return data + b"<EOF>"
+            data += chunk
+        return data
+
+
+def post(route: str, body: bytes = b'{"x": 1}') -> bytes:
+    return (
+        b"POST /%s/score HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (route.encode(), len(body), body)
+    )
+
+
+def error_code(response: httpx.Response) -> str:
+    return str(json.loads(response.content)["error"]["code"])
+
+
+def answer_with(raw: bytes, *, then: str = "close") -> Behaviour:
+    """Read a request, send `raw`, then close ("close"), reset ("rst") or keep reading ("keep")."""
+
+    def behaviour(conn: socket.socket, up: RawUpstream) -> None:
+        while up.request(conn) is not None:
+            conn.sendall(raw)
+            if then == "rst":
+                rst(conn)
+                return
+            if then == "close":
+                conn.shutdown(socket.SHUT_WR)
+                time.sleep(0.2)
+                return
+
+    return behaviour
+
+
+BIG = bytes(range(256)) * 800  # 200 KiB, every byte value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + BIG,
+        b"HTTP/1.0 200 OK\r\n\r\n" + BIG,
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + BIG,
+    ],
+    ids=["http11", "http10", "connection-close"],
+)
+def test_close_delimited_answer_arrives_whole(gateway, raw):
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(raw))
+    response = httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10)
+    assert response.status_code == 200
+    assert response.content == BIG
+    assert up.executions == 1
+
+
+def test_close_delimited_answer_cut_by_a_reset_is_not_delivered_as_complete(gateway):
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\n\r\n" + BIG, then="rst"))
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10).read()
+    assert up.executions == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello!!",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhello",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 5\r\n\r\nhello",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+    ids=["cl-te", "te-cl", "two-cl", "negative-cl", "101", "bad-status", "garbage"],
+)
+def test_ambiguous_or_invalid_answers_are_502_once(gateway, raw):
+    up = gateway.upstreams["default"]
+    up.reset(answer_with(raw))
+    started = time.monotonic()
+    response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
+    assert response.status_code == 502, response.content
+    assert error_code(response) == "upstream_protocol_error"
+    assert up.executions == 1
+    assert time.monotonic() - started < 2.5
+
+
+def test_answer_shorter_than_its_content_length_is_not_delivered_as_complete(gateway):
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500))
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10).read()
+    assert up.executions == 1
+
+
+def test_answer_longer_than_its_content_length_is_cut_at_it_and_the_rest_never_answers(gateway):
+    up = gateway.upstreams["once"]
+    up.reset(
+        answer_with(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged",
+            then="keep",
+        )
+    )
+    with httpx.Client(timeout=10) as client:
+        for _ in range(3):
+            response = client.post(gateway.url + "/once/score", content=b"{}")
+            assert response.status_code == 200
+            assert response.content == b"hello"
+    assert up.executions == 3
+    assert up.connections == 3
+
+
+def test_chunked_answer_with_trailers_and_extensions_arrives_whole(gateway):
+    up = gateway.upstreams["once"]
+    up.reset(
+        answer_with(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+            b"5;name=v\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 11\r\nSet-Cookie: evil=1\r\n\r\n",
+            then="keep",
+        )
+    )
+    with httpx.Client(timeout=10) as client:
+        for _ in range(2):
+            response = client.post(gateway.url + "/once/score", content=b"{}")
+            assert response.content == b"hello world"
+            assert "x-sum" not in response.headers and "set-cookie" not in response.headers
+    assert up.executions == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"100\r\n" + b"x" * 10, b"zz\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXX0\r\n\r\n", b"5\r\nhello\r\n"],
+    ids=["cut-mid-chunk", "bad-size", "bad-chunk-end", "no-last-chunk"],
+)
+def test_chunked_answer_with_broken_framing_is_not_delivered_as_complete(gateway, body):
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body))
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10).read()
+    assert up.executions == 1
+
+
+@pytest.mark.parametrize("route", ["once", "default"])
+def test_reset_after_reading_the_request_runs_it_once(gateway, route):
+    up = gateway.upstreams[route]
+
+    def die(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is not None:
+            rst(conn)
+
+    up.reset(die)
+    response = httpx.post(gateway.url + f"/{route}/score", content=b"{}", timeout=10)
+    assert response.status_code == 502
+    assert up.executions == 1
+
+
+def test_reset_mid_answer_after_the_head_runs_once_and_is_not_complete(gateway):
+    up = gateway.upstreams["default"]
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", then="rst"))
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10).read()
+    assert up.executions == 1
+
+
+def test_unsolicited_408_on_an_idle_connection_never_answers_the_next_request(gateway):
+    up = gateway.upstreams["once"]
+
+    def then_408(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        time.sleep(0.2)
+        conn.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        time.sleep(1)
+
+    up.reset(then_408)
+    with httpx.Client(timeout=10) as client:
+        assert client.post(gateway.url + "/once/score", content=b"{}").status_code == 200
+        time.sleep(0.5)
+        response = client.post(gateway.url + "/once/score", content=b"{}")
+        assert response.status_code == 200, response.content
+    assert up.executions == 2
+
+
+def test_interim_answers_are_skipped_and_an_endless_stream_of_them_is_bounded(gateway):
+    up = gateway.upstreams["once"]
+    up.reset(
+        answer_with(b"HTTP/1.1 100 Continue\r\n\r\n" * 50 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    )
+    response = httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10)
+    assert (response.status_code, response.content) == (200, b"ok")
+
+    def flood(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        for _ in range(200000):
+            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n" * 20)
+
+    up.reset(flood)
+    before = gateway.rss_bytes()
+    started = time.monotonic()
+    response = httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10)
+    assert response.status_code in (502, 504), response.content
+    assert time.monotonic() - started < 5
+    assert gateway.rss_bytes() - before < 64 * 1024 * 1024
+
+
+def test_endless_head_is_502_with_bounded_memory(gateway):
+    up = gateway.upstreams["once"]
+
+    def endless(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        for _ in range(100000):
+            conn.sendall(b"a" * 65536)
+
+    up.reset(endless)
+    before = gateway.rss_bytes()
+    response = httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10)
+    assert response.status_code == 502
+    assert error_code(response) == "upstream_protocol_error"
+    assert gateway.rss_bytes() - before < 64 * 1024 * 1024
+
+
+def test_slowloris_head_is_cut_by_timeout_s_not_read_timeout(gateway):
+    up = gateway.upstreams["once"]  # timeout_s 3, read_timeout_s 1
+
+    def trickle(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        for byte in b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 1000:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.3)
+
+    up.reset(trickle)
+    started = time.monotonic()
+    response = httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504
+    assert 2.5 < elapsed < 5, elapsed
+    assert up.executions == 1
+
+
+def test_silent_upstream_is_cut_by_read_timeout(gateway):
+    up = gateway.upstreams["default"]  # timeout_s 3, read_timeout_s 1: not replayed by default
+
+    def silent(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is not None:
+            time.sleep(4)
+
+    up.reset(silent)
+    started = time.monotonic()
+    response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504
+    assert 0.8 < elapsed < 2.5, elapsed
+    assert up.executions == 1
+
+
+def test_streamed_answer_making_progress_is_never_cut_by_read_timeout(gateway):
+    up = gateway.upstreams["default"]  # timeout_s 3 > 2.4 s of answer, read_timeout_s 1
+
+    def stream(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(8):
+            time.sleep(0.3)
+            conn.sendall(b"3\r\nabc\r\n")
+        conn.sendall(b"0\r\n\r\n")
+        time.sleep(0.5)
+
+    up.reset(stream)
+    response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
+    assert (response.status_code, response.content) == (200, b"abc" * 8)
+
+
+def test_full_pool_is_503_overloaded_never_retried_nor_counted(gateway):
+    up = gateway.upstreams["pool"]
+
+    def slow(conn: socket.socket, up: RawUpstream) -> None:
+        while up.request(conn) is not None:
+            time.sleep(1.5)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    up.reset(slow)
+    results: list[httpx.Response] = []
+    first = threading.Thread(
+        target=lambda: results.append(httpx.post(gateway.url + "/pool/score", content=b"{}", timeout=10))
+    )
+    first.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    second = httpx.post(gateway.url + "/pool/score", content=b"{}", timeout=10)
+    elapsed = time.monotonic() - started
+    first.join()
+    assert second.status_code == 503
+    assert error_code(second) == "overloaded"
+    assert "retry-after" in second.headers
+    assert 0.4 < elapsed < 1.3, elapsed
+    assert results[0].status_code == 200
+    assert up.executions == 1
+    up.reset(ok)
+    assert httpx.post(gateway.url + "/pool/score", content=b"{}", timeout=10).status_code == 200
+
+
+def test_dead_upstream_among_several_is_skipped(gateway):
+    up = gateway.upstreams["pair"]
+    up.reset(ok)
+    for _ in range(6):
+        response = httpx.post(gateway.url + "/pair/score", content=b"{}", timeout=10)
+        assert response.status_code == 200
+    assert up.executions == 6
