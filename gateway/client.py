@@ -752,15 +752,7 @@ class UpstreamClient:
                     conn.sent(True, False)
             else:
                 transport.write(head)
-                complete = True
-                async for chunk in body:
-                    if conn.state != SENDING or waiter.done():
-                        complete = False  # answered (or failed) already: stop sending
-                        break
-                    transport.write(chunk)
-                    if conn.writing_paused:
-                        await conn.drain()
-                conn.sent(complete, True)
+                conn.sent(await _send_stream(conn, transport, body, waiter), True)
             return await waiter
         except BaseException:
             conn.abort()
@@ -776,6 +768,35 @@ class UpstreamClient:
         for origin in self._origins.values():
             while origin.idle:
                 origin.idle.pop().abort()
+
+
+async def _send_stream(
+    conn: _Connection,
+    transport: asyncio.Transport,
+    body: AsyncIterator[bytes],
+    waiter: asyncio.Future[UpstreamResponse],
+) -> bool:
+    """Write a streamed body: True once all of it is written, False when the answer (or a failure)
+    came first. The wait for the client's next chunk is raced against the answer, so a client that
+    pauses its upload never holds back an answer that has already arrived."""
+    chunks = aiter(body)
+    while True:
+        reading = asyncio.ensure_future(anext(chunks, None))
+        try:
+            if not reading.done():
+                await asyncio.wait((reading, waiter), return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                return False
+            chunk = reading.result()
+        finally:
+            reading.cancel()  # no-op when done; else the body is abandoned: stop waiting for it
+        if chunk is None:
+            return True
+        if conn.state != SENDING or waiter.done():
+            return False  # answered (or failed) already: stop sending
+        transport.write(chunk)
+        if conn.writing_paused:
+            await conn.drain()
 
 
 def _close_delimited(headers: list[tuple[bytes, bytes]]) -> bool:

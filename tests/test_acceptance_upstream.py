@@ -548,3 +548,29 @@ def test_dead_upstream_among_several_is_skipped(gateway):
         response = httpx.post(gateway.url + "/pair/score", content=b"{}", timeout=10)
         assert response.status_code == 200
     assert up.executions == 6
+
+
+def test_early_answer_during_a_large_upload_reaches_the_client_at_once(gateway):
+    up = gateway.upstreams["upload"]
+
+    def refuse(conn: socket.socket, up: RawUpstream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        with up.lock:
+            up.executions += 1
+        conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\n\r\ndenied")
+        time.sleep(3)
+
+    up.reset(refuse)
+    size = 8 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"POST /upload/score HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
+        sock.sendall(b"x" * 4096)  # then the client stalls
+        started = time.monotonic()
+        sock.settimeout(10)
+        data = sock.recv(65536)
+        elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 401"), data[:200]
+    assert elapsed < 1.5, elapsed
+    assert up.executions == 1
