@@ -302,6 +302,14 @@ class _Connection(asyncio.Protocol):
         if len(headers) > MAX_RESPONSE_HEADERS:
             self._protocol_error(self._head_limit_message())
             raise _StopParsing
+        if len(name) == 17 and name.lower() == b"transfer-encoding" and value.lower() != b"chunked":
+            # Transfer-Encoding is hop by hop, so it is not passed on: a body in any other coding
+            # (gzip, or close-delimited behind one) would reach the client altered without a word.
+            self._protocol_error(
+                f"the upstream {self.origin.name} sent Transfer-Encoding: "
+                f"{value.decode('latin-1', 'replace')[:100]!r}; only chunked is supported"
+            )
+            raise _StopParsing
 
     def on_headers_complete(self) -> None:
         if self.state == DONE:

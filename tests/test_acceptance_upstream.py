@@ -574,3 +574,95 @@ def test_early_answer_during_a_large_upload_reaches_the_client_at_once(gateway):
     assert data.startswith(b"HTTP/1.1 401"), data[:200]
     assert elapsed < 1.5, elapsed
     assert up.executions == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + BIG,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["gzip-close-delimited", "gzip-chunked"],
+)
+def test_transfer_codings_other_than_chunked_are_never_passed_on_undeclared(gateway, raw):
+    """The gateway drops Transfer-Encoding (hop by hop): a body still in gzip would reach the client
+    without anything saying so. Either it arrives decoded or the answer is refused; here: refused."""
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(raw))
+    response = httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10)
+    assert response.status_code == 502, (response.headers, response.content[:100])
+    assert error_code(response) == "upstream_protocol_error"
+    assert up.executions == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"),
+        ("POST", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ("POST", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\n\r\n"),
+    ],
+    ids=["head", "204", "304"],
+)
+def test_bodyless_answers_keep_the_connection(gateway, method, raw):
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(raw, then="keep"))
+    with httpx.Client(timeout=10) as client:
+        for _ in range(3):
+            response = client.request(
+                method, gateway.url + "/once/score", content=b"{}" if method == "POST" else None
+            )
+            assert response.content == b""
+    assert up.executions == 3
+    assert up.connections == 1
+
+
+def test_http10_keep_alive_upstream(gateway):
+    up = gateway.upstreams["once"]
+    up.reset(
+        answer_with(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", then="keep")
+    )
+    with httpx.Client(timeout=10) as client:
+        for _ in range(3):
+            assert client.post(gateway.url + "/once/score", content=b"{}").content == b"ok"
+    assert up.executions == 3
+
+
+def test_upstream_that_closes_every_keepalive_connection_after_answering(gateway):
+    """Each answer says nothing about closing; the upstream closes right after: the next request finds
+    the pooled connection closed and must not fail nor run twice."""
+    up = gateway.upstreams["default"]
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", then="close"))
+    with httpx.Client(timeout=10) as client:
+        for _ in range(10):
+            assert client.post(gateway.url + "/default/score", content=b"{}").content == b"ok"
+            time.sleep(0.25)
+    assert up.executions == 10
+
+
+def test_large_answer_to_a_slow_reader_keeps_memory_bounded(gateway):
+    up = gateway.upstreams["once"]
+    size = 200 * 1024 * 1024
+
+    def huge(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        block = b"z" * (1024 * 1024)
+        for _ in range(size // len(block)):
+            conn.sendall(block)
+
+    up.reset(huge)
+    before = gateway.rss_bytes()
+    got = 0
+    peak = 0
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", gateway.url + "/once/score", content=b"{}") as r,
+    ):
+        for chunk in r.iter_raw(65536):
+            got += len(chunk)
+            if got % (8 * 1024 * 1024) < 65536:
+                peak = max(peak, gateway.rss_bytes() - before)
+    assert got == size
+    assert peak < 64 * 1024 * 1024, peak
