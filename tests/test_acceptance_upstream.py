@@ -7,6 +7,7 @@ side is a raw socket or httpx; what reaches it is compared byte for byte with wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -163,27 +164,15 @@ ROUTES: dict[str, dict[str, object]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp = tmp_path_factory.mktemp("acceptance-upstream")
-    upstreams = {name: RawUpstream(ok) for name in ROUTES}
-    dead = free_socket()  # bound, then closed: connections to it are refused
-    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
-    dead.close()
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+@contextlib.contextmanager
+def run_gateway(
+    tmp: Path, port: int, routes: dict[str, dict[str, object]], extra: dict[str, object] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`gateway serve` on `port` with `routes` (and more top-level config); yields once /healthz answers."""
     config = {
         "server": {"host": "127.0.0.1", "port": port, "log_format": "text"},
-        "routes": {
-            name: {
-                "path": f"/{name}",
-                "auth": {"type": "none"},
-                **options,
-                **_upstream(name, upstreams, dead_url),
-            }
-            for name, options in ROUTES.items()
-        },
+        "routes": routes,
+        **(extra or {}),
     }
     path = tmp / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -194,25 +183,50 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    gw = Gateway(process, port, log_path, upstreams)
     try:
         deadline = time.monotonic() + 20
         while True:
-            assert process.poll() is None, gw.log()
+            assert process.poll() is None, log_path.read_text()
             try:
-                if httpx.get(gw.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, f"gateway did not start: {gw.log()}"
+            assert time.monotonic() < deadline, f"gateway did not start: {log_path.read_text()}"
             time.sleep(0.05)
-        yield gw
+        yield process
     finally:
         process.terminate()
         try:
             process.wait(15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def free_port() -> int:
+    sock = free_socket()
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("acceptance-upstream")
+    upstreams = {name: RawUpstream(ok) for name in ROUTES}
+    dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens: connections are refused
+    port = free_port()
+    routes: dict[str, dict[str, object]] = {
+        name: {
+            "path": f"/{name}",
+            "auth": {"type": "none"},
+            **options,
+            **_upstream(name, upstreams, dead_url),
+        }
+        for name, options in ROUTES.items()
+    }
+    with run_gateway(tmp, port, routes) as process:
+        yield Gateway(process, port, tmp / "gateway.log", upstreams)
 
 
 def _upstream(name: str, upstreams: dict[str, RawUpstream], dead_url: str) -> dict[str, object]:
@@ -666,3 +680,190 @@ def test_large_answer_to_a_slow_reader_keeps_memory_bounded(gateway):
                 peak = max(peak, gateway.rss_bytes() - before)
     assert got == size
     assert peak < 64 * 1024 * 1024, peak
+
+
+def answers_in_turn(*raws: bytes) -> Behaviour:
+    """The n-th execution gets the n-th answer (the last one repeats); connections kept alive."""
+
+    def behaviour(conn: socket.socket, up: RawUpstream) -> None:
+        while up.request(conn) is not None:
+            with up.lock:
+                n = up.executions
+            conn.sendall(raws[min(n, len(raws)) - 1])
+
+    return behaviour
+
+
+def status(code: int, *headers: bytes) -> bytes:
+    extra = b"".join(h + b"\r\n" for h in headers)
+    return b"HTTP/1.1 %d X\r\n%sContent-Length: 2\r\n\r\n%02d" % (code, extra, code % 100)
+
+
+OK = status(200)
+
+
+def test_sparse_single_failures_seconds_apart_are_each_retried(gateway):
+    up = gateway.upstreams["default"]
+    for failure in (status(502), status(503), status(429, b"Retry-After: 1"), status(502)):
+        up.reset(answers_in_turn(failure, OK))
+        started = time.monotonic()
+        response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
+        assert response.status_code == 200, failure
+        assert up.executions == 2
+        if b"429" in failure:
+            assert time.monotonic() - started >= 0.9  # Retry-After honoured
+        time.sleep(1.5)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        status(504),
+        status(408),
+        status(424, b"ms-azureml-model-error-statuscode: 500", b"ms-azureml-model-error-reason: model_error"),
+    ],
+    ids=["504", "408", "424"],
+)
+def test_timeouts_and_model_errors_are_not_replayed(gateway, failure):
+    up = gateway.upstreams["default"]
+    up.reset(answers_in_turn(failure, OK))
+    response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
+    assert response.status_code == int(failure[9:12])
+    assert up.executions == 1
+    if response.status_code == 424:
+        assert response.headers["ms-azureml-model-error-statuscode"] == "500"
+        assert response.headers["ms-azureml-model-error-reason"] == "model_error"
+
+
+def test_one_attempt_means_one_execution_whatever_fails(gateway):
+    up = gateway.upstreams["once"]
+    for failure in (status(502), status(503), status(429, b"Retry-After: 1")):
+        up.reset(answers_in_turn(failure, OK))
+        response = httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10)
+        assert response.status_code == int(failure[9:12])
+        assert up.executions == 1
+
+
+def test_long_retry_after_is_passed_to_the_client(gateway):
+    up = gateway.upstreams["default"]
+    up.reset(answers_in_turn(status(429, b"Retry-After: 60"), OK))
+    started = time.monotonic()
+    response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "60"
+    assert time.monotonic() - started < 2
+    assert up.executions == 1
+
+
+def test_client_request_id_is_set_or_kept(gateway):
+    up = gateway.upstreams["default"]
+    up.reset(answers_in_turn(OK))
+    response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
+    request_id = response.headers["x-request-id"]
+    httpx.post(
+        gateway.url + "/default/score",
+        content=b"{}",
+        headers={"x-ms-client-request-id": "mine-1"},
+        timeout=10,
+    )
+    first, second = (head.lower() for head in up.heads)
+    assert b"x-ms-client-request-id: " + request_id.lower().encode() + b"\r\n" in first + b"\r\n"
+    assert second.count(b"x-ms-client-request-id") == 1 and b"x-ms-client-request-id: mine-1" in second
+
+
+def test_metrics_tell_the_status_codes_apart(gateway):
+    up = gateway.upstreams["once"]
+    for code in (401, 424, 429, 408):
+        up.reset(answers_in_turn(status(code)))
+        httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10)
+    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    for code in (401, 424, 429, 408):
+        assert any(
+            line.startswith("gateway_requests_total{")
+            and 'route="once"' in line
+            and f'status="{code}"' in line
+            for line in metrics.splitlines()
+        ), code
+        assert any(
+            line.startswith("gateway_upstream_responses_total{")
+            and 'route="once"' in line
+            and f'status="{code}"' in line
+            for line in metrics.splitlines()
+        ), code
+
+
+# ------------------------------------------------------------------------------ through a forward proxy
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, RawUpstream, RawUpstream]]:
+    """A gateway whose http upstreams are reached through proxy.py (absolute-form requests)."""
+    from test_egress import ForwardProxy
+
+    tmp = tmp_path_factory.mktemp("acceptance-proxied")
+    proxy = ForwardProxy(tmp)
+    once, default = RawUpstream(ok), RawUpstream(ok)
+    port = free_port()
+    routes: dict[str, dict[str, object]] = {
+        "once": {"path": "/once", "upstream": once.url, "auth": {"type": "none"}, **ROUTES["once"]},
+        "default": {
+            "path": "/default",
+            "upstream": default.url,
+            "auth": {"type": "none"},
+            **ROUTES["default"],
+        },
+    }
+    egress = {"egress": {"proxy": f"http://127.0.0.1:{proxy.port}", "no_proxy": []}}
+    try:
+        with run_gateway(tmp, port, routes, egress):
+            yield f"http://127.0.0.1:{port}", once, default
+    finally:
+        proxy.stop()
+
+
+def test_through_the_proxy_answers_arrive_whole_and_requests_run_once(proxied):
+    url, once, default = proxied
+    for up, route in ((once, "once"), (default, "default")):
+        up.reset(answers_in_turn(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG) + BIG))
+        with httpx.Client(timeout=10) as client:
+            for _ in range(3):
+                response = client.post(f"{url}/{route}/score", content=b"{}")
+                assert response.content == BIG
+        assert up.executions == 3
+        assert up.heads[0].startswith(b"POST /score HTTP/1.1")
+
+
+@pytest.mark.parametrize("route", ["once", "default"])
+def test_through_the_proxy_a_reset_after_the_request_runs_it_once(proxied, route):
+    url, once, default = proxied
+    up = once if route == "once" else default
+
+    def die(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is not None:
+            rst(conn)
+
+    up.reset(die)
+    response = httpx.post(f"{url}/{route}/score", content=b"{}", timeout=15)
+    assert response.status_code == 502
+    assert up.executions == 1
+
+
+def test_through_the_proxy_timeouts_hold(proxied):
+    url, once, _ = proxied
+
+    def silent(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is not None:
+            time.sleep(4)
+
+    once.reset(silent)
+    started = time.monotonic()
+    response = httpx.post(f"{url}/once/score", content=b"{}", timeout=10)
+    assert response.status_code == 504
+    assert 0.8 < time.monotonic() - started < 2.5
+    assert once.executions == 1
+
+
+def test_through_the_proxy_a_close_delimited_answer_arrives_whole(proxied):
+    url, once, _ = proxied
+    once.reset(answer_with(b"HTTP/1.1 200 OK\r\n\r\n" + BIG))
+    response = httpx.post(f"{url}/once/score", content=b"{}", timeout=10)
+    assert (response.status_code, response.content == BIG) == (200, True)
+    assert once.executions == 1
