@@ -214,6 +214,10 @@ class _Connection(asyncio.Protocol):
         # Bytes received while the answer's head is incomplete: an endless header line grows inside
         # httptools, out of sight of the callbacks, so the limit is enforced on what arrives.
         self.head_bytes = 0
+        # The same for trailer lines: from a chunk-size line until the chunk's data shows it was not
+        # the last chunk, bytes are counted (see `on_chunk_header`).
+        self.counting_trailers = False
+        self.trailer_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.total_timeout = 0.0
@@ -244,6 +248,8 @@ class _Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         if self.response is None:
             self.head_bytes += len(data)
+        elif self.counting_trailers:
+            self.trailer_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -254,8 +260,14 @@ class _Connection(asyncio.Protocol):
             elif self.state != CLOSED:  # else a callback failed the exchange already
                 self._protocol_error(f"invalid HTTP response from {self.origin.name}: {exc}")
             return
-        if self.response is None and self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
-            self._protocol_error(self._head_limit_message())
+        if self.response is None:
+            if self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
+                self._protocol_error(self._head_limit_message())
+        elif self.counting_trailers and self.trailer_bytes > MAX_RESPONSE_HEAD_BYTES:
+            self._protocol_error(
+                f"the trailers of {self.origin.name}'s chunked answer break the limit of "
+                f"{MAX_RESPONSE_HEAD_BYTES} bytes"
+            )
 
     def eof_received(self) -> bool | None:
         response = self.response
@@ -354,7 +366,16 @@ class _Connection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
             self._message_done()
 
+    def on_chunk_header(self) -> None:
+        # After the last chunk's size line come trailer lines, which httptools accumulates out of
+        # sight of the callbacks until each line ends: count what arrives until this chunk's data
+        # (`on_body`) shows that it was not the last chunk. (After the last one the answer is done and
+        # `begin` resets the count.)
+        self.counting_trailers = True
+        self.trailer_bytes = 0
+
     def on_body(self, body: bytes) -> None:
+        self.counting_trailers = False
         response = self.response
         if response is None or self.state == DONE:
             self._close_unsolicited()
@@ -380,6 +401,7 @@ class _Connection(asyncio.Protocol):
         if self._headers:
             self._headers = []  # trailers of the previous chunked answer: not this answer's headers
         self.head_bytes = 0
+        self.counting_trailers = False
         self.deadline = deadline
         self.total_timeout = total_timeout
         self.read_timeout = read_timeout

@@ -867,3 +867,51 @@ def test_through_the_proxy_a_close_delimited_answer_arrives_whole(proxied):
     response = httpx.post(f"{url}/once/score", content=b"{}", timeout=10)
     assert (response.status_code, response.content == BIG) == (200, True)
     assert once.executions == 1
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        b"5\r\nhello\r\n0\r\nX-Trailer: ",  # one endless trailer line
+        b"5\r\nhello\r\n0\r\n" + b"X-T: 1\r\n" * 50 + b"X-Trailer: ",  # after a few good ones
+        b"5;ext=",  # one endless chunk extension (cut by timeout_s: httptools keeps none of it)
+    ],
+    ids=["trailer", "trailer-after-trailers", "chunk-extension"],
+)
+def test_endless_trailer_or_chunk_extension_keeps_memory_bounded(gateway, start):
+    up = gateway.upstreams["once"]  # timeout_s 3
+
+    def endless(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + start)
+        block = b"a" * 65536
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            conn.sendall(block)
+
+    up.reset(endless)
+    before = gateway.rss_bytes()
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, gateway.rss_bytes() - before)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10).read()
+    finally:
+        elapsed = time.monotonic() - started
+        done.set()
+        watcher.join()
+    assert peak < 16 * 1024 * 1024, peak
+    if b"X-T" in start:  # a trailer past the head limits is cut at once, not at timeout_s
+        assert elapsed < 2, elapsed
+    assert up.executions == 1
