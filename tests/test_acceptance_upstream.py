@@ -158,7 +158,13 @@ ROUTES: dict[str, dict[str, object]] = {
     # a small pool
     "pool": {"max_connections": 1, "pool_timeout_s": 0.5, "timeout_s": 3},
     # streamed uploads (small replay buffer)
-    "upload": {"retry": {"attempts": 1}, "timeout_s": 5, "replay_buffer_bytes": 1024},
+    "upload": {
+        "retry": {"attempts": 1},
+        "timeout_s": 5,
+        "write_timeout_s": 1,
+        "replay_buffer_bytes": 1024,
+        "max_body_bytes": 64 * 1024 * 1024,
+    },
     # a dead upstream before a live one
     "pair": {"timeout_s": 3, "retry": {"backoff_base_s": 0.01}},
 }
@@ -915,3 +921,95 @@ def test_endless_trailer_or_chunk_extension_keeps_memory_bounded(gateway, start)
     if b"X-T" in start:  # a trailer past the head limits is cut at once, not at timeout_s
         assert elapsed < 2, elapsed
     assert up.executions == 1
+
+
+def test_upstream_that_stops_reading_the_upload_is_cut_by_write_timeout(gateway):
+    up = gateway.upstreams["upload"]  # write_timeout_s 1, timeout_s 5
+
+    def deaf(conn: socket.socket, up: RawUpstream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(4096)
+        with up.lock:
+            up.executions += 1
+        time.sleep(8)
+
+    up.reset(deaf)
+    size = 64 * 1024 * 1024
+    result: list[bytes] = []
+
+    def upload() -> None:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(b"POST /upload/score HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % size)
+            sock.settimeout(10)
+            try:
+                block = b"y" * 65536
+                for _ in range(size // len(block)):
+                    sock.sendall(block)
+            except OSError:
+                pass
+            try:
+                result.append(sock.recv(65536))
+            except OSError as exc:
+                result.append(repr(exc).encode())
+
+    started = time.monotonic()
+    thread = threading.Thread(target=upload)
+    thread.start()
+    thread.join(15)
+    elapsed = time.monotonic() - started
+    assert result and result[0].startswith(b"HTTP/1.1 504"), result[:1]
+    assert elapsed < 4.5, elapsed  # write_timeout_s 1 after the socket buffers filled, before timeout_s 5
+    assert up.executions == 1
+
+
+def test_client_gone_mid_answer_closes_the_upstream_connection(gateway):
+    up = gateway.upstreams["once"]
+    closed = threading.Event()
+
+    def slow_answer(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+        try:
+            for _ in range(100):
+                conn.sendall(b"x" * 100)
+                time.sleep(0.05)
+        except OSError:
+            closed.set()
+            return
+        conn.settimeout(0.1)
+        try:
+            if conn.recv(1) == b"":
+                closed.set()
+        except OSError:
+            closed.set()
+
+    up.reset(slow_answer)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(post("once"))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    assert closed.wait(8)
+
+
+def test_retry_after_as_a_date_is_passed_to_the_client(gateway):
+    from email.utils import formatdate
+
+    up = gateway.upstreams["default"]
+    when = formatdate(time.time() + 1, usegmt=True).encode()
+    up.reset(answers_in_turn(status(503, b"Retry-After: " + when), OK))
+    response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == when.decode()
+    assert up.executions == 1
+
+
+@pytest.mark.parametrize("value", [b"inf", b"-1", b"1e400", b"0x10", b""])
+def test_odd_retry_after_values_never_stall_or_break_the_request(gateway, value):
+    up = gateway.upstreams["default"]
+    up.reset(answers_in_turn(status(429, b"Retry-After: " + value), OK))
+    started = time.monotonic()
+    response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
+    assert response.status_code in (200, 429), response.content
+    assert time.monotonic() - started < 2
+    assert up.executions <= 3
