@@ -167,6 +167,8 @@ ROUTES: dict[str, dict[str, object]] = {
     },
     # a dead upstream before a live one
     "pair": {"timeout_s": 3, "retry": {"backoff_base_s": 0.01}},
+    # an upstream whose accept queue is full: connections hang in the handshake
+    "backlog": {"timeout_s": 3, "connect_timeout_s": 0.5, "retry": {"backoff_base_s": 0.01}},
 }
 
 
@@ -221,13 +223,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("acceptance-upstream")
     upstreams = {name: RawUpstream(ok) for name in ROUTES}
     dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens: connections are refused
+    backlog = FullBacklog()
     port = free_port()
     routes: dict[str, dict[str, object]] = {
         name: {
             "path": f"/{name}",
             "auth": {"type": "none"},
             **options,
-            **_upstream(name, upstreams, dead_url),
+            **_upstream(name, upstreams, dead_url, backlog),
         }
         for name, options in ROUTES.items()
     }
@@ -235,9 +238,30 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield Gateway(process, port, tmp / "gateway.log", upstreams)
 
 
-def _upstream(name: str, upstreams: dict[str, RawUpstream], dead_url: str) -> dict[str, object]:
+class FullBacklog:
+    """A listening socket that never accepts, its accept queue filled: the kernel drops new SYNs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.sock.getsockname())
+            self.fillers.append(filler)
+        time.sleep(0.2)
+
+
+def _upstream(
+    name: str, upstreams: dict[str, RawUpstream], dead_url: str, backlog: FullBacklog
+) -> dict[str, object]:
     if name == "pair":
         return {"upstreams": [{"url": dead_url}, {"url": upstreams[name].url}]}
+    if name == "backlog":
+        return {"upstream": backlog.url}
     return {"upstream": upstreams[name].url}
 
 
@@ -1013,3 +1037,133 @@ def test_odd_retry_after_values_never_stall_or_break_the_request(gateway, value)
     assert response.status_code in (200, 429), response.content
     assert time.monotonic() - started < 2
     assert up.executions <= 3
+
+
+def test_concurrent_requests_never_get_each_others_answers(gateway):
+    """Echoing upstream that closes some connections after answering, sends junk after others, and
+    answers close-delimited, chunked or with Content-Length in turn: each client gets its own body."""
+    up = gateway.upstreams["default"]
+
+    def echo(conn: socket.socket, up: RawUpstream) -> None:
+        while (got := up.request(conn)) is not None:
+            body = got[1]
+            with up.lock:
+                n = up.executions
+            kind = n % 4
+            if kind == 0:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            elif kind == 1:
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                    % (len(body), body)
+                )
+            elif kind == 2:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + body)
+                return
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%sJUNK" % (len(body), body))
+
+    up.reset(echo)
+    failures: list[str] = []
+
+    def client(worker: int) -> None:
+        with httpx.Client(timeout=10) as http:
+            for i in range(15):
+                body = b'{"worker": %d, "i": %d, "pad": "%s"}' % (worker, i, b"p" * (worker * 97 % 3000))
+                try:
+                    response = http.post(gateway.url + "/default/score", content=body)
+                except httpx.HTTPError as exc:
+                    failures.append(f"{worker}/{i}: {exc!r}")
+                    continue
+                if response.status_code != 200 or response.content != body:
+                    failures.append(f"{worker}/{i}: {response.status_code} {response.content[:80]!r}")
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures, failures[:5]
+    assert up.executions == 16 * 15
+
+
+def _accept_rst(conn: socket.socket, up: RawUpstream) -> None:
+    rst(conn)
+
+
+def _mid_body_rst(conn: socket.socket, up: RawUpstream) -> None:
+    conn.recv(1000)
+    rst(conn)
+
+
+def _cut_head(then: str) -> Behaviour:
+    def behaviour(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Len")
+        time.sleep(0.1)
+        if then == "rst":
+            rst(conn)
+
+    return behaviour
+
+
+def _fin_after_head(conn: socket.socket, up: RawUpstream) -> None:
+    if up.request(conn) is not None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+
+
+def _silent(conn: socket.socket, up: RawUpstream) -> None:
+    time.sleep(4)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [
+        (_accept_rst, 502),
+        (_mid_body_rst, 502),
+        (_cut_head("rst"), 502),
+        (_cut_head("fin"), 502),
+        (_fin_after_head, 200),  # head passed on; the body never completes (checked below)
+        (_silent, 504),
+    ],
+    ids=["accept-rst", "mid-body-rst", "partial-head-rst", "partial-head-fin", "fin-after-head", "silent"],
+)
+@pytest.mark.parametrize("route", ["once", "default"])
+def test_failures_at_every_phase_answer_promptly_and_run_at_most_once(gateway, route, behaviour, expected):
+    up = gateway.upstreams[route]
+    up.reset(behaviour)
+    started = time.monotonic()
+    body = b'{"pad": "%s"}' % (b"q" * 200_000)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(post(route, body))
+        data = b""
+        sock.settimeout(10)
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            if expected != 200 and b"\r\n\r\n" in data:
+                break
+    elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 %d" % expected), data[:300]
+    if expected == 200:  # the head promised 10 bytes and none came: the client must see a cut answer
+        assert not data.endswith(b"\r\n\r\n0\r\n\r\n") and b"content-length: 10" in data.lower()
+        assert len(data.partition(b"\r\n\r\n")[2]) < 10
+    assert elapsed < 2.5, elapsed
+    assert up.executions <= 1
+    assert up.connections <= (2 if route == "once" else 3)
+
+
+def test_connect_timeout_bounds_a_handshake_that_never_completes(gateway):
+    started = time.monotonic()
+    response = httpx.post(gateway.url + "/backlog/score", content=b"{}", timeout=10)
+    elapsed = time.monotonic() - started
+    assert response.status_code in (502, 504), response.content
+    assert "connect_timeout_s" in response.text or error_code(response)
+    assert elapsed < 2.5, elapsed  # 0.5 s per attempt, three attempts (nothing was sent)
+    print("connect timeout answer", response.status_code, error_code(response), round(elapsed, 2))
