@@ -1167,3 +1167,68 @@ def test_connect_timeout_bounds_a_handshake_that_never_completes(gateway):
     assert "connect_timeout_s" in response.text or error_code(response)
     assert elapsed < 2.5, elapsed  # 0.5 s per attempt, three attempts (nothing was sent)
     print("connect timeout answer", response.status_code, error_code(response), round(elapsed, 2))
+
+
+def test_failure_storm_leaks_neither_memory_nor_connections(gateway):
+    """A few hundred requests meeting every kind of upstream failure; afterwards the gateway holds no
+    more file descriptors than before (plus pooled connections) and has not grown."""
+    up = gateway.upstreams["default"]
+    kinds = [
+        _accept_rst,
+        _cut_head("rst"),
+        _fin_after_head,
+        answer_with(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+        answer_with(b"HTTP/1.1 200 OK\r\n\r\n" + b"c" * 5000),
+        answer_with(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"),
+        answer_with(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"),
+    ]
+    fds = Path(f"/proc/{gateway.process.pid}/fd")
+
+    def storm() -> None:
+        for behaviour in kinds:
+            up.reset(behaviour)
+            with httpx.Client(timeout=10) as client:
+                for _ in range(20):
+                    try:
+                        client.post(gateway.url + "/default/score", content=b"{}").read()
+                    except httpx.HTTPError:
+                        pass
+
+    storm()  # warm up: allocator arenas, caches
+    up.reset(ok)
+    time.sleep(0.5)
+    fds_before = len(list(fds.iterdir()))
+    rss_before = gateway.rss_bytes()
+    for _ in range(3):
+        storm()
+    up.reset(ok)
+    time.sleep(0.5)
+    fds_after = len(list(fds.iterdir()))
+    growth = gateway.rss_bytes() - rss_before
+    print("fds", fds_before, fds_after, "rss growth", growth)
+    assert fds_after <= fds_before + 2, (fds_before, fds_after)
+    assert growth < 8 * 1024 * 1024, growth
+
+
+def test_an_outage_is_not_amplified_beyond_the_retry_budget(gateway):
+    """Every answer 503: retries stay within min_retries_per_s x 10 s + budget_ratio x requests."""
+    up = gateway.upstreams["default"]  # attempts 3, min_retries_per_s 10, budget_ratio 0.2
+    up.reset(answers_in_turn(status(503)))
+    requests = 240
+
+    def client(n: int) -> None:
+        with httpx.Client(timeout=10) as http:
+            for _ in range(n):
+                assert http.post(gateway.url + "/default/score", content=b"{}").status_code == 503
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(requests // 8,)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    elapsed = time.monotonic() - started
+    retries = up.executions - requests
+    print("outage: requests", requests, "retries", retries, "in", round(elapsed, 1), "s")
+    assert elapsed < 10  # the whole burst inside one budget window
+    assert retries <= 10 * 10 + 0.2 * requests + 1, retries
