@@ -1232,3 +1232,17 @@ def test_an_outage_is_not_amplified_beyond_the_retry_budget(gateway):
     print("outage: requests", requests, "retries", retries, "in", round(elapsed, 1), "s")
     assert elapsed < 10  # the whole burst inside one budget window
     assert retries <= 10 * 10 + 0.2 * requests + 1, retries
+
+
+def test_an_answer_cut_by_the_upstream_is_logged_once_as_a_warning(gateway):
+    """The gateway's warning says what happened; uvicorn's generic ERROR line about the unfinished
+    response would page an operator for every upstream that breaks off an answer."""
+    up = gateway.upstreams["once"]
+    up.reset(_fin_after_head)
+    before = gateway.log().count("\n")
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10).read()
+    time.sleep(0.3)
+    lines = gateway.log().splitlines()[before:]
+    assert [line for line in lines if "failed mid-response" in line and "WARNING" in line], lines
+    assert not [line for line in lines if " ERROR " in line], lines
