@@ -1246,3 +1246,51 @@ def test_an_answer_cut_by_the_upstream_is_logged_once_as_a_warning(gateway):
     lines = gateway.log().splitlines()[before:]
     assert [line for line in lines if "failed mid-response" in line and "WARNING" in line], lines
     assert not [line for line in lines if " ERROR " in line], lines
+
+
+def test_http10_client_gets_a_close_delimited_answer_whole(gateway):
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\n\r\n" + BIG))
+    data = raw_exchange(gateway, b"POST /once/score HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert rest == BIG + b"<EOF>" or (
+        b"transfer-encoding: chunked" not in head.lower() and rest[: len(BIG)] == BIG
+    )
+
+
+def test_waiters_of_a_full_pool_get_fresh_connections_when_the_upstream_closes_each(gateway):
+    up = gateway.upstreams["pool"]  # max_connections 1, pool_timeout_s 0.5
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"))
+    results: list[int] = []
+
+    def one() -> None:
+        results.append(httpx.post(gateway.url + "/pool/score", content=b"{}", timeout=10).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert sorted(results) in ([200, 200, 200, 200], [200, 200, 200, 503], [200, 200, 503, 503]), results
+    assert up.executions == results.count(200)
+
+
+def test_head_answer_followed_by_a_body_never_answers_the_next_request(gateway):
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", then="keep"))
+    with httpx.Client(timeout=10) as client:
+        for _ in range(3):
+            response = client.head(gateway.url + "/once/score")
+            assert (response.status_code, response.content) == (200, b"")
+            time.sleep(0.1)
+        up.reset(answer_with(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", then="keep"))
+        assert client.post(gateway.url + "/once/score", content=b"{}").content == b"ok"
+
+
+def test_http10_client_gets_an_error_not_a_cut_answer_when_the_upstream_breaks_off(gateway):
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", then="rst"))
+    data = raw_exchange(gateway, b"POST /once/score HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+    assert data.startswith(b"HTTP/1.1 502"), data[:300]
+    assert b"upstream_unreachable" in data
