@@ -167,6 +167,8 @@ ROUTES: dict[str, dict[str, object]] = {
     },
     # a dead upstream before a live one
     "pair": {"timeout_s": 3, "retry": {"backoff_base_s": 0.01}},
+    # the default replay policy, for the retry budget alone (no other test's requests in its window)
+    "budget": {"timeout_s": 3, "retry": {"backoff_base_s": 0.01}},
     # an upstream whose accept queue is full: connections hang in the handshake
     "backlog": {"timeout_s": 3, "connect_timeout_s": 0.5, "retry": {"backoff_base_s": 0.01}},
 }
@@ -1212,14 +1214,14 @@ def test_failure_storm_leaks_neither_memory_nor_connections(gateway):
 
 def test_an_outage_is_not_amplified_beyond_the_retry_budget(gateway):
     """Every answer 503: retries stay within min_retries_per_s x 10 s + budget_ratio x requests."""
-    up = gateway.upstreams["default"]  # attempts 3, min_retries_per_s 10, budget_ratio 0.2
+    up = gateway.upstreams["budget"]  # attempts 3, min_retries_per_s 10, budget_ratio 0.2
     up.reset(answers_in_turn(status(503)))
     requests = 240
 
     def client(n: int) -> None:
         with httpx.Client(timeout=10) as http:
             for _ in range(n):
-                assert http.post(gateway.url + "/default/score", content=b"{}").status_code == 503
+                assert http.post(gateway.url + "/budget/score", content=b"{}").status_code == 503
 
     started = time.monotonic()
     threads = [threading.Thread(target=client, args=(requests // 8,)) for _ in range(8)]
