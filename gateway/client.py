@@ -214,6 +214,10 @@ class _Connection(asyncio.Protocol):
         # Bytes received while the answer's head is incomplete: an endless header line grows inside
         # httptools, out of sight of the callbacks, so the limit is enforced on what arrives.
         self.head_bytes = 0
+        # The same for trailer lines: from a chunk-size line until the chunk's data shows it was not
+        # the last chunk, bytes are counted (see `on_chunk_header`).
+        self.counting_trailers = False
+        self.trailer_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.total_timeout = 0.0
@@ -244,6 +248,8 @@ class _Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         if self.response is None:
             self.head_bytes += len(data)
+        elif self.counting_trailers:
+            self.trailer_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -254,8 +260,14 @@ class _Connection(asyncio.Protocol):
             elif self.state != CLOSED:  # else a callback failed the exchange already
                 self._protocol_error(f"invalid HTTP response from {self.origin.name}: {exc}")
             return
-        if self.response is None and self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
-            self._protocol_error(self._head_limit_message())
+        if self.response is None:
+            if self.head_bytes > MAX_RESPONSE_HEAD_BYTES:
+                self._protocol_error(self._head_limit_message())
+        elif self.counting_trailers and self.trailer_bytes > MAX_RESPONSE_HEAD_BYTES:
+            self._protocol_error(
+                f"the trailers of {self.origin.name}'s chunked answer break the limit of "
+                f"{MAX_RESPONSE_HEAD_BYTES} bytes"
+            )
 
     def eof_received(self) -> bool | None:
         response = self.response
@@ -302,6 +314,14 @@ class _Connection(asyncio.Protocol):
         if len(headers) > MAX_RESPONSE_HEADERS:
             self._protocol_error(self._head_limit_message())
             raise _StopParsing
+        if len(name) == 17 and name.lower() == b"transfer-encoding" and value.lower() != b"chunked":
+            # Transfer-Encoding is hop by hop, so it is not passed on: a body in any other coding
+            # (gzip, or close-delimited behind one) would reach the client altered without a word.
+            self._protocol_error(
+                f"the upstream {self.origin.name} sent Transfer-Encoding: "
+                f"{value.decode('latin-1', 'replace')[:100]!r}; only chunked is supported"
+            )
+            raise _StopParsing
 
     def on_headers_complete(self) -> None:
         if self.state == DONE:
@@ -346,7 +366,16 @@ class _Connection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
             self._message_done()
 
+    def on_chunk_header(self) -> None:
+        # After the last chunk's size line come trailer lines, which httptools accumulates out of
+        # sight of the callbacks until each line ends: count what arrives until this chunk's data
+        # (`on_body`) shows that it was not the last chunk. (After the last one the answer is done and
+        # `begin` resets the count.)
+        self.counting_trailers = True
+        self.trailer_bytes = 0
+
     def on_body(self, body: bytes) -> None:
+        self.counting_trailers = False
         response = self.response
         if response is None or self.state == DONE:
             self._close_unsolicited()
@@ -372,6 +401,7 @@ class _Connection(asyncio.Protocol):
         if self._headers:
             self._headers = []  # trailers of the previous chunked answer: not this answer's headers
         self.head_bytes = 0
+        self.counting_trailers = False
         self.deadline = deadline
         self.total_timeout = total_timeout
         self.read_timeout = read_timeout
@@ -752,15 +782,7 @@ class UpstreamClient:
                     conn.sent(True, False)
             else:
                 transport.write(head)
-                complete = True
-                async for chunk in body:
-                    if conn.state != SENDING or waiter.done():
-                        complete = False  # answered (or failed) already: stop sending
-                        break
-                    transport.write(chunk)
-                    if conn.writing_paused:
-                        await conn.drain()
-                conn.sent(complete, True)
+                conn.sent(await _send_stream(conn, transport, body, waiter), True)
             return await waiter
         except BaseException:
             conn.abort()
@@ -776,6 +798,35 @@ class UpstreamClient:
         for origin in self._origins.values():
             while origin.idle:
                 origin.idle.pop().abort()
+
+
+async def _send_stream(
+    conn: _Connection,
+    transport: asyncio.Transport,
+    body: AsyncIterator[bytes],
+    waiter: asyncio.Future[UpstreamResponse],
+) -> bool:
+    """Write a streamed body: True once all of it is written, False when the answer (or a failure)
+    came first. The wait for the client's next chunk is raced against the answer, so a client that
+    pauses its upload never holds back an answer that has already arrived."""
+    chunks = aiter(body)
+    while True:
+        reading = asyncio.ensure_future(anext(chunks, None))
+        try:
+            if not reading.done():
+                await asyncio.wait((reading, waiter), return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                return False
+            chunk = reading.result()
+        finally:
+            reading.cancel()  # no-op when done; else the body is abandoned: stop waiting for it
+        if chunk is None:
+            return True
+        if conn.state != SENDING or waiter.done():
+            return False  # answered (or failed) already: stop sending
+        transport.write(chunk)
+        if conn.writing_paused:
+            await conn.drain()
 
 
 def _close_delimited(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -93,3 +93,15 @@ def configure(level: str = "info", fmt: str = "text", stream: Any = None) -> Non
     # every request and response header through `uvicorn.error`.
     for name in ("uvicorn.error", "websockets"):
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _UnfinishedResponseFilter) for f in uvicorn_error.filters):
+        uvicorn_error.addFilter(_UnfinishedResponseFilter())
+
+
+class _UnfinishedResponseFilter(logging.Filter):
+    """Drops uvicorn's ERROR line for an answer the application left unfinished: the gateway does that
+    on purpose to cut off the client connection (an upstream broke off its answer), and has already
+    logged why, as a warning naming the request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "ASGI callable returned without completing response."

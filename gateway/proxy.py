@@ -27,6 +27,10 @@ from gateway.errors import (
     Overloaded,
     RouteNotFound,
     TransportError,
+    TransportTimeout,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_headers
 from gateway.paths import check_path
@@ -51,6 +55,10 @@ ABSOLUTE_FORM = "gateway.absolute_form"
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FORWARDED_PROTO = {scheme: b"X-Forwarded-Proto: %s\r\n" % scheme.encode() for scheme in ("http", "https")}
+
+
+# An answer without Content-Length for an HTTP/1.0 client is collected to learn its length, up to this.
+HTTP10_ANSWER_BYTES = 16 * 1024 * 1024
 
 
 class ClientDisconnected(Exception):
@@ -217,7 +225,10 @@ class Proxy:
         try:
             response = await self._attempts(route, record, common, target, body, stream, grant)
             try:
-                await self._stream_response(response, send, record)
+                if scope.get("http_version") == "1.0" and _needs_length(response, record.method):
+                    await self._send_with_length(response, send, record)
+                else:
+                    await self._stream_response(response, send, record)
             finally:
                 response.release()
         finally:
@@ -319,6 +330,37 @@ class Proxy:
             record.headers_at = time.perf_counter()
             return response
 
+    async def _send_with_length(self, response: UpstreamResponse, send: Send, record: RequestRecord) -> None:
+        """The whole answer, collected up to `HTTP10_ANSWER_BYTES`, then sent with its Content-Length."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                chunk = await response.next_chunk()
+            except TransportTimeout as exc:
+                raise UpstreamTimeout(str(exc)) from None
+            except TransportError as exc:
+                raise UpstreamUnreachable(str(exc)) from None
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > HTTP10_ANSWER_BYTES:
+                raise UpstreamProtocolError(
+                    f"the upstream's answer has no Content-Length and is over {HTTP10_ANSWER_BYTES} bytes, "
+                    "more than the gateway collects for an HTTP/1.0 client; send the request as HTTP/1.1"
+                )
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        request_id = record.request_id
+        assert request_id is not None
+        headers = response_headers(response.headers, request_id.encode("latin-1"))
+        headers.append((b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        record.response_started = True
+        record.status = response.status
+        record.bytes_out = len(body)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
     async def _stream_response(self, response: UpstreamResponse, send: Send, record: RequestRecord) -> None:
         request_id = record.request_id
         assert request_id is not None
@@ -358,6 +400,14 @@ class Proxy:
             raise _UpstreamAborted from None
         record.bytes_out = sent
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _needs_length(response: UpstreamResponse, method: str) -> bool:
+    """An answer with a body but no Content-Length, for an HTTP/1.0 client: uvicorn would send it
+    chunked, which such a client cannot read (it would take the chunk framing for body bytes)."""
+    if method == "HEAD" or response.status == 204 or response.status == 304:
+        return False
+    return not any(name.lower() == b"content-length" for name, _ in response.headers)
 
 
 def _bodyless(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

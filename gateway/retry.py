@@ -261,7 +261,7 @@ class ReplayPolicy:
             seconds = float(value)
         except ValueError:
             return None  # an HTTP date: far enough away to pass it on
-        if seconds > self.retry_after_cap_s:
+        if not seconds <= self.retry_after_cap_s:  # also NaN, which compares false with everything
             return None
         return max(seconds, 0.0)
 
