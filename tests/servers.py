@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
+import yaml
 
 from gateway.app import GatewayApp
 from gateway.server_protocol import GatewayHttpToolsProtocol, InboundLimits, http_protocol
@@ -83,3 +90,37 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def gateway_process(config: dict[str, Any], tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A real `gateway serve` with `config` (written to `tmp`), its output in `tmp/gateway.log`; yields
+    (process, log path) once /healthz answers on the config's port, and stops it afterwards."""
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp / "gateway.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{config['server']['port']}/healthz"
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"gateway did not start: {log_path.read_text()}"
+            time.sleep(0.05)
+        yield process, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -10,8 +10,6 @@ import json
 import logging
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
-from servers import ServerThread, free_socket
+from servers import ServerThread, free_socket, gateway_process
 from test_inbound_attacks import Gateway, _error_code, _read_all, _responses
 from test_inbound_lifecycle import RawUpstream, _access_lines, _config, _raw_client, _wait
 from test_inbound_tls import Ca, _free_port, _request, _stop, _tls_client, _wait_listening
@@ -51,34 +48,8 @@ def _serve(tmp: Path, server: dict[str, Any], route: dict[str, Any] | None = Non
                 }
             },
         }
-        path = tmp / "gateway.yaml"
-        path.write_text(yaml.safe_dump(config))
-        log_path = tmp / "gateway.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        gw = Gateway(process, port, upstream, log_path)
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                assert process.poll() is None, gw.log()
-                try:
-                    if httpx.get(gw.url + "/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, f"gateway did not start: {gw.log()}"
-                time.sleep(0.05)
-            yield gw
-        finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        with gateway_process(config, tmp) as (process, log_path):
+            yield Gateway(process, port, upstream, log_path)
 
 
 @pytest.fixture(scope="module")

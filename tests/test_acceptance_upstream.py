@@ -11,7 +11,6 @@ import contextlib
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from servers import free_socket
+from servers import free_socket, gateway_process
 
 Behaviour = Callable[[socket.socket, "RawUpstream"], None]
 
@@ -184,33 +182,8 @@ def run_gateway(
         "routes": routes,
         **(extra or {}),
     }
-    path = tmp / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log_path = tmp / "gateway.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"gateway did not start: {log_path.read_text()}"
-            time.sleep(0.05)
+    with gateway_process(config, tmp) as (process, _):
         yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def free_port() -> int:

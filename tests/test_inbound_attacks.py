@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from servers import ServerThread, free_socket
+from servers import ServerThread, free_socket, gateway_process
 from upstream import Upstream
 
 HEADER_TIMEOUT_S = 1.0
@@ -79,34 +79,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             },
             "routes": {"iris": {"path": "/iris", "upstream": up.url + "/api", "auth": {"type": "none"}}},
         }
-        path = tmp / "gateway.yaml"
-        path.write_text(yaml.safe_dump(config))
-        log_path = tmp / "gateway.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        gw = Gateway(process, port, upstream, log_path)
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                assert process.poll() is None, gw.log()
-                try:
-                    if httpx.get(gw.url + "/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, f"gateway did not start: {gw.log()}"
-                time.sleep(0.05)
-            yield gw
-        finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        with gateway_process(config, tmp) as (process, log_path):
+            yield Gateway(process, port, upstream, log_path)
 
 
 def _connect(gw: Gateway, timeout: float = 5.0) -> socket.socket:
