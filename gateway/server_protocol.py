@@ -282,6 +282,9 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         ):
             raise _Refused(self._headers_too_large())
         name = name.lower()
+        # As uvicorn's own `on_header` does: llhttp keeps trailing whitespace, which RFC 9110 5.5
+        # excludes from the value (`x-gateway-key: KEY ` is the key KEY).
+        value = value.rstrip(b" \t")
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         elif name == b"host":

@@ -477,3 +477,56 @@ def test_not_modified_with_content_length_from_a_raw_upstream(gateway_factory, c
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+def _raw_exchange(port: int, head: bytes, *, wait_for: bytes = b"\r\n\r\n", body: bytes = b"") -> bytes:
+    """Send `head` on a raw socket and read until `wait_for` arrived (or 10 s); with `body`, then send it
+    and read on until the next answer's head is complete."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while wait_for not in answer:
+            data = sock.recv(65536)
+            if not data:
+                return answer
+            answer += data
+        if body:
+            sock.sendall(body)
+            seen = answer.index(wait_for) + len(wait_for)
+            while answer.count(b"\r\n\r\n", seen) < 2:  # the 100's blank line, then the answer's
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        return answer
+
+
+def test_header_values_lose_trailing_whitespace_as_rfc_9110_says(upstream, gateway_factory, monkeypatch):
+    """llhttp keeps a header value's trailing spaces and tabs (optional whitespace, not part of the
+    value): an API key or `Expect: 100-continue` followed by a space must work as without it."""
+    import hashlib
+
+    _, server = upstream
+    gw = gateway_factory(
+        {
+            "inbound": {
+                "api_keys": [{"name": "app", "sha256": hashlib.sha256(b"client-key-123456").hexdigest()}]
+            },
+            "routes": {"iris": key_route(server.url, **_env_keys(monkeypatch))},
+        }
+    )
+    answer = _raw_exchange(
+        gw.port, b"GET /iris/echo HTTP/1.1\r\nHost: x\r\nx-gateway-key: client-key-123456 \t\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+    # The client waits for 100 Continue before it sends its body (up to the socket's 10 s timeout).
+    answer = _raw_exchange(
+        gw.port,
+        b"POST /iris/echo HTTP/1.1\r\nHost: x\r\nx-gateway-key: client-key-123456\r\n"
+        b"Expect: 100-continue \r\nContent-Length: 2\r\n\r\n",
+        wait_for=b"100 Continue",
+        body=b"{}",
+    )
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n"), answer[:300]
+    assert b"HTTP/1.1 200" in answer, answer[:500]
