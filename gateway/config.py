@@ -532,7 +532,8 @@ class RetryConfig(_Model):
     attempts: int = Field(3, ge=1, le=10, description="Upstream attempts per request, the first included.")
     on_statuses: list[int] = Field(
         default_factory=lambda: [429, 502, 503],
-        description="Upstream statuses replayed (429 and 503 honour Retry-After); never 424.",
+        description="Upstream error statuses (4xx, 5xx) replayed (429 and 503 honour Retry-After); never "
+        "424; 504 and 408 through `on_timeouts`, not here.",
     )
     on_connection_errors: bool = Field(
         True, description="Replay when the connection failed before any byte of the request was sent."
@@ -560,13 +561,33 @@ class RetryConfig(_Model):
 
     @field_validator("on_statuses")
     @classmethod
-    def _never_424(cls, value: list[int]) -> list[int]:
+    def _error_statuses_never_424(cls, value: list[int]) -> list[int]:
+        for status in value:
+            if not 400 <= status <= 599:
+                # A replayed 2xx or 3xx would run a request again that the upstream answered.
+                raise ValueError(
+                    f"{status} is not an error status: only 4xx and 5xx answers can be replayed, "
+                    "e.g. [429, 502, 503]"
+                )
         if 424 in value:
             raise ValueError(
                 "424 means the model itself failed (score.py raised or the container crashed); replaying "
                 "it fails again: remove 424"
             )
         return value
+
+    @model_validator(mode="after")
+    def _timeout_statuses_with_on_timeouts(self) -> RetryConfig:
+        named = sorted(set(self.on_statuses) & {408, 504}, reverse=True)
+        if named and not self.on_timeouts:
+            # One switch decides "the model may still be working on it": listed here without it, a
+            # 504 would be replayed while a timeout of the same request would not.
+            raise ValueError(
+                f"on_statuses lists {' and '.join(map(str, named))}: 504 and 408 are replayed by "
+                "retry.on_timeouts (the model may still be working on the request): remove them from "
+                "on_statuses and set on_timeouts: true to replay them"
+            )
+        return self
 
 
 class OutlierConfig(_Model):

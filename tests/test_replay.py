@@ -201,6 +201,35 @@ def test_424_in_on_statuses_is_refused():
     assert "424" in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("retry", "says"),
+    [
+        ({"on_statuses": [503, 504]}, "504 and 408 are replayed by retry.on_timeouts"),
+        ({"on_statuses": [408]}, "504 and 408 are replayed by retry.on_timeouts"),
+        ({"on_statuses": [200, 503]}, "200 is not an error status"),
+        ({"on_statuses": [302]}, "302 is not an error status"),
+        ({"on_statuses": [99]}, "99 is not an error status"),
+        ({"on_statuses": [600]}, "600 is not an error status"),
+    ],
+)
+def test_on_statuses_takes_only_error_statuses_and_timeouts_only_with_on_timeouts(retry, says):
+    """A replayed 2xx would execute a request twice that succeeded; a replayed 504 or 408 (the model may
+    still be working on it) is the choice `on_timeouts` makes, explicitly."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"routes": {"iris": open_route("http://u", retry=retry)}})
+    assert says in str(raised.value) and "routes.iris.retry" in str(raised.value), raised.value
+    assert "on_statuses" in str(raised.value)
+    # With the switch set, naming them as well is consistent.
+    config = parse_config(
+        {
+            "routes": {
+                "iris": open_route("http://u", retry={"on_statuses": [503, 504, 408], "on_timeouts": True})
+            }
+        }
+    )
+    assert {408, 504} <= ReplayPolicy.from_config(config.routes["iris"].retry).statuses
+
+
 def test_default_retry_statuses():
     config = parse_config({"routes": {"iris": open_route("http://u")}})
     retry = config.routes["iris"].retry
