@@ -303,32 +303,47 @@ class Proxy:
                 record.upstream = upstream  # the one that failed, for the span and the record's readers
                 raise failure.error from None
 
-            status = response.status
-            balancer.answered(upstream, status, record)
-            if status in credential.rejection_statuses:
-                replacement = await credential.rejected(grant)
-                if replacement is not None and policy.allows_credential_replay(
-                    replayable, record.credential_replays, deadline
-                ):
-                    await _discard(response)
-                    record.credential_replays += 1
-                    grant = replacement
-                    record.credential = grant.slot
-                    continue
-            else:
-                credential.accepted(grant)
-                if status in policy.statuses:
-                    wait = policy.status_delay(response.headers, record.retries + 1)
-                    if wait is not None and policy.allows(replayable, record.attempts, wait, deadline):
-                        await _discard(response)
-                        tried = (*tried, upstream)
-                        record.retries += 1
-                        await asyncio.sleep(wait)
-                        continue
-            record.upstream_status = status
-            record.upstream = upstream
-            record.headers_at = time.perf_counter()
-            return response
+            # From here the answer is owned by this frame until it is discarded (before a replay) or
+            # returned (the caller streams and releases it): whatever ends the request at an await in
+            # between (the client left during a credential re-check, a cancellation, an exception),
+            # the `except` gives the connection back. Waits that follow a discard hold nothing.
+            try:
+                status = response.status
+                balancer.answered(upstream, status, record)
+                replacement: Grant | None = None
+                wait: float | None = None
+                if status in credential.rejection_statuses:
+                    replacement = await credential.rejected(grant)
+                    if replacement is not None and not policy.allows_credential_replay(
+                        replayable, record.credential_replays, deadline
+                    ):
+                        replacement = None
+                else:
+                    credential.accepted(grant)
+                    if status in policy.statuses:
+                        wait = policy.status_delay(response.headers, record.retries + 1)
+                        if wait is not None and not policy.allows(
+                            replayable, record.attempts, wait, deadline
+                        ):
+                            wait = None
+                if replacement is None and wait is None:
+                    record.upstream_status = status
+                    record.upstream = upstream
+                    record.headers_at = time.perf_counter()
+                    return response
+                await _discard(response)
+            except BaseException:
+                response.release()
+                raise
+            if replacement is not None:
+                record.credential_replays += 1
+                grant = replacement
+                record.credential = grant.slot
+                continue
+            assert wait is not None
+            tried = (*tried, upstream)
+            record.retries += 1
+            await asyncio.sleep(wait)
 
     async def _send_with_length(self, response: UpstreamResponse, send: Send, record: RequestRecord) -> None:
         """The whole answer, collected up to `HTTP10_ANSWER_BYTES`, then sent with its Content-Length."""
