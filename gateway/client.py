@@ -31,6 +31,7 @@ import asyncio
 import collections
 import logging
 import select
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -111,6 +112,8 @@ class Origin:
         self.idle: collections.deque[_Connection] = collections.deque()
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
+        # The certificate the origin presented when the gateway last refused it (see _certificate_problem).
+        self.presented: tuple[float, _Presented | None] | None = None
 
     def __repr__(self) -> str:
         return f"Origin({self.scheme}://{self.host}:{self.port})"
@@ -282,14 +285,17 @@ class _Connection(asyncio.Protocol):
         self.state = CLOSED
         self._cancel_timers()
         if state != IDLE and state != DONE and state != CLOSED:
+            reset = isinstance(exc, ConnectionResetError)
             self._fail(
                 ConnectionLost(
-                    f"the upstream {self.origin.name} closed the connection"
-                    + (f" ({type(exc).__name__})" if exc is not None else "")
+                    f"the upstream {self.origin.name} "
+                    + ("reset the connection" if reset else "closed the connection")
+                    + (f" ({type(exc).__name__})" if exc is not None and not reset else "")
                     + (" before answering" if not self.received_any else " mid-answer"),
                     request_sent=self.request_sent,
                     reused=self.reused,
                     received_any=self.received_any,
+                    cause="reset" if reset else "closed",
                 )
             )
         # Break the protocol <-> parser and connection <-> response cycles now, so their buffers are
@@ -628,19 +634,25 @@ class UpstreamClient:
             _, conn = await egress.open_connection(
                 loop, lambda: _Connection(origin, self), origin, origin.ssl, limit_s
             )
-        except TimeoutError:
+        except TimeoutError as exc:
             via = f" through the egress proxy {origin.proxy.address}" if origin.proxy is not None else ""
             raise TransportTimeout(
-                f"no connection to {origin.name}{via} within {limit_s:g} s (connect_timeout_s)",
+                f"no connection to {origin.name}{via} within {limit_s:g} s (connect_timeout_s): "
+                f"{exc or 'the connection'} did not complete",
                 phase="connect",
                 request_sent=False,
             ) from None
         except ssl.SSLCertVerificationError as exc:
-            raise ConnectError(_certificate_problem(origin, exc)) from None
+            cause, message = await _certificate_problem(origin, exc, limit_s)
+            raise ConnectError(message, cause=cause) from None
         except ssl.SSLError as exc:
-            raise ConnectError(f"TLS handshake with {origin.name} failed: {exc.reason or exc}") from None
+            raise ConnectError(
+                f"TLS handshake with {origin.name} failed: {exc.reason or exc}", cause="tls_handshake"
+            ) from None
         except OSError as exc:
-            raise ConnectError(f"cannot connect to {origin.name}: {exc.strerror or exc}") from None
+            raise ConnectError(
+                f"cannot connect to {origin.name}: {exc.strerror or exc}", cause=_connect_cause(exc)
+            ) from None
         return conn
 
     async def _acquire(
@@ -841,27 +853,114 @@ def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
     return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
-def _certificate_problem(origin: Origin, exc: ssl.SSLCertVerificationError) -> str:
+def _connect_cause(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+        return "reset"
+    return "unreachable"
+
+
+async def _certificate_problem(
+    origin: Origin, exc: ssl.SSLCertVerificationError, limit_s: float
+) -> tuple[str, str]:
+    """The cause and the operator's message for a certificate the gateway refused, with what the
+    certificate holds (its names, its validity, its issuer) when it can be read."""
     code = exc.verify_code
-    detail = exc.verify_message or exc.reason or str(exc)
+    detail = (exc.verify_message or exc.reason or str(exc)).rstrip(".")
+    seen = await _presented_certificate(origin, limit_s)
     if code in _UNKNOWN_CA:
-        return (
-            f"the TLS certificate of {origin.name} is not signed by a CA the gateway trusts ({detail}); "
-            "if the upstream uses a private CA, put that CA in a PEM file and name it in tls.ca_bundle"
+        issuer = f"; issued by {seen.issuer}" if seen is not None else ""
+        return "tls_unknown_ca", (
+            f"the TLS certificate of {origin.name} is not signed by a CA the gateway trusts "
+            f"({detail}{issuer}); if the upstream uses a private CA, put that CA in a PEM file and name it "
+            "in tls.ca_bundle"
         )
     if code in _NAME_MISMATCH:
-        return (
-            f"the TLS certificate of {origin.name} is not valid for the name {origin.host} ({detail}); "
-            "use the host name the certificate was issued for in the upstream URL"
+        holds = f"; it holds {seen.names}" if seen is not None else ""
+        return "tls_name_mismatch", (
+            f"the TLS certificate of {origin.name} is not valid for the name {origin.host} "
+            f"({detail}{holds}); use the host name the certificate was issued for in the upstream URL"
         )
     if code == _EXPIRED:
-        return f"the TLS certificate of {origin.name} has expired ({detail}); the upstream must renew it"
+        when = f" on {seen.not_after}" if seen is not None else ""
+        return "tls_expired", (
+            f"the TLS certificate of {origin.name} expired{when} ({detail}); the upstream must renew it"
+        )
     if code == _NOT_YET_VALID:
-        return (
-            f"the TLS certificate of {origin.name} is not valid yet ({detail}); check the clocks of the "
+        when = f" before {seen.not_before}" if seen is not None else ""
+        return "tls_not_yet_valid", (
+            f"the TLS certificate of {origin.name} is not valid{when} ({detail}); check the clocks of the "
             "gateway and the upstream"
         )
-    return f"the TLS certificate of {origin.name} was rejected: {detail}"
+    return "tls_rejected", f"the TLS certificate of {origin.name} was rejected: {detail}"
+
+
+class _Presented:
+    """What a certificate says about itself, for a log line."""
+
+    def __init__(self, names: str, issuer: str, not_before: str, not_after: str) -> None:
+        self.names = names
+        self.issuer = issuer
+        self.not_before = not_before
+        self.not_after = not_after
+
+
+_PRESENTED_TTL_S = 60.0
+
+
+async def _presented_certificate(origin: Origin, limit_s: float) -> _Presented | None:
+    """The certificate `origin` presents, read on a second connection (through the same egress) that
+    verifies nothing and sends nothing: a refused handshake leaves the certificate out of reach.
+    Remembered per origin for a minute, so an outage does not double every failed connection."""
+    now = time.monotonic()
+    known = origin.presented
+    if known is not None and known[0] > now:
+        return known[1]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    found: _Presented | None = None
+    try:
+        transport, _ = await egress.open_connection(
+            asyncio.get_running_loop(), asyncio.Protocol, origin, context, limit_s
+        )
+    except (OSError, ssl.SSLError, TimeoutError, TransportError):
+        transport = None
+    if transport is not None:
+        try:
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            found = _describe(der) if der else None
+        finally:
+            transport.abort()
+    origin.presented = (now + _PRESENTED_TTL_S, found)
+    return found
+
+
+def _describe(der: bytes) -> _Presented | None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            alternative = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = [f"DNS:{n}" for n in alternative.get_values_for_type(x509.DNSName)]
+            names += [f"IP:{a}" for a in alternative.get_values_for_type(x509.IPAddress)]
+        except x509.ExtensionNotFound:
+            names = [f"CN={a.value!s}" for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    except ValueError:
+        return None
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return _Presented(
+        names=shown or "no names",
+        issuer=cert.issuer.rfc4514_string()[:200],
+        not_before=cert.not_valid_before_utc.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        not_after=cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC"),
+    )
 
 
 def build_head(method: bytes, target: bytes, host: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -384,60 +384,91 @@ async def open_connection(
 ) -> tuple[asyncio.Transport, _P]:
     """A connection to `origin`: direct, to the proxy (http origins, which are then sent in absolute
     form), or through a CONNECT tunnel with TLS to the origin inside it. Everything, the CONNECT
-    exchange included, happens within `limit_s` (TimeoutError after it). A proxy that cannot be reached
-    raises ConnectError, one that refuses the tunnel ProxyRefused, both naming the proxy; OSError and
+    exchange included, happens within `limit_s`; after it, TimeoutError says which step was under way
+    (the TCP connection, the proxy's answer to CONNECT, the TLS handshake). A proxy that cannot be
+    reached raises ConnectError (cause `proxy_unreachable`), one that refuses the tunnel ProxyRefused,
+    one that breaks the exchange ConnectError (cause `proxy_error`), all naming the proxy; OSError and
     ssl.SSLError from the origin's side are left to the caller."""
     proxy = origin.proxy
-    async with asyncio.timeout(limit_s):
-        if proxy is None:
-            transport, protocol = await loop.create_connection(
-                protocol_factory,
-                origin.host,
-                origin.port,
-                ssl=ssl_context,
-                server_hostname=origin.host if ssl_context is not None else None,
-            )
-            return transport, protocol
-        try:
-            raw, tunnel = await loop.create_connection(lambda: _Tunnel(proxy, origin), proxy.host, proxy.port)
-        except OSError as exc:
-            target = _authority(origin.host, origin.port)
-            raise ConnectError(
-                f"cannot connect to the egress proxy {proxy.address} (for {target}): {exc.strerror or exc}"
-            ) from None
-        try:
-            if ssl_context is None:
-                # An http origin: the proxy itself is the connection; requests go in absolute form.
+    target = _authority(origin.host, origin.port)
+    step = f"the TCP connection to {target}"
+    try:
+        async with asyncio.timeout(limit_s):
+            if proxy is None:
+                if ssl_context is None:
+                    return await loop.create_connection(protocol_factory, origin.host, origin.port)
+                # TCP first, then TLS (as through a tunnel): a timeout can then say which one stalled.
+                raw, holder = await loop.create_connection(_Holder, origin.host, origin.port)
+            else:
+                step = f"the TCP connection to the egress proxy {proxy.address}"
+                try:
+                    raw, tunnel = await loop.create_connection(
+                        lambda: _Tunnel(proxy, target), proxy.host, proxy.port
+                    )
+                except OSError as exc:
+                    raise ConnectError(
+                        f"cannot connect to the egress proxy {proxy.address} (for {target}): "
+                        f"{exc.strerror or exc}",
+                        cause="proxy_unreachable",
+                    ) from None
+                holder = tunnel
+                if ssl_context is None:
+                    # An http origin: the proxy itself is the connection; requests go in absolute form.
+                    protocol = protocol_factory()
+                    holder.attach(raw, protocol)
+                    return raw, protocol
+                step = f"the egress proxy {proxy.address}'s answer to CONNECT {target}"
+                try:
+                    await tunnel.establish(raw)
+                except BaseException:
+                    raw.abort()
+                    raise
+            step = f"the TLS handshake with {target}"
+            try:
+                # The holder stays in place during the handshake: should it fail, the real protocol
+                # never saw the connection (and never reports losing it).
+                tls = await loop.start_tls(raw, holder, ssl_context, server_hostname=origin.host)
+                if tls is None:
+                    raise ConnectError(f"TLS with {target} could not start", cause="tls_handshake")
                 protocol = protocol_factory()
-                tunnel.attach(raw, protocol)
-                return raw, protocol
-            await tunnel.establish(raw)
-            # The tunnel protocol stays in place during the handshake: should it fail, the real
-            # protocol never saw the connection (and never reports losing it).
-            tls = await loop.start_tls(raw, tunnel, ssl_context, server_hostname=origin.host)
-            if tls is None:
-                raise ConnectError(f"TLS through the egress proxy {proxy.address} could not start")
-            protocol = protocol_factory()
-            tunnel.attach(tls, protocol)
-            return tls, protocol
-        except BaseException:
-            raw.abort()
-            raise
+                holder.attach(tls, protocol)
+                return tls, protocol
+            except BaseException:
+                raw.abort()
+                raise
+    except TimeoutError:
+        raise TimeoutError(step) from None
 
 
-class _Tunnel(asyncio.Protocol):
+class _Holder(asyncio.Protocol):
+    """The connection until the real protocol takes over after the TLS handshake (`attach`), keeping
+    whatever arrives in between."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+
+    def attach(self, transport: asyncio.BaseTransport, protocol: asyncio.BaseProtocol) -> None:
+        """Hand the connection to the real protocol, with anything that arrived in between."""
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.buffer and isinstance(protocol, asyncio.Protocol):
+            data, self.buffer = bytes(self.buffer), bytearray()
+            protocol.data_received(data)
+
+
+class _Tunnel(_Holder):
     """The proxy connection until the real protocol takes over: the CONNECT exchange, then a relay for
     the TLS handshake, then out of the way (`attach`)."""
 
-    def __init__(self, proxy: Proxy, origin: _OriginLike) -> None:
+    def __init__(self, proxy: Proxy, target: str) -> None:
+        super().__init__()
         self.proxy = proxy
-        self.target = _authority(origin.host, origin.port)
-        self.buffer = bytearray()
+        self.target = target
         self.answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.answered = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        pass
 
     def data_received(self, data: bytes) -> None:
         if self.answer.done() and not self.answered:
@@ -451,7 +482,8 @@ class _Tunnel(asyncio.Protocol):
             self._settle(
                 ConnectError(
                     f"the egress proxy {self.proxy.address} answered CONNECT with more than "
-                    f"{MAX_CONNECT_ANSWER_BYTES // 1024} KiB of headers"
+                    f"{MAX_CONNECT_ANSWER_BYTES // 1024} KiB of headers",
+                    cause="proxy_error",
                 )
             )
 
@@ -462,7 +494,8 @@ class _Tunnel(asyncio.Protocol):
         self._settle(
             ConnectError(
                 f"the egress proxy {self.proxy.address} closed the connection before answering CONNECT "
-                f"{self.target}"
+                f"{self.target}",
+                cause="proxy_error",
             )
         )
 
@@ -487,29 +520,23 @@ class _Tunnel(asyncio.Protocol):
         if not version.startswith("HTTP/1.") or not (status_text.isdigit() and len(status_text) == 3):
             raise ConnectError(
                 f"the egress proxy {self.proxy.address} answered CONNECT {self.target} with no HTTP status "
-                f"line ({status_line[:60]!r})"
+                f"line ({status_line[:60]!r})",
+                cause="proxy_error",
             )
         status = int(status_text)
         if not 200 <= status < 300:
-            refusal = f"{status} {reason}".strip() + _refusal_hint(status, self.proxy)
+            # The reason phrase is the proxy's: for the operator's log, shortened (it never reaches a client).
+            refusal = f"{status} {reason[:100]!r}" + _refusal_hint(status, self.proxy)
             raise ProxyRefused(refused(self.proxy, self.target, refusal), status=status)
         if self.buffer:
             raise ConnectError(
-                f"the egress proxy {self.proxy.address} sent data before the TLS handshake to {self.target}"
+                f"the egress proxy {self.proxy.address} sent data before the TLS handshake to {self.target}",
+                cause="proxy_error",
             )
-
-    def attach(self, transport: asyncio.BaseTransport, protocol: asyncio.BaseProtocol) -> None:
-        """Hand the connection to the real protocol, with anything that arrived in between."""
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if self.buffer and isinstance(protocol, asyncio.Protocol):
-            data, self.buffer = bytes(self.buffer), bytearray()
-            protocol.data_received(data)
 
 
 def refused(proxy: Proxy, target: str, refusal: str) -> str:
-    """Log a refusal (naming the proxy and its answer, never its credentials); the error message."""
-    logger.warning("the egress proxy %s refused the tunnel to %s: %s", proxy.address, target, refusal)
+    """The message for a refused tunnel: the proxy and its answer, never its credentials."""
     return f"the egress proxy {proxy.address} refused the tunnel to {target}: {refusal}"
 
 
@@ -522,6 +549,8 @@ def _refusal_hint(status: int, proxy: Proxy) -> str:
         )
     if status == 403:
         return " (the proxy's policy forbids this destination)"
+    if status == 502:
+        return " (the proxy could not reach the upstream)"
     return ""
 
 
@@ -568,6 +597,7 @@ def _proxy_failure(exc: httpx.TransportError, proxy: Proxy, url: httpx.URL) -> h
     text = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.ProxyError):
         message = refused(proxy, target, text)
+        logger.warning("%s", message)
     else:
         message = f"through the egress proxy {proxy.address}: {text}"
     return type(exc)(message)

@@ -5,6 +5,7 @@ GatewayError
 ├── SecretError                 a secret source cannot be read
 ├── TransportError              the upstream connection failed (mapped to 502/503/504 by the proxy)
 │   ├── ConnectError            no connection could be opened (nothing was sent)
+│   │   └── ProxyRefused        the egress proxy refused the CONNECT tunnel
 │   ├── PoolTimeout             no pooled connection became free in time (nothing was sent)
 │   ├── ConnectionLost          the connection closed before the exchange ended
 │   ├── ProtocolError           the upstream's answer is not valid HTTP/1.1 (or breaks a limit)
@@ -44,21 +45,58 @@ class SecretError(GatewayError):
     """A secret source (environment variable or file) cannot be read. Never carries the value."""
 
 
+# What a failed connection or exchange with an upstream was, as a stable name (the `cause` of the
+# operator's log line, see gateway.failure_log) and as the failure class a client may read in its 502/504:
+# never a host, a port, a proxy or its answer (those are in the log line only).
+CAUSES: dict[str, str] = {
+    "tls_unknown_ca": "the upstream's TLS certificate is not signed by a CA the gateway trusts",
+    "tls_name_mismatch": "the upstream's TLS certificate is not valid for its host name",
+    "tls_expired": "the upstream's TLS certificate has expired",
+    "tls_not_yet_valid": "the upstream's TLS certificate is not valid yet",
+    "tls_rejected": "the upstream's TLS certificate was rejected",
+    "tls_handshake": "the TLS handshake with the upstream failed",
+    "dns": "the upstream's host name could not be resolved",
+    "refused": "the upstream refused the connection",
+    "reset": "the upstream reset the connection",
+    "unreachable": "the upstream could not be reached",
+    "closed": "the upstream closed the connection",
+    "protocol": "the upstream's answer was not valid HTTP/1.1 or broke the gateway's limits",
+    "connect_timeout": "no connection to the upstream within connect_timeout_s",
+    "read_timeout": "the upstream sent nothing for read_timeout_s",
+    "write_timeout": "the upstream stopped reading the request for write_timeout_s",
+    "total_timeout": "the upstream did not complete its answer within timeout_s",
+    "pool_timeout": "every connection to the upstream stayed busy for pool_timeout_s",
+    "proxy_unreachable": "the egress proxy could not be reached",
+    "proxy_refused": "the egress proxy refused the connection to the upstream",
+    "proxy_error": "the egress proxy failed to open a connection to the upstream",
+}
+
+
 class TransportError(GatewayError):
-    """The connection to an upstream failed. Messages name the host, never a header.
+    """The connection to an upstream failed. The message is the operator's detail (host, port, proxy,
+    TLS verdict, which timeout and its value), never a header; `cause` names the failure (a key of
+    `CAUSES`) and `summary` says it without any of that detail, for the client.
 
     `request_sent` is the one fact the replay policy needs: False only when no byte of the request
     reached the socket, so the upstream cannot have executed it. When in doubt it is True.
     """
 
-    def __init__(self, message: str, *, request_sent: bool = True) -> None:
+    cause = "unreachable"
+
+    def __init__(self, message: str, *, request_sent: bool = True, cause: str | None = None) -> None:
         super().__init__(message)
         self.request_sent = request_sent
+        if cause is not None:
+            self.cause = cause
+
+    @property
+    def summary(self) -> str:
+        return CAUSES[self.cause]
 
 
 class ConnectError(TransportError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, request_sent=False)
+    def __init__(self, message: str, *, cause: str = "unreachable") -> None:
+        super().__init__(message, request_sent=False, cause=cause)
 
 
 class ProxyRefused(ConnectError):
@@ -66,7 +104,7 @@ class ProxyRefused(ConnectError):
     policy (credentials, allowed destinations): replaying cannot help and the upstream is not at fault."""
 
     def __init__(self, message: str, *, status: int) -> None:
-        super().__init__(message)
+        super().__init__(message, cause="proxy_refused")
         self.status = status
 
     @property
@@ -78,29 +116,42 @@ class PoolTimeout(TransportError):
     """Every pooled connection of the origin stayed busy for `pool_timeout_s`: the gateway is overloaded,
     the upstream is not at fault (503 overloaded, never retried, never counted against the upstream)."""
 
+    cause = "pool_timeout"
+
     def __init__(self, message: str) -> None:
         super().__init__(message, request_sent=False)
 
 
 class ConnectionLost(TransportError):
+    """`cause` is "closed", or "reset" when the upstream reset the connection."""
+
+    cause = "closed"
+
     def __init__(
-        self, message: str, *, request_sent: bool = True, reused: bool = False, received_any: bool = False
+        self,
+        message: str,
+        *,
+        request_sent: bool = True,
+        reused: bool = False,
+        received_any: bool = False,
+        cause: str | None = None,
     ) -> None:
-        super().__init__(message, request_sent=request_sent)
+        super().__init__(message, request_sent=request_sent, cause=cause)
         self.reused = reused
         self.received_any = received_any
 
 
 class ProtocolError(TransportError):
-    pass
+    cause = "protocol"
 
 
 class TransportTimeout(TransportError):
     """`phase` is "connect" (TCP, TLS, proxy CONNECT), "read" (silence while awaiting the answer),
-    "write" (stall while sending the request) or "total" (the whole attempt)."""
+    "write" (stall while sending the request) or "total" (the whole attempt); the cause is
+    `<phase>_timeout`."""
 
     def __init__(self, message: str, *, phase: str = "total", request_sent: bool = True) -> None:
-        super().__init__(message, request_sent=request_sent)
+        super().__init__(message, request_sent=request_sent, cause=f"{phase}_timeout")
         self.phase = phase
 
 

@@ -32,6 +32,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from gateway.failure_log import FailureLog
 from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_headers
 from gateway.paths import check_path
 from gateway.responses import send_error
@@ -88,6 +89,7 @@ class Proxy:
         self.client_body_timeout_s = client_body_timeout_s
         self.body_timeout_s = body_timeout_s
         self.tracing = tracing
+        self.failures = FailureLog()
 
     async def refuse(self, scope: Scope, send: Send, error: ClientFacingError) -> None:
         """Answer with the gateway's own error before any routing (inbound protection)."""
@@ -290,12 +292,23 @@ class Proxy:
             except _BodyLimit:
                 raise _body_too_large(route) from None
             except TransportError as exc:
-                failure = policy.transport_failure(exc, route.name, upstream.origin)
+                failure = policy.transport_failure(exc, route.name)
                 if failure.upstream_fault:
                     balancer.failed(upstream, record)
                     record.upstream_errors += 1
                 delay = policy.backoff(record.retries + 1)
-                if failure.replayable and policy.allows(replayable, record.attempts, delay, deadline):
+                replay = failure.replayable and policy.allows(replayable, record.attempts, delay, deadline)
+                self.failures.attempt_failed(
+                    route=route.name,
+                    request_id=record.request_id,
+                    origin=upstream.pool,
+                    attempt=record.attempts,
+                    error=exc,
+                    outcome="replaying"
+                    if replay
+                    else f"answering {failure.error.status} {failure.error.code}",
+                )
+                if replay:
                     tried = (*tried, upstream)
                     record.retries += 1
                     await asyncio.sleep(delay)
@@ -352,10 +365,16 @@ class Proxy:
         while True:
             try:
                 chunk = await response.next_chunk()
-            except TransportTimeout as exc:
-                raise UpstreamTimeout(str(exc)) from None
             except TransportError as exc:
-                raise UpstreamUnreachable(str(exc)) from None
+                logger.warning(
+                    "request %s: route %s: the upstream connection failed mid-response (%s)",
+                    record.request_id,
+                    record.route,
+                    exc,
+                )
+                # The client's answer names the failure class only (the detail is the line above).
+                error = UpstreamTimeout if isinstance(exc, TransportTimeout) else UpstreamUnreachable
+                raise error(f"route {record.route}: {exc.summary}") from None
             if not chunk:
                 break
             size += len(chunk)

@@ -191,33 +191,35 @@ class ReplayPolicy:
         )
 
     # ------------------------------------------------------------------ deciding
-    def transport_failure(self, exc: TransportError, route: str, origin: str) -> TransportFailure:
-        """Map the client's exception to the answer the client gets and to what the policy allows."""
+    def transport_failure(self, exc: TransportError, route: str) -> TransportFailure:
+        """Map the client's exception to the answer the client gets and to what the policy allows. The
+        answer names the route and the failure class (`exc.summary`), never a host, a port or an egress
+        proxy's answer: those go to the operator's log line (gateway.failure_log)."""
+        see_log = "; the gateway's log has the details under this request id"
         if isinstance(exc, PoolTimeout):
             # The gateway is the bottleneck, not the upstream: shed the load, never retry, never eject.
             return TransportFailure(
-                Overloaded(
-                    f"route {route}: every connection to {origin} is busy ({exc}); retry shortly",
-                    retry_after=POOL_RETRY_AFTER_S,
-                ),
+                Overloaded(f"route {route}: {exc.summary}; retry shortly", retry_after=POOL_RETRY_AFTER_S),
                 replayable=False,
                 upstream_fault=False,
             )
         if isinstance(exc, ProxyRefused) and exc.proxy_policy:
             # The egress proxy's credentials or policy: refused again on replay, and no upstream's fault.
             return TransportFailure(
-                UpstreamUnreachable(f"route {route}: {exc}"), replayable=False, upstream_fault=False
+                UpstreamUnreachable(f"route {route}: {exc.summary}{see_log}"),
+                replayable=False,
+                upstream_fault=False,
             )
         error: ClientFacingError
         if isinstance(exc, TransportTimeout):
-            error = UpstreamTimeout(f"route {route}: the upstream {origin} did not answer in time: {exc}")
+            error = UpstreamTimeout(f"route {route}: {exc.summary}{see_log}")
             before_sending = exc.phase == "connect" or not exc.request_sent
             allowed = self.on_connection_errors if before_sending else self.on_timeouts
         elif isinstance(exc, ProtocolError):
-            error = UpstreamProtocolError(f"route {route}: the upstream {origin} broke HTTP/1.1: {exc}")
+            error = UpstreamProtocolError(f"route {route}: {exc.summary}{see_log}")
             allowed = self.on_connection_errors if not exc.request_sent else self.on_connection_lost
         else:
-            error = UpstreamUnreachable(f"route {route}: {exc}")
+            error = UpstreamUnreachable(f"route {route}: {exc.summary}{see_log}")
             allowed = self.on_connection_errors if not exc.request_sent else self.on_connection_lost
         return TransportFailure(error, replayable=allowed, upstream_fault=True)
 

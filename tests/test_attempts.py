@@ -64,7 +64,7 @@ def test_client_leaving_during_a_slow_credential_recheck_leaks_no_connection(
                 "upstream": emulator.http_url,
                 "max_connections": 1,
                 "pool_timeout_s": 1.0,
-                "auth": {"type": "aad_token", "identity": identity(emulator, app)},
+                "auth": {"type": "aad_token", "identity": identity(emulator, app, timeout_s=10)},
             }
         },
     }
@@ -106,7 +106,8 @@ def test_client_leaving_during_a_slow_credential_recheck_leaks_no_connection(
 # ------------------------------------------------------------------------------ every await of _attempts
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 ANSWER_FIRST = {
-    # The upstream refuses the credential: the gateway asks for a new token (Entra slowed to 30 s).
+    # The upstream refuses the credential: the gateway asks for a new token (Entra slowed to 3 s, within
+    # identity.timeout_s: the fetch succeeds, after the client has left).
     "credential_recheck": b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n",
     # Retry-After within retry.retry_after_cap_s: the gateway waits it out itself.
     "retry_after_sleep": b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30\r\nContent-Length: 0\r\n\r\n",
@@ -198,7 +199,9 @@ def test_a_request_cancelled_at_any_await_of_its_attempts_gives_its_connection_b
             route = _route(primary.url, retry={"retry_after_cap_s": 60})
         else:
             app = register_app(emulator)
-            route = _route(primary.url, auth={"type": "aad_token", "identity": identity(emulator, app)})
+            route = _route(
+                primary.url, auth={"type": "aad_token", "identity": identity(emulator, app, timeout_s=10)}
+            )
         config["routes"] = {"iris": route}
         try:
             with ServerThread(GatewayApp(parse_config(config))) as gw:
@@ -207,7 +210,7 @@ def test_a_request_cancelled_at_any_await_of_its_attempts_gives_its_connection_b
                 pool = upstream.pool
                 if await_point == "credential_recheck":
                     fetches = emulator.state.token_request_count(client_id=app.client_id)
-                    emulator.state.set_fault("token", delay_s=30.0, count=1)
+                    emulator.state.set_fault("token", delay_s=3.0, count=1)
                     _leave_when(
                         gw,
                         "leaving",

@@ -774,7 +774,7 @@ def test_connect_timeout_has_its_own_phase():
 
 # ---------------------------------------------------------------------------------------- TLS
 def _pki(
-    tmp: Path, *, hosts: tuple[str, ...] = ("127.0.0.1",), expired: bool = False
+    tmp: Path, *, hosts: tuple[str, ...] = ("127.0.0.1",), expired: bool = False, ca: str = "conformance CA"
 ) -> tuple[Path, ssl.SSLContext]:
     """A CA file and a server context whose certificate covers `hosts` (or has expired)."""
     from cryptography import x509
@@ -784,7 +784,7 @@ def _pki(
 
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "conformance CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca)])
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name)

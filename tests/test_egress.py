@@ -14,6 +14,7 @@ import base64
 import contextlib
 import datetime as dt
 import logging
+import os
 import re
 import socket
 import ssl
@@ -58,7 +59,7 @@ _PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
 class ForwardProxy:
     """proxy.py in a subprocess on a free loopback port (optionally with Basic authentication)."""
 
-    def __init__(self, directory: Path, basic_auth: str | None = None) -> None:
+    def __init__(self, directory: Path, basic_auth: str | None = None, plugin: str | None = None) -> None:
         self.port_file = directory / "proxy.port"
         self.log_file = directory / "proxy.log"
         command = [
@@ -81,7 +82,14 @@ class ForwardProxy:
         ]
         if basic_auth is not None:
             command += ["--basic-auth", basic_auth]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        environment = None
+        if plugin is not None:
+            # A plugin module from tests/ (e.g. proxy_policy.ForbidEverything).
+            command += ["--plugins", plugin]
+            environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment
+        )
         deadline = time.monotonic() + 60
         while True:
             if self.process.poll() is not None:
@@ -435,7 +443,7 @@ class _SniServer:
 
 
 def test_tls_through_the_tunnel_checks_the_origin_name_not_the_proxy_name(
-    forward_proxy: ForwardProxy, gateway_factory: Any, tmp_path: Path
+    forward_proxy: ForwardProxy, gateway_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = _SniServer(tmp_path)
     by_ip, by_name = Relay(forward_proxy.port), Relay(forward_proxy.port, host="localhost")
@@ -467,11 +475,16 @@ def test_tls_through_the_tunnel_checks_the_origin_name_not_the_proxy_name(
         # The other way round (proxy called localhost, origin 127.0.0.1) must fail: checking against
         # the proxy's name would wrongly accept the certificate.
         gateway = gateway_factory(config(f"https://127.0.0.1:{server.port}", by_name.url))
+        caplog.set_level(logging.WARNING, logger="gateway.failures")
         response = _score(gateway)
         assert response.status_code == 502, response.text
         assert response.json()["error"]["code"] == "upstream_unreachable"
-        assert "127.0.0.1" in response.json()["error"]["message"]
-        assert by_name.request_lines() == [f"CONNECT 127.0.0.1:{server.port} HTTP/1.1"]
+        assert "not valid for its host name" in response.json()["error"]["message"]
+        logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "gateway.failures")
+        assert "(tls_name_mismatch)" in logged and "not valid for the name 127.0.0.1" in logged, logged
+        assert "it holds DNS:localhost" in logged and f"via the egress proxy {by_name.address}" in logged
+        # The second CONNECT is the gateway reading the refused certificate for that line (it sends nothing).
+        assert by_name.request_lines() == [f"CONNECT 127.0.0.1:{server.port} HTTP/1.1"] * 2
     finally:
         by_ip.close()
         by_name.close()
@@ -566,17 +579,21 @@ def test_environment_variables_are_honoured_and_proxy_none_ignores_them(
 
 
 def test_proxy_refusal_is_502_and_a_silent_proxy_is_bounded_by_connect_timeout(
-    emulator: EmulatorServer, relay: Relay, gateway_factory: Any
+    emulator: EmulatorServer, relay: Relay, gateway_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The proxy cannot reach the origin: proxy.py answers CONNECT with 502.
     closed = socket.create_server(("127.0.0.1", 0))
     dead_port = closed.getsockname()[1]
     closed.close()
     gateway = gateway_factory(_key_config(emulator, f"https://localhost:{dead_port}", {"proxy": relay.url}))
+    caplog.set_level(logging.WARNING, logger="gateway.failures")
     response = _score(gateway)
     assert response.status_code == 502, response.text
     message = response.json()["error"]["message"]
-    assert f"the egress proxy {relay.address} refused the tunnel to localhost:{dead_port}: 502" in message
+    assert message.startswith("route iris: the egress proxy refused the connection to the upstream")
+    assert relay.address not in message and str(dead_port) not in message
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "gateway.failures")
+    assert f"the egress proxy {relay.address} refused the tunnel to localhost:{dead_port}: 502" in logged
 
     # A proxy that accepts and never answers CONNECT: connect_timeout_s bounds the exchange.
     silent = socket.create_server(("127.0.0.1", 0))
@@ -596,7 +613,10 @@ def test_proxy_refusal_is_502_and_a_silent_proxy_is_bounded_by_connect_timeout(
         assert response.status_code == 504, response.text
         assert response.json()["error"]["code"] == "upstream_timeout"
         message = response.json()["error"]["message"]
-        assert "through the egress proxy 127.0.0.1:" in message and "(connect_timeout_s)" in message
+        assert "connect_timeout_s" in message and "127.0.0.1" not in message
+        logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "gateway.failures")
+        assert f"through the egress proxy 127.0.0.1:{silent.getsockname()[1]} within 0.5 s" in logged
+        assert "the egress proxy 127.0.0.1:" in logged and "answer to CONNECT" in logged, logged
         assert time.monotonic() - started < 20  # 0.5 s, with a wide margin for a loaded machine
         assert held, "the gateway never connected to the proxy"
     finally:
@@ -641,8 +661,8 @@ def test_proxy_credentials_are_sent_and_a_refusal_is_502_naming_the_proxy(
     assert len(connects) == 1, connects
     error = response.json()["error"]
     assert error["code"] == "upstream_unreachable"
-    assert f"the egress proxy {auth_relay.address} refused the tunnel to localhost:" in error["message"]
-    assert "407" in error["message"]
+    assert "the egress proxy refused the connection" in error["message"]
+    assert auth_relay.address not in error["message"] and "Proxy Authentication" not in error["message"]
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert f"the egress proxy {auth_relay.address} refused the tunnel" in logged and "407" in logged
     assert PROXY_PASSWORD not in logged + response.text and encoded not in logged + response.text

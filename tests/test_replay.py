@@ -358,20 +358,20 @@ def test_transport_errors_map_to_client_errors_and_replay_kinds():
         (ConnectionLost("closed"), UpstreamUnreachable, False, True),
     ]
     for exc, error_type, replayable, upstream_fault in cases:
-        failure = policy.transport_failure(exc, "iris", "http://u")
+        failure = policy.transport_failure(exc, "iris")
         assert isinstance(failure.error, error_type), exc
         assert failure.replayable is replayable, exc
         assert failure.upstream_fault is upstream_fault, exc
-    assert policy.transport_failure(PoolTimeout("x"), "iris", "http://u").error.retry_after
+    assert policy.transport_failure(PoolTimeout("x"), "iris").error.retry_after
 
 
 def test_opt_ins_make_sent_failures_replayable():
     policy = _policy(on_timeouts=True, on_connection_lost=True)
-    assert policy.transport_failure(TransportTimeout("slow", phase="read"), "r", "u").replayable
-    assert policy.transport_failure(ConnectionLost("closed"), "r", "u").replayable
-    assert not policy.transport_failure(PoolTimeout("busy"), "r", "u").replayable
+    assert policy.transport_failure(TransportTimeout("slow", phase="read"), "r").replayable
+    assert policy.transport_failure(ConnectionLost("closed"), "r").replayable
+    assert not policy.transport_failure(PoolTimeout("busy"), "r").replayable
     off = _policy(on_connection_errors=False)
-    assert not off.transport_failure(ConnectError("refused"), "r", "u").replayable
+    assert not off.transport_failure(ConnectError("refused"), "r").replayable
     assert 504 in policy.statuses and 408 in policy.statuses
     assert 504 not in _policy().statuses
 

@@ -1,0 +1,406 @@
+"""Every failed upstream attempt explained in the operator's log (issue 15), and nothing of it in the
+client's answer (issue 19).
+
+Real failing upstreams on loopback: TLS servers with a certificate from an unknown CA, for another name,
+expired; a listener that never completes a TLS handshake; an upstream that stops reading the request,
+one that resets the connection, a closed port; and a real forward proxy (proxy.py) that wants
+credentials (407), forbids the destination (403), cannot reach it (502), or is not running. After each
+failure the gateway's log is read for the route, the request id, the origin, the attempt, the cause and
+the proxy; the access line keeps its stable `error=` code; the client's body names the failure class and
+the route only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from proxy_policy import REASON
+from servers import ServerThread
+from test_client_conformance import OK, Peer, RawUpstream, _pki
+from test_egress import ForwardProxy
+
+from gateway.app import GatewayApp
+from gateway.client import Origin
+from gateway.config import parse_config
+from gateway.errors import ConnectError, ProxyRefused, TransportTimeout
+from gateway.failure_log import FailureLog
+from gateway.logs import RedactingFilter, TextFormatter
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+
+PROXY_USER = "gateway"
+PROXY_PASSWORD = "failure-log-proxy-pass-3c9a71"
+WRONG_PASSWORD = "failure-log-wrong-pass-81d2e4"
+
+
+def _lines(caplog: pytest.LogCaptureFixture, logger: str) -> list[str]:
+    """The records of `logger` as `gateway serve` writes them (redacted, one line each)."""
+    formatter, redacting = TextFormatter(), RedactingFilter()
+    lines = []
+    for record in caplog.records:
+        if record.name == logger:
+            redacting.filter(record)
+            lines.append(formatter.format(record))
+    return lines
+
+
+def _failure_line(caplog: pytest.LogCaptureFixture, request_id: str) -> str:
+    lines = [line for line in _lines(caplog, "gateway.failures") if f"request {request_id}:" in line]
+    assert len(lines) == 1, _lines(caplog, "gateway.failures")
+    assert " WARNING gateway.failures: " in lines[0]
+    return lines[0]
+
+
+def _access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> str:
+    (line,) = [line for line in _lines(caplog, "gateway.access") if f" {request_id} " in f" {line} "]
+    return line
+
+
+def _score(gw: ServerThread, route: str, request_id: str) -> httpx.Response:
+    return httpx.post(
+        f"{gw.url}/{route}/score", json={"data": [[1]]}, headers={"x-request-id": request_id}, timeout=30
+    )
+
+
+def _client_sees_class_and_route_only(response: httpx.Response, route: str, *hidden: str) -> dict[str, Any]:
+    error = response.json()["error"]
+    assert error["message"].startswith(f"route {route}: "), error
+    for detail in ("127.0.0.1", "localhost", *hidden):
+        assert detail not in response.text, (detail, response.text)
+    return error
+
+
+# ------------------------------------------------------------------------------ direct upstreams
+async def _stop_reading(peer: Peer) -> None:
+    await peer.read_head()
+    await asyncio.sleep(60)  # reads nothing more: the gateway's writes stall
+
+
+async def _reset_after_reading(peer: Peer) -> None:
+    await peer.read_request()
+    peer.reset()
+
+
+async def _answer_all(peer: Peer) -> None:
+    while await peer.read_request() is not None:
+        await peer.send(OK)
+
+
+class Failing:
+    """One failing upstream per kind, and a gateway with one route to each."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.stack = contextlib.ExitStack()
+        trusted_a, name_server = _pki(
+            _dir(tmp, "name"), hosts=("scoring.example", "*.scoring.example"), ca="name CA"
+        )
+        trusted_b, expired_server = _pki(_dir(tmp, "expired"), expired=True, ca="expiry CA")
+        _, unknown_server = _pki(_dir(tmp, "unknown"), ca="unknown CA")
+        self.expired_on = x509.load_pem_x509_certificate(
+            (tmp / "expired" / "server.pem").read_bytes()
+        ).not_valid_after_utc
+        bundle = tmp / "bundle.pem"
+        bundle.write_bytes(trusted_a.read_bytes() + trusted_b.read_bytes())
+        self.servers = {
+            "unknown-ca": self._raw(_answer_all, unknown_server),
+            "wrong-name": self._raw(_answer_all, name_server),
+            "expired": self._raw(_answer_all, expired_server),
+            "write-stall": self._raw(_stop_reading),
+            "reset": self._raw(_reset_after_reading),
+        }
+        # A listener that never accepts: TCP connects (the backlog), the TLS handshake never starts.
+        self.stalled = self.stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=64))
+        closed = socket.create_server(("127.0.0.1", 0))
+        self.closed_port = closed.getsockname()[1]
+        closed.close()
+        urls = {name: server.url for name, server in self.servers.items()}
+        urls["stalled-tls"] = f"https://127.0.0.1:{self.stalled.getsockname()[1]}"
+        urls["refused"] = f"http://127.0.0.1:{self.closed_port}"
+        self.urls = urls
+        routes = {
+            name: {
+                "path": f"/{name}",
+                "upstream": url,
+                "auth": {"type": "none"},
+                "retry": {"attempts": 1},
+                "connect_timeout_s": 0.5,
+                "write_timeout_s": 0.5,
+                "max_body_bytes": 64 << 20,
+            }
+            for name, url in urls.items()
+        }
+        config = {"tls": {"ca_bundle": str(bundle)}, "routes": routes}
+        self.gateway = ServerThread(GatewayApp(parse_config(config)))
+        self.stack.enter_context(self.gateway)
+
+    def _raw(self, handler: Any, ssl_context: Any = None) -> RawUpstream:
+        return self.stack.enter_context(RawUpstream(handler, ssl_context=ssl_context))
+
+    def origin(self, name: str) -> str:
+        return self.urls[name].split("://", 1)[1]
+
+
+def _dir(tmp: Path, name: str) -> Path:
+    path = tmp / name
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="module")
+def failing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Failing]:
+    setup = Failing(tmp_path_factory.mktemp("failing"))
+    with setup.stack:
+        yield setup
+
+
+CASES = {
+    # route: (status, code, cause, what the line says besides)
+    "unknown-ca": (
+        502,
+        "upstream_unreachable",
+        "tls_unknown_ca",
+        ["tls.ca_bundle", "issued by CN=unknown CA"],
+    ),
+    "wrong-name": (
+        502,
+        "upstream_unreachable",
+        "tls_name_mismatch",
+        ["not valid for the name 127.0.0.1", "it holds DNS:scoring.example, DNS:*.scoring.example"],
+    ),
+    "expired": (502, "upstream_unreachable", "tls_expired", ["expired on "]),
+    "stalled-tls": (
+        504,
+        "upstream_timeout",
+        "connect_timeout",
+        ["within 0.5 s (connect_timeout_s)", "the TLS handshake with 127.0.0.1:"],
+    ),
+    "refused": (502, "upstream_unreachable", "refused", ["cannot connect to", "refused"]),
+    "reset": (502, "upstream_unreachable", "reset", ["reset the connection"]),
+}
+
+
+@pytest.mark.parametrize("route", sorted(CASES))
+def test_a_failed_attempt_is_explained_in_one_warning_and_not_to_the_client(
+    route: str, failing: Failing, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    status, code, cause, says = CASES[route]
+    request_id = f"failure-{route}"
+    response = _score(failing.gateway, route, request_id)
+    assert response.status_code == status, response.text
+    error = _client_sees_class_and_route_only(response, route, str(failing.urls[route].rsplit(":", 1)[1]))
+    assert error["code"] == code
+
+    line = _failure_line(caplog, request_id)
+    origin = failing.origin(route)
+    assert f"route {route}: request {request_id}: attempt 1 to {origin} failed ({cause}): " in line, line
+    for text in says:
+        assert text in line, (text, line)
+    assert line.endswith(f"; answering {status} {code}"), line
+    assert "via the egress proxy" not in line
+    if route == "expired":
+        assert failing.expired_on.strftime("%Y-%m-%d") in line
+    assert f"error={code}" in _access_line(caplog, request_id)
+
+
+def test_a_write_stall_names_write_timeout_s_and_its_value(
+    failing: Failing, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    request_id = "failure-write-stall"
+    answer: list[bytes] = []
+
+    def upload() -> None:
+        size = 32 << 20
+        with socket.create_connection(("127.0.0.1", failing.gateway.port), timeout=30) as sock:
+            with contextlib.suppress(OSError):
+                sock.sendall(
+                    b"POST /write-stall/score HTTP/1.1\r\nHost: x\r\nx-request-id: %b\r\n"
+                    b"Content-Length: %d\r\n\r\n" % (request_id.encode(), size)
+                )
+                block = b"x" * (1 << 20)
+                for _ in range(size >> 20):
+                    sock.sendall(block)
+            with contextlib.suppress(OSError):
+                answer.append(sock.recv(65536))
+
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    thread.join(60)
+    line = _failure_line(caplog, request_id)
+    origin = failing.origin("write-stall")
+    assert f"route write-stall: request {request_id}: attempt 1 to {origin} failed (write_timeout): " in line
+    assert "stopped reading the request for 0.5 s (write_timeout_s)" in line
+    assert "error=upstream_timeout" in _access_line(caplog, request_id)
+    if answer and answer[0]:
+        assert b"127.0.0.1" not in answer[0]
+
+
+# ------------------------------------------------------------------------------ through an egress proxy
+@pytest.fixture(scope="module")
+def auth_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForwardProxy]:
+    proxy = ForwardProxy(tmp_path_factory.mktemp("auth-proxy"), f"{PROXY_USER}:{PROXY_PASSWORD}")
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def policy_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForwardProxy]:
+    proxy = ForwardProxy(tmp_path_factory.mktemp("policy-proxy"), plugin="proxy_policy.ForbidEverything")
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def open_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForwardProxy]:
+    proxy = ForwardProxy(tmp_path_factory.mktemp("open-proxy"))
+    yield proxy
+    proxy.stop()
+
+
+def _proxied_gateway(gateway_factory: Any, proxy_port: int, **egress: Any) -> tuple[ServerThread, str]:
+    closed = socket.create_server(("127.0.0.1", 0))
+    origin = f"localhost:{closed.getsockname()[1]}"
+    closed.close()
+    route = {
+        "path": "/proxied",
+        "upstream": f"https://{origin}",
+        "auth": {"type": "none"},
+        "retry": {"attempts": 1},
+    }
+    config = {"egress": {"proxy": f"http://127.0.0.1:{proxy_port}", **egress}, "routes": {"proxied": route}}
+    return gateway_factory(config), origin
+
+
+@pytest.mark.parametrize("case", ["407", "407-wrong-credentials", "403", "502", "stopped"])
+def test_an_egress_proxy_failure_names_the_proxy_and_its_answer_in_the_log_only(
+    case: str,
+    request: pytest.FixtureRequest,
+    gateway_factory: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    egress: dict[str, Any] = {}
+    if case.startswith("407"):
+        proxy_port = request.getfixturevalue("auth_proxy").port
+        if case == "407-wrong-credentials":
+            monkeypatch.setenv("FAILURE_LOG_PROXY_AUTH", f"{PROXY_USER}:{WRONG_PASSWORD}")
+            egress["proxy_auth"] = {"env": "FAILURE_LOG_PROXY_AUTH"}
+    elif case == "403":
+        proxy_port = request.getfixturevalue("policy_proxy").port
+    elif case == "502":
+        proxy_port = request.getfixturevalue("open_proxy").port
+    else:
+        stopped = socket.create_server(("127.0.0.1", 0))
+        proxy_port = stopped.getsockname()[1]
+        stopped.close()
+    gw, origin = _proxied_gateway(gateway_factory, proxy_port, **egress)
+    request_id = f"failure-proxy-{case}"
+    response = _score(gw, "proxied", request_id)
+    assert response.status_code == 502, response.text
+    error = _client_sees_class_and_route_only(
+        response, "proxied", str(proxy_port), REASON.decode(), "Proxy Authentication", "egress.proxy_auth"
+    )
+    assert error["code"] == "upstream_unreachable"
+
+    line = _failure_line(caplog, request_id)
+    proxy = f"127.0.0.1:{proxy_port}"
+    head = f"route proxied: request {request_id}: attempt 1 to {origin} via the egress proxy {proxy} failed "
+    assert line.startswith(line[: line.index("route proxied")]) and head in line, line
+    if case == "stopped":
+        assert "(proxy_unreachable): cannot connect to the egress proxy" in line, line
+    else:
+        status = case[:3]
+        assert f"(proxy_refused): the egress proxy {proxy} refused the tunnel to {origin}: {status} " in line
+        hint = {
+            "407": "set egress.proxy_auth",
+            "407-wrong-credentials": "the proxy refused egress.proxy_auth",
+            "403": "the proxy's policy forbids this destination",
+            "502": "the proxy could not reach the upstream",
+        }[case]
+        assert hint in line, line
+    assert PROXY_PASSWORD not in line and WRONG_PASSWORD not in line
+    assert "error=upstream_unreachable" in _access_line(caplog, request_id)
+
+
+# ------------------------------------------------------------------------------ the rate limit
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_line_per_route_and_cause_then_a_count_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """An outage fails every request alike: the first failure is logged, the next ones within the
+    interval are counted, and the first after it is logged with that count. Routes, origins, causes and
+    proxy statuses are counted apart."""
+    caplog.set_level(logging.WARNING, logger="gateway.failures")
+    clock = Clock()
+    log = FailureLog(interval_s=10.0, clock=clock)
+    origin = Origin("https://scoring.example:443", None)
+    refused = ConnectError("cannot connect to scoring.example:443: Connection refused", cause="refused")
+
+    def fail(route: str = "iris", error: Exception = refused, request: str = "r") -> None:
+        log.attempt_failed(
+            route=route, request_id=request, origin=origin, attempt=1, error=error, outcome="answering 502"
+        )  # type: ignore[arg-type]
+
+    fail(request="first")
+    for i in range(500):
+        clock.now += 0.01
+        fail(request=f"flood-{i}")
+    fail(route="other")  # another route: its own first line
+    fail(error=TransportTimeout("no connection (connect_timeout_s)", phase="connect"))  # another cause
+    fail(error=ProxyRefused("refused: 407", status=407))
+    fail(error=ProxyRefused("refused: 403", status=403))  # another proxy answer
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5, lines
+    assert "request first:" in lines[0] and "not logged" not in lines[0]
+
+    clock.now += 10.0  # the interval is over: the next failure is logged with the count
+    fail(request="after")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6
+    assert "request after:" in lines[-1]
+    assert "(500 more failure(s) like it in the 15 s since the last such line were not logged)" in lines[-1]
+    assert caplog.records[-1].suppressed == 500  # type: ignore[attr-defined]
+
+    clock.now += 10.0  # a quiet interval: the next failure is logged alone
+    fail(request="later")
+    assert len(caplog.records) == 7 and "not logged" not in caplog.records[-1].getMessage()
+
+
+def test_the_json_line_has_the_fields_as_keys(caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from gateway import egress
+    from gateway.logs import JsonFormatter
+
+    caplog.set_level(logging.WARNING, logger="gateway.failures")
+    origin = Origin("https://scoring.example:443", None, proxy=egress.Proxy("10.0.0.5", 3128))
+    error = ProxyRefused("the egress proxy 10.0.0.5:3128 refused the tunnel: 407", status=407)
+    FailureLog().attempt_failed(
+        route="iris", request_id="abc", origin=origin, attempt=2, error=error, outcome="answering 502"
+    )
+    data = json.loads(JsonFormatter().format(caplog.records[-1]))
+    assert data["level"] == "warning" and data["logger"] == "gateway.failures"
+    assert (data["route"], data["request_id"], data["origin"], data["attempt"]) == (
+        "iris",
+        "abc",
+        "scoring.example:443",
+        2,
+    )
+    assert (data["cause"], data["proxy"], data["proxy_status"]) == ("proxy_refused", "10.0.0.5:3128", 407)
