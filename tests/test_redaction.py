@@ -32,3 +32,60 @@ def test_log_lines_are_redacted_text_and_json():
         assert "another-secret-value-42" not in output
         assert "using ***" in output
     logs.configure("warning")
+
+
+def test_registering_is_linear_in_the_values_not_quadratic(monkeypatch):
+    """Twenty Key Vault-sized values (25 KB), each followed by a log line: the matcher is rebuilt once per
+    change from the values' first characters, not recompiled from every value's full text (which was
+    5 MB of pattern for these twenty, and stalled the event loop for seconds)."""
+    import re
+    import secrets
+
+    compiled: list[int] = []
+    real_compile = re.compile
+
+    def counting_compile(pattern, flags=0):  # type: ignore[no-untyped-def]
+        compiled.append(len(pattern))
+        return real_compile(pattern, flags)
+
+    monkeypatch.setattr(re, "compile", counting_compile)
+    values = [secrets.token_urlsafe(25 * 1024)[: 25 * 1024] for _ in range(20)]
+    for value in values:
+        redaction.register(value)
+        assert redaction.redact(f"line with {value} in it") == "line with *** in it"
+    assert len(compiled) <= 20
+    assert sum(compiled) < 20 * 64 * len(values), f"{sum(compiled)} characters of pattern compiled"
+
+
+def _reference(values: list[str], text: str) -> str:
+    """The masking rule as one regular expression of all the values, longest first (the old matcher)."""
+    import re
+
+    pattern = re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+    return pattern.sub(redaction.MASK, text)
+
+
+def test_overlapping_values_mask_like_one_alternation_longest_first():
+    values = ["abcdefgh", "abcdefgh-longer-one", "xabcdefghy", "zzzzzzzzzz", "zzzzzzzzzz-zz"]
+    text = "1 abcdefgh-longer-one 2 abcdefgh 3 xabcdefghy 4 zzzzzzzzzzzzzz-zz 5 abcdefg 6 abcdefgh-longer"
+    assert redaction._Matcher(values).sub(text) == _reference(values, text)
+    assert redaction._Matcher(values).sub(text).startswith("1 *** 2 *** 3 *** 4 ")
+
+
+def test_the_matcher_masks_exactly_what_one_alternation_of_the_values_masks():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    alphabet = st.sampled_from("ab-_xyz")
+    value = st.text(alphabet, min_size=8, max_size=14)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(value, min_size=1, max_size=6, unique=True),
+        st.lists(st.one_of(value, st.text(alphabet, max_size=6))),
+    )
+    def check(values: list[str], parts: list[str]) -> None:
+        text = "".join(parts)
+        assert redaction._Matcher(values).sub(text) == _reference(values, text)
+
+    check()
