@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from gateway import config as cfg
+from gateway.secrets import MAX_SECRET_CHARS
 
 # Descriptions of fields that config.py leaves undescribed, keyed "ModelName.field".
 FIELD_NOTES: dict[str, str] = {
@@ -377,6 +378,8 @@ def render() -> str:
         "  start-up; prefer the others.",
         "",
         "Secrets are resolved when the gateway starts (or reloads), not when the file is validated.",
+        f"A value from any source is at most {MAX_SECRET_CHARS:,} characters (25 KB, Key Vault's limit);",
+        "a longer one is refused, naming its source (a rotated file over it keeps the last good value).",
         f"Route `headers` may not set {reserved}; route paths may not shadow the admin endpoints {admin}.",
         "",
         "**Reloading.** `gateway serve` reloads the file when it changes or on `SIGHUP`. An invalid",

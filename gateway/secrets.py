@@ -3,7 +3,8 @@
 A `Secret` never shows its value in `repr()` or `str()`. File secrets are re-checked at most once
 a second (mtime, size and inode of the file the path resolves to, so a Kubernetes secret volume,
 which swaps a symlink, is noticed); a failed re-read keeps the last good value and is logged once.
-Every value ever loaded is registered with `gateway.redaction` so no log line can carry it.
+Every value ever loaded is checked (size, then form) and then registered with `gateway.redaction` so no
+log line can carry it; a value over `MAX_SECRET_CHARS` is refused, naming its source.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from gateway.errors import SecretError
 logger = logging.getLogger("gateway.secrets")
 
 CHECK_INTERVAL_S = 1.0
+# The longest secret value the gateway takes, from any source: Key Vault's limit (25 KB), so that a value
+# can move between a file, a variable and a vault. Checked before anything else touches a value (before
+# it is registered for redaction, which every log line then scans).
+MAX_SECRET_CHARS = 25 * 1024
+# A file is refused unread beyond this: UTF-8 takes at most 4 bytes a character, plus a final CRLF.
+_MAX_FILE_BYTES = 4 * MAX_SECRET_CHARS + 2
 
 
 _NOT_IN_HEADERS = re.compile(r"[\x00-\x1f\x7f]")
@@ -46,6 +53,15 @@ def check_header_value(value: str, source: str) -> str:
         raise SecretError(
             f"{source} contains characters outside ISO-8859-1 (latin-1) and cannot be sent in a header"
         ) from None
+    return value
+
+
+def check_size(value: str, source: str) -> str:
+    if len(value) > MAX_SECRET_CHARS:
+        raise SecretError(
+            f"{source} is {len(value)} characters, over the limit of {MAX_SECRET_CHARS} (25 KB, Key Vault's "
+            "limit for a secret value)"
+        )
     return value
 
 
@@ -92,6 +108,7 @@ class LiteralSecret(Secret):
         super().__init__("literal")
         if not value:
             raise SecretError("the literal secret is empty")
+        check_size(value, "the literal secret")
         self._value = check_header_value(value, "the literal secret") if header else value
         redaction.register(value)
 
@@ -111,7 +128,7 @@ class EnvSecret(Secret):
             raise SecretError(f"environment variable {name} is not set")
         if not value.strip():
             raise SecretError(f"environment variable {name} is empty")
-        self._value = value.strip()
+        self._value = check_size(value.strip(), f"environment variable {name}")
         if header:
             check_header_value(self._value, f"environment variable {name}")
         redaction.register(self._value)
@@ -145,14 +162,26 @@ class FileSecret(Secret):
     def _read(self) -> str:
         try:
             stat = os.stat(self.path)
-            raw = self.path.read_bytes()
+            if stat.st_size > _MAX_FILE_BYTES:
+                raise SecretError(
+                    f"secret file {self.path} is {stat.st_size} bytes, over the limit of {MAX_SECRET_CHARS} "
+                    "characters (25 KB, Key Vault's limit for a secret value)"
+                )
+            with open(self.path, "rb") as file:
+                raw = file.read(_MAX_FILE_BYTES + 1)  # the file may have grown since `stat`
         except OSError as exc:
             raise SecretError(f"cannot read secret file {self.path}: {exc.strerror or exc}") from None
+        if len(raw) > _MAX_FILE_BYTES:
+            raise SecretError(
+                f"secret file {self.path} is over {_MAX_FILE_BYTES} bytes, over the limit of "
+                f"{MAX_SECRET_CHARS} characters (25 KB, Key Vault's limit for a secret value)"
+            )
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise SecretError(f"secret file {self.path} is not UTF-8 text") from None
         value = _strip_newline(text) if self._strip else text
+        check_size(value, f"secret file {self.path}")
         if not value.strip():
             raise SecretError(f"secret file {self.path} is empty")
         if self._header:
@@ -231,6 +260,7 @@ class ManagedSecret(Secret):
         """
         if not value:
             raise SecretError(f"{self.source}: refusing an empty value")
+        check_size(value, self.source)
         redaction.register(value)
         if value == self._value:
             return False

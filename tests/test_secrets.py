@@ -101,3 +101,60 @@ def test_header_secrets_refuse_control_characters(tmp_path: Path, monkeypatch):
         EnvSecret("GW_TEST_KEY", header=True)
     with pytest.raises(SecretError):
         LiteralSecret("x\ny-12345678", header=True)
+
+
+def _spy_registrations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of the values handed to gateway.redaction.register (never the values)."""
+    from gateway import redaction
+
+    seen: list[int] = []
+    real = redaction.register
+
+    def spy(value: str) -> None:
+        seen.append(len(value))
+        real(value)
+
+    monkeypatch.setattr(redaction, "register", spy)
+    return seen
+
+
+def test_an_oversized_env_or_literal_secret_is_refused_before_anything_touches_it(monkeypatch):
+    """Key Vault's limit (25 KB) for every source: a 3 MiB value is refused, naming its source, and never
+    reaches the redaction registry (which every later log line would scan)."""
+    registered = _spy_registrations(monkeypatch)
+    huge = "k" * (3 << 20)
+    monkeypatch.setenv("GW_TEST_HUGE", huge)
+    with pytest.raises(SecretError, match=r"environment variable GW_TEST_HUGE .*over the limit of 25600"):
+        EnvSecret("GW_TEST_HUGE")
+    with pytest.raises(SecretError, match=r"the literal secret .*over the limit of 25600"):
+        LiteralSecret(huge)
+    with pytest.raises(SecretError, match=r"endpoint key .*over the limit of 25600"):
+        secrets.ManagedSecret("endpoint key primary").set(huge)
+    at_limit = "v" * secrets.MAX_SECRET_CHARS
+    monkeypatch.setenv("GW_TEST_HUGE", at_limit)
+    assert EnvSecret("GW_TEST_HUGE").value == at_limit
+    assert max(registered) == secrets.MAX_SECRET_CHARS
+
+
+def test_an_oversized_secret_file_is_refused_at_start_and_a_rotation_to_one_keeps_the_last_value(
+    tmp_path: Path, monkeypatch, caplog
+):
+    monkeypatch.setattr(secrets, "CHECK_INTERVAL_S", 0.0)
+    registered = _spy_registrations(monkeypatch)
+    path = tmp_path / "key"
+    path.write_bytes(b"k" * (3 << 20))
+    with pytest.raises(SecretError, match=rf"secret file {path} is 3145728 bytes, over the limit of 25600"):
+        FileSecret(path)
+    assert registered == []
+
+    path.write_text("good-value-12345\n")
+    secret = FileSecret(path)
+    path.write_text("x" * (secrets.MAX_SECRET_CHARS + 1) + "\n")  # just over, as characters
+    assert secret.value == "good-value-12345"
+    path.write_bytes(b"y" * (3 << 20))
+    assert secret.value == "good-value-12345"
+    refusals = [r.getMessage() for r in caplog.records if "over the limit" in r.getMessage()]
+    assert len(refusals) == 2 and all(str(path) in m and "keeping the last value" in m for m in refusals)
+    assert max(registered) == len("good-value-12345")
+    path.write_text("v" * secrets.MAX_SECRET_CHARS + "\n")  # at the limit: taken
+    assert secret.value == "v" * secrets.MAX_SECRET_CHARS
