@@ -404,6 +404,7 @@ class GatewayApp:
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.readiness()
+        self.telemetry.flush()  # the requests counted since the last flush
         body, content_type = metrics.render()
         await send_bytes(send, 200, body, content_type.encode())
 

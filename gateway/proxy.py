@@ -157,7 +157,8 @@ class Proxy:
         admission = route.admission
         if not admission.try_enter():
             await admission.enter()
-        route.in_flight.inc()
+        in_flight = route.in_flight
+        in_flight.value += 1
         try:
             # 5. credential: without one the answer is 503 at once, before the body is read
             grant = route.credential.grant_nowait() or await _wait_for_grant(route, record)
@@ -175,7 +176,7 @@ class Proxy:
                 response.release()
         finally:
             route.balancer.release(record)  # a probe this request still holds ends with it, whatever ended it
-            route.in_flight.dec()
+            in_flight.value -= 1
             admission.leave()
 
     async def _attempts(

@@ -5,7 +5,6 @@ its budget in `gateway.retry`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import quote
 
 from gateway import metrics
@@ -42,7 +41,7 @@ class Route:
     static_header_lines: bytes = b""
     secret_headers: tuple[tuple[bytes, Secret], ...] = ()
     prefix_bytes: bytes = b""
-    in_flight: Any = None  # the route's bound in-flight gauge
+    in_flight: metrics.InFlight = field(init=False)  # the route's requests in flight
     admission: Admission = field(init=False)
     balancer: Balancer = field(init=False)
 
@@ -56,7 +55,7 @@ class Route:
             (name, value) for name, value in self.headers if not isinstance(value, bytes)
         )
         self.admission = Admission(self.name, self.max_concurrent, self.queue_timeout_s)
-        self.in_flight = metrics.IN_FLIGHT.labels(self.name)
+        self.in_flight = metrics.in_flight(self.name)
         self.balancer = Balancer(
             self.name,
             self.upstreams,
