@@ -108,7 +108,7 @@ class Upstream(asyncio.Protocol):
             self.out = []
         if self.done:
             self.client = None
-            if self.parser.should_keep_alive():
+            if self.keep_alive:
                 idle.append(self)
             else:
                 self.transport.close()
@@ -143,6 +143,7 @@ class Upstream(asyncio.Protocol):
         if self.chunked:
             self.out.append(b"0\r\n\r\n")
         self.done = True
+        self.keep_alive = self.parser.should_keep_alive()  # the parser forgets it once the feed returns
 
 
 async def main() -> None:
