@@ -34,6 +34,8 @@ _REQUEST_OWNED = HOP_BY_HOP | {
     b"x-request-id",
 }
 _RESPONSE_OWNED = HOP_BY_HOP | {b"x-request-id"}
+# `Connection` values that name no header to drop (the usual ones): no token set to build.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 # Azure ML's client request id: forwarded as the client sent it, else the gateway sets its own.
 _CLIENT_REQUEST_ID = b"x-ms-client-request-id"
 # Request headers the gateway reads: the ones it owns (dropped) and the client request id (forwarded).
@@ -118,7 +120,7 @@ def response_header_lines(
     for name, value in raw:
         lowered = name.lower()
         if lowered in _RESPONSE_OWNED:
-            if lowered == b"connection":
+            if lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 dropped = (dropped or set()) | connection_tokens(value)  # every Connection header counts
             continue
         if lowered == b"content-length":
