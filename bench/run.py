@@ -59,6 +59,7 @@ ALL_SCENARIOS = [
     "caddy",
     "naive",
     "aiohttp",
+    "floor",
     "gateway",
     "gateway-baseline",
     "gateway-aad",
@@ -70,7 +71,7 @@ BASELINE = "gateway-baseline"
 # unavailable -> "skipped", not "failed".
 OPTIONAL_SCENARIOS = {"haproxy", "caddy", "aiohttp", "gateway-aad", "gateway-emulator"}
 # The quick run (CI's smoke test) installs nothing but wrk and nginx: peers that are missing are skipped.
-QUICK_SCENARIOS = ["direct", "nginx", "haproxy", "caddy", "naive", "aiohttp", "gateway"]
+QUICK_SCENARIOS = ["direct", "nginx", "haproxy", "caddy", "naive", "aiohttp", "floor", "gateway"]
 DESCRIPTIONS = {
     "direct": "nginx (1 worker) answering POST /score with a fixed body: the upstream alone (load core)",
     "nginx": "nginx (1 worker) reverse proxy to `direct`, injects the key, keep-alive upstream pool",
@@ -81,7 +82,11 @@ DESCRIPTIONS = {
     "aiohttp": "tightest aiohttp forwarder: raw ASGI under the gateway's uvicorn settings, one tuned "
     "`aiohttp.ClientSession`, body streamed through (bench/aiohttp_proxy.py): the upper bound for an "
     "aiohttp-based gateway",
-    "gateway": "`gateway serve --workers 1`, key auth route to `direct` (this checkout)",
+    "floor": "the stack floor: a minimal uvloop + httptools forwarder (bench/floor_proxy.py: route prefix, "
+    "key injected, keep-alive upstream pool, Content-Length and chunked framing; protocol callbacks only, no "
+    "limits, timers, metrics or logging): what this stack costs before the gateway does any work of its own",
+    "gateway": "`gateway serve --workers 1`, key auth route to `direct` (this checkout), the inbound limits "
+    "at their defaults",
     BASELINE: "`gateway serve --workers 1`, key auth route to `direct`, from the `--baseline` checkout",
     "gateway-aad": "`gateway serve --workers 1`, aad_token route (tokens from the emulator) to `direct`",
     "gateway-emulator": "`gateway serve --workers 1`, key route to the emulator's scoring endpoint",
@@ -90,13 +95,35 @@ DESCRIPTIONS = {
 PEER_PACKAGES = {"haproxy": "haproxy", "caddy": "caddy"}
 
 QUICK_DEFAULTS = {"duration": 1, "repeat": 1, "warmup": 0, "soak_requests": 2_000, "concurrency": "1,32"}
-FULL_DEFAULTS = {"duration": 5, "repeat": 3, "warmup": 2, "soak_requests": 200_000, "concurrency": "1,32"}
+FULL_DEFAULTS = {"duration": 5, "repeat": 3, "warmup": 2, "soak_requests": 500_000, "concurrency": "1,32"}
 THROUGHPUT_C = 32
 LATENCY_C = 1
 # Issue 9: prefer a mature client when it comes within 15% of the own client's per-core throughput;
 # the issue itself may cost at most 10% of the gateway's figure.
 CLIENT_DECISION_RATIO = 0.85
 BASELINE_MAX_COST = 0.10
+# Issue 18: the gateway's CPU per request within this multiple of the floor's, per-core req/s at least
+# this multiple of Caddy's, and at most this much p99 latency added at c=1.
+FLOOR_MAX_RATIO = 1.6
+CADDY_MIN_RATIO = 1.5
+ADDED_P99_MAX_MS = 0.5
+
+
+# Other processes may use at most this share of one core (percent) during a reference run: above it the
+# report is not written as latest.md unless --allow-busy says this is a smoke run.
+BUSY_LIMIT_CORE_PCT = 10.0
+EXIT_BUSY = 3
+
+
+def busy_machine(foreign_core_pct: float | None) -> bool:
+    """Whether other work disturbed the run (unknown counts as quiet: /proc/stat unreadable)."""
+    return foreign_core_pct is not None and foreign_core_pct > BUSY_LIMIT_CORE_PCT
+
+
+def report_stem(busy: bool, allow_busy: bool) -> str:
+    """The report's file names: `latest` (.md, .png, .json), or `disturbed` for a run on a busy machine
+    that --allow-busy did not let replace the reference figures."""
+    return "disturbed" if busy and not allow_busy else "latest"
 
 
 class BenchError(Exception):
@@ -948,6 +975,7 @@ class CpuMeter:
 
     stat0: tuple[int, int] = (0, 0)
     own0: float = 0.0
+    wall0: float = 0.0
     loadavg: str = ""
 
     @staticmethod
@@ -965,19 +993,21 @@ class CpuMeter:
         return t.user + t.system + t.children_user + t.children_system
 
     def start(self) -> None:
-        self.stat0, self.own0 = self._stat(), self._own()
+        self.stat0, self.own0, self.wall0 = self._stat(), self._own(), time.monotonic()
         with contextlib.suppress(OSError):
             self.loadavg = " / ".join(Path("/proc/loadavg").read_text().split()[:3])
 
-    def foreign_pct(self) -> float | None:
-        """Share of all cores' time used by processes the bench did not start (approximate)."""
+    def foreign(self) -> tuple[float, float] | None:
+        """CPU used by processes the bench did not start (approximate): as a share of all cores' time,
+        and as a share of one core (100 = one core kept busy the whole run), in percent."""
         busy1, total1 = self._stat()
         total = total1 - self.stat0[1]
-        if total <= 0:
+        wall = time.monotonic() - self.wall0
+        if total <= 0 or wall <= 0:
             return None
         hz = os.sysconf("SC_CLK_TCK")
-        foreign_s = (busy1 - self.stat0[0]) / hz - (self._own() - self.own0)
-        return max(0.0, foreign_s / (total / hz) * 100)
+        foreign_s = max(0.0, (busy1 - self.stat0[0]) / hz - (self._own() - self.own0))
+        return foreign_s / (total / hz) * 100, foreign_s / wall * 100
 
 
 def machine_info(tools: dict[str, str]) -> dict[str, str]:
@@ -1119,10 +1149,30 @@ def derive(scen: dict[str, Scenario], args: argparse.Namespace) -> dict[str, Any
             "p99_c1": paired_ratio(a, b, lc, "p99_us"),
             "pairs": min(len(a.runs.get(tc, [])), len(b.runs.get(tc, []))),
         }
+
+    # Issue 18: what a request costs the gateway next to nginx (the machine) and the floor (the stack).
+    def cpu_of(name: str) -> float | None:
+        value = per_target.get(name, {}).get("cpu_us")
+        return float(value) if value else None
+
+    cost: dict[str, dict[str, float | None]] = {}
+    for name in ("gateway", "gateway-aad", "gateway-emulator", BASELINE):
+        cpu = cpu_of(name)
+        if cpu is None:
+            continue
+        nginx_cpu, floor_cpu, caddy_cpu = cpu_of("nginx"), cpu_of("floor"), cpu_of("caddy")
+        cost[name] = {
+            "cpu_us": cpu,
+            "x_nginx": cpu / nginx_cpu if nginx_cpu else None,
+            "x_floor": cpu / floor_cpu if floor_cpu else None,
+            # per-core req/s of the gateway / Caddy's = Caddy's CPU per request / the gateway's
+            "per_core_x_caddy": caddy_cpu / cpu if caddy_cpu else None,
+        }
     return {
         "throughput_c": tc,
         "latency_c": lc,
         "per_target": per_target,
+        "cost": cost,
         "ratios": ratios,
         "client_decision": decision,
         "before_after": before_after,
@@ -1143,8 +1193,22 @@ def targets(derived: dict[str, Any], soak: dict[str, Any]) -> list[tuple[str, st
 
     at_least(f"gateway c={tc} >= 0.25 x nginx (req/s, one core each)", ratios["gateway / nginx"], 0.25)
     at_least(f"gateway c={tc} >= 10 x naive (req/s)", ratios["gateway / naive"], 10.0)
+    cost = derived["cost"].get("gateway", {})
+    floor_x = cost.get("x_floor")
+    out.append(
+        (
+            f"gateway CPU per request <= {FLOOR_MAX_RATIO:g} x the floor's (c={tc})",
+            "-" if floor_x is None else f"{floor_x:.2f}x",
+            verdict(None if floor_x is None else floor_x <= FLOOR_MAX_RATIO),
+        )
+    )
+    at_least(
+        f"gateway per-core req/s >= {CADDY_MIN_RATIO:g} x Caddy's (from CPU per request, c={tc})",
+        cost.get("per_core_x_caddy"),
+        CADDY_MIN_RATIO,
+    )
     gw = derived["per_target"].get("gateway", {})
-    for key, limit in (("added_p50_ms", 1.0), ("added_p99_ms", 3.0)):
+    for key, limit in (("added_p50_ms", 1.0), ("added_p99_ms", ADDED_P99_MAX_MS)):
         value = gw.get(key)
         out.append(
             (
@@ -1215,13 +1279,21 @@ def write_markdown(
     out.append(f"Pinning: {args.pinning}.  ")
     foreign = args.foreign_cpu_pct
     if foreign is not None:
-        warn = (
-            " **The machine was busy with other work: these numbers are disturbed.**" if foreign > 10 else ""
-        )
         out.append(
             f"Load average at start {args.loadavg_start}; processes not started by the bench used "
-            f"~{foreign:.0f}% of all cores' time during the run.{warn}  "
+            f"~{foreign:.0f}% of all cores' time during the run, ~{args.foreign_core_pct:.0f}% of one core "
+            f"(a reference run needs <= {BUSY_LIMIT_CORE_PCT:g}%).  "
         )
+        if args.busy:
+            out.append(
+                "**The machine was busy with other work: these numbers are disturbed. "
+                + (
+                    "Written as latest.md only because of --allow-busy (a smoke run): do not quote them.**"
+                    if args.allow_busy
+                    else "Not written as latest.md; rerun on a quiet machine.**"
+                )
+                + "  "
+            )
     out.append(
         f"wrk {args.threads} thread(s), {args.duration} s per run, {args.repeat} run(s) per cell "
         f"(medians; errors and requests summed over runs), {args.warmup} s warm-up per scenario at "
@@ -1281,6 +1353,30 @@ def write_markdown(
             ],
             rows,
         )
+    )
+    out.append("")
+    out.append("## Gateway cost (issue 18)")
+    out.append("")
+    out.append(
+        f"CPU µs per request at c={tc} of each gateway route, with the inbound limits at their defaults, as "
+        "a multiple of nginx's (what the machine can do) and of the floor's (what uvloop + httptools can "
+        "do: bench/floor_proxy.py); per-core req/s as a multiple of Caddy's."
+    )
+    out.append("")
+    crow = [
+        [
+            name,
+            fmt(c["cpu_us"], 1),
+            "-" if c["x_nginx"] is None else f"{c['x_nginx']:.2f}x",
+            "-" if c["x_floor"] is None else f"{c['x_floor']:.2f}x",
+            "-" if c["per_core_x_caddy"] is None else f"{c['per_core_x_caddy']:.2f}x",
+        ]
+        for name, c in derived["cost"].items()
+    ]
+    out.append(
+        md_table(["route", "CPU µs/req", "x nginx", "x floor", "per-core req/s x Caddy"], crow)
+        if crow
+        else "no gateway measured"
     )
     out.append("")
     decision = derived["client_decision"]
@@ -1579,11 +1675,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="requests through `gateway` for the memory-growth check (default 200000, quick 2000, 0 = off)",
     )
     p.add_argument("--soak-concurrency", type=int, default=32)
-    p.add_argument("--soak-max-seconds", type=int, default=150, help="time cap for the soak (default 150)")
+    p.add_argument("--soak-max-seconds", type=int, default=240, help="time cap for the soak (default 240)")
     p.add_argument(
         "--out", type=Path, default=BENCH_DIR / "results", help="output directory (default bench/results)"
     )
     p.add_argument("--no-install", action="store_true", help="do not apt-get/pip install anything missing")
+    p.add_argument(
+        "--allow-busy",
+        action="store_true",
+        help=f"write latest.md even when other processes used more than {BUSY_LIMIT_CORE_PCT:g}%% of a core "
+        "(a smoke run; the report says so). Without it such a run writes disturbed.md and exits "
+        f"{EXIT_BUSY}",
+    )
     args = p.parse_args(argv)
     defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
     for key, val in defaults.items():
@@ -1722,6 +1825,20 @@ def setup_scenarios(
         wait_until(lambda: http_request(sc.port, "GET", "/healthz")[0] == 200, 30.0, sc.proc, "aiohttp proxy")
 
     setup("aiohttp", aiohttp_forwarder)
+
+    def floor(sc: Scenario) -> None:
+        env = dict(
+            os.environ,
+            FLOOR_UPSTREAM_URL=direct_url,
+            FLOOR_PREFIX="/score",
+            FLOOR_API_KEY=STATIC_KEY,
+            FLOOR_PORT=str(sc.port),
+        )
+        cmd = [sys.executable, str(BENCH_DIR / "floor_proxy.py")]
+        sc.proc = procs.start("floor", cmd, workdir / "floor.log", env=env, cpus=proxy_cpus)
+        wait_until(lambda: http_request(sc.port, "GET", "/healthz")[0] == 200, 30.0, sc.proc, "floor proxy")
+
+    setup("floor", floor)
 
     gw_wanted = [n for n in args.scenario_list if n.startswith("gateway")]
     if not gw_wanted:
@@ -1922,18 +2039,27 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     elapsed = time.monotonic() - t_start
-    args.foreign_cpu_pct = cpu.foreign_pct()
+    foreign = cpu.foreign()
+    args.foreign_cpu_pct, args.foreign_core_pct = foreign if foreign is not None else (None, None)
+    args.busy = busy_machine(args.foreign_core_pct)
     args.loadavg_start = cpu.loadavg
     args.pinning = pinning.describe()
-    if args.foreign_cpu_pct is not None and args.foreign_cpu_pct > 10:
+    # A run on a busy machine never replaces the reference figures unless the caller says so.
+    stem = report_stem(args.busy, args.allow_busy)
+    if args.busy:
         log(
-            f"WARNING: other processes used ~{args.foreign_cpu_pct:.0f}% of all CPU during the run; "
-            "the numbers are disturbed"
+            f"WARNING: other processes used ~{args.foreign_core_pct:.0f}% of one core during the run "
+            f"(limit {BUSY_LIMIT_CORE_PCT:g}%): the numbers are disturbed; "
+            + (
+                "writing latest.md anyway because of --allow-busy (smoke run)"
+                if args.allow_busy
+                else f"NOT writing latest.md: the report goes to {stem}.md; rerun on a quiet machine"
+            )
         )
     derived = derive(scen, args)
     machine = machine_info(tools)
-    png_note = write_chart(out_dir / "latest.png", scen, args.scenario_list, use_mpl)
-    write_markdown(out_dir / "latest.md", args, scen, derived, soak, machine, elapsed, started, png_note)
+    png_note = write_chart(out_dir / f"{stem}.png", scen, args.scenario_list, use_mpl)
+    write_markdown(out_dir / f"{stem}.md", args, scen, derived, soak, machine, elapsed, started, png_note)
     raw = {
         "command": args.command_line,
         "started": started,
@@ -1959,13 +2085,13 @@ def main(argv: list[str] | None = None) -> int:
         "soak": soak,
         "logs": str(run_dir),
     }
-    (out_dir / "latest.json").write_text(json.dumps(raw, indent=2, default=str))
-    log(f"wrote {out_dir / 'latest.md'} and {out_dir / 'latest.png'} in {elapsed:.0f}s (logs: {run_dir})")
+    (out_dir / f"{stem}.json").write_text(json.dumps(raw, indent=2, default=str))
+    log(f"wrote {out_dir / f'{stem}.md'} and {out_dir / f'{stem}.png'} in {elapsed:.0f}s (logs: {run_dir})")
     failed = [n for n in args.scenario_list if scen[n].status == "failed"]
     if failed:
         log(f"failed scenarios: {', '.join(failed)}")
         return 2
-    return 0
+    return EXIT_BUSY if stem == "disturbed" else 0
 
 
 if __name__ == "__main__":

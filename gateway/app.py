@@ -7,12 +7,11 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 
 from gateway import keyvault, metrics
 from gateway.client import UpstreamClient
-from gateway.client_watch import SEND_TIMEOUT_STATE
 from gateway.config import (
     GatewayConfig,
     RouteConfig,
@@ -23,20 +22,25 @@ from gateway.config import (
 )
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
 from gateway.egress import build_egress
-from gateway.errors import ClientFacingError, ConfigError, InternalError
+from gateway.errors import ConfigError, InternalError
+from gateway.exchange import Exchange
 from gateway.headers import new_request_id
 from gateway.inbound import InboundGuard, inbound_problem
-from gateway.proxy import Proxy, Receive, Scope, Send
-from gateway.responses import error_body, send_bytes, send_error, send_json
+from gateway.proxy import Proxy
+from gateway.responses import Send, error_body, send_bytes, send_error, send_json
 from gateway.retry import ReplayPolicy
 from gateway.routing import Route, Router
 from gateway.secrets import Secret
+from gateway.server_protocol import SEND_TIMEOUT_STATE
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.tls import client_context
 from gateway.tracing import TracedTelemetry, build_tracing
 from gateway.upstreams import Upstream
 
 logger = logging.getLogger("gateway")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 CONFIG_POLL_S = 2.0
 # Server settings a reload applies; every other `server` field shapes the listener or objects built at
@@ -137,7 +141,8 @@ def build_router(
 
 
 class GatewayApp:
-    """Raw ASGI: admin paths are a dictionary look-up, everything else goes to the proxy."""
+    """The gateway: proxied requests come from the server protocol as exchanges (`serve_exchange`, no
+    ASGI); the admin endpoints are raw ASGI, a dictionary look-up."""
 
     def __init__(
         self,
@@ -173,6 +178,8 @@ class GatewayApp:
             "/readyz": self._readyz,
             "/metrics": self._metrics,
         }
+        # What the server protocol hands to ASGI; every other request is an exchange for the proxy.
+        self.asgi_paths = frozenset(self._admin)
         self._reload_lock = asyncio.Lock()
         self._watch_task: asyncio.Task[None] | None = None
         self._config_signature: tuple[int, int, int] | None = None
@@ -184,24 +191,25 @@ class GatewayApp:
     def credentials(self) -> list[Credential]:
         return [r.credential for r in self.router.routes]
 
+    def serve_exchange(self, exchange: Exchange) -> Coroutine[Any, Any, None]:
+        """The task of a proxied request, started by the server protocol: the proxy with the running
+        config's stages (a reload swaps them; a request keeps those it started with)."""
+        proxy = self.proxy
+        assert proxy is not None, "the lifespan protocol must run before requests"
+        return proxy.serve(exchange, self.guard, self.router)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             try:
                 admin = self._admin.get(scope["path"])
-                if admin is not None:
-                    await admin(scope, receive, send)
-                    return
-                proxy = self.proxy
-                assert proxy is not None, "the lifespan protocol must run before requests"
-                guard = self.guard
-                if guard is not None:
-                    try:
-                        guard.check(scope)
-                    except ClientFacingError as exc:
-                        await proxy.refuse(scope, send, exc)
-                        return
-                # The proxy answers its own failures, unexpected ones included (it knows the request id).
-                await proxy.handle(scope, receive, send, self.router)
+                if admin is None:
+                    # Proxied requests never come this way: the gateway's server protocol hands them to
+                    # `serve_exchange`. Another ASGI server would get here.
+                    raise RuntimeError(
+                        "proxied requests need the gateway's server protocol (gateway.server_protocol); "
+                        "run the gateway with `gateway serve`"
+                    )
+                await admin(scope, receive, send)
             except Exception:
                 await self._internal_error(scope, send)
         elif scope["type"] == "lifespan":
@@ -396,6 +404,7 @@ class GatewayApp:
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.readiness()
+        self.telemetry.flush()  # the requests counted since the last flush
         body, content_type = metrics.render()
         await send_bytes(send, 200, body, content_type.encode())
 

@@ -160,6 +160,11 @@ class UpstreamResponse:
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
+    @property
+    def ready(self) -> bool:
+        """`next_chunk()` would return (or raise) without waiting."""
+        return bool(self._chunks) or self._eof or self._error is not None
+
     async def next_chunk(self) -> bytes:
         """The next piece of body, or b"" at the end. Raises ConnectionLost/TransportTimeout on failure."""
         while not self._chunks:

@@ -34,6 +34,8 @@ _REQUEST_OWNED = HOP_BY_HOP | {
     b"x-request-id",
 }
 _RESPONSE_OWNED = HOP_BY_HOP | {b"x-request-id"}
+# `Connection` values that name no header to drop (the usual ones): no token set to build.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 # Azure ML's client request id: forwarded as the client sent it, else the gateway sets its own.
 _CLIENT_REQUEST_ID = b"x-ms-client-request-id"
 # Request headers the gateway reads: the ones it owns (dropped) and the client request id (forwarded).
@@ -106,18 +108,31 @@ def read_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> InboundHeaders:
     return result
 
 
-def response_headers(raw: Iterable[tuple[bytes, bytes]], request_id: bytes) -> list[tuple[bytes, bytes]]:
-    """The upstream's headers as the client gets them: unchanged except for hop-by-hop ones."""
-    out: list[tuple[bytes, bytes]] = []
+def response_header_lines(
+    raw: Iterable[tuple[bytes, bytes]], request_id_line: bytes, *, bodyless_status: bool = False
+) -> tuple[bytes, int | None]:
+    """The upstream's headers as the client gets them, in wire form: unchanged except for hop-by-hop
+    ones, with the gateway's `request_id_line` at the end; and the Content-Length they state (None
+    without one). A 204 or 304 answer (`bodyless_status`) loses its Content-Length: it has no body."""
+    kept: list[tuple[bytes, bytes, bytes]] = []
     dropped: set[bytes] | None = None
+    length: int | None = None
     for name, value in raw:
         lowered = name.lower()
         if lowered in _RESPONSE_OWNED:
-            if lowered == b"connection":
+            if lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 dropped = (dropped or set()) | connection_tokens(value)  # every Connection header counts
             continue
-        out.append((name, value))
+        if lowered == b"content-length":
+            if bodyless_status:
+                continue
+            try:
+                length = int(value)  # the client's parser checked its digits
+            except ValueError:
+                continue  # unreadable: dropped, and the gateway frames the body itself
+        kept.append((lowered, name, value))
     if dropped:
-        out = [(n, v) for n, v in out if n.lower() not in dropped]
-    out.append((b"x-request-id", request_id))
-    return out
+        kept = [line for line in kept if line[0] not in dropped]
+        if b"content-length" in dropped:
+            length = None
+    return b"".join([name + b": " + value + b"\r\n" for _, name, value in kept]) + request_id_line, length

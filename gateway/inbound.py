@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gateway.config import GatewayConfig, InboundConfig, is_loopback
 from gateway.errors import ClientNotAllowed, ClientUnauthenticated
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange
 
 
 def inbound_problem(config: GatewayConfig) -> str | None:
@@ -36,10 +38,10 @@ class InboundGuard:
         self.header = config.api_key_header.encode("latin-1")
         self._allowed_cache: dict[str, bool] = {}
 
-    def check(self, scope: MutableMapping[str, Any]) -> None:
+    def check(self, exchange: Exchange) -> None:
         """Raise unless the client may proxy; strips the client's key so it never reaches the upstream."""
         if self.networks:
-            client = scope.get("client")
+            client = exchange.client
             host = client[0] if client else ""
             allowed = self._allowed_cache.get(host)
             if allowed is None:
@@ -54,12 +56,12 @@ class InboundGuard:
         if self.key_hashes:
             presented: bytes | None = None
             kept = []
-            for name, value in scope["headers"]:
+            for name, value in exchange.headers:
                 if name == self.header:
                     presented = value
                 else:
                     kept.append((name, value))
-            scope["headers"] = kept
+            exchange.headers = kept
             if presented is None or not self._key_matches(presented):
                 raise ClientUnauthenticated(
                     f"send a valid gateway API key in the {self.header.decode()} header"

@@ -1,9 +1,24 @@
 """Forwarding: one request in, one or more upstream attempts out, the answer streamed back untouched.
 
-Raw ASGI on purpose: this is the hot path, and framework request/response objects cost more than
-everything else the gateway does per request. Headers stay bytes from the client's socket to the
-upstream's; the request head is assembled once per attempt and written with the body in one call
-by `gateway.client` (see bench/ for why not aiohttp or httpx).
+The request path is a short chain of stages, each configured per route at build time and each answering
+the client with a `ClientFacingError` when it refuses (see `Proxy.serve`):
+
+    1. inbound      (`gateway.inbound`)   who may use the gateway at all        403/401
+    2. router       (`gateway.routing`)   which route, path rules               404/400
+    3. route access (issue 16)            may this caller use this route
+    4. admission    (`gateway.admission`) a route slot now, queued, or refused  503 overloaded
+    5. credential   (`gateway.credentials`) the grant, within the deadline      503 credential_unavailable
+    6. replay policy + client (`_attempts`, `gateway.retry`, `gateway.client`)  the answer, or 502/504
+
+Everything up to the credential happens before a byte of the body is read. What a stage takes it gives back
+on every exit path (one try/finally each). The outcome of every stage goes into the request's
+`RequestRecord`, from which the access line, the metrics and the span are written once, at the end.
+
+No ASGI on this path: the server protocol hands over an `Exchange` (`gateway.exchange`) and the answer is
+written to the client connection directly, its head and a body that is already complete in one write.
+Headers stay bytes from the client's socket to the upstream's; the request head is assembled once per
+attempt and written with the body in one call by `gateway.client` (see bench/ for why not aiohttp or
+httpx).
 """
 
 from __future__ import annotations
@@ -11,11 +26,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from gateway.client import UpstreamClient, UpstreamResponse, encode_chunked
-from gateway.client_watch import CLIENT_GONE, CLIENT_TASK, DISCONNECTED
 from gateway.credentials.base import Grant
 from gateway.errors import (
     BadRequestPath,
@@ -24,7 +38,6 @@ from gateway.errors import (
     ClientTimeout,
     CredentialUnavailable,
     InternalError,
-    Overloaded,
     RouteNotFound,
     TransportError,
     TransportTimeout,
@@ -32,38 +45,28 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from gateway.exchange import STATUS_LINES, ClientGone, Exchange
 from gateway.failure_log import FailureLog
-from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_headers
+from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_header_lines
 from gateway.paths import check_path
-from gateway.responses import send_error
+from gateway.responses import error_body, error_head
 from gateway.routing import Route, Router
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.upstreams import Upstream
 
 if TYPE_CHECKING:
+    from gateway.inbound import InboundGuard
     from gateway.tracing import Tracing
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger("gateway.proxy")
 
-# Scope extension set by `gateway.server_protocol.GatewayHttpToolsProtocol` for a request whose target was in
-# absolute form: uvicorn's httptools protocol otherwise keeps only the target's path.
-ABSOLUTE_FORM = "gateway.absolute_form"
-
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FORWARDED_PROTO = {scheme: b"X-Forwarded-Proto: %s\r\n" % scheme.encode() for scheme in ("http", "https")}
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
 # An answer without Content-Length for an HTTP/1.0 client is collected to learn its length, up to this.
 HTTP10_ANSWER_BYTES = 16 * 1024 * 1024
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 class _UpstreamAborted(Exception):
@@ -91,59 +94,39 @@ class Proxy:
         self.tracing = tracing
         self.failures = FailureLog()
 
-    async def refuse(self, scope: Scope, send: Send, error: ClientFacingError) -> None:
-        """Answer with the gateway's own error before any routing (inbound protection)."""
-        record = RequestRecord(method=scope["method"], started=time.perf_counter())
-        record.request_id = new_request_id()
-        record.status = error.status
-        record.error = error.code
-        await send_error(send, error, record.request_id)
-        self.telemetry.request_done(record)
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send, router: Router) -> None:
-        record = RequestRecord(method=scope["method"], started=time.perf_counter())
-        # The server protocol cancels this task if the client goes away (see gateway.client_watch).
-        scope[CLIENT_TASK] = asyncio.current_task()
+    async def serve(self, exchange: Exchange, guard: InboundGuard | None, router: Router) -> None:
+        """The task of one proxied request: the chain of stages, the answer, and one record of it.
+        Every error is answered here (the request id is known); the task never raises, except a
+        cancellation that is not the client's (a shutdown)."""
+        record = RequestRecord(method=exchange.method, started=time.perf_counter())
         try:
-            inbound = read_request_headers(scope["headers"])
+            # 1. inbound: which clients may use the gateway's credentials at all
+            if guard is not None:
+                try:
+                    guard.check(exchange)
+                except ClientFacingError:
+                    record.request_id = new_request_id()  # refused before the client's headers count
+                    raise
+            inbound = read_request_headers(exchange.headers)
             record.request_id = inbound.request_id or new_request_id()
             if self.tracing is not None:
                 self.tracing.begin(record, inbound)  # the span is ended by the telemetry's request_done
-            if record.method == "TRACE":
-                # An upstream that honours TRACE echoes the request, the gateway's credential included.
-                raise BadRequestPath("TRACE is not supported: it would echo the gateway's credential back")
-            path: str = scope["path"]
-            if path[:1] != "/" or ABSOLUTE_FORM in scope.get("extensions", ()):
-                raise BadRequestPath(
-                    "absolute-form request targets (GET http://host/path) are not supported: this is not "
-                    "a forward proxy; send the path only"
-                )
-            raw_path: bytes | None = scope.get("raw_path")
-            check_path(path, raw_path)
-            route = router.match(path)
-            if route is None:
-                raise RouteNotFound(f"no route matches {_printable(path)}; see GET /readyz for the routes")
+            # 2. router
+            route = _route(exchange, router)
             record.route = route.name
-            await self._forward(scope, receive, send, route, inbound, path, raw_path, record)
+            # 3. route access (issue 16): whether this caller may use this route goes here.
+            await self._forward(exchange, route, inbound, record)
         except ClientFacingError as exc:
             record.error = exc.code
             record.status = exc.status
-            if not record.response_started:
-                await send_error(send, exc, record.request_id)
-            else:
-                logger.warning(
-                    "request %s: %s after the response had started; the client connection was closed "
-                    "and the client sees a truncated answer",
-                    record.request_id,
-                    exc.code,
-                )
-        except ClientDisconnected:
+            _answer_error(exchange, exc, record)
+        except ClientGone as exc:
             record.status = 499
-            record.error = DISCONNECTED
+            record.error = str(exc)
         except _UpstreamAborted:
             pass  # logged where it happened; the record keeps the upstream's status
         except asyncio.CancelledError:
-            gone = scope.get(CLIENT_GONE)
+            gone = exchange.gone
             if gone is None:
                 raise  # a shutdown, not the client: let it through
             # The client went away: the finally blocks on the way here aborted the upstream attempt
@@ -158,86 +141,45 @@ class Proxy:
             if record.request_id is None:
                 record.request_id = new_request_id()
             logger.exception("request %s: unexpected error; answered 500 internal_error", record.request_id)
-            if not record.response_started:
-                await send_error(send, InternalError(), record.request_id)
-            # else: returning mid-answer makes uvicorn close the connection; the client sees it cut short.
+            _answer_error(exchange, InternalError(), record)
         finally:
+            if not exchange.response_complete and exchange.gone is None:
+                exchange.cut_off()  # never leave the client waiting for an answer nobody writes
             self.telemetry.request_done(record)
 
     async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        route: Route,
-        inbound: InboundHeaders,
-        path: str,
-        raw_path: bytes | None,
-        record: RequestRecord,
+        self, exchange: Exchange, route: Route, inbound: InboundHeaders, record: RequestRecord
     ) -> None:
         if inbound.content_length is not None and inbound.content_length > route.max_body_bytes:
             raise BodyTooLarge(
                 f"the request body is {inbound.content_length} bytes; route {route.name} accepts at most "
                 f"{route.max_body_bytes}"
             )
-        # Before the body is read: without a credential the answer is 503 at once, whatever the body.
-        grant = route.credential.grant_nowait() or await _wait_for_grant(route, record)
-        record.credential = grant.slot
-        body, stream = await _read_body(receive, route, self.client_body_timeout_s, self.body_timeout_s)
-        record.bytes_in = len(body) if body is not None else 0
-
-        request_id = record.request_id
-        assert request_id is not None
-        client = scope.get("client")
-        client_ip = client[0].encode("latin-1") if client else b"unknown"
-        lines = [
-            name + b": " + value + b"\r\n"
-            for name, value in inbound.forwarded
-            if name not in route.header_names
-        ]
-        lines.append(
-            b"X-Forwarded-For: " + (inbound.xff + b", " + client_ip if inbound.xff else client_ip) + b"\r\n"
-        )
-        lines.append(_FORWARDED_PROTO.get(scope.get("scheme", "http"), _FORWARDED_PROTO["http"]))
-        if inbound.host:
-            lines.append(b"X-Forwarded-Host: " + inbound.host + b"\r\n")
-        request_id_bytes = request_id.encode("latin-1")
-        lines.append(b"x-request-id: " + request_id_bytes + b"\r\n")
-        if not inbound.client_request_id:
-            # Azure ML logs it as the client's request id: its request logs and ours join on one id.
-            lines.append(b"x-ms-client-request-id: " + request_id_bytes + b"\r\n")
-        lines.append(route.static_header_lines)
-        for name, secret in route.secret_headers:
-            lines.append(name + b": " + secret.value.encode("latin-1") + b"\r\n")
-        if stream is not None:
-            if inbound.content_length is not None:
-                lines.append(b"Content-Length: %d\r\n" % inbound.content_length)
-            else:
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-                stream = encode_chunked(stream)
-        elif body or record.method in _BODY_METHODS:
-            lines.append(b"Content-Length: %d\r\n" % len(body or b""))
-        common = b"".join(lines)
-        query = scope.get("query_string")
-        target = route.forward_path(path, raw_path) + (b"?" + query if query else b"")
-
-        if route.semaphore is not None:
-            await _acquire_slot(route)
-        route.in_flight.inc()
+        # 4. admission: a slot of the route, held until the answer is out
+        admission = route.admission
+        if not admission.try_enter():
+            await admission.enter()
+        in_flight = route.in_flight
+        in_flight.value += 1
         try:
+            # 5. credential: without one the answer is 503 at once, before the body is read
+            grant = route.credential.grant_nowait() or await _wait_for_grant(route, record)
+            record.credential = grant.slot
+            body, stream = await _read_body(exchange, route, self.client_body_timeout_s, self.body_timeout_s)
+            record.bytes_in = len(body) if body is not None else 0
+            common, stream = _forwarded_headers(exchange, route, inbound, record, body, stream)
+            query = exchange.query
+            target = route.forward_path(exchange.path, exchange.raw_path) + (b"?" + query if query else b"")
+            # 6. replay policy and client: the answer to pass on
             response = await self._attempts(route, record, common, target, body, stream, grant)
             try:
-                if scope.get("http_version") == "1.0" and _needs_length(response, record.method):
-                    await self._send_with_length(response, send, record)
-                else:
-                    await self._stream_response(response, send, record)
+                await self._answer(exchange, response, record)
             finally:
                 response.release()
         finally:
             route.balancer.release(record)  # a probe this request still holds ends with it, whatever ended it
-            route.in_flight.dec()
-            if route.semaphore is not None:
-                route.semaphore.release()
+            in_flight.value -= 1
+            admission.leave()
 
     async def _attempts(
         self,
@@ -358,10 +300,78 @@ class Proxy:
             record.retries += 1
             await asyncio.sleep(wait)
 
-    async def _send_with_length(self, response: UpstreamResponse, send: Send, record: RequestRecord) -> None:
-        """The whole answer, collected up to `HTTP10_ANSWER_BYTES`, then sent with its Content-Length."""
-        chunks: list[bytes] = []
-        size = 0
+    async def _answer(self, exchange: Exchange, response: UpstreamResponse, record: RequestRecord) -> None:
+        """The upstream's answer to the client: head and a body that has already arrived whole in one
+        write; otherwise the head at once and the body streamed as it comes."""
+        request_id = record.request_id
+        assert request_id is not None
+        status = response.status
+        bodyless_status = status == 204 or status == 304
+        lines, length = response_header_lines(
+            response.headers,
+            b"x-request-id: " + request_id.encode("latin-1") + b"\r\n",
+            bodyless_status=bodyless_status,
+        )
+        head = (STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status) + lines
+        record.status = status
+        if bodyless_status or exchange.method == "HEAD":
+            exchange.start(head)
+            record.response_started = True
+            exchange.end()
+            return
+        first = b""
+        if response.ready:  # what already arrived, usually the whole answer: no wait
+            try:
+                first = await response.next_chunk()
+            except TransportError as exc:
+                self._start_stream(exchange, head, length, b"", record)
+                raise _aborted(exchange, record, 0, exc) from None
+            if response.at_eof:
+                if length is None:
+                    head += b"content-length: %d\r\n" % len(first)
+                exchange.start(head, first)
+                record.response_started = True
+                record.bytes_out = len(first)
+                exchange.end()
+                return
+        if length is None and exchange.http_version == "1.0":
+            await self._answer_with_length(exchange, response, head, first, record)
+            return
+        chunked = self._start_stream(exchange, head, length, first, record)
+        sent = len(first)
+        try:
+            while True:
+                chunk = await response.next_chunk()
+                if not chunk:
+                    break
+                sent += len(chunk)
+                await exchange.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+        except TransportError as exc:
+            raise _aborted(exchange, record, sent, exc) from None
+        record.bytes_out = sent
+        exchange.end(_LAST_CHUNK if chunked else b"")
+
+    @staticmethod
+    def _start_stream(
+        exchange: Exchange, head: bytes, length: int | None, first: bytes, record: RequestRecord
+    ) -> bool:
+        """Write the head of an answer whose body follows in pieces; True when it is sent chunked (its
+        length is unknown)."""
+        chunked = length is None
+        if chunked:
+            head += b"transfer-encoding: chunked\r\n"
+            first = b"%x\r\n%b\r\n" % (len(first), first) if first else b""
+        exchange.start(head, first)
+        record.response_started = True
+        return chunked
+
+    async def _answer_with_length(
+        self, exchange: Exchange, response: UpstreamResponse, head: bytes, first: bytes, record: RequestRecord
+    ) -> None:
+        """For an HTTP/1.0 client, which cannot read chunked framing: the whole answer, collected up to
+        `HTTP10_ANSWER_BYTES`, then sent with its Content-Length."""
+        chunks = [first] if first else []
+        size = len(first)
         while True:
             try:
                 chunk = await response.next_chunk()
@@ -385,71 +395,100 @@ class Proxy:
                 )
             chunks.append(chunk)
         body = b"".join(chunks)
-        request_id = record.request_id
-        assert request_id is not None
-        headers = response_headers(response.headers, request_id.encode("latin-1"))
-        headers.append((b"content-length", b"%d" % len(body)))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        exchange.start(head + b"content-length: %d\r\n" % len(body), body)
         record.response_started = True
-        record.status = response.status
         record.bytes_out = len(body)
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        exchange.end()
 
-    async def _stream_response(self, response: UpstreamResponse, send: Send, record: RequestRecord) -> None:
-        request_id = record.request_id
-        assert request_id is not None
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": _bodyless(
-                    response.status, response_headers(response.headers, request_id.encode("latin-1"))
-                ),
-            }
+
+def _route(exchange: Exchange, router: Router) -> Route:
+    """Stage 2: the route for the request's path, after the path rules (`gateway.paths`)."""
+    if exchange.method == "TRACE":
+        # An upstream that honours TRACE echoes the request, the gateway's credential included.
+        raise BadRequestPath("TRACE is not supported: it would echo the gateway's credential back")
+    path = exchange.path
+    if path[:1] != "/" or exchange.absolute_form:
+        raise BadRequestPath(
+            "absolute-form request targets (GET http://host/path) are not supported: this is not "
+            "a forward proxy; send the path only"
         )
-        record.response_started = True
-        record.status = response.status
-        sent = 0
-        try:
-            while True:
-                chunk = await response.next_chunk()
-                if not chunk:
-                    break
-                sent += len(chunk)
-                if response.at_eof:
-                    record.bytes_out = sent
-                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                    return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except TransportError as exc:
-            record.bytes_out = sent
-            record.error = "upstream_aborted"
-            logger.warning(
-                "request %s: route %s: the upstream connection failed mid-response (%s); "
-                "closing the client connection",
-                request_id,
-                record.route,
-                exc,
-            )
-            raise _UpstreamAborted from None
-        record.bytes_out = sent
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    check_path(path, exchange.raw_path)
+    route = router.match(path)
+    if route is None:
+        raise RouteNotFound(f"no route matches {_printable(path)}; see GET /readyz for the routes")
+    return route
 
 
-def _needs_length(response: UpstreamResponse, method: str) -> bool:
-    """An answer with a body but no Content-Length, for an HTTP/1.0 client: uvicorn would send it
-    chunked, which such a client cannot read (it would take the chunk framing for body bytes)."""
-    if method == "HEAD" or response.status == 204 or response.status == 304:
-        return False
-    return not any(name.lower() == b"content-length" for name, _ in response.headers)
+def _forwarded_headers(
+    exchange: Exchange,
+    route: Route,
+    inbound: InboundHeaders,
+    record: RequestRecord,
+    body: bytes | None,
+    stream: AsyncIterator[bytes] | None,
+) -> tuple[bytes, AsyncIterator[bytes] | None]:
+    """The header lines every attempt sends (all but Host and the credential's), and the body stream
+    framed for the upstream."""
+    request_id = record.request_id
+    assert request_id is not None
+    client = exchange.client
+    client_ip = client[0].encode("latin-1") if client else b"unknown"
+    header_names = route.header_names
+    lines = [name + b": " + value + b"\r\n" for name, value in inbound.forwarded if name not in header_names]
+    lines.append(
+        b"X-Forwarded-For: " + (inbound.xff + b", " + client_ip if inbound.xff else client_ip) + b"\r\n"
+    )
+    lines.append(_FORWARDED_PROTO.get(exchange.scheme, _FORWARDED_PROTO["http"]))
+    if inbound.host:
+        lines.append(b"X-Forwarded-Host: " + inbound.host + b"\r\n")
+    request_id_bytes = request_id.encode("latin-1")
+    lines.append(b"x-request-id: " + request_id_bytes + b"\r\n")
+    if not inbound.client_request_id:
+        # Azure ML logs it as the client's request id: its request logs and ours join on one id.
+        lines.append(b"x-ms-client-request-id: " + request_id_bytes + b"\r\n")
+    lines.append(route.static_header_lines)
+    for name, secret in route.secret_headers:
+        lines.append(name + b": " + secret.value.encode("latin-1") + b"\r\n")
+    if stream is not None:
+        if inbound.content_length is not None:
+            lines.append(b"Content-Length: %d\r\n" % inbound.content_length)
+        else:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+            stream = encode_chunked(stream)
+    elif body or record.method in _BODY_METHODS:
+        lines.append(b"Content-Length: %d\r\n" % len(body or b""))
+    return b"".join(lines), stream
 
 
-def _bodyless(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """204 and 304 answers have no body; a Content-Length on them (allowed on a 304, where it describes
-    the representation) would make the ASGI server wait for body bytes that never come."""
-    if status != 204 and status != 304:
-        return headers
-    return [(n, v) for n, v in headers if n.lower() != b"content-length"]
+def _answer_error(exchange: Exchange, error: ClientFacingError, record: RequestRecord) -> None:
+    """The gateway's own error answer; once the upstream's answer has started, the connection is cut
+    instead (the client sees a truncated answer)."""
+    if exchange.response_started:
+        logger.warning(
+            "request %s: %s after the response had started; the client connection was closed "
+            "and the client sees a truncated answer",
+            record.request_id,
+            error.code,
+        )
+        exchange.cut_off()
+        return
+    request_id = record.request_id or new_request_id()
+    body = error_body(error.code, error.message, request_id)
+    exchange.answer(error_head(error, request_id, body), body)
+
+
+def _aborted(exchange: Exchange, record: RequestRecord, sent: int, exc: TransportError) -> _UpstreamAborted:
+    record.bytes_out = sent
+    record.error = "upstream_aborted"
+    logger.warning(
+        "request %s: route %s: the upstream connection failed mid-response (%s); "
+        "closing the client connection",
+        record.request_id,
+        record.route,
+        exc,
+    )
+    exchange.cut_off()
+    return _UpstreamAborted()
 
 
 def _body_too_large(route: Route) -> BodyTooLarge:
@@ -459,87 +498,78 @@ def _body_too_large(route: Route) -> BodyTooLarge:
 
 
 async def _read_body(
-    receive: Receive, route: Route, idle_timeout_s: float, body_timeout_s: float
+    exchange: Exchange, route: Route, idle_timeout_s: float, body_timeout_s: float
 ) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
     """The whole body when it fits the replay buffer; otherwise a stream that is sent once.
 
     Every wait for the client is timed: the first body bytes and every later pause get `idle_timeout_s`
-    (server.client_body_timeout_s), the whole body `body_timeout_s` (server.body_timeout_s)."""
-    chunks: list[bytes] = []
-    size = 0
+    (server.client_body_timeout_s), the whole body `body_timeout_s` (server.body_timeout_s). A body that
+    came with the head (the usual case) is taken without a timer."""
     limit = route.max_body_bytes
+    if exchange.body_waiting():
+        chunk, more = exchange.take_body()
+        if len(chunk) > limit:
+            raise _body_too_large(route)
+        if not more:
+            return chunk, None
+        chunks, size = [chunk], len(chunk)
+    else:
+        chunks, size = [], 0
     replay_limit = route.replay_buffer_bytes
     deadline = asyncio.get_running_loop().time() + body_timeout_s
-    while True:
-        message = await _receive_within(receive, idle_timeout_s, deadline, body_timeout_s)
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected
-        chunk = message.get("body", b"")
+    while size <= replay_limit:
+        chunk, more = await _next_body(exchange, idle_timeout_s, deadline, body_timeout_s)
         size += len(chunk)
         if size > limit:
             raise _body_too_large(route)
-        if not message.get("more_body", False):
-            if not chunks:
-                return chunk, None
-            chunks.append(chunk)
-            return b"".join(chunks), None
         chunks.append(chunk)
-        if size > replay_limit:
-            return None, _stream_rest(chunks, size, receive, limit, idle_timeout_s, deadline, body_timeout_s)
+        if not more:
+            return b"".join(chunks), None
+    return None, _stream_rest(chunks, size, exchange, limit, idle_timeout_s, deadline, body_timeout_s)
 
 
-async def _receive_within(
-    receive: Receive, idle_timeout_s: float, deadline: float, body_timeout_s: float
-) -> Message:
-    if _message_waiting(receive):
-        return await receive()  # the body came with the head (the usual case): nothing to wait for
-    left = deadline - asyncio.get_running_loop().time()
-    try:
-        async with asyncio.timeout(min(idle_timeout_s, left)):
-            return await receive()
-    except TimeoutError:
-        if left <= idle_timeout_s:
+async def _next_body(
+    exchange: Exchange, idle_timeout_s: float, deadline: float, body_timeout_s: float
+) -> tuple[bytes, bool]:
+    if not exchange.body_waiting():
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(min(idle_timeout_s, left)):
+                await exchange.wait_body()
+        except TimeoutError:
+            if left <= idle_timeout_s:
+                raise ClientTimeout(
+                    f"the request body took longer than {body_timeout_s:g} s (server.body_timeout_s); "
+                    "send it faster or make it smaller"
+                ) from None
             raise ClientTimeout(
-                f"the request body took longer than {body_timeout_s:g} s (server.body_timeout_s); "
-                "send it faster or make it smaller"
+                f"the client sent no request body bytes for {idle_timeout_s:g} s "
+                "(server.client_body_timeout_s); send the body without pauses"
             ) from None
-        raise ClientTimeout(
-            f"the client sent no request body bytes for {idle_timeout_s:g} s (server.client_body_timeout_s); "
-            "send the body without pauses"
-        ) from None
-
-
-def _message_waiting(receive: Receive) -> bool:
-    """True when the server already holds the next message, so `receive()` returns at once and needs no
-    timer. `receive` is the bound `receive` of uvicorn's request cycle, whose `message_event` is set
-    while body bytes (or the end of the body, or a disconnect) wait to be read."""
-    event = getattr(getattr(receive, "__self__", None), "message_event", None)
-    return event is not None and event.is_set()
+    return exchange.take_body()
 
 
 async def _stream_rest(
     head: list[bytes],
     size: int,
-    receive: Receive,
+    exchange: Exchange,
     limit: int,
     idle_timeout_s: float,
     deadline: float,
     body_timeout_s: float,
 ) -> AsyncIterator[bytes]:
     for chunk in head:
-        yield chunk
+        if chunk:
+            yield chunk
     head.clear()
     while True:
-        message = await _receive_within(receive, idle_timeout_s, deadline, body_timeout_s)
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected
-        chunk = message.get("body", b"")
+        chunk, more = await _next_body(exchange, idle_timeout_s, deadline, body_timeout_s)
         size += len(chunk)
         if size > limit:
             raise _BodyLimit
         if chunk:
             yield chunk
-        if not message.get("more_body", False):
+        if not more:
             return
 
 
@@ -566,31 +596,6 @@ async def _wait_for_grant(route: Route, record: RequestRecord) -> Grant:
             "(it is still being obtained); retry shortly",
             retry_after=1,
         ) from None
-
-
-async def _acquire_slot(route: Route) -> None:
-    semaphore = route.semaphore
-    assert semaphore is not None
-    if not semaphore.locked():
-        await semaphore.acquire()
-        return
-    if route.queue_timeout_s <= 0 or route.waiters >= route.max_queue:
-        raise Overloaded(
-            f"route {route.name} is at its limit of {route.max_concurrent} requests in flight "
-            f"with {route.waiters} waiting; retry shortly",
-            retry_after=1,
-        )
-    route.waiters += 1
-    try:
-        await asyncio.wait_for(semaphore.acquire(), route.queue_timeout_s)
-    except TimeoutError:
-        raise Overloaded(
-            f"route {route.name} stayed at its limit of {route.max_concurrent} requests in flight for "
-            f"{route.queue_timeout_s:g} s; retry shortly",
-            retry_after=1,
-        ) from None
-    finally:
-        route.waiters -= 1
 
 
 def _printable(path: str) -> str:

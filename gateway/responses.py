@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http
 import json
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -39,6 +40,24 @@ async def send_bytes(
         out.extend(headers)
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def error_head(error: ClientFacingError, request_id: str, body: bytes) -> bytes:
+    """The status line and headers (without the blank line) of the gateway's error answer in wire form,
+    for the server protocol and the proxy, which write to the connection themselves."""
+    status = error.status
+    retry_after = (
+        b"" if error.retry_after is None else b"retry-after: %d\r\n" % max(1, math.ceil(error.retry_after))
+    )
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode()),
+            b"content-type: application/json\r\n",
+            retry_after,
+            b"content-length: %d\r\n" % len(body),
+            b"x-request-id: " + request_id.encode("latin-1") + b"\r\n",
+        )
+    )
 
 
 async def send_error(send: Send, error: ClientFacingError, request_id: str | None) -> None:

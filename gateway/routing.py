@@ -4,12 +4,11 @@ its budget in `gateway.retry`."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import quote
 
 from gateway import metrics
+from gateway.admission import Admission
 from gateway.credentials.base import Credential
 from gateway.retry import ReplayPolicy
 from gateway.secrets import Secret
@@ -42,14 +41,9 @@ class Route:
     static_header_lines: bytes = b""
     secret_headers: tuple[tuple[bytes, Secret], ...] = ()
     prefix_bytes: bytes = b""
-    semaphore: asyncio.Semaphore | None = None
-    waiters: int = 0
-    in_flight: Any = None  # the route's bound in-flight gauge
+    in_flight: metrics.InFlight = field(init=False)  # the route's requests in flight
+    admission: Admission = field(init=False)
     balancer: Balancer = field(init=False)
-
-    @property
-    def max_queue(self) -> int:
-        return self.max_concurrent or 0
 
     def __post_init__(self) -> None:
         self.prefix_bytes = self.prefix.encode()
@@ -60,9 +54,8 @@ class Route:
         self.secret_headers = tuple(
             (name, value) for name, value in self.headers if not isinstance(value, bytes)
         )
-        if self.max_concurrent is not None:
-            self.semaphore = asyncio.Semaphore(self.max_concurrent)
-        self.in_flight = metrics.IN_FLIGHT.labels(self.name)
+        self.admission = Admission(self.name, self.max_concurrent, self.queue_timeout_s)
+        self.in_flight = metrics.in_flight(self.name)
         self.balancer = Balancer(
             self.name,
             self.upstreams,

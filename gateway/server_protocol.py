@@ -12,6 +12,14 @@ handshakes included, and `CONNECT`), never lets chunked trailers into the reques
 connection whose answer went out before its request body was read, and answers a bad request pipelined
 behind good ones only after their answers.
 
+A proxied request does not go through ASGI: once its head is complete it becomes an `Exchange`
+(`gateway.exchange`) and the gateway app's `serve_exchange` runs on it as the request's task, writing the
+answer straight to this connection. The admin endpoints (and every request of an app that is not the
+gateway) keep uvicorn's ASGI request cycle; both kinds share one pipeline, in order. When the client goes
+away, or reads none of the answer for `server.send_timeout_s`, the request in progress is told through its
+exchange (`Exchange.client_gone`). One timer per connection covers the wait for a request head and the
+keep-alive; a send timer exists only while the client is not reading.
+
 Pass `http_protocol(InboundLimits.from_config(server))` to uvicorn as `http=`.
 """
 
@@ -19,17 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import http
 import logging
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote
 
 import httptools
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway import metrics
-from gateway.client_watch import WatchedHttpToolsProtocol
 from gateway.errors import (
     ChunkExtensionTooLong,
     ClientFacingError,
@@ -41,9 +49,9 @@ from gateway.errors import (
     UpgradeNotSupported,
     UrlTooLong,
 )
+from gateway.exchange import CONNECTION_CLOSE, DISCONNECTED, SEND_TIMED_OUT, Exchange
 from gateway.headers import new_request_id
-from gateway.proxy import ABSOLUTE_FORM
-from gateway.responses import error_body
+from gateway.responses import error_body, error_head
 
 if TYPE_CHECKING:
     from asyncio import TimerHandle
@@ -61,6 +69,10 @@ LINGER_S = 2.0
 # read is queued at once: without a bound, one read of tiny pipelined requests behind a slow one costs
 # tens of MiB. More are answered 503 (after the queued ones) and the connection closed.
 MAX_PIPELINED = 16
+
+# Key of the server state (the lifespan scope's "state") holding server.send_timeout_s; the app sets it.
+SEND_TIMEOUT_STATE = "gateway.send_timeout_s"
+DEFAULT_SEND_TIMEOUT_S = 30.0
 
 # Where the parser is in the current request.
 _IDLE = 0  # between requests: nothing of the next one has arrived
@@ -115,27 +127,36 @@ class _Refused(Exception):
 def _answer(error: ClientFacingError) -> bytes:
     request_id = new_request_id()
     body = error_body(error.code, error.message, request_id)
-    status = error.status
-    retry_after = (
-        b"" if error.retry_after is None else b"retry-after: %d\r\n" % max(1, math.ceil(error.retry_after))
-    )
-    return b"".join(
-        (
-            b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode()),
-            b"content-type: application/json\r\n",
-            retry_after,
-            b"content-length: %d\r\n" % len(body),
-            b"x-request-id: " + request_id.encode() + b"\r\n",
-            b"connection: close\r\n\r\n",
-            body,
-        )
-    )
+    return error_head(error, request_id, body) + CONNECTION_CLOSE + b"\r\n" + body
 
 
-class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
-    """uvicorn's httptools protocol, hardened (see the module docstring). A request target in absolute
-    form (`GET http://host/path`), which uvicorn would reduce to its path, is marked in the scope so the
-    proxy refuses it (400 bad_request_path)."""
+class ExchangeServer(Protocol):
+    """What the protocol needs of the gateway app to hand it requests directly (`gateway.app.GatewayApp`)."""
+
+    asgi_paths: frozenset[str]  # paths that still go through ASGI (the admin endpoints)
+
+    def serve_exchange(self, exchange: Exchange) -> Coroutine[Any, Any, None]: ...
+
+
+def _exchange_server(app: Any) -> ExchangeServer | None:
+    """The gateway app behind uvicorn's wrappers (its message logger at trace level), or None for any
+    other ASGI app (the tests' upstreams), whose requests all go through ASGI."""
+    for _ in range(4):
+        if hasattr(app, "serve_exchange") and hasattr(app, "asgi_paths"):
+            return app  # type: ignore[no-any-return]
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return None
+
+
+class GatewayHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, hardened (see the module docstring). A proxied request is handed to
+    the gateway as an `Exchange` (no ASGI scope, no message dicts); the admin paths the app names, and
+    every request of an app that is not the gateway, go through uvicorn's ASGI request cycle."""
+
+    # The last request parsed: an exchange, or uvicorn's cycle of an ASGI request.
+    cycle: Exchange | RequestResponseCycle  # type: ignore[assignment]
 
     def __init__(self, *args: Any, limits: InboundLimits = DEFAULT_LIMITS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -144,6 +165,10 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         # end of a request head) would keep every connection over it open and answer text/plain.
         self.max_connections = self.limit_concurrency
         self.limit_concurrency = None
+        self._gateway = _exchange_server(self.app)
+        self._asgi_paths: frozenset[str] = (
+            self._gateway.asgi_paths if self._gateway is not None else frozenset()
+        )
         self._phase = _IDLE
         self._url_bytes = 0
         self._header_bytes = 0
@@ -156,9 +181,15 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._body_event = False
         self._chunk_open = False  # a chunk header was parsed and neither data nor its end followed yet
         self._keep_alive_after_body = True
+        # The request whose answer is being produced: not `self.cycle` (the last request parsed) when the
+        # client pipelined another behind it.
+        self._running: Exchange | RequestResponseCycle | None = None
         self._header_timer: TimerHandle | None = None
         self._head_wait_since: float | None = None  # loop time the wait for a request head began
+        self._idle_limit_s = limits.header_timeout_s  # how long that wait may stay empty of bytes
         self._linger_timer: TimerHandle | None = None
+        self._send_timer: TimerHandle | None = None
+        self._gone_reason: str = DISCONNECTED
         self._refused = False  # an error was (or will be) answered: nothing more is parsed
         self._deferred: ClientFacingError | None = None  # answered once earlier answers are out
 
@@ -181,16 +212,34 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The client is gone: the request in progress is told (see `gateway.exchange`); one queued behind
+        it never starts."""
         self._stop_header_timer()
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-            self._linger_timer = None
-        super().connection_lost(exc)
+        for timer in (self._linger_timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._linger_timer = self._send_timer = None
+        self.connections.discard(self)
+        running = self._running
+        if running is not None and not running.response_complete:
+            if isinstance(running, Exchange):
+                running.client_gone(self._gone_reason)
+            else:
+                running.disconnected = True
+                running.message_event.set()
+        last = self.cycle
+        if isinstance(last, RequestResponseCycle) and last is not running:
+            last.disconnected = True
+            last.message_event.set()
+        if self.flow is not None:
+            self.flow.resume_writing()
+        if exc is None:
+            self.transport.close()
+        self.parser = None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # lingering after an error answer, or waiting to give it: the rest is discarded
-        self._unset_keepalive_if_required()
         phase_before = self._phase
         self._begun_in_feed = 0
         self._body_event = False
@@ -247,7 +296,10 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
     # Parser callbacks
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # Not uvicorn's: its ASGI scope is built only for a request that goes to ASGI.
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._phase = _HEAD
         self._begun_in_feed += 1
         self._url_bytes = self._header_bytes = self._header_count = self._trailer_bytes = 0
@@ -306,13 +358,11 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._end_head_wait()
         self._phase = _BODY
         parser = self.parser
-        if parser.get_method() == b"CONNECT" or parser.should_upgrade():
+        method = parser.get_method()
+        if method == b"CONNECT" or parser.should_upgrade():
             # The parser would stop at the end of this head and take what follows (the body, or another
             # request) as a different protocol's bytes: never forward any of it.
             raise _Refused(UpgradeNotSupported(_UPGRADE_MESSAGE))
-        if self.url[:1] != b"/" and self.url != b"*":
-            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-            extensions[ABSOLUTE_FORM] = {}
         if len(self.pipeline) >= MAX_PIPELINED:
             raise _Refused(
                 Overloaded(
@@ -321,18 +371,90 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
                     retry_after=1,
                 )
             )
+        url = self.url
+        parsed = httptools.parse_url(url)
+        raw_path: bytes = parsed.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        http_version = parser.get_http_version()
+        # Until the body has arrived, an answer closes the connection: its unread rest (or, after a
+        # refused `Expect: 100-continue`, the client's next request) must not be parsed as a request.
+        self._keep_alive_after_body = http_version != "1.0" and parser.should_keep_alive()
+        gateway = self._gateway
+        if gateway is None or path in self._asgi_paths:
+            self._start_asgi_cycle()
+            return
+        exchange = Exchange(
+            method=method.decode("ascii"),
+            path=path,
+            raw_path=raw_path,
+            query=parsed.query or b"",
+            headers=self.headers,
+            http_version=http_version,
+            keep_alive=False,
+            expect_continue=self.expect_100_continue,
+            absolute_form=url[:1] != b"/" and url != b"*",
+            client=self.client,
+            scheme=self.scheme or "http",
+            transport=self.transport,
+            flow=self.flow,
+            on_complete=self.on_response_complete,
+        )
+        previous = self.cycle
+        self.cycle = exchange
+        if previous is None or previous.response_complete:
+            self._start(exchange, None)
+        else:
+            self.flow.pause_reading()
+            self.pipeline.appendleft((exchange, None))  # type: ignore[arg-type]
+
+    def _start_asgi_cycle(self) -> None:
+        """uvicorn's request cycle (admin endpoints, and every request of an app that is not the gateway),
+        with the scope uvicorn's `on_message_begin` would have built."""
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:
-            # Until the body has arrived, an answer closes the connection: its unread rest (or, after a
-            # refused `Expect: 100-continue`, the client's next request) must not be parsed as a request.
-            self._keep_alive_after_body = cycle.keep_alive
-            cycle.keep_alive = False
+        if isinstance(cycle, RequestResponseCycle) and cycle.scope is self.scope:
+            cycle.keep_alive = False  # until the body has arrived (see on_headers_complete)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._start(cycle, app)
+
+    def _start(self, cycle: Exchange | RequestResponseCycle, app: Any) -> None:
+        self._running = cycle
+        if isinstance(cycle, Exchange):
+            assert self._gateway is not None
+            task = self.loop.create_task(self._gateway.serve_exchange(cycle))
+            cycle.task = task
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+        else:
+            super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:
         self._body_event = True
         self._chunk_open = False
-        super().on_body(body)
+        cycle = self.cycle
+        if cycle.response_complete:
+            return  # answered already (and the connection closes): the rest is not read
+        if isinstance(cycle, Exchange):
+            cycle.feed_body(body)
+        else:
+            cycle.body += body
+            if len(cycle.body) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+            cycle.message_event.set()
 
     def on_chunk_header(self) -> None:
         self._body_event = True
@@ -346,21 +468,58 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         self._phase = _IDLE
         self._body_event = True
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope and not cycle.response_started:
+        if not cycle.response_started:
             cycle.keep_alive = self._keep_alive_after_body
-        super().on_message_complete()
+        if cycle.response_complete:
+            return
+        if isinstance(cycle, Exchange):
+            cycle.feed_end()
+        else:
+            cycle.more_body = False
+            cycle.message_event.set()
 
     def on_response_complete(self) -> None:
-        started_next = bool(self.pipeline)
-        super().on_response_complete()
-        if self.transport.is_closing() or started_next:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
             return
-        if self._deferred is not None:
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start(cycle, app)
+        elif self._deferred is not None:
             # Every answer before the refused request is out: now its error, then close.
-            self._unset_keepalive_if_required()
             self._send_error_and_close(self._deferred)
         else:
+            # The wait for the next request: timed by the one connection timer (keep-alive, then the
+            # header timeout once its first bytes arrive), not by a timer per request.
+            self._idle_limit_s = self.timeout_keep_alive
             self._arm_header_timer()
+
+    # The client stops reading: a timer only while the transport's write buffer is over its high-water
+    # mark; a client that lets it stay there for server.send_timeout_s has its connection aborted.
+
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+        if self._send_timer is None:
+            timeout = self.app_state.get(SEND_TIMEOUT_STATE, DEFAULT_SEND_TIMEOUT_S)
+            self._send_timer = self.loop.call_later(timeout, self._send_timed_out, timeout)
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self, timeout: float) -> None:
+        self._send_timer = None
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "on the unix socket"
+        logger.warning(
+            "client %s read nothing of the answer for %s s (server.send_timeout_s); closing its connection",
+            client,
+            f"{timeout:g}",
+        )
+        self._gone_reason = SEND_TIMED_OUT
+        self.transport.abort()
 
     # Refusals
 
@@ -372,13 +531,15 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         metrics.INBOUND_REFUSALS.labels(error.code).inc()
         self._end_head_wait()
         cycle = self.cycle
-        offending = (
-            cycle if self._phase == _BODY and cycle is not None and cycle.scope is self.scope else None
-        )
+        # In the body phase `self.cycle` is the request being parsed.
+        offending = cycle if self._phase == _BODY and cycle is not None else None
         if offending is not None:
-            # The request whose body broke a limit: its application call sees a disconnect.
-            offending.disconnected = True
-            offending.message_event.set()
+            # The request whose body broke a limit: the request in progress sees its client gone.
+            if isinstance(offending, Exchange):
+                offending.client_gone(DISCONNECTED)
+            else:
+                offending.disconnected = True
+                offending.message_event.set()
             queued = [entry for entry in self.pipeline if entry[0] is offending]
             for entry in queued:
                 self.pipeline.remove(entry)
@@ -426,10 +587,16 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
     # One timer per connection, not one per request: arming only stamps the time the wait for a head
     # began, and the timer, when it fires, checks that stamp and re-arms itself for what is left.
 
+    # While no byte of the next request has arrived the wait is limited by `_idle_limit_s` (the header
+    # timeout on a new connection, the keep-alive timeout after an answer); once its first bytes arrive,
+    # by the header timeout, counted from the same start.
+
     def _arm_header_timer(self) -> None:
         self._head_wait_since = self.loop.time()
         if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timeout)
+            self._header_timer = self.loop.call_later(
+                min(self._idle_limit_s, self.limits.header_timeout_s), self._header_timeout
+            )
 
     def _end_head_wait(self) -> None:
         self._head_wait_since = None
@@ -445,13 +612,14 @@ class GatewayHttpToolsProtocol(WatchedHttpToolsProtocol):
         since = self._head_wait_since
         if since is None:
             return  # a head arrived in time; the next wait arms the timer again
-        left = since + self.limits.header_timeout_s - self.loop.time()
+        idle = self._phase == _IDLE
+        left = since + (self._idle_limit_s if idle else self.limits.header_timeout_s) - self.loop.time()
         if left > 0:
             self._header_timer = self.loop.call_later(left, self._header_timeout)
             return
         if self._refused or self.transport.is_closing():
             return
-        if self._phase == _IDLE:
+        if idle:
             self.transport.close()  # nothing of a request arrived: nobody to answer
             return
         self._refuse(

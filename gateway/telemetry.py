@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import collections
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway import metrics
 
@@ -60,41 +63,48 @@ class RequestRecord:
 
 
 class Telemetry:
+    """Counts each finished request in plain ints, without a lock or a label look-up, and adds them to
+    the Prometheus metrics in `flush()`: before every scrape (`GatewayApp`'s /metrics), and at most a
+    second after a request while requests are served (other workers' counts, in multiprocess mode)."""
+
+    FLUSH_AFTER_S = 1.0
+
     def __init__(self, *, access_log: bool = True) -> None:
         self.access_log = access_log
-        # Bound metric children, created once per label set: labels() takes a lock and hashes.
-        self._requests: dict[tuple[str, int, str], Any] = {}
-        self._upstream: dict[tuple[str, int], Any] = {}
-        self._latency: dict[str, Any] = {}
+        # (route, status, error code) -> requests; (route, upstream status) -> answers
+        self._requests: collections.Counter[tuple[str, int, str]] = collections.Counter()
+        self._upstream: collections.Counter[tuple[str, int]] = collections.Counter()
+        # route -> [count per bucket of UPSTREAM_LATENCY..., sum of the observations]
+        self._latency: dict[str, list[float]] = {}
+        self._retries: collections.Counter[str] = collections.Counter()
+        self._replays: collections.Counter[str] = collections.Counter()
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     def request_done(self, record: RequestRecord) -> None:
-        duration = time.perf_counter() - record.started
+        now = time.perf_counter()
+        duration = now - record.started
         route = record.route or ""
-        error = record.error or ""
-        key = (route, record.status, error)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = metrics.REQUESTS.labels(
-                route, metrics.status_label(record.status), error
-            )
-        counter.inc()
+        self._requests[route, record.status, record.error or ""] += 1
         upstream_status = record.upstream_status
         if upstream_status is not None:
-            upstream_key = (route, upstream_status)
-            counter = self._upstream.get(upstream_key)
-            if counter is None:
-                counter = self._upstream[upstream_key] = metrics.UPSTREAM_RESPONSES.labels(
-                    route, metrics.status_label(upstream_status)
-                )
-            counter.inc()
-            histogram = self._latency.get(route)
-            if histogram is None:
-                histogram = self._latency[route] = metrics.UPSTREAM_LATENCY.labels(route)
-            histogram.observe(record.headers_at - record.started)
+            self._upstream[route, upstream_status] += 1
+            latency = self._latency.get(route)
+            if latency is None:
+                latency = self._latency[route] = [0.0] * (len(_LATENCY_BOUNDS) + 2)
+            waited = record.headers_at - record.started
+            latency[bisect.bisect_left(_LATENCY_BOUNDS, waited)] += 1
+            latency[-1] += waited
         if record.retries:
-            metrics.RETRIES.labels(route).inc(record.retries)
+            self._retries[route] += record.retries
         if record.credential_replays:
-            metrics.CREDENTIAL_REPLAYS.labels(route).inc(record.credential_replays)
+            self._replays[route] += record.credential_replays
+        if self._flush_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+            else:
+                self._flush_timer = loop.call_later(self.FLUSH_AFTER_S, self.flush)
         if self.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info(
                 "%s %s route=%s status=%s upstream_status=%s duration_ms=%.1f attempts=%d credential=%s "
@@ -124,3 +134,38 @@ class Telemetry:
                     "error_code": record.error,
                 },
             )
+
+    def flush(self) -> None:
+        """Add the counts since the last flush to the Prometheus metrics (and the in-flight gauges)."""
+        timer = self._flush_timer
+        if timer is not None:
+            timer.cancel()
+            self._flush_timer = None
+        requests, self._requests = self._requests, collections.Counter()
+        for (route, status, error), count in requests.items():
+            metrics.REQUESTS.labels(route, metrics.status_label(status), error).inc(count)
+        upstream, self._upstream = self._upstream, collections.Counter()
+        for (route, status), count in upstream.items():
+            metrics.UPSTREAM_RESPONSES.labels(route, metrics.status_label(status)).inc(count)
+        latency, self._latency = self._latency, {}
+        for route, counts in latency.items():
+            histogram = metrics.UPSTREAM_LATENCY.labels(route)
+            # prometheus_client has no "observe n times": its per-bucket values (not cumulative) and its
+            # sum take the batch, as `observe()` would have added them one by one.
+            for bucket, observed in enumerate(counts[:-1]):
+                if observed:
+                    histogram._buckets[bucket].inc(observed)
+            histogram._sum.inc(counts[-1])
+        retries, self._retries = self._retries, collections.Counter()
+        for route, count in retries.items():
+            metrics.RETRIES.labels(route).inc(count)
+        replays, self._replays = self._replays, collections.Counter()
+        for route, count in replays.items():
+            metrics.CREDENTIAL_REPLAYS.labels(route).inc(count)
+        metrics.flush_in_flight()
+
+
+# The histogram's finite upper bounds; an observation above all of them goes to the +Inf bucket.
+_LATENCY_BOUNDS: tuple[float, ...] = tuple(
+    bound for bound in metrics.UPSTREAM_LATENCY._upper_bounds if bound != float("inf")
+)

@@ -250,11 +250,12 @@ class SecretHygiene:
         self._undo.append(lambda: setattr(owner, name, original))
 
     def _patch_gateway_app(self) -> None:
-        from gateway.proxy import Proxy
+        from gateway.exchange import Exchange
 
         hygiene = self
 
         def wrap_call(original: Any) -> Any:
+            # The admin endpoints: answered through ASGI.
             async def __call__(app: Any, scope: Any, receive: Any, send: Any) -> None:
                 if scope.get("type") != "http":
                     await original(app, scope, receive, send)
@@ -268,16 +269,30 @@ class SecretHygiene:
 
             return __call__
 
-        def wrap_stream(original: Any) -> Any:
-            async def _stream_response(proxy: Any, response: Any, send: Any, *args: Any, **kw: Any) -> Any:
-                if isinstance(send, _ResponseRecorder):
-                    send.passthrough = True
-                return await original(proxy, response, send, *args, **kw)
+        def where(exchange: Any) -> str:
+            return f"{exchange.method} {str(exchange.path)[:200]} during {hygiene.current}"
 
-            return _stream_response
+        def wrap_answer(original: Any) -> Any:
+            # The proxy's own answers (errors): head and body.
+            def answer(exchange: Any, head: bytes, body: bytes) -> None:
+                text = (head + b"\r\n" + body[: SecretHygiene.MAX_BODY]).decode("latin-1")
+                hygiene.add("response", where(exchange), text)
+                original(exchange, head, body)
+
+            return answer
+
+        def wrap_start(original: Any) -> Any:
+            # The upstream's answers: the head the gateway wrote; the body is the upstream's own words.
+            def start(exchange: Any, head: bytes, body: bytes = b"") -> None:
+                text = head.decode("latin-1") + "\n\n<upstream body passed through>"
+                hygiene.add("response", where(exchange), text)
+                original(exchange, head, body)
+
+            return start
 
         self._replace(GatewayApp, "__call__", wrap_call)
-        self._replace(Proxy, "_stream_response", wrap_stream)
+        self._replace(Exchange, "answer", wrap_answer)
+        self._replace(Exchange, "start", wrap_start)
 
     def _patch_subprocess(self) -> None:
         hygiene = self

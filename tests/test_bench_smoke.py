@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "run.py"
 # Always measured; haproxy and caddy are measured when installed (the quick run installs neither) and
 # aiohttp when importable, otherwise their rows say "skipped".
-REQUIRED = ["direct", "nginx", "naive", "gateway", "gateway-baseline"]
+REQUIRED = ["direct", "nginx", "naive", "floor", "gateway", "gateway-baseline"]
 OPTIONAL = ["haproxy", "caddy", "aiohttp"]
 CONCURRENCY = [1, 32]
 
@@ -39,6 +39,18 @@ def _load_bench() -> ModuleType:
     return module
 
 
+def test_a_busy_machine_keeps_latest_md_unless_told() -> None:
+    """Over 10% of a core used by other processes: no latest.md (the report goes to disturbed.md and
+    the exit status says so), unless --allow-busy; at or under it, latest.md."""
+    bench = _load_bench()
+    assert bench.busy_machine(bench.BUSY_LIMIT_CORE_PCT + 0.1)
+    assert not bench.busy_machine(bench.BUSY_LIMIT_CORE_PCT)
+    assert not bench.busy_machine(None)  # /proc/stat unreadable: nothing to say
+    assert bench.report_stem(busy=True, allow_busy=False) == "disturbed"
+    assert bench.report_stem(busy=True, allow_busy=True) == "latest"
+    assert bench.report_stem(busy=False, allow_busy=False) == "latest"
+
+
 def test_bench_quick_run_writes_report(tmp_path: Path) -> None:
     bench = _load_bench()
     try:
@@ -47,7 +59,8 @@ def test_bench_quick_run_writes_report(tmp_path: Path) -> None:
         pytest.skip(f"wrk/nginx are missing and could not be installed: {exc}")
 
     out = tmp_path / "results"
-    cmd = [sys.executable, str(RUN), "--quick", "--baseline", str(ROOT), "--out", str(out)]
+    # --allow-busy: the suite runs on a busy machine; the report must then say its figures are disturbed.
+    cmd = [sys.executable, str(RUN), "--quick", "--allow-busy", "--baseline", str(ROOT), "--out", str(out)]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
     )
@@ -66,6 +79,7 @@ def test_bench_quick_run_writes_report(tmp_path: Path) -> None:
     raw = json.loads((out / "latest.json").read_text())
     for section in (
         "## Per core",
+        "## Gateway cost (issue 18)",
         "## Client decision",
         "## Before / after",
         "## Results",
@@ -89,6 +103,10 @@ def test_bench_quick_run_writes_report(tmp_path: Path) -> None:
                 f"no measured row (req/s and CPU µs/req) for {name} c={c} in latest.md:\n{md}"
             )
     assert "CPU" in md and "Kernel" in md and "Python" in md
+    assert re.search(r"^\| gateway \| [0-9][0-9,.]* \| [0-9.]+x \| [0-9.]+x \|", md, re.MULTILINE), md
+    if raw["settings"]["busy"]:
+        assert "Written as latest.md only because of --allow-busy" in md
+    assert not (out / "disturbed.md").exists()
     assert raw["derived"]["before_after"]["rps"] > 0
 
     # Each proxy ran alone on its own core, away from wrk and the upstream (when there are 2 cores).

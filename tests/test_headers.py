@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from gateway.headers import read_request_headers, response_headers
+from gateway.headers import read_request_headers, response_header_lines
 
 
 def test_request_headers_split():
@@ -34,13 +34,17 @@ def test_response_headers():
         (b"Transfer-Encoding", b"chunked"),
         (b"x-request-id", b"upstream-id"),
         (b"x-ms-run-fn-exec-ms", b"3"),
+        (b"Content-Length", b"12"),
     ]
-    out = response_headers(raw, b"our-id")
-    assert out == [
-        (b"Content-Type", b"application/json"),
-        (b"x-ms-run-fn-exec-ms", b"3"),
-        (b"x-request-id", b"our-id"),
-    ]
+    lines, length = response_header_lines(raw, b"x-request-id: our-id\r\n")
+    assert lines == (
+        b"Content-Type: application/json\r\nx-ms-run-fn-exec-ms: 3\r\nContent-Length: 12\r\n"
+        b"x-request-id: our-id\r\n"
+    )
+    assert length == 12
+    # 204 and 304 answers have no body: their Content-Length is not passed on.
+    lines, length = response_header_lines(raw, b"", bodyless_status=True)
+    assert b"Content-Length" not in lines and length is None
 
 
 def test_the_configured_header_limits_are_enforced_by_the_server(gateway_factory, upstream):

@@ -203,6 +203,36 @@ def test_a_client_hanging_up_cancels_the_upstream_request_and_frees_its_slot(
     assert 'error_code="client_disconnected",route="big"' in metrics
 
 
+def test_an_overloaded_route_refuses_before_reading_the_body(
+    raw_upstream: RawUpstream, gateway_factory: Callable[..., ServerThread]
+) -> None:
+    """Admission comes before the body: with the route's only slot taken, a request whose body has not
+    been sent yet gets 503 overloaded at once, without waiting for (or costing) its upload."""
+    server = gateway_factory(
+        _config(
+            raw_upstream.url,
+            server={"client_body_timeout_s": 120},
+            max_concurrent_requests=1,
+            queue_timeout_s=0,
+        )
+    )
+    holder = _raw_client(server.port, b"GET /big/slow HTTP/1.1\r\nHost: gw\r\n\r\n")
+    try:
+        _wait(lambda: raw_upstream.count(raw_upstream.started, "/slow") == 1, 10, "the slot is taken")
+        waiting = _raw_client(
+            server.port, b"POST /big/ok HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\n\r\n"
+        )
+        try:
+            waiting.settimeout(30)  # far below client_body_timeout_s: the answer must not wait for the body
+            answer = waiting.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b'"overloaded"' in answer and b"retry-after: 1" in answer.lower()
+        finally:
+            waiting.close()
+    finally:
+        holder.close()
+
+
 def test_a_client_hanging_up_mid_stream_stops_the_upstream_generation(
     raw_upstream: RawUpstream,
     gateway_factory: Callable[..., ServerThread],

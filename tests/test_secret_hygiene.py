@@ -3,7 +3,9 @@ record, in any answer the gateway itself wrote (status, headers, its own bodies)
 `gateway serve`/`check`/`demo` process a test captured.
 
 The record is kept by tests/conftest.py (`HYGIENE`): a handler on the root logger for the whole session,
-a wrapper around `GatewayApp.__call__`'s `send`, a wrapper around `subprocess.Popen.communicate`, and
+wrappers around what the gateway writes to its clients (`Exchange.answer` for its own answers,
+`Exchange.start` for the head of an upstream's, `GatewayApp.__call__`'s `send` for the admin
+endpoints), a wrapper around `subprocess.Popen.communicate`, and
 wrappers that note every key, client secret and token the emulator hands out. Bodies the gateway passes
 through from an upstream are the upstream's words, not the gateway's (the test upstream echoes the
 Authorization it received on purpose), so only their status and headers are checked. Answers of the
