@@ -15,14 +15,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import uvloop
 from uvicorn import config as uvicorn_config
 
 from gateway import __version__
 from gateway.config import (
     GatewayConfig,
     ServerConfig,
-    ServerTlsConfig,
     default_config_path,
     load_config,
     with_server_overrides,
@@ -30,6 +28,7 @@ from gateway.config import (
 from gateway.errors import ConfigError
 from gateway.inbound import inbound_problem
 from gateway.server_tls import ServerTls
+from gateway.tls_listener import TlsListenerLoop
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -218,11 +217,7 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         if server.workers == 1:
-            uv_server = uvicorn.Server(
-                GatewayUvicornConfig(
-                    app, server_tls=server.tls, handshake_timeout_s=server.header_timeout_s, **options
-                )
-            )
+            uv_server = uvicorn.Server(GatewayUvicornConfig(app, server=server, **options))
             uv_server.run(sockets=sockets)
             return EXIT_OK if uv_server.started else EXIT_PROBLEM
         # Several workers: the config is valid (above); each worker builds its own app from it.
@@ -234,8 +229,7 @@ def serve(args: argparse.Namespace) -> int:
             "gateway.app:app_from_env",
             factory=True,
             workers=server.workers,
-            server_tls=server.tls,
-            handshake_timeout_s=server.header_timeout_s,
+            server=server,
             **options,
         )
         Multiprocess(uv_config, sockets=sockets).run()
@@ -249,45 +243,28 @@ def serve(args: argparse.Namespace) -> int:
 
 class GatewayUvicornConfig(uvicorn_config.Config):
     """uvicorn's Config with the gateway's server TLS: an SSLContext that picks up a rotated
-    certificate (`gateway.server_tls`), built where uvicorn builds its own, in each worker, and a TLS
-    handshake timed like a request head (`server.header_timeout_s`)."""
+    certificate (`gateway.server_tls`), built where uvicorn builds its own, in each worker, and a loop
+    whose TLS listeners count connections from their accept (`gateway.tls_listener`)."""
 
-    def __init__(
-        self,
-        app: Any,
-        *,
-        server_tls: ServerTlsConfig | None,
-        handshake_timeout_s: float = 10.0,
-        **options: Any,
-    ) -> None:
+    def __init__(self, app: Any, *, server: ServerConfig, **options: Any) -> None:
         super().__init__(app, **options)
-        self.server_tls = server_tls
-        self.handshake_timeout_s = handshake_timeout_s
+        self.server = server
 
     def get_loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop] | None:
-        if self.server_tls is None:
+        tls = self.server.tls
+        if tls is None:
             return super().get_loop_factory()
-        return functools.partial(_HandshakeTimedLoop, self.handshake_timeout_s)
+        return functools.partial(
+            TlsListenerLoop,
+            max_connections=self.server.max_connections,
+            max_handshakes=tls.max_handshakes,
+            handshake_timeout_s=self.server.header_timeout_s,
+        )
 
     def load(self) -> None:
         super().load()
-        if self.server_tls is not None:
-            self.ssl = ServerTls(self.server_tls, os.environ.get("GATEWAY_CONFIG", "<config>")).context
-
-
-class _HandshakeTimedLoop(uvloop.Loop):
-    """uvloop with `ssl_handshake_timeout` on every TLS listener. uvicorn creates its servers without
-    one, so a client that connects and never finishes its handshake would keep its connection for
-    the event loop's default of 60 s, before the protocol (and its header timer) even exists."""
-
-    def __init__(self, handshake_timeout_s: float) -> None:
-        super().__init__()
-        self.handshake_timeout_s = handshake_timeout_s
-
-    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
-        if kwargs.get("ssl") is not None:
-            kwargs.setdefault("ssl_handshake_timeout", self.handshake_timeout_s)
-        return await super().create_server(*args, **kwargs)  # type: ignore[return-value]
+        if self.server.tls is not None:
+            self.ssl = ServerTls(self.server.tls, os.environ.get("GATEWAY_CONFIG", "<config>")).context
 
 
 def listen_sockets(server: ServerConfig) -> list[socket.socket]:

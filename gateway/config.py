@@ -149,6 +149,14 @@ class ServerTlsConfig(_Model):
             "TLS), which counts as inbound protection for a non-loopback `host`."
         ),
     )
+    max_handshakes: int = Field(
+        128,
+        ge=1,
+        description="TLS handshakes a worker lets run at once. A connection beyond it, or beyond "
+        "`server.max_connections` (which counts a connection from its accept, handshake included), "
+        "takes the place of the oldest unfinished handshake, so idle or slow handshakes cannot keep "
+        "clients out or hold memory. A handshake is timed by `server.header_timeout_s`.",
+    )
 
 
 class ServerConfig(_Model):
@@ -196,7 +204,11 @@ class ServerConfig(_Model):
         120.0, gt=0, description="Longest time a client may take to send a whole request body (408 after it)."
     )
     max_connections: int | None = Field(
-        None, ge=1, description="Client connections served at once; more are answered 503 by the server."
+        None,
+        ge=1,
+        description="Client connections a worker holds at once, counted from the TCP accept (over TLS, "
+        "handshakes in progress included); more are answered 503 by the server. Over TLS a connection "
+        "beyond it takes the place of the oldest unfinished handshake, or, with none, is closed at once.",
     )
     allow_unauthenticated_remote: bool = Field(
         False, description="Allow a non-loopback host without inbound protection. Think twice."

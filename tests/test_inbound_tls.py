@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
+import resource
 import socket
 import ssl
 import stat
@@ -299,3 +300,103 @@ def test_unix_socket_listener_beside_tcp_and_alone(upstream: Any, tmp_path: Path
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
         _stop(process)
+
+
+def _open_fds(process: subprocess.Popen[Any]) -> int:
+    return len(os.listdir(f"/proc/{process.pid}/fd"))
+
+
+def _rss_mib(process: subprocess.Popen[Any]) -> float:
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize(
+    ("limits", "bound"),
+    [({"max_connections": 64}, 64), ({"tls": {"max_handshakes": 32}}, 32)],
+    ids=["max_connections", "max_handshakes"],
+)
+def test_a_flood_of_idle_and_slow_handshakes_leaves_clients_served_and_descriptors_bounded(
+    upstream: Any, server_pki: tuple[Ca, Path, Path], tmp_path: Path, limits: dict[str, Any], bound: int
+) -> None:
+    """A TLS connection counts from its TCP accept, not from the end of its handshake: 400 sockets that
+    never finish a handshake held 415 descriptors for the whole handshake timeout, and with the
+    descriptor limit at 256 legitimate clients were reset. Now the oldest unfinished handshake makes
+    room for a new connection, and a connection over `server.max_connections` is closed at once."""
+    _, upstream_server = upstream
+    ca, cert_file, key_file = server_pki
+    port = _free_port()
+    tls = {"cert": {"file": str(cert_file)}, "key": {"file": str(key_file)}, **limits.get("tls", {})}
+    server = {"host": "127.0.0.1", "port": port, "tls": tls, "log_level": "warning"}
+    server.update({name: value for name, value in limits.items() if name != "tls"})
+    config_path = tmp_path / "gateway.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "server": server,
+                "routes": {
+                    "open": {
+                        "path": "/open",
+                        "upstream": upstream_server.url,
+                        "auth": {"type": "key", "primary": {"env": "TLS_TEST_KEY"}},
+                    }
+                },
+            }
+        )
+    )
+
+    def descriptor_limit() -> None:  # as the attacker's gateway ran: 256 descriptors
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*GATEWAY, "serve", "--config", str(config_path)],
+            env={**os.environ, "TLS_TEST_KEY": PRIMARY},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=descriptor_limit,
+        )
+    client = _tls_client(ca, tmp_path)
+
+    def connect() -> ssl.SSLSocket:
+        return client.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost"
+        )
+
+    flood: list[socket.socket] = []
+    try:
+        _wait_listening(connect, process)
+        baseline_fds = _open_fds(process)
+        baseline_rss = _rss_mib(process)
+        for number in range(400):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if number % 2:
+                sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, never finished
+            flood.append(sock)
+        # While the flood holds its sockets, clients that finish their handshake are served...
+        for _ in range(5):
+            with connect() as sock:
+                answer = _request(sock, "/open/echo")
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        # ...and the gateway holds no more descriptors than its limit allows.
+        assert _open_fds(process) <= baseline_fds + bound + 8, (_open_fds(process), baseline_fds)
+        for sock in flood:
+            sock.close()
+        flood = []
+        with connect() as sock:
+            assert _request(sock, "/healthz").startswith(b"HTTP/1.1 200")
+        # A generous bound (the issue measured +156 MiB for 3,000 pending handshakes).
+        assert _rss_mib(process) - baseline_rss < 30, (baseline_rss, _rss_mib(process))
+    finally:
+        for sock in flood:
+            sock.close()
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert "Traceback" not in log_path.read_text(errors="replace")
