@@ -264,7 +264,9 @@ class GatewayUvicornConfig(uvicorn_config.Config):
     def load(self) -> None:
         super().load()
         if self.server.tls is not None:
-            self.ssl = ServerTls(self.server.tls, os.environ.get("GATEWAY_CONFIG", "<config>")).context
+            # uvicorn hands `ssl` untouched to the loop's create_server (TlsListenerLoop), which asks it
+            # for the context of each connection it accepts.
+            self.ssl = ServerTls(self.server.tls, os.environ.get("GATEWAY_CONFIG", "<config>"))  # type: ignore[assignment]
 
 
 def listen_sockets(server: ServerConfig) -> list[socket.socket]:

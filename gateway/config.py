@@ -146,7 +146,9 @@ class ServerTlsConfig(_Model):
         None,
         description=(
             "PEM file of the CAs that sign client certificates: set, clients must present one (mutual "
-            "TLS), which counts as inbound protection for a non-loopback `host`."
+            "TLS), which counts as inbound protection for a non-loopback `host`. A change to the file "
+            "applies to new connections within a second; sessions from before it do not resume, and no "
+            "session tickets are issued (see docs/kubernetes.md, TLS and mutual TLS)."
         ),
     )
     max_handshakes: int = Field(

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import uvloop
 import uvloop.loop
@@ -143,10 +143,18 @@ class _GatedTlsProtocol(_SSLProtocol):  # type: ignore[misc]
         self.gate.handshake_done(self)
 
 
+class TlsContexts(Protocol):
+    """Where each accepted connection gets its SSLContext (`gateway.server_tls.ServerTls`): chosen at the
+    accept, because OpenSSL resumes sessions from the context a connection was created with."""
+
+    def for_new_connection(self) -> ssl.SSLContext: ...
+
+
 class TlsListenerLoop(uvloop.Loop):
     """uvloop whose TLS servers count connections from their accept (see the module docstring). uvicorn
-    calls `create_server(factory, sock=..., ssl=context)` for each listening socket of a worker; every
-    listener of the worker shares one gate, as they share `server.max_connections`."""
+    calls `create_server(factory, sock=..., ssl=config.ssl)` for each listening socket of a worker, with
+    `ssl` the `TlsContexts`; every listener of the worker shares one gate, as they share
+    `server.max_connections`."""
 
     def __init__(
         self, *, max_connections: int | None, max_handshakes: int, handshake_timeout_s: float
@@ -158,12 +166,16 @@ class TlsListenerLoop(uvloop.Loop):
     async def create_server(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
     ) -> asyncio.Server:
-        context = kwargs.pop("ssl", None)
-        if context is None:
+        tls: TlsContexts | None = kwargs.pop("ssl", None)
+        if tls is None:
             return await super().create_server(protocol_factory, *args, **kwargs)  # type: ignore[return-value]
-        gate, timeout = self.gate, self.handshake_timeout_s
+        gate, timeout, context_for_new_connection = (
+            self.gate,
+            self.handshake_timeout_s,
+            tls.for_new_connection,
+        )
 
         def accepted() -> _GatedTlsProtocol:
-            return _GatedTlsProtocol(gate, self, protocol_factory(), context, timeout)
+            return _GatedTlsProtocol(gate, self, protocol_factory(), context_for_new_connection(), timeout)
 
         return await super().create_server(accepted, *args, **kwargs)  # type: ignore[return-value]

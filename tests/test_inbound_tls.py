@@ -400,3 +400,62 @@ def test_a_flood_of_idle_and_slow_handshakes_leaves_clients_served_and_descripto
             process.kill()
             process.wait()
     assert "Traceback" not in log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+def test_a_session_resumed_after_its_client_ca_was_removed_is_refused(
+    upstream: Any, server_pki: tuple[Ca, Path, Path], tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    """Removing a CA from `client_ca` refused fresh handshakes with its certificates, but a client that
+    resumed its earlier session (a ticket, or a session id in TLS 1.2) still got 200."""
+    _, upstream_server = upstream
+    ca, cert_file, key_file = server_pki
+    revoked, kept = Ca("client CA to be removed"), Ca("client CA that stays")
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_bytes(revoked.pem() + kept.pem())
+    port = _free_port()
+    tls = {"cert": {"file": str(cert_file)}, "key": {"file": str(key_file)}, "client_ca": str(client_ca)}
+    process = _serve(tmp_path, upstream_server.url, {"host": "127.0.0.1", "port": port, "tls": tls})
+    (tmp_path / "revoked").mkdir()
+    (tmp_path / "kept").mkdir()
+    client = _tls_client(ca, tmp_path / "revoked", revoked.issue("app-1", server=False))
+    client.minimum_version = client.maximum_version = version
+    other_client = _tls_client(ca, tmp_path / "kept", kept.issue("app-2", server=False))
+
+    def connect(context: ssl.SSLContext, session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        return context.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=10),
+            server_hostname="localhost",
+            session=session,
+        )
+
+    def served(context: ssl.SSLContext, session: ssl.SSLSession | None = None) -> bool:
+        try:
+            with connect(context, session) as sock:
+                return _request(sock, "/open/echo").startswith(b"HTTP/1.1 200")
+        except (ssl.SSLError, ConnectionError):
+            return False
+
+    try:
+        _wait_listening(lambda: connect(other_client), process)
+        with connect(client) as sock:
+            assert _request(sock, "/open/echo").startswith(b"HTTP/1.1 200")
+            session = sock.session  # TLS 1.3: the ticket came with the answer
+        assert session is not None
+        with connect(client, session) as sock:
+            assert _request(sock, "/open/echo").startswith(b"HTTP/1.1 200")
+            # With client_ca set no tickets are issued: TLS 1.2 resumes by session id, TLS 1.3 does not.
+            assert sock.session_reused == (version == ssl.TLSVersion.TLSv1_2)
+            session = sock.session
+
+        _replace(client_ca, kept.pem())
+        deadline = time.monotonic() + 15
+        while served(client):  # a fresh handshake is refused once the change is picked up
+            assert time.monotonic() < deadline, "the changed client_ca was not picked up"
+            time.sleep(0.3)
+        assert not served(client, session), "the session from before the change was resumed"
+        assert served(other_client)
+    finally:
+        _stop(process)
