@@ -228,7 +228,9 @@ class ServerConfig(_Model):
         None,
         description="Also listen on this Unix domain socket path (created with mode 0660: the gateway's "
         "user and group may connect). Its clients have no address, so `inbound.allow_cidrs` refuses them; "
-        "`inbound.api_keys` applies as on TCP.",
+        "`inbound.api_keys` applies as on TCP. The gateway refuses to start while another process listens "
+        "on the path, replaces a stale socket file, and at exit removes the file only if it is still the "
+        "one it created.",
     )
     tcp: bool = Field(True, description="Listen on host:port; false serves the `uds` socket only.")
 

@@ -459,3 +459,56 @@ def test_a_session_resumed_after_its_client_ca_was_removed_is_refused(
         assert served(other_client)
     finally:
         _stop(process)
+
+
+def test_two_gateways_on_one_unix_socket_path(upstream: Any, tmp_path: Path) -> None:
+    """The second silently unlinked the first's live socket (and took its clients), and the first's
+    shutdown then deleted the second's. Now the second refuses to start; a stale socket file nobody
+    listens on is replaced; a gateway removes at exit only the socket file it created."""
+    _, upstream_server = upstream
+    path = tmp_path / "gateway.sock"
+    server = {"uds": str(path), "tcp": False, "port": _free_port()}
+    for name in ("first", "second", "third"):
+        (tmp_path / name).mkdir()
+
+    def connect_unix() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        return sock
+
+    first = _serve(tmp_path / "first", upstream_server.url, server)
+    try:
+        _wait_listening(connect_unix, first)
+        inode = os.stat(path).st_ino
+        second = _serve(tmp_path / "second", upstream_server.url, server)
+        try:
+            assert second.wait(30) == 2
+        finally:
+            stderr = _stop(second)
+        assert f"another process is listening on {path}" in stderr, stderr
+        assert os.stat(path).st_ino == inode
+        with connect_unix() as sock:
+            assert _request(sock, "/healthz").startswith(b"HTTP/1.1 200")
+
+        # Another process replaces the socket file (as a second instance started by hand would after
+        # deleting it): the first gateway's shutdown must leave it alone.
+        path.unlink()
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.bind(str(path))
+        other.listen(1)
+    finally:
+        _stop(first)
+    try:
+        assert path.exists(), "the first gateway deleted a socket file it did not create"
+        with connect_unix():
+            pass  # still the other process's live socket
+    finally:
+        other.close()  # closed without unlinking: a stale socket file, as a killed process leaves it
+
+    third = _serve(tmp_path / "third", upstream_server.url, server)
+    try:
+        _wait_listening(connect_unix, third)  # the stale file was replaced
+    finally:
+        _stop(third)
+    assert not path.exists()  # its own socket file is removed at exit
