@@ -293,7 +293,8 @@ class TlsConfig(_Model):
 
 class EgressConfig(_Model):
     """The forward proxy for every outbound connection: upstreams, Entra ID, the App Service identity
-    endpoint and ARM (the instance metadata service is always direct). Unset keys fall back to the
+    endpoint and ARM (the instance metadata service, and an identity endpoint on a loopback or
+    link-local address, are always direct). Unset keys fall back to the
     environment: `https_proxy`/`HTTPS_PROXY` for https origins, `http_proxy`/`HTTP_PROXY` for http
     ones, `no_proxy`/`NO_PROXY` (lower case first, as curl)."""
 
