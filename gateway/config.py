@@ -492,6 +492,24 @@ class KeyAuth(_Model):
     refresh_every_s: float = Field(
         900.0, gt=0, description="How often keys are fetched from the control plane."
     )
+    probe_path: str | None = Field(
+        None,
+        description="Path (on the origin of the route's preferred upstream) the gateway GETs with a key "
+        "that client requests keep getting refused with, before it declares the key rejected: 2xx clears "
+        "the key, a `reject_statuses` answer declares it, anything else leaves the refusals to decide. "
+        "Unset: `swagger.json` beside the scoring URI, which Azure ML answers 401 to a wrong key.",
+    )
+
+    @field_validator("probe_path")
+    @classmethod
+    def _probe_path(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value.startswith("/") or value.startswith("//") or any(c in value for c in " #\r\n\\")
+        ):
+            raise ValueError(
+                f"{value!r} is not a path such as /swagger.json (the key goes only to the upstream)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _keys_or_endpoint(self) -> KeyAuth:
