@@ -17,12 +17,16 @@ TCP connection's start and end and its handshake's end to the worker's `Handshak
   completes its handshake in time is served whatever a flood of idle sockets does); when no handshake is
   unfinished, the new connection is closed at once: there is no TLS session yet to answer 503 in.
 
-A handshake is timed by `server.header_timeout_s`, like the request head that follows it.
+A handshake is timed by `server.header_timeout_s`, like the request head that follows it. When a flood
+is over (`FLOOD_QUIET_S` without a dropped or refused connection), the heap is trimmed once: bounded,
+3,000 idle handshakes still churn through 256 KiB of read buffer and an SSL object each, and glibc
+would keep those pages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import ssl
 from collections.abc import Callable
@@ -42,17 +46,40 @@ _SSLProtocol: Any = getattr(uvloop.loop, "SSLProtocol")  # noqa: B009
 HANDSHAKE_DROPPED = "tls_handshake_dropped"
 OVERLOADED = "overloaded"
 
+# A flood (connections dropped or refused by the gate) has ended once none came for this long. Then the
+# heap memory its thousands of short-lived connections went through is handed back to the system:
+# glibc keeps freed pages in the middle of its heap, and repeated floods ratcheted the resident size up.
+FLOOD_QUIET_S = 5.0
+
+
+def _heap_trimmer() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none (musl)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+_MALLOC_TRIM = _heap_trimmer()
+
 
 class HandshakeGate:
     """One worker's count of its TLS client connections (`open`) and of those still in their handshake
     (`pending`, oldest first). Used only from the event loop's thread."""
 
-    def __init__(self, *, max_connections: int | None, max_handshakes: int) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, *, max_connections: int | None, max_handshakes: int
+    ) -> None:
+        self.loop = loop
         self.max_connections = max_connections
         self.max_handshakes = max_handshakes
         self.open = 0
         self.pending: dict[_GatedTlsProtocol, None] = {}
-        self._warned = False
+        self._flood_seen_at: float | None = None  # loop time of the last drop or refusal of this flood
+        self._flood_timer: asyncio.TimerHandle | None = None
 
     def admit(self, connection: _GatedTlsProtocol) -> bool:
         """Count a connection just accepted; False when it must be closed unserved."""
@@ -61,6 +88,7 @@ class HandshakeGate:
         if self.max_connections is not None and self.open >= self.max_connections:
             if not self.pending:
                 metrics.INBOUND_REFUSALS.labels(OVERLOADED).inc()
+                self._flood()
                 return False
             self._drop_oldest_handshake("server.max_connections")
         self.open += 1
@@ -82,15 +110,30 @@ class HandshakeGate:
         self.release(oldest)
         oldest.abort()
         metrics.INBOUND_REFUSALS.labels(HANDSHAKE_DROPPED).inc()
-        if not self._warned:
-            # Once per worker: a flood repeats it thousands of times; the counter tells how many.
-            self._warned = True
+        if self._flood_timer is None:
+            # Once per flood: it repeats this thousands of times; the counter tells how many.
             logger.warning(
                 "TLS: dropped the oldest unfinished handshake to make room for a new connection (%s); "
-                "idle or slow handshakes arrive faster than they finish (logged once; "
+                "idle or slow handshakes arrive faster than they finish (logged once per flood; "
                 'gateway_inbound_refusals_total{code="tls_handshake_dropped"} counts them)',
                 limit,
             )
+        self._flood()
+
+    def _flood(self) -> None:
+        self._flood_seen_at = self.loop.time()
+        if self._flood_timer is None:
+            self._flood_timer = self.loop.call_later(FLOOD_QUIET_S, self._flood_over)
+
+    def _flood_over(self) -> None:
+        assert self._flood_seen_at is not None
+        left = self._flood_seen_at + FLOOD_QUIET_S - self.loop.time()
+        if left > 0:
+            self._flood_timer = self.loop.call_later(left, self._flood_over)
+            return
+        self._flood_timer = None
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
 
 class _GatedTlsProtocol(_SSLProtocol):  # type: ignore[misc]
@@ -160,7 +203,7 @@ class TlsListenerLoop(uvloop.Loop):
         self, *, max_connections: int | None, max_handshakes: int, handshake_timeout_s: float
     ) -> None:
         super().__init__()
-        self.gate = HandshakeGate(max_connections=max_connections, max_handshakes=max_handshakes)
+        self.gate = HandshakeGate(self, max_connections=max_connections, max_handshakes=max_handshakes)
         self.handshake_timeout_s = handshake_timeout_s
 
     async def create_server(
