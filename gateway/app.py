@@ -21,6 +21,8 @@ from gateway.config import (
     with_server_overrides,
 )
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
+from gateway.credentials.key import KeyCredential
+from gateway.credentials.probe import KeyProbe, probe_url_for
 from gateway.egress import build_egress
 from gateway.errors import ConfigError, InternalError
 from gateway.exchange import Exchange
@@ -98,6 +100,15 @@ def build_router(
     for name, rc in config.routes.items():
         key = _credential_key(name, rc)
         credential = (reuse or {}).get(key) or build_credential(name, rc.auth, ctx)
+        if isinstance(credential, KeyCredential):
+            # Set on reused credentials too: the upstream may have changed while the auth did not.
+            preferred = min(rc.upstream_list(), key=lambda u: u.priority).url
+            credential.probe = KeyProbe(
+                probe_url_for(preferred, getattr(rc.auth, "probe_path", None)),
+                ssl_context=ctx.ssl_context,
+                egress=ctx.egress,
+                rejection_statuses=credential.rejection_statuses,
+            )
         headers: list[tuple[bytes, bytes | Secret]] = []
         for header, spec in rc.headers.items():
             value: bytes | Secret = (

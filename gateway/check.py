@@ -110,10 +110,15 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
     origins: dict[str, list[str]] = {}
     reached: dict[str, str | None] = {}
 
+    identity_origins: set[str] = set()  # reached as the identity sources reach them
+
+    def egress_of(origin: str) -> Egress:
+        return egress.for_identity_endpoint() if origin in identity_origins else egress
+
     async def reach(url: str) -> str | None:
         origin = origin_of(url)
         if origin not in reached:
-            reached[origin] = await _reach(origin, context, egress)
+            reached[origin] = await _reach(origin, context, egress_of(origin))
         return reached[origin]
 
     for name, route in config.routes.items():
@@ -123,6 +128,8 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
             origins.setdefault(origin_of(url), []).append(f"upstream of {name}")
         for what, url in _auth_origins(route.auth):
             origins.setdefault(url, []).append(f"{what} for {name}")
+            if what == "managed identity":
+                identity_origins.add(url)
         try:
             router = build_router(single, ctx, UpstreamClient(context, egress))
         except ConfigError as exc:
@@ -177,13 +184,13 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
         failure = await reach(origin)
         if failure is not None:
             healthy = False
-        proxied = egress.proxy_for_url(origin) is not None
+        proxied = egress_of(origin).proxy_for_url(origin) is not None
         connection = (
             ("tunnel ok" if proxied and origin.startswith("https:") else "ok")
             if failure is None
             else f"FAILED ({failure})"
         )
-        egress_rows.append((origin, ", ".join(users), egress.describe(origin), connection))
+        egress_rows.append((origin, ", ".join(users), egress_of(origin).describe(origin), connection))
     widths = [max(len(r[i]) for r in egress_rows) for i in range(3)]
     for row in egress_rows:
         print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])

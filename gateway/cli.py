@@ -13,16 +13,15 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import uvloop
 from uvicorn import config as uvicorn_config
 
 from gateway import __version__
 from gateway.config import (
     GatewayConfig,
     ServerConfig,
-    ServerTlsConfig,
     default_config_path,
     load_config,
     with_server_overrides,
@@ -30,6 +29,7 @@ from gateway.config import (
 from gateway.errors import ConfigError
 from gateway.inbound import inbound_problem
 from gateway.server_tls import ServerTls
+from gateway.tls_listener import TlsListenerLoop
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -212,18 +212,14 @@ def serve(args: argparse.Namespace) -> int:
         app = GatewayApp(config, config_path=config_path, server_overrides=_server_overrides(args))
         if server.tls is not None:
             ServerTls(server.tls, config_path)  # a certificate that does not load fails here, not per worker
-        sockets = listen_sockets(server)
+        listeners = listen_sockets(server)
     except ConfigError as exc:
         print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         if server.workers == 1:
-            uv_server = uvicorn.Server(
-                GatewayUvicornConfig(
-                    app, server_tls=server.tls, handshake_timeout_s=server.header_timeout_s, **options
-                )
-            )
-            uv_server.run(sockets=sockets)
+            uv_server = uvicorn.Server(GatewayUvicornConfig(app, server=server, **options))
+            uv_server.run(sockets=listeners.sockets)
             return EXIT_OK if uv_server.started else EXIT_PROBLEM
         # Several workers: the config is valid (above); each worker builds its own app from it.
         os.environ["GATEWAY_CONFIG"] = os.path.abspath(config_path)
@@ -234,66 +230,71 @@ def serve(args: argparse.Namespace) -> int:
             "gateway.app:app_from_env",
             factory=True,
             workers=server.workers,
-            server_tls=server.tls,
-            handshake_timeout_s=server.header_timeout_s,
+            server=server,
             **options,
         )
-        Multiprocess(uv_config, sockets=sockets).run()
+        Multiprocess(uv_config, sockets=listeners.sockets).run()
         return EXIT_OK
     finally:
-        for sock in sockets:
-            sock.close()
-        if server.uds is not None and os.path.exists(server.uds):
-            os.unlink(server.uds)
+        listeners.close()
 
 
 class GatewayUvicornConfig(uvicorn_config.Config):
     """uvicorn's Config with the gateway's server TLS: an SSLContext that picks up a rotated
-    certificate (`gateway.server_tls`), built where uvicorn builds its own, in each worker, and a TLS
-    handshake timed like a request head (`server.header_timeout_s`)."""
+    certificate (`gateway.server_tls`), built where uvicorn builds its own, in each worker, and a loop
+    whose TLS listeners count connections from their accept (`gateway.tls_listener`)."""
 
-    def __init__(
-        self,
-        app: Any,
-        *,
-        server_tls: ServerTlsConfig | None,
-        handshake_timeout_s: float = 10.0,
-        **options: Any,
-    ) -> None:
+    def __init__(self, app: Any, *, server: ServerConfig, **options: Any) -> None:
         super().__init__(app, **options)
-        self.server_tls = server_tls
-        self.handshake_timeout_s = handshake_timeout_s
+        self.server = server
 
     def get_loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop] | None:
-        if self.server_tls is None:
+        tls = self.server.tls
+        if tls is None:
             return super().get_loop_factory()
-        return functools.partial(_HandshakeTimedLoop, self.handshake_timeout_s)
+        return functools.partial(
+            TlsListenerLoop,
+            max_connections=self.server.max_connections,
+            max_handshakes=tls.max_handshakes,
+            handshake_timeout_s=self.server.header_timeout_s,
+        )
 
     def load(self) -> None:
         super().load()
-        if self.server_tls is not None:
-            self.ssl = ServerTls(self.server_tls, os.environ.get("GATEWAY_CONFIG", "<config>")).context
+        if self.server.tls is not None:
+            # uvicorn hands `ssl` untouched to the loop's create_server (TlsListenerLoop), which asks it
+            # for the context of each connection it accepts.
+            self.ssl = ServerTls(self.server.tls, os.environ.get("GATEWAY_CONFIG", "<config>"))  # type: ignore[assignment]
 
 
-class _HandshakeTimedLoop(uvloop.Loop):
-    """uvloop with `ssl_handshake_timeout` on every TLS listener. uvicorn creates its servers without
-    one, so a client that connects and never finishes its handshake would keep its connection for
-    the event loop's default of 60 s, before the protocol (and its header timer) even exists."""
+@dataclass
+class Listeners:
+    """The listening sockets, and the identity (device, inode) of the Unix socket file this process
+    created: at exit it removes that file only if it is still the same one. Another instance may have
+    replaced it meanwhile, and deleting that one's file would leave it unreachable."""
 
-    def __init__(self, handshake_timeout_s: float) -> None:
-        super().__init__()
-        self.handshake_timeout_s = handshake_timeout_s
+    sockets: list[socket.socket] = field(default_factory=list)
+    uds_path: str | None = None
+    uds_file: tuple[int, int] | None = None
 
-    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
-        if kwargs.get("ssl") is not None:
-            kwargs.setdefault("ssl_handshake_timeout", self.handshake_timeout_s)
-        return await super().create_server(*args, **kwargs)  # type: ignore[return-value]
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        if self.uds_path is None or self.uds_file is None:
+            return
+        try:
+            status = os.stat(self.uds_path)
+        except OSError:
+            return
+        if (status.st_dev, status.st_ino) == self.uds_file:
+            os.unlink(self.uds_path)
 
 
-def listen_sockets(server: ServerConfig) -> list[socket.socket]:
+def listen_sockets(server: ServerConfig) -> Listeners:
     """The listening sockets: TCP on host:port unless `tcp: false`, and the Unix socket `uds`
     (mode 0660: the owner and its group may connect)."""
-    sockets: list[socket.socket] = []
+    listeners = Listeners()
+    sockets = listeners.sockets
     try:
         if server.tcp:
             family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
@@ -306,7 +307,12 @@ def listen_sockets(server: ServerConfig) -> list[socket.socket]:
             if os.path.exists(path):
                 if not stat.S_ISSOCK(os.stat(path).st_mode):
                     raise ConfigError(f"server.uds: {path} exists and is not a socket; choose another path")
-                os.unlink(path)  # left by a previous run: a live gateway would hold the same path
+                if _someone_listens(path):
+                    raise ConfigError(
+                        f"server.uds: another process is listening on {path} (another gateway?); stop "
+                        "it or choose another path"
+                    )
+                os.unlink(path)  # left by a process that did not remove it (killed): nobody listens
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sockets.append(sock)
             umask = os.umask(0o117)  # created 0660 rather than chmod-ed after the fact
@@ -314,14 +320,33 @@ def listen_sockets(server: ServerConfig) -> list[socket.socket]:
                 sock.bind(path)
             finally:
                 os.umask(umask)
+            created = os.stat(path)
+            listeners.uds_path, listeners.uds_file = path, (created.st_dev, created.st_ino)
             os.chmod(path, 0o660)
     except OSError as exc:
-        for sock in sockets:
-            sock.close()
+        listeners.close()
         raise ConfigError(f"cannot listen: {exc.strerror or exc}") from None
+    except ConfigError:
+        listeners.close()
+        raise
     for sock in sockets:
         sock.set_inheritable(True)  # passed to worker processes
-    return sockets
+    return listeners
+
+
+def _someone_listens(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket `path` (a stale file refuses them)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except TimeoutError:
+        return True  # its backlog is full: it is there, and busy
+    finally:
+        probe.close()
+    return True
 
 
 def check(args: argparse.Namespace) -> int:

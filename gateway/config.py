@@ -146,8 +146,18 @@ class ServerTlsConfig(_Model):
         None,
         description=(
             "PEM file of the CAs that sign client certificates: set, clients must present one (mutual "
-            "TLS), which counts as inbound protection for a non-loopback `host`."
+            "TLS), which counts as inbound protection for a non-loopback `host`. A change to the file "
+            "applies to new connections within a second; sessions from before it do not resume, and no "
+            "session tickets are issued (see docs/kubernetes.md, TLS and mutual TLS)."
         ),
+    )
+    max_handshakes: int = Field(
+        128,
+        ge=1,
+        description="TLS handshakes a worker lets run at once. A connection beyond it, or beyond "
+        "`server.max_connections` (which counts a connection from its accept, handshake included), "
+        "takes the place of the oldest unfinished handshake, so idle or slow handshakes cannot keep "
+        "clients out or hold memory. A handshake is timed by `server.header_timeout_s`.",
     )
 
 
@@ -196,7 +206,11 @@ class ServerConfig(_Model):
         120.0, gt=0, description="Longest time a client may take to send a whole request body (408 after it)."
     )
     max_connections: int | None = Field(
-        None, ge=1, description="Client connections served at once; more are answered 503 by the server."
+        None,
+        ge=1,
+        description="Client connections a worker holds at once, counted from the TCP accept (over TLS, "
+        "handshakes in progress included); more are answered 503 by the server. Over TLS a connection "
+        "beyond it takes the place of the oldest unfinished handshake, or, with none, is closed at once.",
     )
     allow_unauthenticated_remote: bool = Field(
         False, description="Allow a non-loopback host without inbound protection. Think twice."
@@ -214,7 +228,9 @@ class ServerConfig(_Model):
         None,
         description="Also listen on this Unix domain socket path (created with mode 0660: the gateway's "
         "user and group may connect). Its clients have no address, so `inbound.allow_cidrs` refuses them; "
-        "`inbound.api_keys` applies as on TCP.",
+        "`inbound.api_keys` applies as on TCP. The gateway refuses to start while another process listens "
+        "on the path, replaces a stale socket file, and at exit removes the file only if it is still the "
+        "one it created.",
     )
     tcp: bool = Field(True, description="Listen on host:port; false serves the `uds` socket only.")
 
@@ -277,7 +293,8 @@ class TlsConfig(_Model):
 
 class EgressConfig(_Model):
     """The forward proxy for every outbound connection: upstreams, Entra ID, the App Service identity
-    endpoint and ARM (the instance metadata service is always direct). Unset keys fall back to the
+    endpoint and ARM (the instance metadata service, and an identity endpoint on a loopback or
+    link-local address, are always direct). Unset keys fall back to the
     environment: `https_proxy`/`HTTPS_PROXY` for https origins, `http_proxy`/`HTTP_PROXY` for http
     ones, `no_proxy`/`NO_PROXY` (lower case first, as curl)."""
 
@@ -475,6 +492,24 @@ class KeyAuth(_Model):
     refresh_every_s: float = Field(
         900.0, gt=0, description="How often keys are fetched from the control plane."
     )
+    probe_path: str | None = Field(
+        None,
+        description="Path (on the origin of the route's preferred upstream) the gateway GETs with a key "
+        "that client requests keep getting refused with, before it declares the key rejected: 2xx clears "
+        "the key, a `reject_statuses` answer declares it, anything else leaves the refusals to decide. "
+        "Unset: `swagger.json` beside the scoring URI, which Azure ML answers 401 to a wrong key.",
+    )
+
+    @field_validator("probe_path")
+    @classmethod
+    def _probe_path(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value.startswith("/") or value.startswith("//") or any(c in value for c in " #\r\n\\")
+        ):
+            raise ValueError(
+                f"{value!r} is not a path such as /swagger.json (the key goes only to the upstream)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _keys_or_endpoint(self) -> KeyAuth:

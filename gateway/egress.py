@@ -9,7 +9,9 @@ The policy comes from the top-level `egress` section, else from the variables cu
 read (`https_proxy`/`HTTPS_PROXY` for https origins, `http_proxy`/`HTTP_PROXY` for http ones, and
 `no_proxy`/`NO_PROXY`). Loopback origins go through the proxy too unless `no_proxy` lists them (as with
 curl and requests); the instance metadata service (169.254.169.254) is always direct, since no proxy
-can reach it on this host's behalf. Trusted CAs never come from the environment: see `gateway.tls`.
+can reach it on this host's behalf, and so is a managed identity endpoint on a loopback or link-local
+address (App Service, Container Apps, Arc: `for_identity_endpoint`), whose secret header must not
+cross the network. Trusted CAs never come from the environment: see `gateway.tls`.
 
 The proxy's credentials (`user:password`) are a secret: never logged, never in an error, registered for
 redaction in both their plain and their Basic-encoded form.
@@ -132,6 +134,21 @@ def _normal_host(host: str) -> str:
     return host
 
 
+def _on_this_host_or_link(host: str) -> bool:
+    """A loopback or link-local address, or `localhost` (RFC 6761): only this host, or its link, can
+    reach it; a proxy elsewhere never could. `host` is normalised (`_normal_host`); names other than
+    localhost are not resolved."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_link_local
+
+
 def _authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -221,14 +238,28 @@ class Egress:
         https_proxy: Proxy | None = None,
         http_proxy: Proxy | None = None,
         no_proxy: NoProxy | None = None,
+        local_direct: bool = False,
     ) -> None:
         self.https_proxy = https_proxy
         self.http_proxy = http_proxy
         self.no_proxy = no_proxy or NoProxy()
+        self.local_direct = local_direct
 
     @classmethod
     def direct(cls) -> Egress:
         return cls()
+
+    def for_identity_endpoint(self) -> Egress:
+        """The policy for a managed identity endpoint: this one, except that loopback and link-local
+        addresses (App Service's 127.0.0.1, Container Apps' localhost) are always reached directly.
+        Through a proxy its `X-IDENTITY-HEADER` secret would cross the network in clear, to a proxy that
+        could not reach this host's endpoint anyway."""
+        return Egress(
+            https_proxy=self.https_proxy,
+            http_proxy=self.http_proxy,
+            no_proxy=self.no_proxy,
+            local_direct=True,
+        )
 
     def proxy_for(self, scheme: str, host: str) -> Proxy | None:
         """The proxy a connection to `scheme://host` goes through, or None for a direct one."""
@@ -236,7 +267,11 @@ class Egress:
         if proxy is None:
             return None
         host = _normal_host(host)
-        if host == IMDS_ADDRESS or self.no_proxy.matches(host):
+        if (
+            host == IMDS_ADDRESS
+            or (self.local_direct and _on_this_host_or_link(host))
+            or self.no_proxy.matches(host)
+        ):
             return None
         return proxy
 
@@ -247,8 +282,11 @@ class Egress:
     def describe(self, url: str) -> str:
         """How a connection to `url` leaves the gateway, for `gateway check` and the start-up log."""
         parts = urlsplit(url)
-        if _normal_host(parts.hostname or "") == IMDS_ADDRESS:
+        host = _normal_host(parts.hostname or "")
+        if host == IMDS_ADDRESS:
             return "direct (instance metadata service)"
+        if self.local_direct and _on_this_host_or_link(host):
+            return "direct (identity endpoint on this host)"
         proxy = self.proxy_for_url(url)
         if proxy is not None:
             return f"through the proxy {proxy.address}"

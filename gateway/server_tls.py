@@ -1,10 +1,18 @@
 """TLS termination of client connections, with the certificate and key picked up when rotated.
 
-The listening socket keeps one SSLContext for its life. Every handshake passes through its
-`sni_callback`, which (at most once a second) looks whether the certificate or key secret, or the
-client CA file, changed; if so it builds a new context, and from then on hands each new connection
-the newest context that loaded. A half-rotated pair (a new certificate beside the old key) fails to
-load: the previous context stays in use and the problem is logged once, until the pair matches.
+The TLS listener (`gateway.tls_listener`) asks `for_new_connection()` for the context of each
+connection it accepts. At most once a second that looks whether the certificate or key secret, or the
+client CA file, changed; if so it builds a new context, and from then on each new connection gets the
+newest context that loaded. A half-rotated pair (a new certificate beside the old key) fails to load:
+the previous context stays in use and the problem is logged once, until the pair matches.
+
+Session resumption skips the client certificate check: a resumed session keeps the verdict of the
+handshake that created it. So a connection starts in the context it will finish in (OpenSSL looks a
+session up in the context the connection was created with, even when a callback switches it later),
+and a trust change (`client_ca`) builds a new context with its own session cache and ticket keys: no
+session from before the change resumes. With `client_ca` set, no session tickets are issued either: a
+TLS 1.3 client makes a full handshake (its certificate checked) on every connection, and a TLS 1.2
+session id resumes only within the session's lifetime and trust.
 """
 
 from __future__ import annotations
@@ -52,7 +60,6 @@ class ServerTls:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConfigError(f"server.tls: cannot load the certificate and key: {exc}") from None
         self.current = self.context
-        self.context.sni_callback = self._on_client_hello
 
     def _versions(self) -> tuple[int, int, tuple[int, int, int] | None]:
         return (self.cert.version, self.key.version, _file_signature(self.client_ca))
@@ -77,15 +84,18 @@ class ServerTls:
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(f"server.tls.client_ca: cannot load {self.client_ca}: {exc}") from None
             context.verify_mode = ssl.CERT_REQUIRED
+            # A ticket would let a client resume without its certificate being checked again, and
+            # each resumption issues a new ticket: a session could outlive its certificate forever.
+            context.options |= ssl.OP_NO_TICKET  # TLS 1.2
+            context.num_tickets = 0  # TLS 1.3
         return context
 
-    def _on_client_hello(
-        self, connection: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
-    ) -> None:
+    def for_new_connection(self) -> ssl.SSLContext:
+        """The context for a connection just accepted: the newest that loaded. A context carries its
+        own session cache and ticket keys, so sessions of a replaced context do not resume."""
         if time.monotonic() >= self._next_check:
             self.refresh()
-        if self.current is not context:
-            connection.context = self.current
+        return self.current
 
     def refresh(self) -> bool:
         """Build a new context if a secret or the client CA changed; True when one was built."""

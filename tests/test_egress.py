@@ -301,6 +301,18 @@ def test_proxy_selection_from_the_config_and_the_environment() -> None:
     assert configured.describe("https://kv.internal") == "direct (no_proxy)"
     assert configured.describe("https://ml.azure.com") == "through the proxy corp-proxy:3128"
 
+    # A managed identity endpoint on this host or its link is always direct; elsewhere, the policy.
+    identity = configured.for_identity_endpoint()
+    for local in ("127.0.0.1", "127.0.0.53", "localhost", "LOCALHOST.", "::1", "[::1]", "::ffff:127.0.0.1"):
+        assert identity.proxy_for("http", local) is None, local
+        assert configured.proxy_for("http", local) is not None, local  # upstreams: as curl does
+    for link_local in ("169.254.169.253", "fe80::1"):
+        assert identity.proxy_for("http", link_local) is None, link_local
+    for elsewhere in ("10.0.0.4", "identity.example", "localhost.example", "127.0.0.1.nip.io"):
+        assert identity.proxy_for("https", elsewhere).address == "corp-proxy:3128", elsewhere
+    assert identity.proxy_for("https", "kv.internal") is None  # no_proxy still applies
+    assert identity.describe("http://localhost:42356") == "direct (identity endpoint on this host)"
+
     with_credentials = build({}, {"HTTPS_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD}@p:3128"})
     proxy = with_credentials.proxy_for("https", "x")
     expected = base64.b64encode(f"{PROXY_USER}:{PROXY_PASSWORD}".encode()).decode()
@@ -709,26 +721,37 @@ def test_arm_calls_go_through_the_proxy(emulator: EmulatorServer, relay: Relay, 
     assert set(relay.request_lines()) == {f"CONNECT {arm.removeprefix('https://')} HTTP/1.1"}
 
 
-def test_app_service_identity_goes_through_the_proxy_and_imds_never(
+def test_imds_never_goes_through_the_proxy(
     emulator: EmulatorServer, relay: Relay, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     egress = {"proxy": relay.url, "no_proxy": ["localhost"]}  # scoring upstream direct, below
     auth = {"type": "aad_token", "identity": {"managed_identity": "system", "timeout_s": 5}}
     config = _aad_config(emulator, egress, auth)
     config["routes"]["aad"]["upstream"] = _emulator_origin(emulator, "localhost", https=False)
-
     for name, value in emulator.imds_env().items():
         monkeypatch.setenv(name, value)
     assert _score(gateway_factory(config), "aad").status_code == 200
     assert relay.request_lines() == []  # IMDS (here the emulator at 127.0.0.1): always direct
-    for name in emulator.imds_env():
-        monkeypatch.delenv(name)
 
-    for name, value in emulator.app_service_env().items():
-        monkeypatch.setenv(name, value)
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"], ids=["app-service", "container-apps"])
+def test_a_loopback_identity_endpoint_is_reached_directly_never_through_the_proxy(
+    emulator: EmulatorServer, relay: Relay, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    """App Service (127.0.0.1) and Container Apps (localhost) serve the managed identity endpoint on the
+    host itself, and its X-IDENTITY-HEADER is a secret: sent through the proxy it crossed the network in
+    clear (and a proxy elsewhere could not reach the endpoint anyway). Like IMDS, always direct."""
+    egress = {"proxy": relay.url}  # no no_proxy: the scoring upstream goes through the proxy
+    auth = {"type": "aad_token", "identity": {"managed_identity": "system", "timeout_s": 5}}
+    config = _aad_config(emulator, egress, auth)
+    config["routes"]["aad"]["upstream"] = _emulator_origin(emulator, "localhost", https=False)
+    monkeypatch.setenv("IDENTITY_ENDPOINT", _emulator_origin(emulator, host, https=False) + "/msi/token")
+    monkeypatch.setenv("IDENTITY_HEADER", emulator.state.identity_header)
     assert _score(gateway_factory(config), "aad").status_code == 200
-    (line,) = relay.request_lines()
-    assert line.startswith(f"GET {emulator.http_url}/msi/token?")
+    lines = relay.request_lines()
+    assert any(line.startswith("POST http://localhost:") for line in lines), lines  # the scoring request
+    assert not [line for line in lines if "/msi/token" in line], lines
+    assert emulator.state.identity_header not in relay.sent()
 
 
 # ------------------------------------------------------------------------------------------ gateway check

@@ -47,6 +47,10 @@ def _auth_headers(app: Any, since: int) -> list[str]:
     return [dict(r["headers"]).get("authorization", "") for r in app.requests[since:]]
 
 
+def _auth_headers_for(app: Any, path: str) -> list[str]:
+    return [dict(r["headers"]).get("authorization", "") for r in app.requests if r["path"] == path]
+
+
 def _route(gw: ServerThread) -> dict[str, Any]:
     response = httpx.get(gw.url + "/readyz")
     route: dict[str, Any] = response.json()["routes"][0]
@@ -165,13 +169,103 @@ def test_both_keys_regenerated_turn_readyz_503_after_repeated_rejections(
     for _ in range(3):
         before = len(app.requests)
         statuses.append(httpx.post(gw.url + "/iris/echo", content=b"{}").status_code)
-        assert len(app.requests) - before <= 2  # each slot at most once per request
+        forwarded = [r for r in app.requests[before:] if r["path"] == "/echo"]
+        assert len(forwarded) <= 2  # each slot at most once per request
         statuses.append(_route(gw)["http_status"])
     assert statuses[:-1] == [401, 200, 401, 200, 401]
     route = _route(gw)
     assert route["http_status"] == 503 and route["state"] == "rejected"
     assert sorted(route["rejected_slots"]) == ["primary", "secondary"]
     assert PRIMARY not in str(route) and SECONDARY not in str(route)
+    # Declared only after the gateway's own probe with each key was refused too.
+    assert sorted(_auth_headers_for(app, "/swagger.json")) == sorted(
+        [f"Bearer {PRIMARY}", f"Bearer {SECONDARY}"]
+    )
+
+
+def test_client_requests_to_a_path_refused_whatever_the_key_declare_nothing(
+    upstream, gateway_factory, monkeypatch, caplog
+):
+    """With `upstream` the endpoint's base URL any client may pick a path that answers 401 whatever the
+    key: three such requests declared both slots rejected, /readyz 503 for recheck_after_s. Refusals in
+    client requests only make a slot suspect; the gateway's own probe with the key (GET swagger.json
+    beside the scoring URI, as `gateway rotate` verifies a key) is accepted and clears the suspicion."""
+    app, server = upstream
+    gw = gateway_factory({"routes": {"iris": key_route(server.url, **_keys(monkeypatch))}})
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        for _ in range(3):
+            assert httpx.get(gw.url + "/iris/status/401").status_code == 401
+        route = _route(gw)
+    assert route["http_status"] == 200 and route["state"] == "valid", route
+    assert "rejected_slots" not in route and "suspect_slots" not in route
+    assert sorted(_auth_headers_for(app, "/swagger.json")) == sorted(
+        [f"Bearer {PRIMARY}", f"Bearer {SECONDARY}"]
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("probe" in w and "accepted" in w and "primary" in w for w in warnings), warnings
+    assert all(PRIMARY not in w and SECONDARY not in w for w in warnings)
+    assert httpx.post(gw.url + "/iris/echo", content=b"{}").status_code == 200
+    # However fast a client provokes refusals, each key is probed at most once per PROBE_INTERVAL_S.
+    for _ in range(3):
+        assert httpx.get(gw.url + "/iris/status/401").status_code == 401
+    assert len(_auth_headers_for(app, "/swagger.json")) == 2
+    assert _route(gw)["http_status"] == 200
+
+
+def test_a_probe_that_cannot_tell_leaves_the_rule_of_repeated_refusals(
+    upstream, gateway_factory, monkeypatch, caplog
+):
+    """`auth.probe_path` names the probe; one that answers 404 (no sign the key was even looked at) says
+    nothing about the key, so the refusals alone decide, as before."""
+    app, server = upstream
+    route_config = key_route(server.url, **_keys(monkeypatch, secondary=False), probe_path="/status/404")
+    gw = gateway_factory({"routes": {"iris": route_config}})
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        for _ in range(3):
+            assert httpx.get(gw.url + "/iris/status/401").status_code == 401
+        route = _route(gw)
+    assert route["http_status"] == 503 and route["rejected_slots"] == ["primary"], route
+    assert [r["path"] for r in app.requests if r["path"] == "/status/404"] == ["/status/404"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("primary" in e and "/status/404" in e and "404" in e for e in errors), errors
+
+
+def test_a_score_refused_whatever_the_key_at_the_emulator_declares_nothing(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The emulator's front end, as Azure ML: swagger.json answers 401 to a wrong key and 200 to a valid
+    one; scoring refused for both keys in three requests (a payload its WAF refuses) is not a verdict."""
+    with httpx.Client() as client:
+        assert client.get(emulator.http_url + "/swagger.json").status_code == 401
+        bad = {"Authorization": "Bearer not-a-key-of-this-endpoint"}
+        assert client.get(emulator.http_url + "/swagger.json", headers=bad).status_code == 401
+        good = {"Authorization": f"Bearer {emulator.state.primary_key}"}
+        assert client.get(emulator.http_url + "/swagger.json", headers=good).status_code == 200
+    monkeypatch.setenv("EMULATOR_PRIMARY", emulator.state.primary_key)
+    monkeypatch.setenv("EMULATOR_SECONDARY", emulator.state.secondary_key)
+    auth = {"type": "key", "primary": {"env": "EMULATOR_PRIMARY"}, "secondary": {"env": "EMULATOR_SECONDARY"}}
+    config = gateway_config(emulator, {"iris": {"auth": auth}})
+    with (
+        ServerThread(GatewayApp(config)) as gateway,
+        httpx.Client(base_url=gateway.url, timeout=10) as client,
+    ):
+        emulator.state.set_fault("score", status=401, count=6)
+        assert [client.post("/iris/score", json=ROWS).status_code for _ in range(3)] == [401] * 3
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["routes"][0]["state"] == "valid", ready.text
+        assert client.post("/iris/score", json=ROWS).status_code == 200
+    # Keys the endpoint really refuses (both regenerated in Azure) are still declared: the probe with
+    # each is refused too.
+    emulator.state.regenerate_key("primary", None)
+    emulator.state.regenerate_key("secondary", None)
+    with (
+        ServerThread(GatewayApp(config)) as gateway,
+        httpx.Client(base_url=gateway.url, timeout=10) as client,
+    ):
+        assert [client.post("/iris/score", json=ROWS).status_code for _ in range(3)] == [401] * 3
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["routes"][0]["state"] == "rejected", ready.text
 
 
 # ---------------------------------------------------------------------------------------------- tokens

@@ -7,7 +7,8 @@ and `gateway check`. `grant_nowait()` must be cheap: no lock, no I/O, no corouti
 A rejection fails the request over at once (`rejected()` returns the grant to replay with), but one
 401 says little: a client can provoke it (a payload the endpoint's WAF or `score.py` refuses). A key or
 token is *declared* rejected (readiness, error log, metric) only after rejections in `reject_after`
-distinct requests within `reject_window_s` with no acceptance in between (`Suspicion`). Distinct
+distinct requests within `reject_window_s` with no acceptance in between (`Suspicion`), and, for a key,
+only if the gateway's own probe with it is not accepted (`gateway.credentials.probe`). Distinct
 requests are told apart by the grant: the replacement `rejected()` returns carries the slots already
 refused within its request (`Grant.tried`), and the proxy passes it back unchanged.
 """
@@ -93,6 +94,16 @@ class Suspicion:
 
     def rejected(self, now: float) -> bool:
         """Count one request's rejection (monotonic `now`); True when it declares the credential rejected."""
+        if self.verdict_due(now):
+            self.declared_at = now
+            return True
+        return False
+
+    def verdict_due(self, now: float) -> bool:
+        """Count one request's rejection; True when `reject_after` of them fell within `window_s` (the
+        count starts again). The caller declares (`declared_at`) or clears (`accepted`) the credential,
+        after a probe of its own where it has one. A declared credential's refusal renews the
+        declaration instead of counting."""
         if self.declared_at is not None:
             self.declared_at = now  # still refused: the declaration is renewed, not repeated
             return False
@@ -100,7 +111,6 @@ class Suspicion:
         times.append(now)
         if len(times) == times.maxlen and now - times[0] <= self.policy.window_s:
             times.clear()
-            self.declared_at = now
             return True
         return False
 

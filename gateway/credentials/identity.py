@@ -384,10 +384,11 @@ class ManagedIdentitySource(MsalSource):
 
     def _http_egress(self) -> Egress:
         # The instance metadata service (or the node's stand-in for it) answers only this host, so MSAL
-        # reaches it directly; App Service's identity endpoint follows the egress policy.
+        # reaches it directly; another identity endpoint (App Service, Container Apps, Arc, Service
+        # Fabric) follows the egress policy, except on a loopback or link-local address.
         if managed_identity_source() is msal.managed_identity.DEFAULT_TO_VM:
             return Egress.direct()
-        return self._egress
+        return self._egress.for_identity_endpoint()
 
     def _call(self, http: MsalHttpClient, scope: str) -> dict[str, Any] | None:
         with self._lock:

@@ -2,11 +2,15 @@
 
 The active slot is used until the upstream refuses it; then the other slot is tried with the same
 request at once and, if accepted, becomes active. One refusal only makes a slot suspect: a client can
-provoke a 401 (see `gateway.credentials.base`). A slot is declared rejected (readiness, error log,
-metric) after refusals in `reject_after` distinct requests within `reject_window_s` with no acceptance
-in between; a declared slot is skipped by failover and tried again when its value changes (a rotated
-file, keys fetched again from the control plane) or after `recheck_after_s`. The route is not ready
-while every slot is declared rejected.
+provoke a 401 (see `gateway.credentials.base`). Refusals in `reject_after` distinct requests within
+`reject_window_s` with no acceptance in between call for a verdict, which the gateway reaches with a
+request of its own (`probe`, see `gateway.credentials.probe`): accepted, the refusals came from what
+the requests asked and the slot is cleared; refused, or when the probe cannot tell, the slot is
+declared rejected (readiness, error log, metric). The request whose refusal called for the verdict
+waits for the probe; at most one probe per slot runs at a time, and after a probe accepted the key,
+the next one waits `PROBE_INTERVAL_S`. A declared slot is skipped by failover and tried again when its
+value changes (a rotated file, keys fetched again from the control plane) or after `recheck_after_s`.
+The route is not ready while every slot is declared rejected.
 
 A rotation can leave a slot declared with a value the endpoint accepts again (a key written to the
 source just before the control plane took it): when the active slot is refused, nothing else is usable
@@ -16,6 +20,7 @@ once more within the request, since the endpoint's keys evidently changed since 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,9 +35,15 @@ from gateway.credentials.base import (
     Suspicion,
     replay,
 )
+from gateway.credentials.probe import KeyProbe, ProbeResult, ProbeVerdict
 from gateway.secrets import Secret
 
 logger = logging.getLogger("gateway.credentials")
+
+# After the gateway's probe accepted a key, refusals that call for another verdict within this many
+# seconds are taken as the same story (requests refused for what they ask), not probed again: however
+# fast a client provokes refusals, the endpoint gets at most one probe per slot in this interval.
+PROBE_INTERVAL_S = 10.0
 
 # Returns True when it obtained key values different from the ones held.
 Refetch = Callable[[], Awaitable[bool]]
@@ -49,6 +60,8 @@ class KeySlot:
         self._suspect_value: str | None = None  # the value the suspicion is about
         self.rejected_value: str | None = None  # declared rejected while it still holds this value
         self.declared_after = 0  # the credential's acceptance count when this slot was declared
+        self.probing: asyncio.Task[None] | None = None  # the gateway's probe of this slot, under way
+        self.cleared: tuple[str, float] | None = None  # (value, monotonic time) a probe last accepted
 
     def grant(self) -> Grant:
         value = self.secret.value
@@ -69,17 +82,19 @@ class KeySlot:
         return self.secret.value != rejected or declared_at is None or now - declared_at >= recheck_after_s
 
     def reject(self, now: float) -> bool:
-        """One request's refusal of the present value; True when it declares the slot rejected."""
+        """One request's refusal of the present value; True when the refusals call for a verdict
+        (`declare`, or `accept` when the gateway's probe accepts the key)."""
         value = self.secret.value
         if value != self._suspect_value:  # a new value starts with a clean record
             self.suspicion.accepted()
             self._suspect_value = value
             self.rejected_value = None
         self.suspect = True
-        if self.suspicion.rejected(now):
-            self.rejected_value = value
-            return True
-        return False
+        return self.suspicion.verdict_due(now)
+
+    def declare(self, value: str, now: float) -> None:
+        self.rejected_value = value
+        self.suspicion.declared_at = now
 
     def accept(self) -> bool:
         """The present value was accepted; True if the slot had been declared rejected."""
@@ -117,6 +132,9 @@ class KeyCredential(Credential):
         self._accepts = 0  # acceptances of the active slot, to date declarations (see the docstring)
         self._all_rejected = False
         self._source = source or ", ".join(f"{s.name}={s.secret.source}" for s in self.slots)
+        # The gateway's own request that decides a verdict; set by the router, which knows the upstream.
+        # None: refusals alone decide.
+        self.probe: KeyProbe | None = None
         for slot in self.slots:
             slot.secret.subscribe(self._key_changed)
 
@@ -168,9 +186,9 @@ class KeyCredential(Credential):
             # The key changed while this request was in flight: the new value deserves a try, and the
             # refusal of the old one says nothing about it.
             return replay(slot.grant(), tried)
-        now = time.monotonic()
         if slot.name not in tried:
-            self._count_rejection(slot, now)
+            await self._count_rejection(slot, time.monotonic())
+        now = time.monotonic()
         tried = tried | {slot.name}
         for other in self.slots:
             if other.name not in tried and other.usable(now, self.recheck_after_s):
@@ -192,22 +210,70 @@ class KeyCredential(Credential):
                     return replay(other.grant(), tried)
         return None
 
-    def _count_rejection(self, slot: KeySlot, now: float) -> None:
+    async def _count_rejection(self, slot: KeySlot, now: float) -> None:
         metrics.CREDENTIAL_REJECTIONS.labels(self.route, slot.name).inc()
         if not slot.reject(now):
             if slot.rejected_value is not None:
                 slot.declared_after = self._accepts
                 self.publish()  # refused again after recheck_after_s: declared anew, without a new log
             return
+        value = slot.secret.value
+        probe = self.probe
+        if probe is None:
+            self._declare(slot, value, now, "")
+            return
+        if slot.probing is not None:
+            return  # the probe under way decides
+        cleared = slot.cleared
+        if cleared is not None and cleared[0] == value and now - cleared[1] < PROBE_INTERVAL_S:
+            return
+        slot.probing = asyncio.create_task(self._probe(slot, value, probe))
+        # Waited for by this request (so its answer comes after the verdict), never cancelled with it.
+        await asyncio.shield(slot.probing)
+
+    async def _probe(self, slot: KeySlot, value: str, probe: KeyProbe) -> None:
+        try:
+            result = await probe.check(value)
+        finally:
+            slot.probing = None
+        if slot.secret.value != value:
+            return  # the key changed meanwhile: the new value starts with a clean record
+        policy = self.rejection
+        if result.verdict is ProbeVerdict.ACCEPTED:
+            slot.accept()
+            slot.cleared = (value, time.monotonic())
+            logger.warning(
+                "route %s: the upstream refused the %s key in %d requests within %s s, but the gateway's "
+                "own probe (GET %s) accepted it (%s): it is not declared rejected (the requests were "
+                "refused for what they asked, not for the key)",
+                self.route,
+                slot.name,
+                policy.reject_after,
+                f"{policy.window_s:g}",
+                probe.url,
+                result.detail,
+            )
+            self.publish()
+            return
+        self._declare(slot, value, time.monotonic(), self._probe_note(probe, result))
+
+    @staticmethod
+    def _probe_note(probe: KeyProbe, result: ProbeResult) -> str:
+        verdict = "refused it too" if result.verdict is ProbeVerdict.REJECTED else "could not tell"
+        return f"; the gateway's own probe (GET {probe.url}) {verdict}: {result.detail}"
+
+    def _declare(self, slot: KeySlot, value: str, now: float, probe_note: str) -> None:
+        slot.declare(value, now)
         slot.declared_after = self._accepts
         policy = self.rejection
         logger.error(
             "route %s: the upstream refused the %s key in %d requests within %s s with no acceptance in "
-            "between; it is declared rejected and skipped until its value changes or for %s s",
+            "between%s; it is declared rejected and skipped until its value changes or for %s s",
             self.route,
             slot.name,
             policy.reject_after,
             f"{policy.window_s:g}",
+            probe_note,
             f"{self.recheck_after_s:g}",
         )
         if not self._all_rejected and not any(s.usable(now, self.recheck_after_s) for s in self.slots):
