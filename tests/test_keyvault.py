@@ -137,6 +137,43 @@ def test_vault_refuses_requests_without_a_vault_token(emulator: EmulatorServer) 
         assert refused.status_code == 401 and "audience" in refused.json()["error"]["message"]
 
 
+def test_vault_never_serves_a_disabled_version_nor_an_older_one(emulator: EmulatorServer) -> None:
+    """Key Vault as Azure has it: the current version disabled is 403 Forbidden / SecretDisabled, with
+    no fallback to the previous (enabled) version; a new version is served again."""
+    first = publish(emulator, "toggled", new_key("toggled first"))
+    current = publish(emulator, "toggled", new_key("toggled second"))
+    app = register_app(emulator)
+    token = emulator.state.issue_access_token(
+        audience="https://vault.azure.net", tenant_id=app.tenant_id, appid=app.client_id
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    base = f"{emulator.vault_url}/secrets/toggled"
+    with httpx.Client(verify=emulator.ssl_context(), headers=headers) as client:
+        disabled = client.patch(
+            f"{base}/{current}?api-version=7.4", json={"attributes": {"enabled": False}, "tags": {"a": "b"}}
+        )
+        assert disabled.status_code == 200 and "value" not in disabled.json()
+        assert disabled.json()["attributes"]["enabled"] is False and disabled.json()["tags"] == {"a": "b"}
+        for url in (f"{base}?api-version=7.4", f"{base}/{current}?api-version=7.4"):
+            refused = client.get(url)
+            assert refused.status_code == 403, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "Forbidden" and error["innererror"]["code"] == "SecretDisabled"
+        assert client.get(f"{base}/{first}?api-version=7.4").status_code == 200  # named: still served
+        listed = client.get(f"{base}/versions?api-version=7.4").json()["value"]
+        assert [item["id"].rsplit("/", 1)[1] for item in listed] == [first, current]
+        assert [item["attributes"]["enabled"] for item in listed] == [True, False]
+        assert all("value" not in item for item in listed)
+        # The admin API disables and enables without a token.
+        admin = httpx.patch(f"{emulator.http_url}/_emulator/secrets/toggled", json={"enabled": True})
+        assert admin.status_code == 200 and admin.json()["version"] == current
+        assert client.get(f"{base}?api-version=7.4").status_code == 200
+        emulator.state.update_secret("toggled", enabled=False)
+        newest = publish(emulator, "toggled", new_key("toggled third"))
+        served = client.get(f"{base}?api-version=7.4").json()
+        assert served["id"].endswith(f"/{newest}") and served["attributes"]["enabled"] is True
+
+
 def test_a_new_version_is_used_within_one_poll_without_restart(emulator: EmulatorServer) -> None:
     key_pair(emulator, "poll")
     config = parse_config(config_data(emulator, "poll", refresh_every_s=0.5), "kv.yaml")
