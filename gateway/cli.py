@@ -13,7 +13,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 from uvicorn import config as uvicorn_config
@@ -29,7 +29,9 @@ from gateway.config import (
 )
 from gateway.errors import ConfigError
 from gateway.inbound import inbound_problem
-from gateway.server_tls import ServerTls
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayApp
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -92,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         "key to Key Vault (or the key file) before ARM regenerateKeys makes it valid, verifies it against "
         "the endpoint, and waits for every gateway to pick it up before the other slot. Never prints a key. "
         "Exit status: 0 rotated, 1 a step failed (the message names it and the state of both keys), "
-        "2 invalid configuration. See docs/rotation.md.",
+        "2 invalid configuration, 3 another rotation of the endpoint is running (nothing changed). "
+        "See docs/rotation.md.",
     )
     rotate.add_argument("route", metavar="ROUTE", help="the key route whose endpoint keys to rotate")
     rotate.add_argument("--config", metavar="PATH", help=config_help)
@@ -211,7 +214,7 @@ def serve(args: argparse.Namespace) -> int:
         # A reloaded file gets the same command-line overrides: they describe the running listener.
         app = GatewayApp(config, config_path=config_path, server_overrides=_server_overrides(args))
         if server.tls is not None:
-            ServerTls(server.tls, config_path)  # a certificate that does not load fails here, not per worker
+            app.server_tls()  # a certificate that does not load fails here, not per worker
         sockets = listen_sockets(server)
     except ConfigError as exc:
         print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
@@ -272,7 +275,20 @@ class GatewayUvicornConfig(uvicorn_config.Config):
     def load(self) -> None:
         super().load()
         if self.server_tls is not None:
-            self.ssl = ServerTls(self.server_tls, os.environ.get("GATEWAY_CONFIG", "<config>")).context
+            # The app's own: its assembly built the certificate's secrets and its vaults poll them.
+            self.ssl = _gateway_app(self.loaded_app).server_tls().context
+
+
+def _gateway_app(app: Any) -> GatewayApp:
+    """The GatewayApp uvicorn loaded, under any middleware it wrapped around it (they keep it in `.app`)."""
+    from gateway.app import GatewayApp
+
+    while not isinstance(app, GatewayApp):
+        inner = getattr(app, "app", None)
+        if inner is None:
+            raise TypeError(f"the served application is not a GatewayApp: {type(app).__name__}")
+        app = inner
+    return app
 
 
 class _HandshakeTimedLoop(uvloop.Loop):

@@ -3,8 +3,11 @@
 The listening socket keeps one SSLContext for its life. Every handshake passes through its
 `sni_callback`, which (at most once a second) looks whether the certificate or key secret, or the
 client CA file, changed; if so it builds a new context, and from then on hands each new connection
-the newest context that loaded. A half-rotated pair (a new certificate beside the old key) fails to
-load: the previous context stays in use and the problem is logged once, until the pair matches.
+the newest context that loaded. The secrets come from the app's assembly (`gateway.assembly`): files are
+re-read when they change, Key Vault secrets follow the vault's poll, so a certificate rotated in Key
+Vault is used by new connections within one `keyvault.refresh_every_s` (plus a second). A half-rotated
+pair (a new certificate beside the old key) fails to load: the previous context stays in use and the
+problem is logged once, until the pair matches.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.config import ServerTlsConfig
-from gateway.credentials import BuildContext, resolve_secret
 from gateway.errors import ConfigError, SecretError
 from gateway.secrets import Secret
+
+if TYPE_CHECKING:
+    from gateway.assembly import Assembly
 
 logger = logging.getLogger("gateway.server")
 
@@ -39,11 +45,12 @@ def _file_signature(path: str | None) -> tuple[int, int, int] | None:
 class ServerTls:
     """The server-side SSLContext (`context`, for the listener) and its rotation."""
 
-    def __init__(self, config: ServerTlsConfig, source: str) -> None:
+    def __init__(self, config: ServerTlsConfig, assembly: Assembly) -> None:
         self.client_ca = config.client_ca
-        ctx = BuildContext(ssl_context=ssl.create_default_context(), source=source)
-        self.cert: Secret = resolve_secret(config.cert, "server.tls.cert", ctx)
-        self.key: Secret = resolve_secret(config.key, "server.tls.key", ctx)
+        # Built by the app's assembly: a Key Vault certificate is read with the configuration's TLS trust,
+        # egress and Key Vault settings, and follows the vault's poll (new versions reach `_versions`).
+        self.cert: Secret = assembly.secret(config.cert, "server.tls.cert")
+        self.key: Secret = assembly.secret(config.key, "server.tls.key")
         self._loaded = self._versions()
         self._next_check = time.monotonic() + CHECK_INTERVAL_S
         self._last_error: str | None = None
