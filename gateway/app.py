@@ -1,4 +1,5 @@
-"""The ASGI application: admin endpoints, the proxy, start-up and shutdown, and hot reload."""
+"""The application: proxied requests handed over by the server protocol, admin endpoints (ASGI), start-up
+and shutdown, and hot reload."""
 
 from __future__ import annotations
 
@@ -10,34 +11,26 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 
-from gateway import keyvault, metrics
-from gateway.client import UpstreamClient
+from gateway import metrics
+from gateway.assembly import Assembly
 from gateway.config import (
     GatewayConfig,
-    RouteConfig,
     ServerConfig,
     default_config_path,
     load_config,
     with_server_overrides,
 )
-from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
-from gateway.credentials.key import KeyCredential
-from gateway.credentials.probe import KeyProbe, probe_url_for
-from gateway.egress import build_egress
+from gateway.credentials import Credential
 from gateway.errors import ConfigError, InternalError
 from gateway.exchange import Exchange
 from gateway.headers import new_request_id
 from gateway.inbound import InboundGuard, inbound_problem
 from gateway.proxy import Proxy
 from gateway.responses import Send, error_body, send_bytes, send_error, send_json
-from gateway.retry import ReplayPolicy
-from gateway.routing import Route, Router
-from gateway.secrets import Secret
 from gateway.server_protocol import SEND_TIMEOUT_STATE
+from gateway.server_tls import ServerTls
 from gateway.telemetry import RequestRecord, Telemetry
-from gateway.tls import client_context
 from gateway.tracing import TracedTelemetry, build_tracing
-from gateway.upstreams import Upstream
 
 logger = logging.getLogger("gateway")
 
@@ -82,75 +75,6 @@ def _file_signature(path: str) -> tuple[int, int, int] | None:
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
-def _credential_key(name: str, route: RouteConfig) -> tuple[str, object]:
-    # Config models are frozen and hashable; SecretStr hashes by value, so a changed secret is a new key.
-    return (name, route.auth)
-
-
-def build_router(
-    config: GatewayConfig,
-    ctx: BuildContext,
-    client: UpstreamClient,
-    reuse: dict[tuple[str, object], Credential] | None = None,
-) -> Router:
-    """Routes with their credentials; credentials whose auth config is unchanged are reused as they are.
-    Key Vault secrets are read with the settings `keyvault.configure` gave `ctx` before (a reload applies
-    its own only once the new routes are built)."""
-    routes: list[Route] = []
-    for name, rc in config.routes.items():
-        key = _credential_key(name, rc)
-        credential = (reuse or {}).get(key) or build_credential(name, rc.auth, ctx)
-        if isinstance(credential, KeyCredential):
-            # Set on reused credentials too: the upstream may have changed while the auth did not.
-            preferred = min(rc.upstream_list(), key=lambda u: u.priority).url
-            credential.probe = KeyProbe(
-                probe_url_for(preferred, getattr(rc.auth, "probe_path", None)),
-                ssl_context=ctx.ssl_context,
-                egress=ctx.egress,
-                rejection_statuses=credential.rejection_statuses,
-            )
-        headers: list[tuple[bytes, bytes | Secret]] = []
-        for header, spec in rc.headers.items():
-            value: bytes | Secret = (
-                spec.encode("latin-1")
-                if isinstance(spec, str)
-                else resolve_secret(spec, f"routes.{name}.headers.{header}", ctx, header=True)
-            )
-            headers.append((header.encode("latin-1"), value))
-        routes.append(
-            Route(
-                name=name,
-                prefix=rc.path,
-                upstreams=[
-                    Upstream(
-                        u.url,
-                        client.origin(u.url, max_connections=rc.max_connections),
-                        priority=u.priority,
-                        weight=u.weight,
-                    )
-                    for u in rc.upstream_list()
-                ],
-                credential=credential,
-                headers=headers,
-                timeout_s=rc.timeout_s,
-                connect_timeout_s=rc.connect_timeout_s,
-                read_timeout_s=rc.read_timeout_s or rc.timeout_s,
-                write_timeout_s=rc.write_timeout_s,
-                pool_timeout_s=rc.pool_timeout_s,
-                max_body_bytes=config.max_body_bytes(rc),
-                replay_buffer_bytes=config.replay_buffer_bytes(rc),
-                replay=ReplayPolicy.from_config(rc.retry),
-                outlier_failures=rc.outlier.consecutive_failures,
-                ejection_s=rc.outlier.ejection_s,
-                probe_timeout_s=rc.outlier.probe_timeout_s,
-                max_concurrent=rc.max_concurrent_requests,
-                queue_timeout_s=rc.queue_timeout_s,
-                credential_key=key,
-            )
-        )
-    return Router(routes)
-
-
 class GatewayApp:
     """The gateway: proxied requests come from the server protocol as exchanges (`serve_exchange`, no
     ASGI); the admin endpoints are raw ASGI, a dictionary look-up."""
@@ -167,15 +91,15 @@ class GatewayApp:
         # The listener as started: a reload checks the new config against it and never changes it.
         self.listener: ServerConfig = config.server
         self.config_path = config_path
-        self.ssl_context = client_context(config.tls.ca_bundle)
-        self.ctx = BuildContext(ssl_context=self.ssl_context, source=config_path or "<config>")
-        keyvault.configure(self.ctx, config.keyvault)  # before any secret is resolved, proxy_auth included
-        self.ctx.egress = build_egress(config.egress, self.ctx)
-        self.running_egress = config.egress  # what the clients were built with; a reload cannot change it
-        self.client = UpstreamClient(self.ssl_context, self.ctx.egress)
-        self.router = build_router(config, self.ctx, self.client)
+        # TLS trust, egress, Key Vault, tokens, the upstream client: built once, here; Key Vault secrets are
+        # read before anything serves (a reload reads its new ones with `await`, see `reload`).
+        self.assembly = Assembly.create_now(config, config_path or "<config>")
+        self.client = self.assembly.client
+        self.router = self.assembly.build_router(config)
+        self.assembly.commit(config)
+        self._server_tls: ServerTls | None = None
         # A missing OpenTelemetry package is a ConfigError here, before the server starts.
-        self.tracing = build_tracing(config.telemetry.otel, self.ctx.source)
+        self.tracing = build_tracing(config.telemetry.otel, self.assembly.source)
         self.running_telemetry = config.telemetry
         self.telemetry = (
             Telemetry(access_log=config.server.access_log)
@@ -201,6 +125,16 @@ class GatewayApp:
     @property
     def credentials(self) -> list[Credential]:
         return [r.credential for r in self.router.routes]
+
+    def server_tls(self) -> ServerTls:
+        """The TLS listener's context (`server.tls`), its certificate and key built by this app's assembly:
+        from Key Vault they follow the vault's poll, from files the file. ConfigError if they do not load."""
+        if self._server_tls is None:
+            tls = self.listener.tls
+            if tls is None:
+                raise ConfigError("server.tls is not configured")
+            self._server_tls = ServerTls(tls, self.assembly)
+        return self._server_tls
 
     def serve_exchange(self, exchange: Exchange) -> Coroutine[Any, Any, None]:
         """The task of a proxied request, started by the server protocol: the proxy with the running
@@ -275,7 +209,7 @@ class GatewayApp:
         for credential in self.credentials:
             await credential.start()
             credential.publish()
-        keyvault.configure(self.ctx, self.config.keyvault).start()
+        self.assembly.start()
         if self.config_path:
             self._config_signature = _file_signature(self.config_path)
             self._watch_task = asyncio.create_task(self._watch_config())
@@ -311,8 +245,7 @@ class GatewayApp:
             self._watch_task.cancel()
         for credential in self.credentials:
             await credential.close()
-        await keyvault.configure(self.ctx, self.config.keyvault).stop()
-        await self.client.close()
+        await self.assembly.close()
         if self.tracing is not None:
             await self.tracing.shutdown()
 
@@ -320,7 +253,9 @@ class GatewayApp:
         """Swap to a validated config; unchanged credentials keep their state and cached tokens.
 
         The new config passes the start-up checks, as written and against the running listener (which
-        a reload cannot change), or it is refused with ConfigError and the running config stays."""
+        a reload cannot change), or it is refused with ConfigError and the running config stays. Its new
+        Key Vault secrets are read with `await` (each within `keyvault.timeout_s`) while the running
+        config serves; one that cannot be read refuses the reload."""
         listener = self.listener
         problem = inbound_problem(config) or inbound_problem(
             config.model_copy(
@@ -336,27 +271,24 @@ class GatewayApp:
         async with self._reload_lock:
             old = self.router
             reuse = {r.credential_key: r.credential for r in old.routes}
-            # The same shared clients (MSAL applications, token cache, ARM client) serve the new routes.
-            ctx = BuildContext(
-                ssl_context=self.ssl_context,
-                source=self.ctx.source,
-                shared=self.ctx.shared,
-                egress=self.ctx.egress,
-            )
-            router = build_router(config, ctx, self.client, reuse)
+            await self.assembly.prepare(config)  # new Key Vault secrets; the running config serves meanwhile
+            # The same shared parts (MSAL applications, token cache, Azure REST client) serve the new routes.
+            router = self.assembly.build_router(config, reuse)
             kept = {id(r.credential) for r in router.routes}
             for route in router.routes:
                 if route.credential not in reuse.values():
                     await route.credential.start()
                     route.credential.publish()
-            keyvault.configure(ctx, config.keyvault).start()  # vaults the new config added
+            self.assembly.commit(config)  # its secrets are the polled ones, settings applied
             if config.telemetry != self.running_telemetry:
                 # The tracer provider and its exporter thread are built once; swapping them under
                 # requests in flight would split their spans between two providers.
                 logger.warning("telemetry settings changed: they take effect at the next restart")
-            if config.egress != self.running_egress:
+            if config.egress != self.assembly.started.egress:
                 # Open connections and the clients' pools were made under the running policy.
                 logger.warning("egress settings changed: they take effect at the next restart")
+            if config.tls != self.assembly.started.tls:
+                logger.warning("tls settings changed: they take effect at the next restart")
             restart = [
                 f"server.{name}"
                 for name in ServerConfig.model_fields
@@ -404,9 +336,9 @@ class GatewayApp:
             status = route.credential.publish()
             routes.append({"name": route.name, "path": route.prefix, **status.as_dict()})
         report: dict[str, Any] = {"ready": all(r["ready"] for r in routes), "routes": routes}
-        vaults = keyvault.shared_vaults(self.ctx)
-        if vaults is not None and vaults.vaults:
-            report["keyvault"] = vaults.status()  # a failed poll: the last good value is in use
+        secrets = self.assembly.vaults.status()
+        if secrets:
+            report["keyvault"] = secrets  # a failed poll: the last good value is in use
         return report
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:

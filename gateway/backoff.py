@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 
-# Retry-After values above this are treated as this: an hour without trying is long enough.
+# Retry-After values above this are treated as this: an hour without trying is long enough. A value
+# that is not a finite number is no Retry-After at all.
 MAX_RETRY_AFTER_S = 3600.0
 
 
@@ -26,7 +28,7 @@ class Backoff:
         self.failures += 1
         ceiling = min(self.cap_s, self.base_s * 2 ** min(self.failures - 1, 32))
         delay = self._rng.uniform(0.0, ceiling)
-        if retry_after is not None and retry_after > 0:
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
         return delay
 

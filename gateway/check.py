@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import ssl
 import time
@@ -11,18 +12,14 @@ from urllib.parse import urlsplit
 
 import msal
 
-from gateway import keyvault
-from gateway.app import build_router
-from gateway.client import UpstreamClient
+from gateway.assembly import Assembly
+from gateway.azure_rest import origin_of
 from gateway.config import AmlTokenAuth, AuthConfig, GatewayConfig, IdentityConfig, KeyAuth
-from gateway.credentials import BuildContext
-from gateway.credentials.arm import origin_of
 from gateway.credentials.identity import DEFAULT_AUTHORITY_HOST, ENV_AUTHORITY_HOST, managed_identity_source
-from gateway.egress import IMDS_ADDRESS, Egress, Proxy, build_egress, open_connection
+from gateway.egress import IMDS_ADDRESS, Egress, Proxy, open_connection
 from gateway.errors import ConfigError, ConnectError, GatewayError
-from gateway.keyvault import print_keyvault_secrets
+from gateway.keyvault import KeyVaults
 from gateway.redaction import redact
-from gateway.tls import client_context
 
 
 @dataclass(frozen=True)
@@ -92,18 +89,21 @@ def _format_expiry(seconds: float | None) -> str:
 
 async def run_check(config: GatewayConfig, config_path: str) -> int:
     try:
-        context = client_context(config.tls.ca_bundle)
+        # Everything as `gateway serve` builds it; a Key Vault secret that cannot be read is reported on
+        # the row of the route that uses it.
+        assembly = await Assembly.create(config, config_path, warn_literals=False)
     except ConfigError as exc:
         print(f"gateway: {exc}")
         return 2
-    ctx = BuildContext(ssl_context=context, source=config_path, warn_literals=False)
-    keyvault.configure(ctx, config.keyvault)  # before any secret is resolved, egress.proxy_auth included
     try:
-        ctx.egress = build_egress(config.egress, ctx)
-    except ConfigError as exc:
-        print(f"gateway: {exc}")
-        return 2
-    egress = ctx.egress
+        return await _check(config, config_path, assembly)
+    finally:
+        await assembly.close()
+
+
+async def _check(config: GatewayConfig, config_path: str, assembly: Assembly) -> int:
+    context = assembly.ssl_context
+    egress = assembly.egress
     rows: list[tuple[str, ...]] = []
     healthy = True
     # Every origin the gateway will connect to, with who uses it; each is tried once.
@@ -131,7 +131,7 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
             if what == "managed identity":
                 identity_origins.add(url)
         try:
-            router = build_router(single, ctx, UpstreamClient(context, egress))
+            router = assembly.build_router(single)
         except ConfigError as exc:
             healthy = False
             problem = str(exc).replace(f"{config_path}: ", "")
@@ -194,6 +194,36 @@ async def run_check(config: GatewayConfig, config_path: str) -> int:
     widths = [max(len(r[i]) for r in egress_rows) for i in range(3)]
     for row in egress_rows:
         print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
-    print_keyvault_secrets(ctx)
+    assembly.commit(config)
+    print_keyvault_secrets(assembly.vaults)
     print("all routes OK" if healthy else "some routes have problems (see above)")
     return 0 if healthy else 1
+
+
+def print_keyvault_secrets(vaults: KeyVaults) -> None:
+    """Each Key Vault secret the configuration uses, with version and age, never a value."""
+    secrets = vaults.secrets()
+    if not secrets:
+        return
+    print("KEY VAULT SECRET  VERSION  CREATED  AGE  USED BY")
+    for secret in secrets:
+        print(
+            f"{secret.vault}/secrets/{secret.name}  {secret.version_id}  {created_text(secret.since)}  "
+            f"{format_age(secret.since)}  {', '.join(secret.uses)}"
+        )
+
+
+def format_age(since: float) -> str:
+    """A creation time as an age for people: `3 d`, `5 h`, `12 min`."""
+    seconds = max(0.0, time.time() - since)
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
+
+
+def created_text(since: float) -> str:
+    return dt.datetime.fromtimestamp(since, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

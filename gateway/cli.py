@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn import config as uvicorn_config
 
@@ -28,8 +28,10 @@ from gateway.config import (
 )
 from gateway.errors import ConfigError
 from gateway.inbound import inbound_problem
-from gateway.server_tls import ServerTls
 from gateway.tls_listener import TlsListenerLoop
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayApp
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -92,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         "key to Key Vault (or the key file) before ARM regenerateKeys makes it valid, verifies it against "
         "the endpoint, and waits for every gateway to pick it up before the other slot. Never prints a key. "
         "Exit status: 0 rotated, 1 a step failed (the message names it and the state of both keys), "
-        "2 invalid configuration. See docs/rotation.md.",
+        "2 invalid configuration, 3 another rotation of the endpoint is running (nothing changed). "
+        "See docs/rotation.md.",
     )
     rotate.add_argument("route", metavar="ROUTE", help="the key route whose endpoint keys to rotate")
     rotate.add_argument("--config", metavar="PATH", help=config_help)
@@ -211,7 +214,7 @@ def serve(args: argparse.Namespace) -> int:
         # A reloaded file gets the same command-line overrides: they describe the running listener.
         app = GatewayApp(config, config_path=config_path, server_overrides=_server_overrides(args))
         if server.tls is not None:
-            ServerTls(server.tls, config_path)  # a certificate that does not load fails here, not per worker
+            app.server_tls()  # a certificate that does not load fails here, not per worker
         listeners = listen_sockets(server)
     except ConfigError as exc:
         print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
@@ -263,8 +266,21 @@ class GatewayUvicornConfig(uvicorn_config.Config):
         super().load()
         if self.server.tls is not None:
             # uvicorn hands `ssl` untouched to the loop's create_server (TlsListenerLoop), which asks it
-            # for the context of each connection it accepts.
-            self.ssl = ServerTls(self.server.tls, os.environ.get("GATEWAY_CONFIG", "<config>"))  # type: ignore[assignment]
+            # for the context of each connection it accepts. The app's own: its assembly built the
+            # certificate's secrets and its vaults poll them.
+            self.ssl = _gateway_app(self.loaded_app).server_tls()  # type: ignore[assignment]
+
+
+def _gateway_app(app: Any) -> GatewayApp:
+    """The GatewayApp uvicorn loaded, under any middleware it wrapped around it (they keep it in `.app`)."""
+    from gateway.app import GatewayApp
+
+    while not isinstance(app, GatewayApp):
+        inner = getattr(app, "app", None)
+        if inner is None:
+            raise TypeError(f"the served application is not a GatewayApp: {type(app).__name__}")
+        app = inner
+    return app
 
 
 @dataclass

@@ -59,7 +59,10 @@ class KeyVaultSecretRef(_Model):
         description="The vault's URL, e.g. https://NAME.vault.azure.net (any https URL: sovereign clouds, "
         "private endpoints)."
     )
-    secret: str = Field(description="The secret's name; its latest enabled version is used.")
+    secret: str = Field(
+        description="The secret's name; its current (newest) version is used. Key Vault refuses a disabled "
+        "current version (403 SecretDisabled) and serves no older one: set a new version instead."
+    )
 
     @field_validator("vault")
     @classmethod
@@ -315,7 +318,10 @@ class EgressConfig(_Model):
         ),
     )
     proxy_auth: SecretSpec | None = Field(
-        None, description="`user:password` sent to the proxy as Basic `Proxy-Authorization`; a secret."
+        None,
+        description="`user:password` sent to the proxy as Basic `Proxy-Authorization`; a secret. From Key "
+        "Vault it is read before the proxy has credentials: list the vault in `no_proxy`, or let the proxy "
+        "pass it unauthenticated.",
     )
 
     @field_validator("proxy")
@@ -745,7 +751,12 @@ class KeyVaultConfig(_Model):
         60.0, gt=0, description="How often each secret is polled for a new version (one request per secret)."
     )
     api_version: str = Field("7.4", description="Key Vault REST API version.")
-    timeout_s: float = Field(10.0, gt=0, description="Timeout of one Key Vault request.")
+    timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Timeout of one Key Vault request; a reload whose new secret is not read within it is "
+        "refused (the running configuration stays).",
+    )
 
 
 class GatewayConfig(_Model):

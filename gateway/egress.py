@@ -26,7 +26,7 @@ import logging
 import os
 import ssl
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -38,7 +38,6 @@ from gateway.secrets import LiteralSecret, Secret
 
 if TYPE_CHECKING:
     from gateway.config import EgressConfig
-    from gateway.credentials import BuildContext
 
 logger = logging.getLogger("gateway.egress")
 
@@ -275,6 +274,14 @@ class Egress:
             return None
         return proxy
 
+    def authenticate(self, auth: Secret, where: str) -> None:
+        """Use `auth` (`egress.proxy_auth`, user:password) with every proxy, in place of credentials an
+        environment variable's URL may carry. Called once, before the first connection."""
+        if ":" not in auth.value:
+            raise ConfigError(f"{where}: must hold user:password ({auth.source})")
+        for proxy in {id(p): p for p in (self.https_proxy, self.http_proxy) if p is not None}.values():
+            proxy.auth = auth
+
     def proxy_for_url(self, url: str) -> Proxy | None:
         parts = urlsplit(url)
         return self.proxy_for(parts.scheme, parts.hostname or "")
@@ -320,18 +327,11 @@ class Egress:
         )
 
 
-def build_egress(config: EgressConfig, ctx: BuildContext, environ: Mapping[str, str] | None = None) -> Egress:
-    """The policy from the `egress` section; unset keys fall back to the environment's variables."""
-    from gateway.credentials import resolve_secret
-
+def build_egress(config: EgressConfig, source: str, environ: Mapping[str, str] | None = None) -> Egress:
+    """The policy from the `egress` section; unset keys fall back to the environment's variables.
+    `egress.proxy_auth` is attached afterwards (`Egress.authenticate`): it may come from Key Vault, which
+    is itself reached under this policy."""
     env = os.environ if environ is None else environ
-    auth = (
-        None
-        if config.proxy_auth is None
-        else resolve_secret(config.proxy_auth, "egress.proxy_auth", ctx, header=True)
-    )
-    if auth is not None and ":" not in auth.value:
-        raise ConfigError(f"{ctx.source}: egress.proxy_auth: must hold user:password ({auth.source})")
     if config.proxy == "none":
         return Egress.direct()
     https_proxy: Proxy | None
@@ -340,11 +340,11 @@ def build_egress(config: EgressConfig, ctx: BuildContext, environ: Mapping[str, 
         try:
             proxy = parse_proxy_url(config.proxy, "egress.proxy", environment=False)
         except ConfigError as exc:
-            raise ConfigError(f"{ctx.source}: {exc}") from None
-        https_proxy = http_proxy = _with_auth(proxy, auth)
+            raise ConfigError(f"{source}: {exc}") from None
+        https_proxy = http_proxy = proxy
     else:
-        https_proxy = _from_environment(env, "https_proxy", auth)
-        http_proxy = _from_environment(env, "http_proxy", auth)
+        https_proxy = _from_environment(env, "https_proxy")
+        http_proxy = _from_environment(env, "http_proxy")
     if config.no_proxy is not None:
         no_proxy = NoProxy(config.no_proxy)
     else:
@@ -379,18 +379,11 @@ def _variable(env: Mapping[str, str], lower: str) -> tuple[str, str | None]:
     return lower.upper(), None
 
 
-def _from_environment(env: Mapping[str, str], lower: str, auth: Secret | None) -> Proxy | None:
+def _from_environment(env: Mapping[str, str], lower: str) -> Proxy | None:
     name, value = _variable(env, lower)
     if value is None:
         return None
-    proxy = parse_proxy_url(value, name, environment=True)
-    return _with_auth(proxy, auth) if auth is not None else proxy
-
-
-def _with_auth(proxy: Proxy, auth: Secret | None) -> Proxy:
-    if auth is None:
-        return proxy
-    return Proxy(proxy.host, proxy.port, auth=auth, source=proxy.source)
+    return parse_proxy_url(value, name, environment=True)
 
 
 def _without_port(entry: str) -> str:
@@ -601,32 +594,69 @@ def absolute_form(head: bytes, prefix: bytes, proxy: Proxy) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ httpx transports
+class _Lease:
+    """A transport to one proxy with one value of its credentials, and how many exchanges use it."""
+
+    __slots__ = ("active", "retired", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.active = 0
+        self.retired = False  # the credentials changed: closed once the last exchange ends
+
+
 class _TransportCache:
-    """Per proxy (and per value of its rotating credentials) one httpx transport; one direct one."""
+    """One direct httpx transport, and per proxy one for the current value of its (rotating) credentials:
+    when the value changes, the transport made with the old one is closed as soon as no exchange uses it,
+    so rotated `proxy_auth` values leave no pool of open connections behind."""
 
     def __init__(self, egress: Egress, make: Callable[[httpx.Proxy | None], Any]) -> None:
         self.egress = egress
         self._make = make
         self._lock = threading.Lock()
         self.direct = make(None)
-        self._proxied: dict[tuple[str, str | None], Any] = {}
+        self._proxied: dict[str, tuple[str | None, _Lease]] = {}  # proxy address -> (credentials, lease)
+        self._retired: list[_Lease] = []
 
-    def pick(self, url: httpx.URL) -> tuple[Any, Proxy | None]:
+    def pick(self, url: httpx.URL) -> tuple[Any, Proxy | None, _Lease | None, list[Any]]:
+        """(transport, proxy, lease to `end`, transports to close now) for one exchange with `url`."""
         proxy = self.egress.proxy_for(url.scheme, url.host)
         if proxy is None:
-            return self.direct, None
+            return self.direct, None, None, []
         credentials = proxy.basic_credentials()
-        key = (proxy.address, credentials)
         with self._lock:
-            transport = self._proxied.get(key)
-            if transport is None:
+            held = self._proxied.get(proxy.address)
+            if held is None or held[0] != credentials:
+                if held is not None:
+                    held[1].retired = True
+                    self._retired.append(held[1])
                 headers = {} if credentials is None else {"Proxy-Authorization": credentials}
-                transport = self._proxied[key] = self._make(httpx.Proxy(proxy.url, headers=headers))
-        return transport, proxy
+                held = self._proxied[proxy.address] = (
+                    credentials,
+                    _Lease(self._make(httpx.Proxy(proxy.url, headers=headers))),
+                )
+            lease = held[1]
+            lease.active += 1
+            return lease.transport, proxy, lease, self._idle_retired()
+
+    def end(self, lease: _Lease | None) -> list[Any]:
+        """The exchange on `lease` is over; the transports to close now."""
+        if lease is None:
+            return []
+        with self._lock:
+            lease.active -= 1
+            return self._idle_retired()
+
+    def _idle_retired(self) -> list[Any]:
+        idle = [lease for lease in self._retired if lease.active <= 0]
+        self._retired = [lease for lease in self._retired if lease.active > 0]
+        return [lease.transport for lease in idle]
 
     def all(self) -> list[Any]:
         with self._lock:
-            return [self.direct, *self._proxied.values()]
+            leases = [lease for _, lease in self._proxied.values()] + self._retired
+            self._retired = []
+            return [self.direct, *(lease.transport for lease in leases)]
 
 
 def _proxy_failure(exc: httpx.TransportError, proxy: Proxy, url: httpx.URL) -> httpx.TransportError:
@@ -641,6 +671,39 @@ def _proxy_failure(exc: httpx.TransportError, proxy: Proxy, url: httpx.URL) -> h
     return type(exc)(message)
 
 
+class _LeasedStream(httpx.SyncByteStream):
+    """A response body that ends its lease when closed (the exchange lasts until the body is read)."""
+
+    def __init__(self, stream: httpx.SyncByteStream, done: Callable[[], None]) -> None:
+        self._stream = stream
+        self._done = done
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._stream
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._done()
+
+
+class _AsyncLeasedStream(httpx.AsyncByteStream):
+    def __init__(self, stream: httpx.AsyncByteStream, done: Callable[[], Awaitable[None]]) -> None:
+        self._stream = stream
+        self._done = done
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._stream:
+            yield part
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            await self._done()
+
+
 class _SyncEgressTransport(httpx.BaseTransport):
     def __init__(self, egress: Egress, ssl_context: ssl.SSLContext) -> None:
         self._cache = _TransportCache(
@@ -648,18 +711,33 @@ class _SyncEgressTransport(httpx.BaseTransport):
         )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        transport, proxy = self._cache.pick(request.url)
+        transport, proxy, lease, stale = self._cache.pick(request.url)
+        self._close(stale)
         try:
             response: httpx.Response = transport.handle_request(request)
         except httpx.TransportError as exc:
+            self._close(self._cache.end(lease))
             if proxy is None:
                 raise
             raise _proxy_failure(exc, proxy, request.url) from None
-        return response
+        except BaseException:
+            self._close(self._cache.end(lease))
+            raise
+        if lease is None:
+            return response
+        assert isinstance(response.stream, httpx.SyncByteStream)
+        stream = _LeasedStream(response.stream, lambda: self._close(self._cache.end(lease)))
+        return httpx.Response(
+            response.status_code, headers=response.headers, stream=stream, extensions=response.extensions
+        )
+
+    @staticmethod
+    def _close(transports: list[Any]) -> None:
+        for transport in transports:
+            transport.close()
 
     def close(self) -> None:
-        for transport in self._cache.all():
-            transport.close()
+        self._close(self._cache.all())
 
 
 class _AsyncEgressTransport(httpx.AsyncBaseTransport):
@@ -669,15 +747,36 @@ class _AsyncEgressTransport(httpx.AsyncBaseTransport):
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        transport, proxy = self._cache.pick(request.url)
+        transport, proxy, lease, stale = self._cache.pick(request.url)
+        await self._close(stale)
         try:
             response: httpx.Response = await transport.handle_async_request(request)
         except httpx.TransportError as exc:
+            await self._close(self._cache.end(lease))
             if proxy is None:
                 raise
             raise _proxy_failure(exc, proxy, request.url) from None
-        return response
+        except BaseException:
+            await self._close(self._cache.end(lease))
+            raise
+        if lease is None:
+            return response
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+
+        async def done() -> None:
+            await self._close(self._cache.end(lease))
+
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_AsyncLeasedStream(response.stream, done),
+            extensions=response.extensions,
+        )
+
+    @staticmethod
+    async def _close(transports: list[Any]) -> None:
+        for transport in transports:
+            await transport.aclose()
 
     async def aclose(self) -> None:
-        for transport in self._cache.all():
-            await transport.aclose()
+        await self._close(self._cache.all())

@@ -9,6 +9,7 @@ use this object instead; it only needs requests-like `get`/`post` returning obje
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import threading
 from typing import Any
@@ -101,9 +102,11 @@ class MsalHttpClient:
             return
         value = response.headers.get("retry-after")
         try:
-            self._local.retry_after = float(value) if value is not None else None
+            seconds = float(value) if value is not None else None
         except ValueError:
-            self._local.retry_after = None  # an HTTP date: rare for token endpoints; use our backoff
+            seconds = None  # an HTTP date: rare for token endpoints; use our backoff
+        # `nan` or `inf` is no usable wait: our backoff decides.
+        self._local.retry_after = seconds if seconds is not None and math.isfinite(seconds) else None
 
     def reset_retry_after(self) -> None:
         self._local.retry_after = None

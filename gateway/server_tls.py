@@ -13,6 +13,10 @@ and a trust change (`client_ca`) builds a new context with its own session cache
 session from before the change resumes. With `client_ca` set, no session tickets are issued either: a
 TLS 1.3 client makes a full handshake (its certificate checked) on every connection, and a TLS 1.2
 session id resumes only within the session's lifetime and trust.
+
+The secrets come from the app's assembly (`gateway.assembly`): files are re-read when they change, Key
+Vault secrets follow the vault's poll, so a certificate rotated in Key Vault is used by new connections
+within one `keyvault.refresh_every_s` (plus a second).
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.config import ServerTlsConfig
-from gateway.credentials import BuildContext, resolve_secret
 from gateway.errors import ConfigError, SecretError
 from gateway.secrets import Secret
+
+if TYPE_CHECKING:
+    from gateway.assembly import Assembly
 
 logger = logging.getLogger("gateway.server")
 
@@ -47,11 +54,12 @@ def _file_signature(path: str | None) -> tuple[int, int, int] | None:
 class ServerTls:
     """The server-side SSLContext (`context`, for the listener) and its rotation."""
 
-    def __init__(self, config: ServerTlsConfig, source: str) -> None:
+    def __init__(self, config: ServerTlsConfig, assembly: Assembly) -> None:
         self.client_ca = config.client_ca
-        ctx = BuildContext(ssl_context=ssl.create_default_context(), source=source)
-        self.cert: Secret = resolve_secret(config.cert, "server.tls.cert", ctx)
-        self.key: Secret = resolve_secret(config.key, "server.tls.key", ctx)
+        # Built by the app's assembly: a Key Vault certificate is read with the configuration's TLS trust,
+        # egress and Key Vault settings, and follows the vault's poll (new versions reach `_versions`).
+        self.cert: Secret = assembly.secret(config.cert, "server.tls.cert")
+        self.key: Secret = assembly.secret(config.key, "server.tls.key")
         self._loaded = self._versions()
         self._next_check = time.monotonic() + CHECK_INTERVAL_S
         self._last_error: str | None = None

@@ -12,6 +12,9 @@ Everything else happens off the request path, per (identity, scope) entry:
 - one fetch at a time (single flight): concurrent requests on a cold entry share one `asyncio.Task`;
 - failures back off with full jitter (1 s to 60 s), honour Retry-After and never stop the task; the
   cached token is served until it expires, then `get()` raises `CredentialUnavailable` (503);
+- whatever a provider answers, two fetches of one entry start at least `min_interval_s` (1 s) apart,
+  and a token whose expiry or refresh hint is not a finite time in range is refused with a message: a
+  provider that answers `nan` cannot turn the refresher into a busy loop;
 - `reject()` (the upstream refused the token) marks it suspect and fetches a new one; the suspect token
   stays in use until a different one has been obtained (with Entra ID down, requests keep the token rather
   than getting 503). The forced fetch is always allowed when the refused token had been accepted since it
@@ -69,6 +72,11 @@ FORCED_REFRESH_INTERVAL_S = 5.0
 VERDICT_RECHECK_S = 300.0
 # How often "the upstream rejects fresh tokens too" is logged per entry.
 _REJECTION_LOG_INTERVAL_S = 60.0
+# Two fetches of one entry start at least this far apart, whatever the provider answered (TokenCache
+# takes another value for tests of backoff schedules).
+MIN_FETCH_INTERVAL_S = 1.0
+# A token said to live longer than this is refused: no provider issues one, and the schedule would overflow.
+MAX_TOKEN_LIFETIME_S = 366 * 86400.0
 
 CacheKey = tuple[str, str]  # (token source key, scope)
 _T = TypeVar("_T")  # what a successful fetch of a RefreshingEntry returns
@@ -160,13 +168,15 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
     owner's `detach` removes.
     """
 
-    def __init__(self, *, name: str, backoff: Backoff) -> None:
+    def __init__(self, *, name: str, backoff: Backoff, min_interval_s: float = MIN_FETCH_INTERVAL_S) -> None:
         self.last_error: str | None = None  # redacted, so status and logs may show it
         self.last_hint = ""
         self.retry_at = 0.0  # monotonic; non-zero while backing off after a failed fetch
         self.backoff = backoff
+        self.min_interval_s = min_interval_s
         self._name = name  # of the refresher task, for debugging
         self._forced_at = -math.inf
+        self._fetch_started = -math.inf  # monotonic
         self._inflight: asyncio.Task[_T] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -236,7 +246,10 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
     async def _refresh_forever(self) -> None:
         while True:
             try:
-                delay = self._due() - time.monotonic()
+                # Never two fetches closer than the floor, whatever `_due` says (a provider's nonsense
+                # times, a token that is refused at once).
+                due = max(self._due(), self._fetch_started + self.min_interval_s)
+                delay = due - time.monotonic()
                 if delay > 0:
                     wake = self._wake
                     assert wake is not None
@@ -308,6 +321,7 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
             return None
 
     def _start_fetch(self) -> asyncio.Task[_T]:
+        self._fetch_started = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._fetch())
         # Every outcome is recorded by _fetch; this only keeps asyncio from reporting it as unretrieved.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -336,7 +350,7 @@ class RefreshingEntry(abc.ABC, Generic[_T]):
         return recovered
 
     def _failed(self, error: TokenFetchError) -> None:
-        delay = self.backoff.next_delay(error.retry_after)
+        delay = max(self.backoff.next_delay(error.retry_after), self.min_interval_s)
         self.retry_at = time.monotonic() + delay
         self.last_error = redact(error.message)
         self.last_hint = error.hint
@@ -367,6 +381,7 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
         super().__init__(
             name=f"token refresh {scope}",
             backoff=Backoff(cache.backoff_base_s, cache.backoff_cap_s, cache.rng),
+            min_interval_s=cache.min_interval_s,
         )
         self.cache = cache
         self.source = source
@@ -505,9 +520,23 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
     def _store(self, token: AccessToken, started_mono: float, started_wall: float) -> TokenGrant:
         # Lifetimes are measured from when we asked: that errs towards refreshing early.
         lifetime = token.expires_at - started_wall
+        if not math.isfinite(lifetime):
+            raise TokenFetchError(
+                f"the provider issued a token whose expiry is not a finite time ({lifetime})"
+            )
         if lifetime <= 1.0:
             raise TokenFetchError(f"the provider issued a token that expires in {lifetime:.0f} s")
-        hint = None if token.refresh_after is None else token.refresh_after - started_wall
+        if lifetime > MAX_TOKEN_LIFETIME_S:
+            raise TokenFetchError(
+                f"the provider issued a token said to expire in {lifetime:.0f} s, more than any token lives"
+            )
+        hint = None
+        if token.refresh_after is not None:
+            if not math.isfinite(token.refresh_after):
+                raise TokenFetchError(
+                    f"the provider's refresh time for the token is not a finite time ({token.refresh_after})"
+                )
+            hint = token.refresh_after - started_wall  # outside (0, lifetime): ignored by refresh_delay
         expires_mono = started_mono + lifetime
         try:
             grant = TokenGrant(
@@ -616,10 +645,12 @@ class TokenCache:
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 60.0,
         rng: random.Random | None = None,
+        min_interval_s: float = MIN_FETCH_INTERVAL_S,
     ) -> None:
         self.valid: TLRUCache[CacheKey, TokenGrant] = TLRUCache(maxsize, ttu=_serve_until)
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
+        self.min_interval_s = min_interval_s
         self.rng = rng or random.Random()
         self._entries: dict[CacheKey, TokenEntry] = {}
 

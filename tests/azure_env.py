@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gateway.assembly import Assembly
 from gateway.config import GatewayConfig, parse_config
 from gateway.credentials import BuildContext, Credential, build_credential
 from gateway.emulator.server import EmulatorServer
 from gateway.emulator.state import ARM_RESOURCE
-from gateway.tls import client_context
 from gateway.tokens import TokenCache
 
 T = TypeVar("T")
@@ -31,6 +31,12 @@ _DEFAULTS: dict[str, Any] = {
     "mi_token_lifetime_s": None,
     "aml_token_lifetime_s": 3600,
     "score_delay_s": 0.0,
+    # A control plane that misbehaves only in the tests that ask for it.
+    "lro_operation_origin": None,
+    "lro_retry_after": None,
+    "aml_token_expiry": None,
+    "aml_token_refresh_after": None,
+    "arm_error_message": None,
 }
 _AZURE_VARIABLES = (
     "AZURE_TENANT_ID",
@@ -128,10 +134,19 @@ def gateway_config(
 
 
 def make_context(ca_bundle: str | None, cache: TokenCache | None = None) -> BuildContext:
-    ctx = BuildContext(ssl_context=client_context(ca_bundle), source="test.yaml", warn_literals=False)
+    """What credentials are built with, made as the gateway makes it: by an assembly."""
+    config = parse_config(
+        {
+            "tls": {"ca_bundle": ca_bundle} if ca_bundle else {},
+            "routes": {"r": {"path": "/r", "upstream": "http://127.0.0.1:9", "auth": {"type": "none"}}},
+        },
+        "test.yaml",
+    )
     # Short backoff keeps failure tests fast; the schedule's shape is what they check.
-    ctx.shared["token_cache"] = cache or TokenCache(backoff_base_s=0.2, backoff_cap_s=1.0)
-    return ctx
+    tokens = (
+        TokenCache(backoff_base_s=0.2, backoff_cap_s=1.0, min_interval_s=0.05) if cache is None else cache
+    )
+    return Assembly(config, "test.yaml", warn_literals=False, tokens=tokens).ctx
 
 
 def build(

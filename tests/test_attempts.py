@@ -1,7 +1,7 @@
 """The upstream side of one request (`Proxy._attempts`): the upstream response is owned from the moment
 it arrives until it is released or handed to the client stream, whatever ends the request.
 
-A request cancelled at any `await` of its attempts (the client went away: `gateway.client_watch`
+A request cancelled at any `await` of its attempts (the client went away: `gateway.exchange`
 cancels its task) gives its connection back: with `max_connections: 1` the next request is served.
 """
 

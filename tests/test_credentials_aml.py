@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from typing import Any
@@ -311,3 +312,61 @@ def test_gateway_keys_regenerated_under_load_fail_no_request(emulator: EmulatorS
     assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     assert emulator.state.score_count("401") > refused  # the upstream did refuse stale keys...
     assert ready["ready"] and ready["state"] == "valid"  # ...and the gateway recovered every time
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers and messages from a misbehaving control plane (issue 19)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("aml_token_expiry", "nan"), ("aml_token_refresh_after", "inf")]
+)
+def test_non_finite_token_times_are_refused_and_fetches_keep_a_floor(
+    emulator: EmulatorServer, setting: str, value: str
+) -> None:
+    """ARM answers a token whose times are not finite: it is refused with a message saying so, and the
+    gateway asks again at most once a second (once, `nan` made thousands of ARM calls a second)."""
+    app = register_app(emulator)
+    emulator.state.configure(**{setting: value})
+    config = gateway_config(emulator, {"aml": {"auth": aml_auth(emulator, app)}})
+    with (
+        ServerThread(GatewayApp(config)) as gateway,
+        httpx.Client(base_url=gateway.url, timeout=10) as client,
+    ):
+        calls = emulator.state.arm_call_count("token")
+        started = time.monotonic()
+        statuses = set()
+        deadline = started + 30
+        while emulator.state.arm_call_count("token") < calls + 4 and time.monotonic() < deadline:
+            statuses.add(client.post("/aml/score", json=ROWS).status_code)  # requests keep coming
+        elapsed = time.monotonic() - started
+        assert emulator.state.arm_call_count("token") >= calls + 4
+        assert elapsed >= 2.9, f"4 token calls in {elapsed:.2f} s: no floor between attempts"
+        assert statuses == {503}  # no usable token: requests and readiness agree
+        ready = client.get("/readyz").json()
+        assert ready["ready"] is False
+        detail = ready["routes"][0]["detail"]
+        field = "expiryTimeUtc" if setting == "aml_token_expiry" else "refreshAfterTimeUtc"
+        assert field in detail and "not a finite" in detail, detail
+
+
+def test_a_huge_arm_error_message_is_cut_short_in_readyz_and_logs(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = register_app(emulator)
+    emulator.state.configure(arm_error_message=("y" * 100 + "\x1b[31m\r\nforged log line ") * 50_000)
+    emulator.state.set_fault("arm", status=500)
+    caplog.set_level(logging.WARNING, logger="gateway")
+    config = gateway_config(emulator, {"aml": {"auth": aml_auth(emulator, app)}})
+    with (
+        ServerThread(GatewayApp(config)) as gateway,
+        httpx.Client(base_url=gateway.url, timeout=10) as client,
+    ):
+        assert client.post("/aml/score", json=ROWS).status_code == 503
+        answer = client.get("/readyz")
+        assert len(answer.content) < 4000, len(answer.content)
+        detail = answer.json()["routes"][0]["detail"]
+        assert "ARM token answered 500" in detail and "yyyy" in detail
+        assert "\x1b" not in detail and "\n" not in detail and "\r" not in detail
+    lines = [r.getMessage() for r in caplog.records if "ARM token answered 500" in r.getMessage()]
+    assert lines and all(len(line) < 2000 and "\x1b" not in line and "\n" not in line for line in lines)

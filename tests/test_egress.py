@@ -34,6 +34,8 @@ from azure_env import (
     endpoint_ref,
     identity,
     register_app,
+    run,
+    wait_for,
 )
 from conftest import PRIMARY
 from cryptography import x509
@@ -126,6 +128,7 @@ class Relay:
         self.address = f"{host}:{self.port}"
         self.lock = threading.Lock()
         self.streams: list[bytearray] = []
+        self.closed_by_client = 0  # connections whose client side ended (the gateway closed them)
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -154,6 +157,9 @@ class Relay:
                     with self.lock:
                         keep += data
                 sink.sendall(data)
+            if keep is not None:
+                with self.lock:
+                    self.closed_by_client += 1
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             for sock in (source, sink):
@@ -267,14 +273,10 @@ def test_no_proxy_matches_names_suffixes_addresses_and_networks() -> None:
 
 def test_proxy_selection_from_the_config_and_the_environment() -> None:
     from gateway.config import EgressConfig
-    from gateway.credentials import BuildContext
     from gateway.egress import build_egress
-    from gateway.tls import client_context
-
-    ctx = BuildContext(ssl_context=client_context(), source="test.yaml", warn_literals=False)
 
     def build(config: dict[str, Any], env: dict[str, str]) -> Any:
-        return build_egress(EgressConfig.model_validate(config), ctx, env)
+        return build_egress(EgressConfig.model_validate(config), "test.yaml", env)
 
     env = {
         "HTTPS_PROXY": "http://secure-proxy:3128",
@@ -342,6 +344,34 @@ def test_rotated_proxy_credentials_are_used_from_the_next_connection(tmp_path: P
     rotated = base64.b64encode(f"{PROXY_USER}:rotated-{PROXY_PASSWORD}".encode()).decode()
     assert proxy.basic_credentials() == f"Basic {rotated}"
     assert PROXY_PASSWORD not in repr(proxy) + str(proxy)
+
+
+def test_rotated_proxy_credentials_close_the_transports_they_replaced(
+    emulator: EmulatorServer, relay: Relay, tmp_path: Path
+) -> None:
+    """The Azure clients keep a pool per value of the proxy's credentials: once a rotated value is in
+    use, the connections made with the old one are closed, not left open for the life of the process."""
+    from gateway.egress import Egress, Proxy
+    from gateway.secrets import FileSecret
+
+    path = tmp_path / "proxy-auth"
+    path.write_text(f"{PROXY_USER}:first-{PROXY_PASSWORD}\n")
+    secret = FileSecret(path)
+    host, port = relay.address.rsplit(":", 1)
+    egress = Egress(https_proxy=Proxy(host, int(port), auth=secret))
+
+    async def scenario() -> None:
+        async with egress.httpx_async_client(emulator.ssl_context(), httpx.Timeout(10)) as client:
+            assert (await client.get(f"{emulator.https_url}/")).status_code == 200
+            path.write_text(f"{PROXY_USER}:second-{PROXY_PASSWORD}\n")
+            assert secret.refresh()
+            assert (await client.get(f"{emulator.https_url}/")).status_code == 200
+            assert len(relay.request_lines()) == 2  # a tunnel per value of the credentials
+            assert await wait_for(lambda: relay.closed_by_client >= 1, 10), "the old tunnel stays open"
+            assert (await client.get(f"{emulator.https_url}/")).status_code == 200  # the new one is reused
+            assert len(relay.request_lines()) == 2
+
+    run(scenario())
 
 
 @pytest.mark.parametrize(

@@ -569,6 +569,43 @@ def test_arm_rejects_bad_requests(emulator: EmulatorServer, http: httpx.Client) 
     assert http.post(emulator.arm_endpoint_url("deleteEverything"), headers=arm).status_code == 404
 
 
+def test_a_misbehaving_control_plane_on_request(emulator: EmulatorServer, http: httpx.Client) -> None:
+    """The knobs tests of the gateway's defences use: operation URLs on another origin, Retry-After text
+    that is not a number, non-finite token times, an error message of any size."""
+    state = emulator.state
+    admin = f"{emulator.http_url}/_emulator/config"
+    arm = bearer(
+        confidential_app(emulator, http, SECRET_APP, SECRET).acquire_token_for_client([ARM_SCOPE])[
+            "access_token"
+        ]
+    )
+    misbehaving = {
+        "lro_operation_origin": "http://elsewhere.example:8080",
+        "lro_retry_after": "nan",
+        "aml_token_expiry": "nan",
+        "aml_token_refresh_after": "inf",
+        "arm_error_message": "x\x1b[31m" * 3,
+    }
+    try:
+        answer = http.post(admin, json=misbehaving)
+        assert answer.status_code == 200 and answer.json()["lro_retry_after"] == "nan"
+        regenerated = http.post(
+            emulator.arm_endpoint_url("regenerateKeys"), headers=arm, json={"keyType": "Secondary"}
+        )
+        assert regenerated.status_code == 202 and regenerated.headers["Retry-After"] == "nan"
+        for header in ("Location", "Azure-AsyncOperation"):
+            assert regenerated.headers[header].startswith("http://elsewhere.example:8080/subscriptions/")
+        issued = http.post(emulator.arm_endpoint_url("token"), headers=arm).json()
+        assert (issued["expiryTimeUtc"], issued["refreshAfterTimeUtc"]) == ("nan", "inf")
+        state.set_fault("arm", status=500, count=1)
+        failed = http.post(emulator.arm_endpoint_url("listKeys"), headers=arm)
+        assert failed.status_code == 500 and failed.json()["error"]["message"] == "x\x1b[31m" * 3
+        assert http.post(admin, json={"lro_retry_after": 5}).status_code == 400  # text settings only
+    finally:
+        state.configure(**dict.fromkeys(misbehaving))
+    assert state.config()["lro_operation_origin"] is None
+
+
 def test_aml_token_expiry_and_revocation(emulator: EmulatorServer, http: httpx.Client) -> None:
     state = emulator.state
     state.reset_counters()

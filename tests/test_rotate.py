@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import secrets
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from azure_env import (  # noqa: F401
 )
 from conftest import HYGIENE
 from servers import ServerThread
-from test_keyvault import ROWS, config_data, key_pair
+from test_keyvault import ROWS, config_data, key_pair, publish, wait_until
 
 from gateway.app import GatewayApp
 from gateway.config import parse_config
@@ -68,8 +69,15 @@ def rotation_config(emulator: EmulatorServer, prefix: str, **keyvault: Any) -> d
     return data
 
 
+async def no_pause(seconds: float) -> None:
+    """Polls of ARM's operation without the wait (the clamped Retry-After is 1 s at least): the tests here
+    are about keys, not about pacing; `test_retry_after_*` records the waits instead."""
+    await asyncio.sleep(0)
+
+
 def rotate(data: dict[str, Any], **options: Any) -> tuple[int, str]:
     out = io.StringIO()
+    options.setdefault("pause", no_pause)
     code = asyncio.run(
         run_rotate(parse_config(data, "rotate.yaml"), "rotate.yaml", "iris", out=out, **options)
     )
@@ -338,3 +346,143 @@ def test_no_management_token_stops_at_the_token_step_with_nothing_changed(emulat
     assert code == 1 and "step `token` failed" in out
     assert "secondary: unchanged; primary: unchanged" in out
     assert emulator.state.keys() == old
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A misbehaving control plane, two runs at once, a key store that changes under the run (issues 15, 19)
+
+
+@pytest.mark.parametrize("where", ["plain http", "another host"])
+def test_an_operation_url_off_the_arm_host_is_not_followed(emulator: EmulatorServer, where: str) -> None:
+    """regenerateKeys answers with operation URLs on another origin: the run stops at `wait` with a clear
+    error, and the management token is never sent there (the emulator sees no poll at all)."""
+    key_pair(emulator, "away")
+    data = rotation_config(emulator, "away")
+    elsewhere = (
+        emulator.http_url if where == "plain http" else emulator.https_url.replace("127.0.0.1", "localhost")
+    )
+    emulator.state.configure(lro_operation_origin=elsewhere)
+    polls = emulator.state.arm_call_count("operationResult")
+    code, out = rotate(data, settle_s=0, slots=["secondary"])
+    assert code == 1, out
+    assert "step `wait` failed" in out and "not followed" in out and elsewhere in out
+    assert emulator.state.arm_call_count("operationResult") == polls  # the token never left
+
+
+@pytest.mark.parametrize("retry_after", ["nan", "0", "inf", "-5", "soon"])
+def test_retry_after_of_an_operation_is_clamped(emulator: EmulatorServer, retry_after: str) -> None:
+    key_pair(emulator, "pace")
+    data = rotation_config(emulator, "pace")
+    emulator.state.configure(lro_retry_after=retry_after, lro_polls=3)
+    waits: list[float] = []
+
+    async def recording(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(0)
+
+    code, out = rotate(data, settle_s=0, slots=["secondary"], pause=recording)
+    assert code == 0, out
+    assert len(waits) == 4, waits  # the 202's wait, then one after each of three InProgress answers
+    assert all(1.0 <= w <= 60.0 for w in waits), waits
+
+
+def test_a_huge_error_message_is_cut_short_and_cleaned(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "loud")
+    data = rotation_config(emulator, "loud")
+    emulator.state.configure(arm_error_message=("x" * 100 + "\x1b[2J\r\nFAKE LINE ") * 50_000)  # ~5.5 MB
+    emulator.state.set_fault("regenerate", status=500, count=1)
+    code, out = rotate(data, settle_s=0, slots=["secondary"])
+    assert code == 1 and "step `regenerate` failed" in out
+    assert len(out) < 3000, len(out)
+    line = next(line for line in out.splitlines() if "step `regenerate` failed" in line)
+    assert "\x1b" not in out and "FAKE LINE" in line  # one line: the message's line breaks are gone
+
+
+def test_two_concurrent_rotations_one_refuses_and_no_request_fails(emulator: EmulatorServer) -> None:
+    old = key_pair(emulator, "twice")
+    data = rotation_config(emulator, "twice", refresh_every_s=0.3)
+
+    def locked() -> bool:
+        current = emulator.state.get_secret("twice-primary")
+        return current is not None and "gateway-rotation-lock" in current.tags
+
+    outcome: dict[str, tuple[int, str]] = {}
+    with (
+        ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
+        Traffic([gateway]) as traffic,
+    ):
+        first = threading.Thread(target=lambda: outcome.update(first=rotate(data, settle_s=SETTLE_S)))
+        first.start()
+        assert wait_until(locked, 20)
+        outcome["second"] = rotate(data, settle_s=SETTLE_S)
+        first.join(60)
+        time.sleep(0.5)  # requests after both runs too
+    (code1, out1), (code2, out2) = outcome["first"], outcome["second"]
+    assert code1 == 0, out1
+    assert code2 == 3, out2
+    assert "another rotation of this endpoint holds the lock" in out2 and "nothing was changed" in out2
+    assert "regenerating" not in out2
+    keys = emulator.state.keys()
+    assert set(keys.values()).isdisjoint(old)
+    for slot in ("primary", "secondary"):
+        stored = emulator.state.get_secret(f"twice-{slot}")
+        assert stored is not None and stored.value == keys[slot]
+        HYGIENE.add_secret(keys[slot], f"rotated {slot} key")
+    assert not locked()  # released
+    assert traffic.sent > 10 and traffic.failed == [], traffic.failed[:5]
+
+
+def test_a_lock_left_by_a_crashed_run_blocks_until_it_expires(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    primary, secondary = key_pair(emulator, "crash")
+    (tmp_path / "primary").write_text(primary + "\n")
+    (tmp_path / "secondary").write_text(secondary + "\n")
+    data = rotation_config(emulator, "crash")
+    auth = data["routes"]["iris"]["auth"]
+    auth["primary"] = {"file": str(tmp_path / "primary")}
+    auth["secondary"] = {"file": str(tmp_path / "secondary")}
+    lock = tmp_path / ".primary.rotation-lock"
+    lock.write_text(f"run=crashed;host=elsewhere:1;until={time.time() + 3600:.0f}\n")
+    code, out = rotate(data, settle_s=0)
+    assert code == 3 and "crashed" in out and str(lock) in out, out
+    assert (tmp_path / "primary").read_text() == primary + "\n"
+    lock.write_text(f"run=crashed;host=elsewhere:1;until={time.time() - 1:.0f}\n")  # expired
+    code, out = rotate(data, settle_s=0)
+    assert code == 0, out
+    assert not lock.exists()
+    for slot, value in emulator.state.keys().items():
+        HYGIENE.add_secret(value, f"crash rotated {slot}")
+
+
+def test_a_key_changed_during_the_run_stops_it_instead_of_being_overwritten(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "chg")
+    data = rotation_config(emulator, "chg")
+    regenerations = emulator.state.arm_call_count("regenerateKeys")
+    outcome: dict[str, tuple[int, str]] = {}
+    running = threading.Thread(target=lambda: outcome.update(run=rotate(data, settle_s=4)))
+    running.start()
+    # The secondary is regenerated; while the run waits to settle, an operator sets a new primary.
+    assert wait_until(lambda: emulator.state.arm_call_count("regenerateKeys") > regenerations, 20)
+    operators = publish(emulator, "chg-primary", f"operator-{secrets.token_urlsafe(24)}")
+    running.join(60)
+    code, out = outcome["run"]
+    assert code == 1, out
+    assert "step `read` failed" in out and "primary key changed" in out and "not overwritten" in out
+    current = emulator.state.get_secret("chg-primary")
+    assert current is not None and current.version == operators  # not overwritten
+    assert "primary: unchanged" in out
+    HYGIENE.add_secret(emulator.state.keys()["secondary"], "chg rotated secondary")
+
+
+def test_a_disabled_current_version_stops_rotate_at_read(emulator: EmulatorServer) -> None:
+    key_pair(emulator, "dis")
+    data = rotation_config(emulator, "dis")
+    current = emulator.state.get_secret("dis-secondary")
+    assert current is not None
+    emulator.state.update_secret("dis-secondary", enabled=False)
+    code, out = rotate(data, settle_s=0)
+    assert code == 1, out
+    assert "step `read` failed" in out and "SecretDisabled" in out and current.version in out
+    assert "enable it or set a new version" in out
+    assert "secondary: unchanged; primary: unchanged" in out

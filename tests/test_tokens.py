@@ -194,7 +194,9 @@ def test_identity_provider_down_serves_the_cached_token_then_503(emulator: Emula
 
 def test_failures_back_off_and_the_refresher_never_stops(emulator: EmulatorServer) -> None:
     app = register_app(emulator)
-    ctx = make_context(str(emulator.ca_file), TokenCache(backoff_base_s=0.1, backoff_cap_s=0.4))
+    ctx = make_context(
+        str(emulator.ca_file), TokenCache(backoff_base_s=0.1, backoff_cap_s=0.4, min_interval_s=0.05)
+    )
     credential = build(emulator, {"type": "aad_token", "identity": identity(emulator, app)}, ctx=ctx)
     emulator.state.set_fault("token", status=500, retry_after=0)
 
@@ -332,7 +334,7 @@ class _Flaky(TokenSource):
 
 def test_refresher_survives_unexpected_exceptions() -> None:
     source = _Flaky(failures=5)
-    cache = TokenCache(backoff_base_s=0.02, backoff_cap_s=0.05)
+    cache = TokenCache(backoff_base_s=0.02, backoff_cap_s=0.05, min_interval_s=0.01)
     entry = cache.entry(source, "scope")
 
     async def scenario() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import (
     AadTokenAuth,
@@ -24,6 +24,11 @@ from gateway.egress import Egress
 from gateway.errors import ConfigError, SecretError
 from gateway.secrets import EnvSecret, FileSecret, LiteralSecret, Secret
 
+if TYPE_CHECKING:
+    from gateway.azure_rest import AzureRest
+    from gateway.keyvault import KeyVaults
+    from gateway.tokens import TokenCache
+
 __all__ = [
     "BuildContext",
     "Credential",
@@ -38,13 +43,19 @@ logger = logging.getLogger("gateway.config")
 
 @dataclass
 class BuildContext:
-    """What credentials share within one process: TLS and egress policy, and long-lived clients."""
+    """What the builders of credentials and secrets share within one process, all made by the assembly
+    (`gateway.assembly`, the only place that makes one): TLS trust, the egress policy, the Azure REST
+    helper, the token cache, Key Vault, and long-lived clients (`shared`: MSAL identities, their thread
+    pool, endpoint keys)."""
 
     ssl_context: ssl.SSLContext
+    egress: Egress
+    rest: AzureRest
+    tokens: TokenCache
+    vaults: KeyVaults
     source: str = "<config>"
     warn_literals: bool = True
     shared: dict[str, Any] = field(default_factory=dict)
-    egress: Egress = field(default_factory=Egress.direct)  # built from the config by the app
 
 
 def resolve_secret(spec: SecretSpec, where: str, ctx: BuildContext, *, header: bool = False) -> Secret:
@@ -56,9 +67,7 @@ def resolve_secret(spec: SecretSpec, where: str, ctx: BuildContext, *, header: b
         if isinstance(spec, FileRef):
             return FileSecret(spec.file, header=header)
         if isinstance(spec, KeyVaultRef):
-            from gateway import keyvault
-
-            return keyvault.resolve(spec, where, ctx, header=header)
+            return ctx.vaults.secret(spec, where, header=header)  # read before the build started
         if ctx.warn_literals:
             logger.warning(
                 "%s: %s is a literal secret in the config file; prefer {env: NAME} or {file: PATH}",

@@ -6,7 +6,7 @@ from gateway.config import AadTokenAuth
 from gateway.credentials import BuildContext
 from gateway.credentials.base import Credential, RejectionPolicy
 from gateway.credentials.identity import resolve_identity
-from gateway.credentials.token import TokenCredential, shared_token_cache
+from gateway.credentials.token import TokenCredential
 from gateway.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ def build_aad_credential(route: str, auth: AadTokenAuth, ctx: BuildContext) -> C
             f"`/.default` scope, e.g. https://ml.azure.com/.default; got {auth.scope!r}"
         )
     identity = resolve_identity(route, auth.identity, ctx)
-    entry = shared_token_cache(ctx).entry(identity, scope)
+    entry = ctx.tokens.entry(identity, scope)
     return AadTokenCredential(
         route, entry, source=f"{identity.description}, scope {scope}", rejection=RejectionPolicy.of(auth)
     )

@@ -14,14 +14,14 @@ import random
 import time
 from typing import TypeGuard
 
+from gateway.azure_rest import AzureRest
 from gateway.backoff import Backoff
 from gateway.config import IdentityConfig, KeyAuth
 from gateway.credentials import BuildContext
-from gateway.credentials.arm import ArmClient, arm_scope, check_arm_url, endpoint_url, shared_arm_client
+from gateway.credentials.arm import arm_post, arm_scope, check_arm_url, endpoint_url
 from gateway.credentials.base import DEFAULT_REJECTION, Credential, CredentialStatus, Grant, RejectionPolicy
 from gateway.credentials.identity import resolve_identity
 from gateway.credentials.key import KeyCredential, KeySlot
-from gateway.credentials.token import shared_token_cache
 from gateway.errors import SecretError
 from gateway.secrets import ManagedSecret, check_header_value
 from gateway.tokens import RefreshingEntry, TokenEntry, TokenFetchError, within_deadline
@@ -40,7 +40,7 @@ class ControlPlaneKeys(RefreshingEntry[bool]):
         self,
         *,
         key: str,
-        arm: ArmClient,
+        arm: AzureRest,
         url: str,
         endpoint: str,
         management: TokenEntry,
@@ -98,7 +98,7 @@ class ControlPlaneKeys(RefreshingEntry[bool]):
     # ------------------------------------------------------------------ fetching
     async def _fetch_once(self) -> bool:
         data = await within_deadline(
-            self.arm.post(self.url, self.management, action="listKeys"),
+            arm_post(self.arm, self.url, self.management, action="listKeys"),
             self.deadline_s,
             awaited="answer",
             prefix="ARM listKeys: ",
@@ -166,7 +166,7 @@ class ControlPlaneKeyCredential(KeyCredential):
         route: str,
         keys: ControlPlaneKeys,
         *,
-        arm: ArmClient,
+        arm: AzureRest,
         recheck_after_s: float = 300.0,
         rejection: RejectionPolicy = DEFAULT_REJECTION,
     ) -> None:
@@ -234,8 +234,8 @@ def build_control_plane_keys(route: str, auth: KeyAuth, ctx: BuildContext) -> Cr
     where = f"routes.{route}.auth"
     arm_url = check_arm_url(auth.arm_url, f"{where}.arm_url", ctx)
     identity = resolve_identity(route, auth.identity or IdentityConfig.model_validate({}), ctx)
-    management = shared_token_cache(ctx).entry(identity, arm_scope(arm_url))
-    arm = shared_arm_client(ctx)
+    management = ctx.tokens.entry(identity, arm_scope(arm_url))
+    arm = ctx.rest
     url = endpoint_url(arm_url, auth.from_endpoint, "listKeys", auth.api_version)
     registry: dict[str, ControlPlaneKeys] = ctx.shared.setdefault(_SHARED_KEYS, {})
     key = f"{url}|{identity.key}"

@@ -18,6 +18,7 @@ import abc
 import functools
 import hashlib
 import logging
+import math
 import os
 import re
 import ssl
@@ -32,6 +33,7 @@ import httpx
 import msal
 from msal.exceptions import MsalServiceError
 
+from gateway.azure_rest import clean_message, transport_problem
 from gateway.blocking import BlockingPool
 from gateway.config import IdentityConfig, ManagedIdentityRef
 from gateway.credentials import BuildContext, resolve_secret
@@ -265,12 +267,17 @@ class MsalSource(TokenSource):
 
     def _token(self, result: dict[str, Any] | None, started: float, retry_after: float | None) -> AccessToken:
         if result and result.get("access_token"):
-            expires_in = float(result.get("expires_in") or 0)
+            expires_in = _number(result.get("expires_in"))
+            if expires_in is None:
+                raise TokenFetchError(
+                    f"{self.endpoint} issued a token without a finite expires_in "
+                    f"({clean_message(repr(result.get('expires_in')), 40)})"
+                )
             refresh_on = result.get("refresh_on")
             return AccessToken(
                 value=str(result["access_token"]),
                 expires_at=started + expires_in,
-                refresh_after=float(refresh_on) if refresh_on else None,
+                refresh_after=_number(refresh_on) if refresh_on else None,
             )
         raise self._error(result or {}, retry_after)
 
@@ -424,17 +431,8 @@ def managed_identity_source() -> object:
 
 
 def transport_error(endpoint: str, exc: httpx.HTTPError) -> TokenFetchError:
-    text = _one_line(str(exc)) or type(exc).__name__
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        return TokenFetchError(
-            f"the TLS certificate of {endpoint} is not trusted: {text}",
-            hint="set tls.ca_bundle to a PEM file with the CA that signed it (CA variables in the "
-            "environment are ignored)",
-        )
-    return TokenFetchError(
-        f"cannot reach {endpoint}: {type(exc).__name__}: {text}",
-        hint="check DNS, proxies and firewalls between this host and it",
-    )
+    message, hint = transport_problem(endpoint, exc)
+    return TokenFetchError(message, hint=hint)
 
 
 def scope_resource(scope: str) -> str:
@@ -442,22 +440,27 @@ def scope_resource(scope: str) -> str:
     return scope.removesuffix("/.default")
 
 
-def _one_line(text: str, limit: int = 400) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+def _one_line(text: str) -> str:
+    """An identity provider's message as the gateway shows it (short, one line, no control characters)."""
+    return clean_message(text)
 
 
 def _number(value: Any) -> float | None:
+    """A finite number from an answer, else None."""
     try:
-        return float(value) if value is not None else None
+        number = float(value) if value is not None and not isinstance(value, bool) else None
     except (TypeError, ValueError):
         return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 # ---------------------------------------------------------------------------------------- resolution
-def resolve_identity(route: str, config: IdentityConfig, ctx: BuildContext) -> MsalSource:
-    """The token source for `config`, shared with every other route that resolves to the same identity."""
-    where = f"routes.{route}.auth.identity"
+def resolve_identity(
+    route: str, config: IdentityConfig, ctx: BuildContext, *, where: str | None = None
+) -> MsalSource:
+    """The token source for `config`, shared with every other route that resolves to the same identity.
+    `where` is the identity's key path in the configuration (default: the route's `auth.identity`)."""
+    where = where or f"routes.{route}.auth.identity"
 
     def fail(problem: str) -> ConfigError:
         return ConfigError(f"{ctx.source}: {where}: {problem}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.credentials import BuildContext
 from gateway.credentials.base import (
     DEFAULT_REJECTION,
     Credential,
@@ -13,17 +12,7 @@ from gateway.credentials.base import (
     RejectionPolicy,
     Suspicion,
 )
-from gateway.tokens import TokenCache, TokenEntry
-
-_SHARED_CACHE = "token_cache"
-
-
-def shared_token_cache(ctx: BuildContext) -> TokenCache:
-    """The process's one token cache."""
-    if _SHARED_CACHE not in ctx.shared:
-        ctx.shared[_SHARED_CACHE] = TokenCache()
-    cache: TokenCache = ctx.shared[_SHARED_CACHE]
-    return cache
+from gateway.tokens import TokenEntry
 
 
 class TokenCredential(Credential):

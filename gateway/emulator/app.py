@@ -674,7 +674,7 @@ class _Emulator:
     def _arm_error(
         self, request: Request, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
     ) -> JSONResponse:
-        body = {"error": {"code": code, "message": message}}
+        body = {"error": {"code": code, "message": self.state.arm_error_message or message}}
         return JSONResponse(body, status, headers={**self._arm_headers(request), **(headers or {})})
 
     def _arm_auth_error(self, request: Request, code: str, message: str) -> JSONResponse:
@@ -773,8 +773,8 @@ class _Emulator:
             token, expiry, refresh_after = self.state.issue_aml_token()
             body = {
                 "accessToken": token,
-                "expiryTimeUtc": expiry,
-                "refreshAfterTimeUtc": refresh_after,
+                "expiryTimeUtc": self.state.aml_token_expiry or expiry,
+                "refreshAfterTimeUtc": self.state.aml_token_refresh_after or refresh_after,
                 "tokenType": "Bearer",
             }
             return JSONResponse(body, headers=headers)
@@ -790,7 +790,7 @@ class _Emulator:
         status = self.state.poll_operation(operation_result.group("id"))
         if status is None:
             return self._arm_error(request, 404, "ResourceNotFound", "The operation was not found.")
-        retry = {"Retry-After": str(self.state.lro_retry_after_s)}
+        retry = {"Retry-After": self._lro_retry_after()}
         if operation_result.group("kind").lower() == "mfeoperationsstatus":  # Azure-AsyncOperation
             answer: dict[str, Any] = {"id": operation_result.group("id"), "status": status}
             if status == "Failed":
@@ -827,8 +827,9 @@ class _Emulator:
         else:
             self.state.regenerate_key(key_type.lower(), key_value)
             operation_id = self.state.start_operation("Succeeded")
+        origin = self.state.lro_operation_origin or str(request.base_url)
         operations = (
-            f"{str(request.base_url).rstrip('/')}/subscriptions/{subscription}/providers/"
+            f"{origin.rstrip('/')}/subscriptions/{subscription}/providers/"
             f"Microsoft.MachineLearningServices/locations/emulator"
         )
         headers = {
@@ -837,15 +838,28 @@ class _Emulator:
             "Azure-AsyncOperation": (
                 f"{operations}/mfeOperationsStatus/{operation_id}?api-version={api_version}"
             ),
-            "Retry-After": str(self.state.lro_retry_after_s),
+            "Retry-After": self._lro_retry_after(),
         }
         return Response(status_code=202, headers=headers)
 
+    def _lro_retry_after(self) -> str:
+        text = self.state.lro_retry_after
+        return str(self.state.lro_retry_after_s) if text is None else text
+
     # ================================================================= Key Vault
     def _vault_error(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        inner: str | None = None,
     ) -> JSONResponse:
-        return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+        error: dict[str, Any] = {"code": code, "message": message}
+        if inner is not None:
+            error["innererror"] = {"code": inner}
+        return JSONResponse({"error": error}, status, headers=headers)
 
     def _check_vault_token(self, request: Request) -> JSONResponse | None:
         challenge = {
@@ -874,6 +888,42 @@ class _Emulator:
         name = request.path_params["name"]
         version = request.path_params.get("version")
         self.state.record_keyvault_request(request.method, name)
+        refused = await self._vault_request_refused(request, name)
+        if refused is not None:
+            return refused
+        if request.method == "PUT":
+            return await self._put_secret(request, name, version)
+        if request.method == "PATCH":
+            return await self._update_secret(request, name, version)
+        found = self.state.get_secret(name, version)
+        if found is None:
+            named = f"{name}/{version}" if version else name
+            text = f"A secret with (name/id) {named} was not found in this key vault."
+            return self._vault_error(404, "SecretNotFound", text)
+        if not found.enabled:
+            # Key Vault never serves a disabled version, nor an older one in its place.
+            return self._vault_error(
+                403, "Forbidden", "Operation get is not allowed on a disabled secret.", inner="SecretDisabled"
+            )
+        return JSONResponse(found.bundle(self.vault_url(request), name))
+
+    async def keyvault_versions(self, request: Request) -> Response:
+        """`GET /secrets/{name}/versions`: every version's id, attributes and tags, never a value."""
+        name = request.path_params["name"]
+        self.state.record_keyvault_request("LIST", name)
+        refused = await self._vault_request_refused(request, name)
+        if refused is not None:
+            return refused
+        versions = self.state.secret_version_list(name)
+        if not versions:
+            text = f"A secret with (name/id) {name} was not found in this key vault."
+            return self._vault_error(404, "SecretNotFound", text)
+        base = self.vault_url(request)
+        items = [v.bundle(base, name, with_value=False) for v in versions]
+        return JSONResponse({"value": items, "nextLink": None})
+
+    async def _vault_request_refused(self, request: Request, name: str) -> Response | None:
+        """What every Key Vault request passes first: faults, the token, api-version, the name."""
         fault = await self._take_fault("keyvault")
         if fault is not None:
             status = fault.failure_status
@@ -887,26 +937,46 @@ class _Emulator:
             return self._vault_error(400, "BadParameter", "The api-version query parameter is missing.")
         if not _KEYVAULT_NAME.match(name):
             return self._vault_error(400, "BadParameter", "The secret name is invalid.")
-        if request.method == "PUT":
-            if version:
-                return self._vault_error(405, "MethodNotAllowed", "PUT creates a new version; omit it.")
-            try:
-                body = await _json_body(request)
-            except ValueError:
-                return self._vault_error(400, "BadParameter", "The request body is not JSON.")
-            value = body.get("value")
-            if not isinstance(value, str) or not value or len(value) > MAX_SECRET_VALUE:
-                return self._vault_error(400, "BadParameter", "value must be a string of 1 to 25 KB.")
-            new_version = self.state.set_secret(name, value)
-            stored = self.state.get_secret(name, new_version)
-            assert stored is not None
-            return JSONResponse(stored.bundle(self.vault_url(request), name))
-        found = self.state.get_secret(name, version)
-        if found is None:
-            named = f"{name}/{version}" if version else name
-            text = f"A secret with (name/id) {named} was not found in this key vault."
+        return None
+
+    async def _put_secret(self, request: Request, name: str, version: str | None) -> Response:
+        if version:
+            return self._vault_error(405, "MethodNotAllowed", "PUT creates a new version; omit it.")
+        try:
+            body = await _json_body(request)
+        except ValueError:
+            return self._vault_error(400, "BadParameter", "The request body is not JSON.")
+        value = body.get("value")
+        if not isinstance(value, str) or not value or len(value) > MAX_SECRET_VALUE:
+            return self._vault_error(400, "BadParameter", "value must be a string of 1 to 25 KB.")
+        tags = _vault_tags(body.get("tags"))
+        if tags is None:
+            return self._vault_error(400, "BadParameter", "tags must map names to strings.")
+        new_version = self.state.set_secret(name, value, tags=tags)
+        stored = self.state.get_secret(name, new_version)
+        assert stored is not None
+        return JSONResponse(stored.bundle(self.vault_url(request), name))
+
+    async def _update_secret(self, request: Request, name: str, version: str | None) -> Response:
+        """`PATCH /secrets/{name}/{version}` (UpdateSecret): `attributes.enabled` and `tags`."""
+        if not version:
+            return self._vault_error(405, "MethodNotAllowed", "PATCH needs the version in the path.")
+        try:
+            body = await _json_body(request)
+        except ValueError:
+            return self._vault_error(400, "BadParameter", "The request body is not JSON.")
+        attributes = body.get("attributes") or {}
+        enabled = attributes.get("enabled") if isinstance(attributes, dict) else None
+        if enabled is not None and not isinstance(enabled, bool):
+            return self._vault_error(400, "BadParameter", "attributes.enabled must be true or false.")
+        tags = None if "tags" not in body else _vault_tags(body["tags"])
+        if "tags" in body and tags is None:
+            return self._vault_error(400, "BadParameter", "tags must map names to strings.")
+        updated = self.state.update_secret(name, version, enabled=enabled, tags=tags)
+        if updated is None:
+            text = f"A secret with (name/id) {name}/{version} was not found in this key vault."
             return self._vault_error(404, "SecretNotFound", text)
-        return JSONResponse(found.bundle(self.vault_url(request), name))
+        return JSONResponse(updated.bundle(self.vault_url(request), name, with_value=False))
 
     @staticmethod
     def vault_url(request: Request) -> str:
@@ -1075,6 +1145,22 @@ class _Emulator:
             return JSONResponse({"error": str(exc)}, 400)
         return JSONResponse({"name": name, "version": version})
 
+    async def admin_update_secret(self, request: Request) -> Response:
+        """Enable or disable a version of a Key Vault secret (the current one without `version`), without a
+        token: `{"enabled": false, "version": optional}`."""
+        name = request.path_params["name"]
+        try:
+            body = await _json_body(request)
+            enabled, version = body.get("enabled"), body.get("version")
+            if not isinstance(enabled, bool) or (version is not None and not isinstance(version, str)):
+                raise ValueError("enabled must be true or false, version a version id")
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
+        updated = self.state.update_secret(name, version, enabled=enabled)
+        if updated is None:
+            return JSONResponse({"error": f"no such secret or version: {name}"}, 404)
+        return JSONResponse({"name": name, "version": updated.version, "enabled": updated.enabled})
+
     async def admin_set_fault(self, request: Request) -> Response:
         try:
             body = await _json_body(request)
@@ -1150,6 +1236,17 @@ class _Emulator:
 
     async def admin_revoke_aml_tokens(self, request: Request) -> Response:
         return JSONResponse({"revoked": self.state.revoke_aml_tokens()})
+
+
+def _vault_tags(value: Any) -> dict[str, str] | None:
+    """A secret's tags as Key Vault takes them (name -> string), {} when absent, None when malformed."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return None
+    return dict(value)
 
 
 def _run_scoring_script(raw: bytes | None) -> str:
@@ -1248,6 +1345,7 @@ def create_app(state: EmulatorState, *, base_url: str) -> Starlette:
         route("/state", emulator.admin_state, "GET"),
         route("/keys/regenerate", emulator.admin_regenerate, "POST"),
         route("/secrets", emulator.admin_set_secret, "POST"),
+        route("/secrets/{name}", emulator.admin_update_secret, "PATCH"),
         route("/faults", emulator.admin_set_fault, "POST"),
         route("/faults", emulator.admin_clear_faults, "DELETE"),
         route("/reset-counters", emulator.admin_reset_counters, "POST"),
@@ -1265,7 +1363,8 @@ def create_app(state: EmulatorState, *, base_url: str) -> Starlette:
         route("/msi/token", emulator.app_service, "GET"),
         route("/subscriptions/{path:path}", emulator.arm, "GET", "POST", "PUT", "PATCH", "DELETE"),
         route("/secrets/{name}", emulator.keyvault, "GET", "PUT"),
-        route("/secrets/{name}/{version}", emulator.keyvault, "GET"),
+        route("/secrets/{name}/versions", emulator.keyvault_versions, "GET"),
+        route("/secrets/{name}/{version}", emulator.keyvault, "GET", "PATCH"),
         Mount("/_emulator", routes=admin),
         route("/{tenant}/v2.0/.well-known/openid-configuration", emulator.discovery, "GET"),
         route("/{tenant}/discovery/v2.0/keys", emulator.jwks, "GET"),

@@ -46,6 +46,14 @@ FEDERATED_AUDIENCE: Final = "api://AzureADTokenExchange"
 FEDERATED_ISSUER: Final = "https://oidc.emulator.invalid/"
 # "keyvault": every Key Vault request; "regenerate": ARM regenerateKeys calls only; "lro": the status of
 # regenerateKeys operations (a failing fault makes the next operation report `Failed`).
+# Text settings that make the control plane misbehave (see EmulatorState); None behaves as Azure does.
+_MISBEHAVIOUR_SETTINGS: Final = (
+    "lro_operation_origin",
+    "lro_retry_after",
+    "aml_token_expiry",
+    "aml_token_refresh_after",
+    "arm_error_message",
+)
 FAULT_TARGETS: Final = ("token", "mi", "arm", "score", "keyvault", "regenerate", "lro")
 
 KeySlot = Literal["primary", "secondary"]
@@ -133,19 +141,22 @@ class VaultSecretVersion:
     value: str = field(repr=False)
     created: int
     enabled: bool = True
+    tags: dict[str, str] = field(default_factory=dict)
+    updated: int | None = None
 
-    def bundle(self, base_url: str, name: str) -> dict[str, Any]:
-        return {
-            "value": self.value,
+    def bundle(self, base_url: str, name: str, *, with_value: bool = True) -> dict[str, Any]:
+        """The secret bundle Key Vault answers (without `value` for listings and attribute updates)."""
+        bundle: dict[str, Any] = {
             "id": f"{base_url}/secrets/{name}/{self.version}",
             "attributes": {
                 "enabled": self.enabled,
                 "created": self.created,
-                "updated": self.created,
+                "updated": self.updated or self.created,
                 "recoveryLevel": "Recoverable+Purgeable",
             },
-            "tags": {},
+            "tags": dict(self.tags),
         }
+        return {"value": self.value, **bundle} if with_value else bundle
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,13 @@ class EmulatorState:
     `mi_token_lifetime_s` (None: same as `token_lifetime_s`), `aml_token_lifetime_s` (ARM `token` op),
     `score_delay_s` (model latency), `lro_retry_after_s` (Retry-After of regenerateKeys' 202 and of its
     operation's InProgress answers), `lro_polls` (how many polls of an operation answer InProgress).
+
+    A misbehaving control plane, for tests of the gateway's defences (text settings; None: as Azure
+    behaves): `lro_operation_origin` (operation URLs point at this origin, e.g. another host or plain
+    http, instead of the ARM host the operation was started on), `lro_retry_after` (the Retry-After text
+    of operation answers, e.g. "nan", replacing `lro_retry_after_s`), `aml_token_expiry` and
+    `aml_token_refresh_after` (sent as `expiryTimeUtc` and `refreshAfterTimeUtc` of `token` answers, e.g.
+    "nan"), `arm_error_message` (the message of every ARM error answer, e.g. megabytes of text).
     """
 
     def __init__(
@@ -240,6 +258,11 @@ class EmulatorState:
         self.lro_retry_after_s = lro_retry_after_s
         self.lro_polls = lro_polls
         self.deployment = deployment
+        self.lro_operation_origin: str | None = None
+        self.lro_retry_after: str | None = None
+        self.aml_token_expiry: str | None = None
+        self.aml_token_refresh_after: str | None = None
+        self.arm_error_message: str | None = None
 
         self._apps: dict[tuple[str, str], RegisteredApp] = {}
         self._resources: set[str] = {normalize_resource(r) for r in _DEFAULT_RESOURCES}
@@ -299,28 +322,59 @@ class EmulatorState:
         return found
 
     # ----------------------------------------------------------------- Key Vault
-    def set_secret(self, name: str, value: str, *, created: int | None = None) -> str:
-        """Add a new (latest) version of a Key Vault secret; returns its version id."""
+    def set_secret(
+        self, name: str, value: str, *, created: int | None = None, tags: dict[str, str] | None = None
+    ) -> str:
+        """Add a new version of a Key Vault secret, which becomes its current version; returns its id."""
         if not value:
             raise ValueError("a secret value must not be empty")
         version = VaultSecretVersion(
-            uuid.uuid4().hex, value, int(time.time()) if created is None else created
+            uuid.uuid4().hex, value, int(time.time()) if created is None else created, tags=dict(tags or {})
         )
         with self._lock:
             self._vault.setdefault(name.lower(), []).append(version)
         return version.version
 
     def get_secret(self, name: str, version: str | None = None) -> VaultSecretVersion | None:
-        """The latest enabled version (or the one named), None if there is none."""
+        """The current (newest) version, or the one named; None if there is none. A disabled version is
+        returned too: Key Vault refuses to serve it (403 SecretDisabled) and never falls back to an
+        older one."""
         with self._lock:
             versions = list(self._vault.get(name.lower(), []))
         if version:
             return next((v for v in versions if v.version == version), None)
-        return next((v for v in reversed(versions) if v.enabled), None)
+        return versions[-1] if versions else None
 
     def secret_versions(self, name: str) -> list[str]:
         with self._lock:
             return [v.version for v in self._vault.get(name.lower(), [])]
+
+    def secret_version_list(self, name: str) -> list[VaultSecretVersion]:
+        with self._lock:
+            return list(self._vault.get(name.lower(), []))
+
+    def update_secret(
+        self,
+        name: str,
+        version: str | None = None,
+        *,
+        enabled: bool | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> VaultSecretVersion | None:
+        """Change a version's `enabled` attribute or its tags (Key Vault's UpdateSecret); the current
+        version when `version` is None. None if there is no such version."""
+        with self._lock:
+            versions = self._vault.get(name.lower(), [])
+            for index, found in enumerate(versions):
+                if found.version == version or (version is None and index == len(versions) - 1):
+                    changes: dict[str, Any] = {"updated": int(time.time())}
+                    if enabled is not None:
+                        changes["enabled"] = enabled
+                    if tags is not None:
+                        changes["tags"] = dict(tags)
+                    versions[index] = replace(found, **changes)
+                    return versions[index]
+        return None
 
     def delete_secret(self, name: str) -> bool:
         with self._lock:
@@ -781,6 +835,7 @@ class EmulatorState:
             "score_delay_s": self.score_delay_s,
             "lro_retry_after_s": self.lro_retry_after_s,
             "lro_polls": self.lro_polls,
+            **{name: getattr(self, name) for name in _MISBEHAVIOUR_SETTINGS},
         }
 
     def configure(self, **settings: Any) -> dict[str, Any]:
@@ -790,6 +845,11 @@ class EmulatorState:
         if unknown:
             raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
         for name, value in settings.items():
+            if name in _MISBEHAVIOUR_SETTINGS:
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"{name} must be a string or null")
+                setattr(self, name, value)
+                continue
             if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be a number or null")
             if value is None and name not in ("refresh_in_s", "mi_token_lifetime_s"):

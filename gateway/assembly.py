@@ -1,0 +1,309 @@
+"""The one factory: everything a configuration needs, built in one place with one set of settings.
+
+Per process, from the configuration it started with: TLS trust (`tls.ca_bundle`), the egress policy
+(with `egress.proxy_auth`), the Azure REST helper, the token cache, Key Vault (its identity, the secrets
+and a poll loop per vault), the MSAL identities and the upstream client. Per configuration (start-up
+and every reload): its secrets, credentials and router, built with those. `gateway serve` (the app and
+its TLS listener), a reload, `gateway check` and `gateway rotate` all build through an `Assembly`;
+nothing else makes a `BuildContext`, a credential or a secret source.
+
+Building a configuration is two steps. `prepare` reads, with `await`, every Key Vault secret it names
+that is not held yet (concurrently, each read bounded by `keyvault.timeout_s`); then `build_router`
+builds without any network I/O, so a reload never blocks the event loop, and a secret that could not be
+read rejects the configuration with a ConfigError naming the vault, the secret and where it is used.
+`commit` then makes exactly the secrets of the running configuration the polled ones.
+
+Settings only a restart changes (`tls`, `egress`, `server`, `keyvault` but its interval) are those the
+assembly was made with: a reloaded configuration is read with them (`_effective`), so the certificate
+of the listener and the proxy's credentials stay polled whatever the reloaded file says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from gateway.azure_rest import AzureRest, Pause
+from gateway.client import UpstreamClient
+from gateway.config import GatewayConfig, IdentityConfig, KeyVaultRef, RouteConfig, SecretSpec
+from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
+from gateway.credentials.identity import MsalSource, resolve_identity
+from gateway.credentials.key import KeyCredential
+from gateway.credentials.probe import KeyProbe, probe_url_for
+from gateway.egress import build_egress
+from gateway.errors import ConfigError
+from gateway.keyvault import KeyVaultClient, KeyVaults
+from gateway.retry import ReplayPolicy
+from gateway.routing import Route, Router
+from gateway.secrets import Secret
+from gateway.tls import client_context
+from gateway.tokens import TokenCache
+from gateway.upstreams import Upstream
+
+logger = logging.getLogger("gateway.config")
+
+T = TypeVar("T")
+CredentialKey = tuple[str, object]
+
+
+def keyvault_refs(config: GatewayConfig) -> Iterator[tuple[str, KeyVaultRef]]:
+    """Every `{keyvault: ...}` secret of `config` with its key path (e.g. `routes.iris.auth.primary`)."""
+
+    def walk(value: Any, path: str) -> Iterator[tuple[str, KeyVaultRef]]:
+        if isinstance(value, KeyVaultRef):
+            yield path, value
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                yield from walk(getattr(value, name), f"{path}.{name}" if path else name)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield from walk(item, f"{path}.{key}")
+        elif isinstance(value, list | tuple):
+            for index, item in enumerate(value):
+                yield from walk(item, f"{path}.{index}")
+
+    yield from walk(config, "")
+
+
+def credential_key(name: str, route: RouteConfig) -> CredentialKey:
+    # Config models are frozen and hashable; SecretStr hashes by value, so a changed secret is a new key.
+    return (name, route.auth)
+
+
+class Assembly:
+    """The process's shared parts for one set of settings, and the factory of configurations built on
+    them. Make one with `create` (in a running loop) or `create_now` (synchronous start-up code)."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        source: str,
+        *,
+        warn_literals: bool = True,
+        tokens: TokenCache | None = None,
+        pause: Pause = asyncio.sleep,
+    ) -> None:
+        self.source = source
+        self.started = config  # restart-only settings come from here
+        self.ssl_context = client_context(config.tls.ca_bundle)
+        self.egress = build_egress(config.egress, source)
+        self.rest = AzureRest(self.ssl_context, self.egress, pause=pause)
+        self.vaults = KeyVaults(config.keyvault, source, self._keyvault_client)
+        self.ctx = BuildContext(
+            ssl_context=self.ssl_context,
+            egress=self.egress,
+            rest=self.rest,
+            tokens=TokenCache() if tokens is None else tokens,
+            vaults=self.vaults,
+            source=source,
+            warn_literals=warn_literals,
+        )
+        self._client: UpstreamClient | None = None
+
+    # ------------------------------------------------------------------ making one
+    @classmethod
+    async def create(
+        cls,
+        config: GatewayConfig,
+        source: str,
+        *,
+        only: Callable[[str], bool] | None = None,
+        **options: Any,
+    ) -> Assembly:
+        """An assembly for `config` with its Key Vault secrets read (those whose key path `only` accepts)
+        and `egress.proxy_auth` in place. ConfigError if the settings are unusable."""
+        assembly = cls(config, source, **options)
+        proxy_auth = config.egress.proxy_auth
+        # Key Vault is reached with the proxy's credentials, unless they are in Key Vault themselves: then
+        # they are read without (list the vault in no_proxy, or let the proxy pass it unauthenticated).
+        if proxy_auth is not None and not isinstance(proxy_auth, KeyVaultRef):
+            assembly._authenticate_egress(proxy_auth)
+        await assembly.prepare(config, only=only)
+        if isinstance(proxy_auth, KeyVaultRef):
+            assembly._authenticate_egress(proxy_auth)
+        return assembly
+
+    @classmethod
+    def create_now(cls, config: GatewayConfig, source: str, **options: Any) -> Assembly:
+        """`create` from synchronous code at start-up, before anything is served (the app's constructor:
+        `gateway serve` builds it before its loop runs, a uvicorn worker inside its loop before it serves).
+        Never used for a reload, which awaits `prepare` on the serving loop."""
+
+        async def create() -> Assembly:
+            assembly = await cls.create(config, source, **options)
+            await assembly.rest.close()  # its client belongs to this short-lived loop
+            return assembly
+
+        return _run_to_completion(create())
+
+    def _authenticate_egress(self, spec: SecretSpec) -> None:
+        secret = self.secret(spec, "egress.proxy_auth", header=True)
+        self.egress.authenticate(secret, f"{self.source}: egress.proxy_auth")
+
+    def _effective(self, config: GatewayConfig) -> GatewayConfig:
+        """`config` as the running process applies it: restart-only sections as they were at start-up."""
+        started = self.started
+        return config.model_copy(
+            update={
+                "server": started.server,
+                "tls": started.tls,
+                "egress": started.egress,
+                "keyvault": started.keyvault.model_copy(
+                    update={"refresh_every_s": config.keyvault.refresh_every_s}
+                ),
+            }
+        )
+
+    def _keyvault_client(self) -> KeyVaultClient:
+        config = self.started.keyvault
+        identity = resolve_identity(
+            "<keyvault>",
+            config.identity or IdentityConfig.model_validate({}),
+            self.ctx,
+            where="keyvault.identity",
+        )
+        token = self.ctx.tokens.entry(identity, config.scope)
+        token.register(self.vaults, "keyvault", "keyvault")  # token log lines and metrics say what it is for
+        return KeyVaultClient(config, token, self.rest)
+
+    # ------------------------------------------------------------------ building a configuration
+    async def prepare(self, config: GatewayConfig, *, only: Callable[[str], bool] | None = None) -> None:
+        """Read the Key Vault secrets `config` names and the process does not hold yet (awaited,
+        concurrently). A secret that cannot be read is reported by the build, where it is used."""
+        refs = []
+        for path, ref in keyvault_refs(self._effective(config)):
+            if path.startswith("keyvault."):
+                raise ConfigError(
+                    f"{self.source}: {path}: the identity that reads Key Vault cannot come from it"
+                )
+            if only is None or only(path):
+                refs.append(ref)
+        await self.vaults.load(refs)
+
+    def secret(self, spec: SecretSpec, where: str, *, header: bool = False) -> Secret:
+        """The secret `spec` names (a Key Vault one must have been read by `prepare`)."""
+        return resolve_secret(spec, where, self.ctx, header=header)
+
+    def credential(self, route: str, config: RouteConfig) -> Credential:
+        return build_credential(route, config.auth, self.ctx)
+
+    def identity(self, route: str, config: IdentityConfig | None) -> MsalSource:
+        return resolve_identity(route, config or IdentityConfig.model_validate({}), self.ctx)
+
+    def keyvault_client(self) -> KeyVaultClient:
+        return self.vaults.client()
+
+    @property
+    def client(self) -> UpstreamClient:
+        """The upstream client: the same TLS trust and egress policy."""
+        if self._client is None:
+            self._client = UpstreamClient(self.ssl_context, self.egress)
+        return self._client
+
+    def build_router(
+        self, config: GatewayConfig, reuse: dict[CredentialKey, Credential] | None = None
+    ) -> Router:
+        """Routes with their credentials, without network I/O (`prepare` read the Key Vault secrets);
+        credentials whose auth config is unchanged are reused as they are."""
+        routes: list[Route] = []
+        for name, rc in config.routes.items():
+            key = credential_key(name, rc)
+            credential = (reuse or {}).get(key) or self.credential(name, rc)
+            if isinstance(credential, KeyCredential):
+                # Set on reused credentials too: the upstream may have changed while the auth did not.
+                preferred = min(rc.upstream_list(), key=lambda u: u.priority).url
+                credential.probe = KeyProbe(
+                    probe_url_for(preferred, getattr(rc.auth, "probe_path", None)),
+                    ssl_context=self.ssl_context,
+                    egress=self.egress,
+                    rejection_statuses=credential.rejection_statuses,
+                )
+            headers: list[tuple[bytes, bytes | Secret]] = []
+            for header, spec in rc.headers.items():
+                value: bytes | Secret = (
+                    spec.encode("latin-1")
+                    if isinstance(spec, str)
+                    else self.secret(spec, f"routes.{name}.headers.{header}", header=True)
+                )
+                headers.append((header.encode("latin-1"), value))
+            routes.append(
+                Route(
+                    name=name,
+                    prefix=rc.path,
+                    upstreams=[
+                        Upstream(
+                            u.url,
+                            self.client.origin(u.url, max_connections=rc.max_connections),
+                            priority=u.priority,
+                            weight=u.weight,
+                        )
+                        for u in rc.upstream_list()
+                    ],
+                    credential=credential,
+                    headers=headers,
+                    timeout_s=rc.timeout_s,
+                    connect_timeout_s=rc.connect_timeout_s,
+                    read_timeout_s=rc.read_timeout_s or rc.timeout_s,
+                    write_timeout_s=rc.write_timeout_s,
+                    pool_timeout_s=rc.pool_timeout_s,
+                    max_body_bytes=config.max_body_bytes(rc),
+                    replay_buffer_bytes=config.replay_buffer_bytes(rc),
+                    replay=ReplayPolicy.from_config(rc.retry),
+                    outlier_failures=rc.outlier.consecutive_failures,
+                    ejection_s=rc.outlier.ejection_s,
+                    probe_timeout_s=rc.outlier.probe_timeout_s,
+                    max_concurrent=rc.max_concurrent_requests,
+                    queue_timeout_s=rc.queue_timeout_s,
+                    credential_key=key,
+                )
+            )
+        return Router(routes)
+
+    def commit(self, config: GatewayConfig) -> None:
+        """`config` is the running one: its Key Vault settings apply, its secrets are the polled ones
+        (new ones start being polled, those it no longer names stop)."""
+        uses: dict[tuple[str, str], list[str]] = {}
+        for path, ref in keyvault_refs(self._effective(config)):
+            uses.setdefault((ref.keyvault.vault, ref.keyvault.secret), []).append(path)
+        self.vaults.configure(config.keyvault)
+        self.vaults.commit(uses)
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> None:
+        """Background work of the shared parts (Key Vault polls). Needs the serving loop."""
+        self.vaults.start()
+
+    async def close(self) -> None:
+        await self.vaults.stop()
+        if self._client is not None:
+            await self._client.close()
+        await self.rest.close()
+
+
+def _run_to_completion(call: Coroutine[Any, Any, T]) -> T:
+    """Run `call` on an event loop of its own: this thread's when none runs here, else a helper thread's
+    (a uvicorn worker builds its app inside its loop, before it serves anything)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(call)
+    outcome: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, asyncio.run(call)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="gateway-start-up", daemon=True)
+    thread.start()
+    thread.join()
+    ok, result = outcome[0]
+    if not ok:
+        raise result
+    return result  # type: ignore[no-any-return]
