@@ -158,6 +158,51 @@ UPSTREAM_EJECTIONS = Counter(
     "gateway_upstream_ejections", "Upstreams ejected by outlier detection.", ["route", "upstream"]
 )
 RELOADS = Counter("gateway_config_reloads", "Configuration reloads, by result.", ["result"])
+ADMISSION_IN_FLIGHT = Gauge(
+    "gateway_admission_in_flight",
+    "Requests holding one of the route's concurrency slots (`limits.max_concurrent`).",
+    ["route"],
+    multiprocess_mode=_SUM_MODE,
+)
+ADMISSION_QUEUED = Gauge(
+    "gateway_admission_queued",
+    "Requests waiting for one of the route's concurrency slots.",
+    ["route"],
+    multiprocess_mode=_SUM_MODE,
+)
+ADMISSION_WAIT = Histogram(
+    "gateway_admission_wait_seconds",
+    "Time requests that found every slot taken spent in the queue (until admitted or refused).",
+    ["route"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ADMISSION_LIMIT = Gauge(
+    "gateway_admission_limit",
+    "The route's concurrency limit: fixed, or where `max_concurrent: auto` has it now (summed over "
+    "gateway processes).",
+    ["route"],
+    multiprocess_mode=_SUM_MODE,
+)
+ADMISSION_BASELINE = Gauge(
+    "gateway_admission_baseline_seconds",
+    "With `max_concurrent: auto`: the upstream's no-load latency as measured (the lowest smoothed latency "
+    "of the current window).",
+    ["route"],
+    multiprocess_mode=_MAX_MODE,
+)
+ADMISSION_REFUSALS = Counter(
+    "gateway_admission_refusals",
+    "Requests refused by admission control, by route, reason (route_busy, rate_limited) and caller "
+    "(a configured caller name, else `other`).",
+    ["route", "reason", "caller"],
+)
+LIMITS_STORE_FALLBACK = Gauge(
+    "gateway_limits_store_fallback",
+    "1 while the shared limits store (Redis) is unreachable or slow and per-caller limits are decided "
+    "locally, divided by `expected_replicas`.",
+    [],
+    multiprocess_mode=_MAX_MODE,
+)
 INBOUND_REFUSALS = Counter(
     "gateway_inbound_refusals",
     "Requests the HTTP server refused while they arrived, before any route (no access line), by error code.",
