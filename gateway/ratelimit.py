@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 #   RateLimit-Policy: "routes.iris";q=20;w=2     (quota q per window w seconds; a Structured Field List)
 #   RateLimit: "routes.iris";r=0;t=1             (r: remaining quota units; t: seconds until more)
 POLICY_HEADER = b"ratelimit-policy"
+STATE_HEADER = b"ratelimit"
 # Sums of float intervals drift by a few ulps; a request this early counts as on time.
 _EPSILON_S = 1e-9
-STATE_HEADER = b"ratelimit"
 
 
 class RatePolicy:

@@ -102,8 +102,11 @@ def _connection_options(url: str, tls_context: ssl.SSLContext) -> tuple[str, dic
     if parts.scheme == "rediss":
         options["connection_class"] = _TlsConnection
         options["tls_context"] = tls_context
+    # Never the URL itself, not even without a password: a URL from a secret source is redacted as a
+    # whole wherever it appears, which would blank out the one thing the log line is about.
     shown_host = f"[{host}]" if ":" in host else host
-    return f"{parts.scheme}://{shown_host}:{port}/{database}", options
+    tls = " (TLS)" if parts.scheme == "rediss" else ""
+    return f"{shown_host}:{port}/{database}{tls}", options
 
 
 class RedisRateStore:

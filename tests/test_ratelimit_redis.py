@@ -73,7 +73,7 @@ def test_decisions_are_made_in_redis_with_expiring_keys(redis: RedisServer) -> N
         assert 0 < ttl <= 300  # gone once the bucket is full again: idle callers cost no memory
         assert store.status() | {"since": None} == {
             "store": "redis",
-            "target": f"redis://127.0.0.1:{redis.port}/0",
+            "target": f"127.0.0.1:{redis.port}/0",
             "state": "shared",
             "since": None,
             "reason": None,
