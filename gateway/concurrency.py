@@ -42,11 +42,9 @@ class ConcurrencyLimit:
         self.queue_timeout_s = queue_timeout_s
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
-        self._in_flight_gauge = metrics.ADMISSION_IN_FLIGHT.labels(route)
-        self._queued_gauge = metrics.ADMISSION_QUEUED.labels(route)
         self._wait_histogram = metrics.ADMISSION_WAIT.labels(route)
-        self._in_flight_gauge.set(0)
-        self._queued_gauge.set(0)
+        # `in_flight` and `queued` are plain ints on the hot path, published with the in-flight gauges.
+        metrics.track_admission(self)
         if self.adaptive is None:
             metrics.ADMISSION_LIMIT.labels(route).set(self.limit)
 
@@ -73,7 +71,6 @@ class ConcurrencyLimit:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         waiters.append(waiter)
-        self._queued_gauge.inc()
         expiry = loop.call_later(wait_s, self._expire, waiter)
         started = time.perf_counter()
         try:
@@ -108,8 +105,7 @@ class ConcurrencyLimit:
         try:
             self._waiters.remove(waiter)
         except ValueError:
-            return
-        self._queued_gauge.dec()
+            pass  # handed a slot: _release() took it off the queue
 
     def _release(self) -> None:
         """Give a slot back: to the longest waiter if the limit allows, else to the pool."""
@@ -117,12 +113,10 @@ class ConcurrencyLimit:
             waiters = self._waiters
             while waiters:
                 waiter = waiters.popleft()
-                self._queued_gauge.dec()
                 if not waiter.done():
                     waiter.set_result(True)  # the slot changes hands: in_flight stays
                     return
         self.in_flight -= 1
-        self._in_flight_gauge.dec()
 
     def _follow_limit(self) -> None:
         """After a sample: take the adaptive limit's new value; a higher one admits waiters at once."""
@@ -131,10 +125,8 @@ class ConcurrencyLimit:
         waiters = self._waiters
         while waiters and self.in_flight < limit:
             waiter = waiters.popleft()
-            self._queued_gauge.dec()
             if not waiter.done():
                 self.in_flight += 1
-                self._in_flight_gauge.inc()
                 waiter.set_result(True)
 
 
@@ -154,7 +146,6 @@ class Slot:
         limit = self._limit
         if limit.in_flight < limit.limit and not limit._waiters:
             limit.in_flight += 1
-            limit._in_flight_gauge.inc()
         else:
             await limit._wait(self._remaining_s, self._caller)
         self._held = True

@@ -11,7 +11,8 @@ their sum. Each scrape first removes the gauge files of worker processes that ha
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Literal
+import weakref
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -102,6 +103,37 @@ def flush_in_flight() -> None:
         if value != counter._published:
             counter._published = value
             counter._gauge.set(value)
+    _flush_admission()
+
+
+class AdmissionCounts(Protocol):
+    route: str
+    in_flight: int
+
+    @property
+    def queued(self) -> int: ...
+
+
+# Every route concurrency limit alive, the old ones of a reload included while their requests drain: their
+# plain-int counts are summed per route into the admission gauges with the in-flight ones.
+_admission: weakref.WeakSet[AdmissionCounts] = weakref.WeakSet()
+_admission_published: dict[str, tuple[int, int]] = {}
+
+
+def track_admission(limit: AdmissionCounts) -> None:
+    _admission.add(limit)
+
+
+def _flush_admission() -> None:
+    totals: dict[str, tuple[int, int]] = dict.fromkeys(_admission_published, (0, 0))
+    for limit in list(_admission):
+        in_flight, queued = totals.get(limit.route, (0, 0))
+        totals[limit.route] = (in_flight + limit.in_flight, queued + limit.queued)
+    for route, counts in totals.items():
+        if _admission_published.get(route) != counts:
+            _admission_published[route] = counts
+            ADMISSION_IN_FLIGHT.labels(route).set(counts[0])
+            ADMISSION_QUEUED.labels(route).set(counts[1])
 
 
 RETRIES = Counter("gateway_upstream_retries", "Upstream attempts repeated after a failure.", ["route"])

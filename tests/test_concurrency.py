@@ -24,6 +24,7 @@ def _refusals(route: str, caller: str = "other") -> float:
 
 def _settled(limit: ConcurrencyLimit) -> None:
     assert (limit.in_flight, limit.queued) == (0, 0)
+    metrics.flush_in_flight()
     assert _value(metrics.ADMISSION_IN_FLIGHT, limit.route) == 0
     assert _value(metrics.ADMISSION_QUEUED, limit.route) == 0
 
@@ -50,6 +51,7 @@ def test_full_limit_without_queue_refuses_at_once_with_route_busy() -> None:
         before = _refusals("c-full", "app:a")
         async with limit.slot(), limit.slot():
             assert limit.in_flight == 2
+            metrics.flush_in_flight()
             assert _value(metrics.ADMISSION_IN_FLIGHT, "c-full") == 2
             with pytest.raises(RouteBusy) as refused:
                 async with limit.slot(caller="app:a"):
@@ -60,6 +62,21 @@ def test_full_limit_without_queue_refuses_at_once_with_route_busy() -> None:
         assert _refusals("c-full", "app:a") == before + 1
         assert _value(metrics.ADMISSION_LIMIT, "c-full") == 2
         _settled(limit)
+
+    asyncio.run(main())
+
+
+def test_gauges_sum_the_limits_of_one_route_while_a_reload_drains() -> None:
+    async def main() -> None:
+        old = ConcurrencyLimit("c-reload", limit=2, queue=0, queue_timeout_s=1)
+        draining = await old.slot().__aenter__()
+        new = ConcurrencyLimit("c-reload", limit=2, queue=0, queue_timeout_s=1)
+        async with new.slot(), new.slot():
+            metrics.flush_in_flight()
+            assert _value(metrics.ADMISSION_IN_FLIGHT, "c-reload") == 3
+        await draining.__aexit__(None, None, None)
+        _settled(old)
+        _settled(new)
 
     asyncio.run(main())
 
@@ -80,6 +97,9 @@ def test_queue_is_first_come_first_served_and_newcomers_wait_behind() -> None:
         for name in ("w1", "w2", "w3"):
             tasks[name] = asyncio.create_task(request(name))
             await _until(lambda: limit.queued == len(tasks))
+        metrics.flush_in_flight()
+        assert _value(metrics.ADMISSION_QUEUED, "c-fifo") == 3
+        assert _value(metrics.ADMISSION_IN_FLIGHT, "c-fifo") == 1
         await holder.__aexit__(None, None, None)  # the slot goes to w1, not to whoever comes next
         tasks["late"] = asyncio.create_task(request("late"))
         for name in ("w1", "w2", "w3", "late"):

@@ -16,6 +16,7 @@ import pytest
 from redis_server import RedisServer, require_redis_server
 
 from gateway import metrics
+from gateway.assembly import Assembly
 from gateway.backoff import Backoff
 from gateway.config import CallerLimitsConfig, parse_config
 from gateway.credentials import BuildContext
@@ -294,6 +295,11 @@ def test_redis_down_means_no_reconnect_per_request() -> None:
     assert 1 <= accepted <= 6, accepted
 
 
+def _context() -> BuildContext:
+    """What the assembly hands every builder (here without Key Vault)."""
+    return Assembly(_config("redis://127.0.0.1:9/0"), "test.yaml").ctx
+
+
 def _config(url: Any, **redis: Any) -> Any:
     return parse_config(
         {
@@ -314,7 +320,7 @@ def test_password_from_a_secret_never_shows(
         monkeypatch.setenv("LIMITS_REDIS_WRONG", f"redis://:wrong-{password}@127.0.0.1:{server.port}/0")
 
         async def main() -> None:
-            ctx = BuildContext(ssl_context=client_context())
+            ctx = _context()
             good = build_rate_store(_config({"env": "LIMITS_REDIS_URL"}).limits_store, ctx)
             assert isinstance(good, RedisRateStore)
             assert (await good.acquire([("inbound:a", RatePolicy("inbound", 1, 1))])).allowed
@@ -334,7 +340,7 @@ def test_password_from_a_secret_never_shows(
 
 def test_literal_url_warns_only_when_it_holds_a_password(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    ctx = BuildContext(ssl_context=client_context())
+    ctx = _context()
 
     async def main() -> None:
         plain = build_rate_store(_config("redis://127.0.0.1:9/0").limits_store, ctx)
@@ -352,9 +358,7 @@ def test_bad_url_from_the_environment_is_a_config_error_that_does_not_quote_it(
 ) -> None:
     monkeypatch.setenv("LIMITS_REDIS_URL", "http://user:hunter2-secret@redis:6379")
     with pytest.raises(ConfigError) as error:
-        build_rate_store(
-            _config({"env": "LIMITS_REDIS_URL"}).limits_store, BuildContext(ssl_context=client_context())
-        )
+        build_rate_store(_config({"env": "LIMITS_REDIS_URL"}).limits_store, _context())
     assert "limits_store.redis.url" in str(error.value) and "hunter2" not in str(error.value)
 
 
