@@ -13,7 +13,7 @@ from gateway import metrics
 from gateway.config import CallerLimitsConfig
 from gateway.errors import RateLimited
 from gateway.ratelimit import LocalRateStore, RateLimits, RatePolicy
-from gateway.responses import send_error
+from gateway.responses import error_head, send_error
 
 
 class Clock:
@@ -150,6 +150,12 @@ def test_refusal_is_429_rate_limited_with_the_ietf_fields_and_is_counted() -> No
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
+
+    head = error_head(error, "req-1", b"{}")
+    assert head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+    assert b"\r\nretry-after: 1\r\n" in head
+    assert b'\r\nratelimit: "inbound";r=80;t=1, "routes.iris";r=0;t=1\r\n' in head
+    assert b'\r\nratelimit-policy: "inbound";q=100;w=1, "routes.iris";q=20;w=2\r\n' in head
 
     asyncio.run(send_error(send, error, "req-1"))
     response = dict(sent[0]["headers"])
