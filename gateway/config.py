@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path
@@ -256,12 +257,64 @@ class ApiKeyHash(_Model):
         return value.lower()
 
 
+class RatePolicyConfig(_Model):
+    """A request rate for one caller: `burst` requests at once, refilled at `requests_per_s` (a GCRA,
+    the continuous form of a token bucket)."""
+
+    requests_per_s: float = Field(
+        gt=0, allow_inf_nan=False, description="Sustained requests per second allowed to one caller."
+    )
+    burst: int | None = Field(
+        None,
+        ge=1,
+        description="Requests one caller may send at once after a quiet spell. Default: one second's worth "
+        "(`requests_per_s` rounded up).",
+    )
+
+    @property
+    def burst_requests(self) -> int:
+        return self.burst if self.burst is not None else max(1, math.ceil(self.requests_per_s))
+
+
+def _caller_names(value: dict[str, RatePolicyConfig]) -> dict[str, RatePolicyConfig]:
+    for name in value:
+        if not name or len(name) > 256 or not name.isprintable():
+            raise ValueError(f"{name!r} is not a caller name (1-256 printable characters)")
+    return value
+
+
+class CallerLimitsConfig(_Model):
+    """Per-caller request rates. A caller is who `inbound` recognised: `app:<id>` (Entra ID app),
+    `key:<name>` (an `inbound.api_keys` entry), `cert:<subject CN>` (client certificate); an anonymous
+    caller is counted by its client address. Refused: 429 `rate_limited` with `Retry-After`,
+    `RateLimit-Policy` and `RateLimit`; a refused request consumes no quota."""
+
+    per_caller: RatePolicyConfig | None = Field(
+        None, description="The rate each caller gets separately. Unset: only the callers under `callers`."
+    )
+    callers: dict[str, RatePolicyConfig] = Field(
+        default_factory=dict,
+        description='Rates for named callers instead of `per_caller`, e.g. `{"app:1b2c...": '
+        '{requests_per_s: 50}, "10.1.2.3": {requests_per_s: 1}}` (an anonymous caller by its address).',
+    )
+
+    _names = field_validator("callers")(_caller_names)
+
+    @property
+    def limits_callers(self) -> bool:
+        return self.per_caller is not None or bool(self.callers)
+
+
 class InboundConfig(_Model):
     """Who may use the gateway. Admin endpoints (/healthz, /readyz, /metrics) are always open."""
 
     allow_cidrs: list[str] = Field(default_factory=list, description="Client networks allowed (empty: any).")
     api_keys: list[ApiKeyHash] = Field(default_factory=list, description="Keys clients must present.")
     api_key_header: str = Field("x-gateway-key", description="Header that carries the client's key.")
+    limits: CallerLimitsConfig = Field(
+        default_factory=CallerLimitsConfig,  # type: ignore[arg-type]
+        description="Per-caller request rates across all routes (checked with the route's own, together).",
+    )
 
     @field_validator("allow_cidrs")
     @classmethod
@@ -639,6 +692,66 @@ class OutlierConfig(_Model):
     )
 
 
+class RouteLimitsConfig(CallerLimitsConfig):
+    """What the route admits: requests in flight to its upstreams (`max_concurrent`, with a queue) and
+    each caller's request rate. Checked before the request body is read: a refused request costs no
+    upload, is never retried and never counts against an upstream. See docs/limits.md."""
+
+    max_concurrent: int | Literal["auto"] | None = Field(
+        None,
+        description="Requests in flight to the route's upstreams at once, per gateway process; more wait in "
+        "the queue, then get 503 `route_busy`. For Azure ML: `instances x "
+        "max_concurrent_requests_per_instance`, divided by the gateway processes sharing the endpoint. "
+        "`auto`: follow the endpoint, between `min` and `max`. Unset: no limit.",
+    )
+    min: int | None = Field(
+        None,
+        ge=1,
+        description="With `max_concurrent: auto`: the lowest limit, also the first one. Default 1.",
+    )
+    max: int | None = Field(
+        None,
+        ge=1,
+        description="With `max_concurrent: auto`: the highest limit. Default: the route's `max_connections`.",
+    )
+    queue: int = Field(
+        0,
+        ge=0,
+        description="Requests that may wait for a slot, first come first served; beyond it 503 `route_busy` "
+        "at once.",
+    )
+    queue_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Longest wait in the queue (shorter when the request's deadline, `retry.deadline_s` or "
+        "`timeout_s`, comes first); then 503 `route_busy`.",
+    )
+
+    @field_validator("max_concurrent", mode="before")
+    @classmethod
+    def _static_or_auto(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (not isinstance(value, int) and value not in (None, "auto")):
+            raise ValueError(f"must be a number of requests or `auto`, got {value!r}")
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (leave it unset for no limit)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RouteLimitsConfig:
+        if self.max_concurrent != "auto" and (self.min is not None or self.max is not None):
+            raise ValueError("`min` and `max` bound `max_concurrent: auto`; a fixed limit has neither")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"`min` ({self.min}) is above `max` ({self.max})")
+        if self.max_concurrent is None and (self.queue or "queue_timeout_s" in self.model_fields_set):
+            raise ValueError(
+                "`queue` and `queue_timeout_s` need `max_concurrent`: nothing waits without a limit"
+            )
+        if self.queue == 0 and "queue_timeout_s" in self.model_fields_set:
+            raise ValueError("`queue_timeout_s` needs `queue` above 0: with no queue a request never waits")
+        return self
+
+
 class RouteConfig(_Model):
     path: str
     upstream: str | None = None
@@ -667,12 +780,26 @@ class RouteConfig(_Model):
         "503 overloaded with Retry-After (never retried, never counted against the upstream).",
     )
     max_connections: int = Field(256, ge=1, description="Pooled upstream connections for this route.")
-    max_concurrent_requests: int | None = Field(
-        None, ge=1, description="Upstream requests in flight at once; more wait, then get 503 overloaded."
+    limits: RouteLimitsConfig = Field(
+        default_factory=RouteLimitsConfig,  # type: ignore[arg-type]
+        description="Admission: requests in flight (with a queue) and per-caller request rates.",
     )
-    queue_timeout_s: float = Field(1.0, ge=0, description="How long a request waits for a free slot.")
     retry: RetryConfig = Field(default_factory=RetryConfig)  # type: ignore[arg-type]
     outlier: OutlierConfig = Field(default_factory=OutlierConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("max_concurrent_requests" in data or "queue_timeout_s" in data):
+            limit = data.get("max_concurrent_requests", "N")
+            wait = data.get("queue_timeout_s", 1.0)
+            # The old keys queued as many requests as the limit allowed in flight.
+            raise ValueError(
+                "`max_concurrent_requests` and `queue_timeout_s` were replaced by `limits`; write "
+                f"`limits: {{max_concurrent: {limit}, queue: {limit}, queue_timeout_s: {wait}}}` instead "
+                "(docs/limits.md)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _one_upstream_form(self) -> RouteConfig:
@@ -680,7 +807,25 @@ class RouteConfig(_Model):
             raise ValueError("give either `upstream: URL` or `upstreams: [{url: ...}, ...]`")
         if self.upstreams is not None and not self.upstreams:
             raise ValueError("`upstreams` must list at least one upstream")
+        limit = self.limits.max if self.limits.max_concurrent == "auto" else self.limits.max_concurrent
+        if isinstance(limit, int) and limit > self.max_connections:
+            raise ValueError(
+                f"`limits` allows {limit} requests in flight but `max_connections` is "
+                f"{self.max_connections}: the extra ones would wait for a connection; lower the limit or "
+                "raise `max_connections`"
+            )
         return self
+
+    # Transitional, for the request path until the admission stage replaces `Route.semaphore`: the old
+    # semaphore enforces a fixed `limits.max_concurrent` (`auto` is not enforced there).
+    @property
+    def max_concurrent_requests(self) -> int | None:
+        limit = self.limits.max_concurrent
+        return limit if isinstance(limit, int) else None
+
+    @property
+    def queue_timeout_s(self) -> float:
+        return self.limits.queue_timeout_s if self.limits.queue else 0.0
 
     def upstream_list(self) -> list[UpstreamConfig]:
         if self.upstreams is not None:
@@ -759,6 +904,67 @@ class KeyVaultConfig(_Model):
     )
 
 
+class RedisStoreConfig(_Model):
+    """Redis holding the per-caller rate counters, so every replica of the gateway counts one quota."""
+
+    url: SecretSpec = Field(
+        description="`redis://[[user]:password@]host[:port][/db]`, or `rediss://` for TLS verified with the "
+        "gateway's trust (`tls.ca_bundle` plus the system CAs). A secret: `{env: NAME}`, `{file: PATH}`, "
+        "`{keyvault: ...}` or a literal (which may hold no password)."
+    )
+    key_prefix: str = Field(
+        "scoring-gateway:",
+        min_length=1,
+        max_length=128,
+        description="Prefix of every key the gateway writes; gateways that must not share quotas need "
+        "different prefixes.",
+    )
+    timeout_ms: int = Field(
+        50,
+        ge=1,
+        le=10_000,
+        description="Longest a request waits for Redis; after it, and while Redis is down, the request is "
+        "decided locally.",
+    )
+    expected_replicas: int = Field(
+        ge=1,
+        description="How many gateway processes share the quotas (replicas x workers). While Redis is "
+        "unreachable each process allows each caller 1/`expected_replicas` of its rate and burst.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: Any) -> Any:
+        if isinstance(value, LiteralRef):
+            check_redis_url(value.value.get_secret_value())
+        return value
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError (never quoting the URL: it may hold a password) unless `url` is a Redis URL the
+    gateway can use."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError("the Redis URL is malformed (check the port)") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("the Redis URL must be redis://host[:port][/db] or rediss://... (TLS)")
+    if parts.query or parts.fragment:
+        raise ValueError("the Redis URL must not have query parameters or a fragment")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError("the Redis URL's path must be a database number, e.g. /0")
+    if port == 0:
+        raise ValueError("the Redis URL's port must be 1-65535")
+
+
+class LimitsStoreConfig(_Model):
+    """Where per-caller rate limits are counted. Unset: in each gateway process on its own."""
+
+    redis: RedisStoreConfig = Field(description="Count them in Redis, shared by every replica.")
+
+
 class GatewayConfig(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
@@ -775,6 +981,11 @@ class GatewayConfig(_Model):
     keyvault: KeyVaultConfig = Field(
         default_factory=KeyVaultConfig,  # type: ignore[arg-type]
         description="Key Vault access for `{keyvault: ...}` secrets.",
+    )
+    limits_store: LimitsStoreConfig | None = Field(
+        None,
+        description="A store shared by the replicas for per-caller rate limits (`inbound.limits`, "
+        "`routes.NAME.limits`). Unset: each gateway process counts alone.",
     )
 
     @field_validator("routes")

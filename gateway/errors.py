@@ -27,7 +27,9 @@ GatewayError
     ├── UpstreamProtocolError   502 upstream_protocol_error
     ├── UpstreamTimeout         504 upstream_timeout
     ├── CredentialUnavailable   503 credential_unavailable
-    └── Overloaded              503 overloaded
+    ├── Overloaded              503 overloaded
+    ├── RouteBusy               503 route_busy               (refused by the admission stage)
+    └── RateLimited             429 rate_limited             (refused by the admission stage)
 """
 
 from __future__ import annotations
@@ -156,8 +158,12 @@ class TransportTimeout(TransportError):
 
 
 class ClientFacingError(GatewayError):
+    """`headers`: extra response header lines (lower-case names) sent with the JSON error, besides
+    `retry-after`, which `retry_after` gives."""
+
     status: int = 500
     code: str = "internal_error"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -223,6 +229,29 @@ class CredentialUnavailable(ClientFacingError):
 class Overloaded(ClientFacingError):
     status = 503
     code = "overloaded"
+
+
+class RouteBusy(ClientFacingError):
+    """The route's concurrency limit is reached and no slot came free within `limits.queue_timeout_s`
+    (or the request's deadline), or its queue is full. Refused before the body is read; never retried,
+    never counted against an upstream."""
+
+    status = 503
+    code = "route_busy"
+
+
+class RateLimited(ClientFacingError):
+    """The caller used up its quota (`limits.per_caller`, `limits.callers` or `inbound.limits`). Carries
+    the `RateLimit-Policy` and `RateLimit` header fields; a refused request consumes no quota."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(
+        self, message: str, *, retry_after: float, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.headers = headers
 
 
 class InternalError(ClientFacingError):

@@ -11,7 +11,8 @@ their sum. Each scrape first removes the gauge files of worker processes that ha
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Literal
+import weakref
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -102,6 +103,37 @@ def flush_in_flight() -> None:
         if value != counter._published:
             counter._published = value
             counter._gauge.set(value)
+    _flush_admission()
+
+
+class AdmissionCounts(Protocol):
+    route: str
+    in_flight: int
+
+    @property
+    def queued(self) -> int: ...
+
+
+# Every route concurrency limit alive, the old ones of a reload included while their requests drain: their
+# plain-int counts are summed per route into the admission gauges with the in-flight ones.
+_admission: weakref.WeakSet[AdmissionCounts] = weakref.WeakSet()
+_admission_published: dict[str, tuple[int, int]] = {}
+
+
+def track_admission(limit: AdmissionCounts) -> None:
+    _admission.add(limit)
+
+
+def _flush_admission() -> None:
+    totals: dict[str, tuple[int, int]] = dict.fromkeys(_admission_published, (0, 0))
+    for limit in list(_admission):
+        in_flight, queued = totals.get(limit.route, (0, 0))
+        totals[limit.route] = (in_flight + limit.in_flight, queued + limit.queued)
+    for route, counts in totals.items():
+        if _admission_published.get(route) != counts:
+            _admission_published[route] = counts
+            ADMISSION_IN_FLIGHT.labels(route).set(counts[0])
+            ADMISSION_QUEUED.labels(route).set(counts[1])
 
 
 RETRIES = Counter("gateway_upstream_retries", "Upstream attempts repeated after a failure.", ["route"])
@@ -158,6 +190,51 @@ UPSTREAM_EJECTIONS = Counter(
     "gateway_upstream_ejections", "Upstreams ejected by outlier detection.", ["route", "upstream"]
 )
 RELOADS = Counter("gateway_config_reloads", "Configuration reloads, by result.", ["result"])
+ADMISSION_IN_FLIGHT = Gauge(
+    "gateway_admission_in_flight",
+    "Requests holding one of the route's concurrency slots (`limits.max_concurrent`).",
+    ["route"],
+    multiprocess_mode=_SUM_MODE,
+)
+ADMISSION_QUEUED = Gauge(
+    "gateway_admission_queued",
+    "Requests waiting for one of the route's concurrency slots.",
+    ["route"],
+    multiprocess_mode=_SUM_MODE,
+)
+ADMISSION_WAIT = Histogram(
+    "gateway_admission_wait_seconds",
+    "Time requests that found every slot taken spent in the queue (until admitted or refused).",
+    ["route"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ADMISSION_LIMIT = Gauge(
+    "gateway_admission_limit",
+    "The route's concurrency limit: fixed, or where `max_concurrent: auto` has it now (summed over "
+    "gateway processes).",
+    ["route"],
+    multiprocess_mode=_SUM_MODE,
+)
+ADMISSION_BASELINE = Gauge(
+    "gateway_admission_baseline_seconds",
+    "With `max_concurrent: auto`: the upstream's no-load latency as measured (the lowest smoothed latency "
+    "of the current window).",
+    ["route"],
+    multiprocess_mode=_MAX_MODE,
+)
+ADMISSION_REFUSALS = Counter(
+    "gateway_admission_refusals",
+    "Requests refused by admission control, by route, reason (route_busy, rate_limited) and caller "
+    "(a configured caller name, else `other`).",
+    ["route", "reason", "caller"],
+)
+LIMITS_STORE_FALLBACK = Gauge(
+    "gateway_limits_store_fallback",
+    "1 while the shared limits store (Redis) is unreachable or slow and per-caller limits are decided "
+    "locally, divided by `expected_replicas`.",
+    [],
+    multiprocess_mode=_MAX_MODE,
+)
 INBOUND_REFUSALS = Counter(
     "gateway_inbound_refusals",
     "Requests the HTTP server refused while they arrived, before any route (no access line), by error code.",

@@ -104,7 +104,7 @@ def test_a_client_hanging_up_with_a_pipelined_request_cancels_the_running_one(
 ) -> None:
     """uvicorn marks only the last request parsed as disconnected; the one running is the first."""
     caplog.set_level(logging.INFO, logger="gateway")
-    server = gateway_factory(_config(raw_upstream.url, max_concurrent_requests=1, queue_timeout_s=0))
+    server = gateway_factory(_config(raw_upstream.url, limits={"max_concurrent": 1}))
     client = _raw_client(
         server.port,
         b"GET /big/slow HTTP/1.1\r\nHost: gw\r\nx-request-id: gone-p\r\n\r\n"

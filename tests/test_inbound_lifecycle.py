@@ -155,9 +155,7 @@ def test_clients_that_never_read_do_not_hold_the_concurrency_slots(
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     server = gateway_factory(
-        _config(
-            raw_upstream.url, server={"send_timeout_s": 1.0}, max_concurrent_requests=2, queue_timeout_s=0
-        )
+        _config(raw_upstream.url, server={"send_timeout_s": 1.0}, limits={"max_concurrent": 2})
     )
     stalled = [
         _raw_client(server.port, b"GET /big/big HTTP/1.1\r\nHost: gw\r\n\r\n", small_buffer=True)
@@ -189,7 +187,7 @@ def test_a_client_hanging_up_cancels_the_upstream_request_and_frees_its_slot(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
-    server = gateway_factory(_config(raw_upstream.url, max_concurrent_requests=1, queue_timeout_s=0))
+    server = gateway_factory(_config(raw_upstream.url, limits={"max_concurrent": 1}))
     client = _raw_client(server.port, b"GET /big/slow HTTP/1.1\r\nHost: gw\r\nx-request-id: gone-1\r\n\r\n")
     _wait(lambda: raw_upstream.count(raw_upstream.started, "/slow") == 1, 10, "the upstream has it")
     client.close()
@@ -212,8 +210,7 @@ def test_an_overloaded_route_refuses_before_reading_the_body(
         _config(
             raw_upstream.url,
             server={"client_body_timeout_s": 120},
-            max_concurrent_requests=1,
-            queue_timeout_s=0,
+            limits={"max_concurrent": 1},
         )
     )
     holder = _raw_client(server.port, b"GET /big/slow HTTP/1.1\r\nHost: gw\r\n\r\n")

@@ -251,7 +251,8 @@ _KEYS = [
     "none", "aad_token", "aml_token", "primary", "secondary", "env", "file", "value", "headers", "retry",
     "attempts", "deadline_s", "timeout_s", "outlier", "priority", "weight", "port", "host", "identity",
     "from_endpoint", "endpoint", "allow_cidrs", "api_keys", "sha256", "client_secret", "iris",
-    "max_body_bytes", "max_concurrent_requests", "on_statuses", "managed_identity", "certificate",
+    "max_body_bytes", "max_concurrent_requests", "limits", "max_concurrent", "per_caller",
+    "requests_per_s", "callers", "limits_store", "redis", "on_statuses", "managed_identity", "certificate",
     "scope", "tenant_id",
 ]  # fmt: skip
 scalars = (

@@ -280,7 +280,7 @@ def test_upstream_reset_mid_response_closes_client_connection(upstream, gateway_
 def test_load_shedding_answers_overloaded(upstream, gateway_factory, monkeypatch):
     app, server = upstream
     route = key_route(server.url, **_env_keys(monkeypatch))
-    route.update(max_concurrent_requests=1, queue_timeout_s=0.2)
+    route.update(limits={"max_concurrent": 1, "queue": 1, "queue_timeout_s": 0.2})
     gw = gateway_factory({"routes": {"iris": route}})
     holder = threading.Thread(target=lambda: httpx.get(gw.url + "/iris/chunks", timeout=10).read())
     holder.start()

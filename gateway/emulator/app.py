@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
+from gateway.emulator.capacity import Throttled
 from gateway.emulator.classifier import predict
 from gateway.emulator.state import (
     AML_RESOURCE,
@@ -1086,6 +1087,21 @@ class _Emulator:
             query_data = request.query_params.get("data")
             raw = None if query_data is None else f'{{"data": {query_data}}}'.encode()
 
+        try:
+            async with self.state.capacity.slot(deployment):  # the deployment's concurrency, as Azure's
+                return await self._run_model(raw, headers, started, finish, auth)
+        except Throttled:
+            text = _SCORE_FAULT_TEXT[429]
+            return finish(PlainTextResponse(text, 429, headers=headers), "429", auth, reason="capacity")
+
+    async def _run_model(
+        self,
+        raw: bytes | None,
+        headers: dict[str, str],
+        started: float,
+        finish: Callable[..., Response],
+        auth: str | None,
+    ) -> Response:
         if self.state.score_delay_s:
             await asyncio.sleep(self.state.score_delay_s)
 
@@ -1187,6 +1203,26 @@ class _Emulator:
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, 400)
         return JSONResponse(fault.to_json())
+
+    async def admin_deployment(self, request: Request) -> Response:
+        """`{"name": "blue", "max_concurrent": 4, "max_queued": 0}`: the deployment's capacity."""
+        try:
+            body = await _json_body(request)
+            unknown = set(body) - {"name", "max_concurrent", "max_queued"}
+            if unknown:
+                raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
+            name = body.get("name", self.state.deployment)
+            limit, queued = body.get("max_concurrent"), body.get("max_queued", 0)
+            if not isinstance(name, str) or not name:
+                raise ValueError("name must be a deployment name")
+            if (limit is not None and type(limit) is not int) or type(queued) is not int:
+                raise ValueError(
+                    "max_concurrent and max_queued must be integers (max_concurrent may be null)"
+                )
+            self.state.capacity.set(name, limit, queued)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
+        return JSONResponse(self.state.capacity.snapshot().get(name, {"name": name, "max_concurrent": None}))
 
     async def admin_clear_faults(self, request: Request) -> Response:
         return JSONResponse({"cleared": self.state.clear_faults(request.query_params.get("target"))})
@@ -1348,6 +1384,7 @@ def create_app(state: EmulatorState, *, base_url: str) -> Starlette:
         route("/secrets/{name}", emulator.admin_update_secret, "PATCH"),
         route("/faults", emulator.admin_set_fault, "POST"),
         route("/faults", emulator.admin_clear_faults, "DELETE"),
+        route("/deployments", emulator.admin_deployment, "POST"),
         route("/reset-counters", emulator.admin_reset_counters, "POST"),
         route("/config", emulator.admin_config, "GET", "POST"),
         route("/apps", emulator.admin_add_app, "POST"),

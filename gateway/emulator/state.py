@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.emulator.capacity import DeploymentCapacity
 from gateway.emulator.tls import thumbprints
 
 __all__ = [
@@ -282,6 +283,8 @@ class EmulatorState:
         self._vault: dict[str, list[VaultSecretVersion]] = {}
         self._operations: dict[str, tuple[str, int]] = {}  # id -> (final status, InProgress polls left)
         self._faults: dict[str, Fault] = {}
+        # Scoring requests each deployment serves at once (none set: no limit); see capacity.py.
+        self.capacity = DeploymentCapacity()
         self._init_counters()
 
     # ----------------------------------------------------------------- endpoint keys
@@ -824,6 +827,7 @@ class EmulatorState:
     def reset_counters(self) -> None:
         with self._lock:
             self._init_counters()
+        self.capacity.reset_counters()
 
     # ----------------------------------------------------------------- admin view
     def config(self) -> dict[str, Any]:
@@ -887,6 +891,7 @@ class EmulatorState:
             "keys": keys,
             "faults": faults,
             "config": self.config(),
+            "deployments": self.capacity.snapshot(),
             "live_aml_tokens": live_aml_tokens,
             "recent_scores": recent_scores,
             "apps": [app.public_json() for app in self.apps()],

@@ -197,13 +197,13 @@ def test_one_of_several_upstreams_dies(gateway_factory, keys):
 
 
 def test_load_shedding_answers_503_overloaded_quickly(gateway_factory, keys):
-    """More concurrent clients than `max_concurrent_requests` on a slow upstream: the upstream never
+    """More concurrent clients than `limits.max_concurrent` on a slow upstream: the upstream never
     sees more than the limit; the excess waits at most `queue_timeout_s`, then gets 503 overloaded
     with Retry-After, never a hang."""
     ledger = Ledger()
     with fault_upstream(ledger, accepted_keys={PRIMARY}, delay_s=0.1) as upstream:
         route = key_route(upstream.url, **keys)
-        route.update(max_concurrent_requests=3, queue_timeout_s=0.15)
+        route.update(limits={"max_concurrent": 3, "queue": 3, "queue_timeout_s": 0.15})
         gw = gateway_factory({"routes": {"iris": route}})
         load = drive("load_shedding", gw.url + "/iris/score", total=160, ledger=ledger)
 

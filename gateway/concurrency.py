@@ -1,0 +1,173 @@
+"""A route's concurrency limit: in-flight slots and a bounded first-come-first-served queue
+(`routes.NAME.limits.max_concurrent`, `queue`, `queue_timeout_s`).
+
+    async with route_limit.slot(remaining_s, caller_label) as slot:   # RouteBusy when refused
+        ...                                                           # the upstream attempts
+        slot.observe(latency_s, status)                               # per answer, for `auto`
+
+The slot is given back on every way out of the `async with`: an answer, an error, a timeout, a client
+that went away, a cancelled task. A request cancelled while it waits never takes a slot: a slot handed to
+it in the same instant goes on to the next waiter. A slot that comes free goes to the longest waiter
+first, never to a newcomer: newcomers queue behind waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from types import TracebackType
+
+from gateway import metrics
+from gateway.adaptive import AdaptiveLimit
+from gateway.errors import RouteBusy
+
+# Retry-After of a `route_busy` answer: a slot frees up as soon as one upstream answer ends.
+RETRY_AFTER_S = 1.0
+
+
+class ConcurrencyLimit:
+    """`limit` requests in flight at once, at most `queue` more waiting, each for at most `queue_timeout_s`.
+
+    `limit` is a fixed number, or an `AdaptiveLimit` whose current value is followed (fed by
+    `Slot.observe`). One per route, built at start-up; used on the event loop's thread only."""
+
+    def __init__(self, route: str, *, limit: int | AdaptiveLimit, queue: int, queue_timeout_s: float) -> None:
+        self.route = route
+        self.adaptive = limit if isinstance(limit, AdaptiveLimit) else None
+        self.limit: int = limit.limit if isinstance(limit, AdaptiveLimit) else limit
+        if self.limit < 1 or queue < 0:
+            raise ValueError("a concurrency limit needs limit >= 1 and queue >= 0")
+        self.max_queue = queue
+        self.queue_timeout_s = queue_timeout_s
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._wait_histogram = metrics.ADMISSION_WAIT.labels(route)
+        # `in_flight` and `queued` are plain ints on the hot path, published with the in-flight gauges.
+        metrics.track_admission(self)
+        if self.adaptive is None:
+            metrics.ADMISSION_LIMIT.labels(route).set(self.limit)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def slot(self, remaining_s: float | None = None, caller: str = "other") -> Slot:
+        """A slot to hold in `async with`. `remaining_s`: time left before the request's deadline, which
+        bounds the wait like `queue_timeout_s` does; `caller`: the bounded caller label of refusals."""
+        return Slot(self, remaining_s, caller)
+
+    async def _wait(self, remaining_s: float | None, caller: str) -> None:
+        """Queue for a slot; return holding one, or raise RouteBusy."""
+        wait_s = self.queue_timeout_s if remaining_s is None else min(self.queue_timeout_s, remaining_s)
+        waiters = self._waiters
+        if len(waiters) >= self.max_queue or wait_s <= 0:
+            raise self._refuse(
+                f"route {self.route} has {self.in_flight} requests in flight (its limit is {self.limit}) "
+                f"and {len(waiters)} waiting (its queue holds {self.max_queue}); retry after the Retry-After "
+                "delay",
+                caller,
+            )
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        waiters.append(waiter)
+        expiry = loop.call_later(wait_s, self._expire, waiter)
+        started = time.perf_counter()
+        try:
+            granted = await waiter
+        except BaseException:
+            # Cancelled (the client went away, the server stops): never keep a slot nobody will use.
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._release()
+            else:
+                self._forget(waiter)
+            raise
+        finally:
+            expiry.cancel()
+        self._wait_histogram.observe(time.perf_counter() - started)
+        if not granted:
+            raise self._refuse(
+                f"route {self.route} had no free slot within {wait_s:g} s ({self.limit} requests in flight "
+                "at once); retry after the Retry-After delay",
+                caller,
+            )
+
+    def _refuse(self, message: str, caller: str) -> RouteBusy:
+        metrics.ADMISSION_REFUSALS.labels(self.route, "route_busy", caller).inc()
+        return RouteBusy(message, retry_after=RETRY_AFTER_S)
+
+    def _expire(self, waiter: asyncio.Future[bool]) -> None:
+        if not waiter.done():
+            self._forget(waiter)
+            waiter.set_result(False)
+
+    def _forget(self, waiter: asyncio.Future[bool]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass  # handed a slot: _release() took it off the queue
+
+    def _release(self) -> None:
+        """Give a slot back: to the longest waiter if the limit allows, else to the pool."""
+        if self.in_flight <= self.limit:
+            waiters = self._waiters
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(True)  # the slot changes hands: in_flight stays
+                    return
+        self.in_flight -= 1
+
+    def _follow_limit(self) -> None:
+        """After a sample: take the adaptive limit's new value; a higher one admits waiters at once."""
+        assert self.adaptive is not None
+        self.limit = limit = self.adaptive.limit
+        waiters = self._waiters
+        while waiters and self.in_flight < limit:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(True)
+
+
+class Slot:
+    """One request's hold on a route's concurrency: enter to acquire (or get RouteBusy), leave to release."""
+
+    __slots__ = ("_caller", "_held", "_limit", "_remaining_s", "epoch")
+
+    def __init__(self, limit: ConcurrencyLimit, remaining_s: float | None, caller: str) -> None:
+        self._limit = limit
+        self._remaining_s = remaining_s
+        self._caller = caller
+        self._held = False
+        self.epoch = 0
+
+    async def __aenter__(self) -> Slot:
+        limit = self._limit
+        if limit.in_flight < limit.limit and not limit._waiters:
+            limit.in_flight += 1
+        else:
+            await limit._wait(self._remaining_s, self._caller)
+        self._held = True
+        adaptive = limit.adaptive
+        if adaptive is not None:
+            self.epoch = adaptive.epoch
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._held:
+            self._held = False
+            self._limit._release()
+
+    def observe(self, latency_s: float, status: int) -> None:
+        """One upstream answer to this request: its status after `latency_s` from sending the request to
+        receiving the response head. Only `max_concurrent: auto` uses it; call it for every attempt that
+        got an answer (a 429 included), not for connection failures or the gateway's own errors."""
+        limit = self._limit
+        adaptive = limit.adaptive
+        if adaptive is not None and self._held:
+            adaptive.sample(latency_s, status, self.epoch, limit.in_flight)
+            if adaptive.limit != limit.limit:
+                limit._follow_limit()
