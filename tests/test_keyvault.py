@@ -243,6 +243,62 @@ def test_a_failed_poll_keeps_the_last_value_logs_once_and_shows(
         assert len(recovered) == 1
 
 
+def test_an_empty_version_keeps_the_last_good_key_and_never_refuses_the_primary(
+    emulator: EmulatorServer,
+) -> None:
+    """Key Vault accepts an empty value as a new version (a script that wrote an unset variable). The
+    gateway must not send it: it keeps the last good primary, shows the vault entry not ok, and every
+    request keeps authenticating with the primary (no refusal, no failover to the secondary)."""
+    from gateway.emulator.state import KEYVAULT_RESOURCE
+
+    key_pair(emulator, "empty")
+    config = parse_config(config_data(emulator, "empty", refresh_every_s=0.2), "kv.yaml")
+    with ServerThread(GatewayApp(config)) as gateway, httpx.Client(timeout=10) as client:
+        assert score(client, gateway) == 200
+        failovers = 'gateway_key_failovers_total{route="iris",slot="secondary"}'
+        failovers_before = metric(gateway, failovers)
+        # Through the emulated Key Vault's own PUT, as a writer with the Secrets Officer role would.
+        app = register_app(emulator)
+        token = emulator.state.issue_access_token(
+            audience=KEYVAULT_RESOURCE, tenant_id=app.tenant_id, appid=app.client_id
+        )
+        with httpx.Client(verify=emulator.ssl_context(), timeout=10) as vault:
+            written = vault.put(
+                f"{emulator.vault_url}/secrets/empty-primary?api-version=7.4",
+                json={"value": ""},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert written.status_code == 200, written.text
+        assert written.json()["value"] == ""
+
+        def primary_entry() -> dict[str, Any]:
+            return next(s for s in readyz(gateway)["keyvault"] if s["secret"] == "empty-primary")
+
+        empty_version = written.json()["id"].rsplit("/", 1)[-1]
+
+        def polled() -> bool:  # positive evidence that a poll read the empty version, taken or refused
+            entry = primary_entry()
+            return entry["ok"] is False or entry["version"] == empty_version
+
+        assert wait_until(polled, within=15), primary_entry()
+        entry = primary_entry()
+        assert entry["ok"] is False and "empty" in entry["error"], entry
+        assert entry["version"] != empty_version  # the last good version stays in use
+        refusals, primary_uses = (
+            emulator.state.score_count("401"),
+            emulator.state.score_auth_count("key:primary"),
+        )
+        secondary_uses = emulator.state.score_auth_count("key:secondary")
+        for _ in range(5):
+            assert score(client, gateway) == 200
+        assert emulator.state.score_count("401") == refusals, "the endpoint refused a key"
+        assert emulator.state.score_auth_count("key:primary") == primary_uses + 5
+        assert emulator.state.score_auth_count("key:secondary") == secondary_uses
+        status = readyz(gateway)
+        assert status["ready"] is True and status["routes"][0]["active_slot"] == "primary"
+        assert metric(gateway, failovers) == failovers_before
+
+
 def test_every_key_rejected_reads_the_vault_at_once(emulator: EmulatorServer) -> None:
     """Both keys changed in the vault and the endpoint: the poll is an hour away, yet the request that
     meets the rejection makes the gateway read the vault again and succeeds."""
