@@ -125,6 +125,48 @@ class Traffic:
             thread.join(30)
 
 
+class EmulatorJournal:
+    """What reached the emulator, in order: Key Vault requests, ARM calls, and each key the endpoint took
+    together with what the slot's key source held at that moment (read by `source(slot)`)."""
+
+    def __init__(self, emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entries: list[tuple[str, ...]] = []
+        self.taken: list[tuple[str, str, str | None]] = []  # (slot, key taken, key in the source then)
+        self.source: Any = None
+        state = emulator.state
+        lock = threading.Lock()
+        record_keyvault, record_arm, regenerate = (
+            state.record_keyvault_request,
+            state.record_arm_call,
+            state.regenerate_key,
+        )
+
+        def record_keyvault_request(method: str, name: str) -> None:
+            with lock:
+                self.entries.append(("keyvault", method, name))
+            record_keyvault(method, name)
+
+        def record_arm_call(operation: str) -> None:
+            with lock:
+                self.entries.append(("arm", operation))
+            record_arm(operation)
+
+        def regenerate_key(slot: str, value: str | None = None) -> str:
+            held = self.source(slot) if self.source is not None else None
+            new_key = regenerate(slot, value)
+            with lock:
+                self.entries.append(("key taken", slot))
+                self.taken.append((slot, new_key, held))
+            return new_key
+
+        monkeypatch.setattr(state, "record_keyvault_request", record_keyvault_request)
+        monkeypatch.setattr(state, "record_arm_call", record_arm_call)
+        monkeypatch.setattr(state, "regenerate_key", regenerate_key)
+
+    def writes_and_regenerations(self) -> list[tuple[str, ...]]:
+        return [e for e in self.entries if e[:2] == ("keyvault", "PUT") or e == ("arm", "regenerateKeys")]
+
+
 def test_dry_run_prints_the_plan_and_changes_nothing(emulator: EmulatorServer) -> None:
     primary, secondary = key_pair(emulator, "dry")
     data = rotation_config(emulator, "dry")
@@ -220,6 +262,59 @@ def test_failure_mid_way_stops_with_the_step_and_the_key_state(emulator: Emulato
     HYGIENE.add_secret(stored.value, "mid-way primary key")
 
 
+def test_a_failed_first_key_vault_write_stops_at_the_write_step_before_any_key_changes(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The identity may not write to the vault (no Key Vault Secrets Officer role): the first write is
+    refused, and the run must stop there, before ARM is asked for anything, so both endpoint keys stay
+    what every gateway holds."""
+    key_pair(emulator, "wfail")
+    data = rotation_config(emulator, "wfail")
+    before = emulator.state.keys()
+    journal = EmulatorJournal(emulator, monkeypatch)
+    # Explicit slots: no reads of the current keys first, so the vault's first request is the write.
+    emulator.state.set_fault("keyvault", status=403, count=1)
+    code, out = rotate(data, settle_s=0, slots=["secondary", "primary"])
+    assert code == 1, out
+    assert "step `write` failed" in out and "403" in out and "wfail-secondary" in out
+    assert "secondary: unchanged; primary: unchanged" in out
+    assert emulator.state.keys() == before
+    # What reached the emulator, in order: the refused write, and nothing for ARM after it.
+    assert journal.writes_and_regenerations() == [("keyvault", "PUT", "wfail-secondary")]
+    assert journal.taken == []
+
+
+def test_each_key_is_in_the_vault_before_the_endpoint_takes_it(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Microsoft's order, checked as it happens (not from the end state): for each slot, the vault
+    write reaches the emulator before regenerateKeys, and at the moment the endpoint takes a key, the
+    vault already holds exactly that key."""
+    key_pair(emulator, "order")
+    data = rotation_config(emulator, "order")
+    journal = EmulatorJournal(emulator, monkeypatch)
+
+    def in_vault(slot: str) -> str | None:
+        stored = emulator.state.get_secret(f"order-{slot}")
+        return None if stored is None else stored.value
+
+    journal.source = in_vault
+    code, out = rotate(data, settle_s=0)
+    assert code == 0, out
+    assert journal.writes_and_regenerations() == [
+        ("keyvault", "PUT", "order-secondary"),
+        ("arm", "regenerateKeys"),
+        ("keyvault", "PUT", "order-primary"),
+        ("arm", "regenerateKeys"),
+    ]
+    assert [slot for slot, _, _ in journal.taken] == ["secondary", "primary"]
+    for slot, taken, _ in journal.taken:
+        HYGIENE.add_secret(taken, f"order-rotated {slot} key")
+    # Compared as booleans: a failure must not print key values.
+    in_place = {slot: held == taken for slot, taken, held in journal.taken}
+    assert in_place == {"secondary": True, "primary": True}, "the endpoint took a key the vault did not hold"
+
+
 def test_a_failed_operation_stops_at_the_wait_step(emulator: EmulatorServer) -> None:
     key_pair(emulator, "lro")
     data = rotation_config(emulator, "lro")
@@ -309,7 +404,7 @@ def test_back_to_back_rotations_and_a_rerun_after_a_failure_fail_no_request(emul
 
 
 def test_key_files_are_rewritten_before_the_endpoint_takes_the_key(
-    emulator: EmulatorServer, tmp_path: Path
+    emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary, secondary = key_pair(emulator, "files")
     (tmp_path / "primary").write_text(primary + "\n")
@@ -318,6 +413,8 @@ def test_key_files_are_rewritten_before_the_endpoint_takes_the_key(
     auth = data["routes"]["iris"]["auth"]
     auth["primary"] = {"file": str(tmp_path / "primary")}
     auth["secondary"] = {"file": str(tmp_path / "secondary")}
+    journal = EmulatorJournal(emulator, monkeypatch)
+    journal.source = lambda slot: (tmp_path / slot).read_text().removesuffix("\n")
     with (
         ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
         Traffic([gateway]) as traffic,
@@ -331,6 +428,10 @@ def test_key_files_are_rewritten_before_the_endpoint_takes_the_key(
     for slot in ("primary", "secondary"):
         HYGIENE.add_secret(keys[slot], f"file-rotated {slot} key")
         assert (tmp_path / slot).read_text() == keys[slot] + "\n"
+    # The order, as it happened: each file already held the key when the endpoint took it.
+    assert [slot for slot, _, _ in journal.taken] == ["secondary", "primary"]
+    in_place = {slot: held == taken for slot, taken, held in journal.taken}  # booleans: no key printed
+    assert in_place == {"secondary": True, "primary": True}, "the endpoint took a key its file did not hold"
     assert traffic.failed == [], traffic.failed[:5]
 
 
