@@ -303,6 +303,9 @@ def test_load_shedding_answers_overloaded(upstream, gateway_factory, monkeypatch
     [
         "/iris/../admin",
         "/iris/%2e%2e/x",
+        "/iris/%2E%2E/admin",
+        # Upper case and double-encoded: `%2E` only once the upstream decodes it, `..` twice.
+        "/iris/%252E%252E/admin",
         "/iris/a%2fb",
         "/iris/a%5cb",
         "/iris/a%00b",

@@ -338,6 +338,27 @@ def test_budget_ratio_alone_without_floor():
     assert sum(budget.try_withdraw() for _ in range(100)) == 20
 
 
+def test_an_outage_through_the_proxy_is_held_to_the_retry_budget(scripted, gateway_factory):
+    """Every answer is 503 (an outage): each request would be sent `attempts` (3) times, tripling the
+    load on a failing upstream. Through the real proxy, the route's budget (a floor of 1 retry per
+    window plus 10% of the requests) holds the retries to a few, and every one that happens is counted."""
+    app, server = scripted
+    for _ in range(200):
+        app.then(503)
+    retry = {"min_retries_per_s": 0.1, "budget_ratio": 0.1, "backoff_base_s": 0}
+    gw = gateway_factory({"routes": {"outage": open_route(server.url, retry=retry)}})
+    requests = 20
+    with httpx.Client(base_url=gw.url, timeout=10) as client:
+        retries_before = _retries(client, "outage")
+        statuses = [client.post("/iris/score", content=b"{}").status_code for _ in range(requests)]
+        retries = _retries(client, "outage") - retries_before
+    assert statuses == [503] * requests  # the upstream's own answer, passed on
+    # Within one 10 s window the budget allows 1 + 0.1 * 20 = 3 retries; a slow machine spreading the
+    # requests over two windows gets one more floor. Without the budget: 2 retries each, 40.
+    assert 1 <= app.received - requests <= 5, f"{app.received} upstream executions for {requests} requests"
+    assert retries == app.received - requests
+
+
 # ----------------------------------------------------------------------------------- transport errors
 
 
