@@ -22,6 +22,7 @@ from azure_env import (
     make_context,
     register_app,
     run,
+    scheduled_refreshes,
     wait_for,
 )
 from prometheus_client import REGISTRY
@@ -71,23 +72,6 @@ def token_arrivals(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch, cl
 
     monkeypatch.setattr(emulator.state, "record_token_request", record_token_request)
     return arrivals
-
-
-def scheduled_refreshes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float | None, float]]:
-    """(lifetime, hint, delay) of every refresh the token cache schedules: the decision itself, in
-    numbers, instead of a window of wall-clock time around when it happens."""
-    from gateway import tokens
-
-    decisions: list[tuple[float, float | None, float]] = []
-    decide = tokens.refresh_delay
-
-    def refresh_delay(lifetime_s: float, hint_s: float | None, rng: random.Random) -> float:
-        delay = decide(lifetime_s, hint_s, rng)
-        decisions.append((lifetime_s, hint_s, delay))
-        return delay
-
-    monkeypatch.setattr(tokens, "refresh_delay", refresh_delay)
-    return decisions
 
 
 def backoff_delays(entry: TokenEntry) -> list[tuple[float, float]]:
