@@ -38,13 +38,29 @@ def test_file_secret_strips_one_newline_and_reloads(tmp_path: Path, monkeypatch)
     assert secret.version == 1
 
 
-def test_file_secret_checks_at_most_once_a_second(tmp_path: Path):
+class _Clock:
+    """`gateway.secrets`' view of the `time` module, with a monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+
+def test_file_secret_checks_at_most_once_a_second(tmp_path: Path, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(secrets, "time", clock)
     path = tmp_path / "key"
     path.write_text("first-value-1234")
     secret = FileSecret(path)
     path.write_text("changed-value-1234")
-    assert secret.value == "first-value-1234"  # within the second: not re-read yet
-    time.sleep(1.05)
+    clock.now += secrets.CHECK_INTERVAL_S - 0.01
+    assert secret.value == "first-value-1234"  # within the interval: not re-read yet
+    clock.now += 0.01
     assert secret.value == "changed-value-1234"
 
 
