@@ -30,7 +30,7 @@ from azure_env import (  # noqa: F401
 )
 from conftest import HYGIENE
 from servers import ServerThread
-from test_keyvault import ROWS, config_data, key_pair, publish, wait_until
+from test_keyvault import ROWS, config_data, key_pair, publish, readyz, wait_until
 
 from gateway.app import GatewayApp
 from gateway.config import parse_config
@@ -94,10 +94,14 @@ class Traffic:
         self.sent = 0
         self.failed: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(g,), daemon=True) for g in gateways]
+        self.per_gateway = [0] * len(gateways)
+        self._threads = [
+            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(len(gateways))
+        ]
         self._lock = threading.Lock()
 
-    def _run(self, gateway: ServerThread) -> None:
+    def _run(self, number: int) -> None:
+        gateway = self.gateways[number]
         with httpx.Client(timeout=20) as client:
             while not self._stop.is_set():
                 try:
@@ -111,6 +115,7 @@ class Traffic:
                     outcome = f"{type(exc).__name__}"
                 with self._lock:
                     self.sent += 1
+                    self.per_gateway[number] += 1
                     if outcome is not None:
                         self.failed.append(outcome)
 
@@ -118,6 +123,19 @@ class Traffic:
         for thread in self._threads:
             thread.start()
         return self
+
+    def answered(self, more: int = 10, within: float = 60) -> None:
+        """Until `more` further requests were answered through every gateway: positive evidence that
+        traffic flowed at this point (instead of sleeping and hoping it did)."""
+        with self._lock:
+            targets = [count + more for count in self.per_gateway]
+        deadline = time.monotonic() + within
+        while True:
+            with self._lock:
+                if all(count >= target for count, target in zip(self.per_gateway, targets, strict=True)):
+                    return
+            assert time.monotonic() < deadline, f"fewer than {more} requests per gateway in {within} s"
+            time.sleep(0.01)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -213,9 +231,9 @@ def test_rotation_with_two_replicas_under_traffic_fails_no_request(emulator: Emu
     replicas = [ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))).start() for _ in range(2)]
     try:
         with Traffic(replicas) as traffic:
-            time.sleep(0.5)
+            traffic.answered()
             code, out = rotate(data, settle_s=SETTLE_S)
-            time.sleep(1.0)  # requests after the rotation too
+            traffic.answered()  # requests after the rotation too
         assert code == 0, out
         keys = emulator.state.keys()
         assert set(keys.values()).isdisjoint(old)
@@ -250,7 +268,18 @@ def test_failure_mid_way_stops_with_the_step_and_the_key_state(emulator: Emulato
         Traffic([gateway]) as traffic,
     ):
         code, out = rotate(data, settle_s=SETTLE_S)
-        time.sleep(1.0)  # the gateway now holds a primary the endpoint rejects: it uses the secondary
+        # The gateway picks up the primary the endpoint rejects (positive evidence: its /readyz shows
+        # the vault's version), and requests after that still succeed: it uses the secondary.
+        written = emulator.state.get_secret("mid-primary")
+        assert written is not None
+        assert wait_until(
+            lambda: any(
+                s["secret"] == "mid-primary" and s["version"] == written.version
+                for s in readyz(gateway)["keyvault"]
+            ),
+            within=30,
+        )
+        traffic.answered()
     assert code == 1
     assert "step `regenerate` failed" in out and "500" in out
     assert "secondary: rotated and verified" in out
@@ -348,9 +377,9 @@ def test_from_endpoint_routes_rotate_through_list_keys(emulator: EmulatorServer)
         ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
         Traffic([gateway]) as traffic,
     ):
-        time.sleep(0.3)
+        traffic.answered()
         code, out = rotate(data, settle_s=0.5)
-        time.sleep(0.5)
+        traffic.answered()
     assert code == 0, out
     new = emulator.state.keys()
     assert set(new.values()).isdisjoint(old.values())
@@ -419,9 +448,9 @@ def test_key_files_are_rewritten_before_the_endpoint_takes_the_key(
         ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
         Traffic([gateway]) as traffic,
     ):
-        time.sleep(0.3)
+        traffic.answered()
         code, out = rotate(data)  # default settle: 1 s file checks + 5 s margin
-        time.sleep(1.5)
+        traffic.answered()
     assert code == 0, out
     assert "waiting 6 s" in out
     keys = emulator.state.keys()
