@@ -326,6 +326,32 @@ def test_every_key_rejected_reads_the_vault_at_once(emulator: EmulatorServer) ->
         assert readyz(gateway)["ready"] is True
 
 
+def test_keys_the_poll_loop_brings_while_every_key_is_rejected_are_used(emulator: EmulatorServer) -> None:
+    """Both keys changed in the vault and the endpoint. The poll loop's read is in flight when a request
+    finds every key rejected and reads the vault itself: the poll loop stores the new keys first, so the
+    request's own read changes nothing. The request must still use the keys that changed while it
+    waited (the cause of test_rotate's rare 401 during back-to-back rotations)."""
+    from gateway import keyvault
+
+    key_pair(emulator, "race")
+    app = GatewayApp(parse_config(config_data(emulator, "race", refresh_every_s=3600), "kv.yaml"))
+    with ServerThread(app) as gateway, httpx.Client(timeout=30) as client:
+        assert score(client, gateway) == 200
+        key_pair(emulator, "race")  # both keys rotated behind the gateway's back
+        vaults = keyvault.shared_vaults(app.ctx)
+        assert vaults is not None and gateway.loop is not None
+        vault = vaults.vaults[emulator.vault_url]
+        emulator.state.set_fault("keyvault", delay_s=1.0)  # every read takes a second: they overlap
+        reads = emulator.state.keyvault_request_count("GET")
+        poll = asyncio.run_coroutine_threadsafe(vault.poll(), gateway.loop)  # the poll loop's turn
+        # Its two reads are at the vault (positive evidence) before the request starts.
+        assert wait_until(lambda: emulator.state.keyvault_request_count("GET") >= reads + 2, within=20)
+        response = client.post(f"{gateway.url}/iris/score", json=ROWS)
+        assert response.status_code == 200, response.text
+        assert poll.result(30) is True
+        assert emulator.state.keyvault_request_count("GET") == reads + 4  # and the request's own read
+
+
 def test_header_values_and_client_secrets_from_the_vault(emulator: EmulatorServer) -> None:
     key_pair(emulator, "hdr")
     publish(emulator, "hdr-header", "header-from-vault-0123456789")
