@@ -402,22 +402,39 @@ def test_no_key_value_in_any_output(emulator: EmulatorServer) -> None:
 def test_back_to_back_rotations_and_a_rerun_after_a_failure_fail_no_request(emulator: EmulatorServer) -> None:
     """The gateway remembers a key it saw rejected (for `recheck_after_s`): a second rotation right after
     the first, and a re-run after a run that stopped half-way (the vault then holds a primary the
-    endpoint does not have), must still find a working key for every request."""
+    endpoint does not have), must still find a working key for every request.
+
+    Back to back, a replica whose poll is slow can hold two stale keys: it then re-reads the vault
+    within the request, and must use what the poll loop stored meanwhile (see
+    test_keyvault.py::test_keys_the_poll_loop_brings_while_every_key_is_rejected_are_used)."""
     key_pair(emulator, "again")
     data = rotation_config(emulator, "again", refresh_every_s=0.3)
     replicas = [ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))).start() for _ in range(2)]
+
+    def every_replica_holds_the_vaults_primary() -> bool:
+        current = emulator.state.get_secret("again-primary")
+        return current is not None and all(
+            any(
+                s["secret"] == "again-primary" and s["version"] == current.version
+                for s in readyz(r)["keyvault"]
+            )
+            for r in replicas
+        )
+
     try:
         with Traffic(replicas) as traffic:
-            time.sleep(0.3)
+            traffic.answered()
             first, out1 = rotate(data, settle_s=SETTLE_S)
             second, out2 = rotate(data, settle_s=SETTLE_S)
             emulator.state.set_fault(
                 "regenerate", status=500, skip=1, count=1
             )  # the primary's regeneration fails
             third, out3 = rotate(data, settle_s=SETTLE_S)
-            time.sleep(1.0)
+            # Every replica holds the primary the endpoint rejects, and traffic meets it, before the re-run.
+            assert wait_until(every_replica_holds_the_vaults_primary, within=30)
+            traffic.answered()
             fourth, out4 = rotate(data, settle_s=SETTLE_S)  # the recovery: run it again
-            time.sleep(1.0)
+            traffic.answered()
         assert (first, second, third, fourth) == (0, 0, 1, 0), (out1, out2, out3, out4)
         assert "primary key in Key Vault is rejected by the endpoint" in out4
         assert out4.index("regenerating the primary key") < out4.index("regenerating the secondary key")
