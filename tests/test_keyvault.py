@@ -326,6 +326,31 @@ def test_every_key_rejected_reads_the_vault_at_once(emulator: EmulatorServer) ->
         assert readyz(gateway)["ready"] is True
 
 
+def test_a_polled_version_that_cannot_go_in_a_header_keeps_the_last_good_key(
+    emulator: EmulatorServer,
+) -> None:
+    """Checked at start-up (test_header_values_and_client_secrets_from_the_vault) and at every poll: a new
+    version with a line break would corrupt every request's Authorization header, so the last good key
+    stays in use, the entry shows not ok and the primary is never refused."""
+    key_pair(emulator, "crlf")
+    config = parse_config(config_data(emulator, "crlf", refresh_every_s=0.2), "kv.yaml")
+    with ServerThread(GatewayApp(config)) as gateway, httpx.Client(timeout=10) as client:
+        assert score(client, gateway) == 200
+        broken = publish(emulator, "crlf-primary", "line\r\nbreak-0123456789")
+
+        def entry() -> dict[str, Any]:
+            return next(s for s in readyz(gateway)["keyvault"] if s["secret"] == "crlf-primary")
+
+        # Positive evidence that a poll read the broken version, taken or refused.
+        assert wait_until(lambda: entry()["ok"] is False or entry()["version"] == broken, within=15), entry()
+        assert entry()["ok"] is False and "line break" in entry()["error"], entry()
+        refusals, uses = emulator.state.score_count("401"), emulator.state.score_auth_count("key:primary")
+        for _ in range(3):
+            assert score(client, gateway) == 200
+        assert emulator.state.score_count("401") == refusals
+        assert emulator.state.score_auth_count("key:primary") == uses + 3
+
+
 def test_keys_the_poll_loop_brings_while_every_key_is_rejected_are_used(emulator: EmulatorServer) -> None:
     """Both keys changed in the vault and the endpoint. The poll loop's read is in flight when a request
     finds every key rejected and reads the vault itself: the poll loop stores the new keys first, so the

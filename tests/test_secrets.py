@@ -38,6 +38,24 @@ def test_file_secret_strips_one_newline_and_reloads(tmp_path: Path, monkeypatch)
     assert secret.version == 1
 
 
+def test_file_secret_rewritten_in_place_with_a_value_of_the_same_length(tmp_path: Path, monkeypatch):
+    """An editor or `kubectl cp` rewrites the file in place: same inode, same size, only the
+    modification time tells the new key from the old one."""
+    monkeypatch.setattr(secrets, "CHECK_INTERVAL_S", 0.0)
+    path = tmp_path / "key"
+    path.write_text("key-value-aaaa-1234")
+    secret = FileSecret(path)
+    assert secret.value == "key-value-aaaa-1234"
+    before = os.stat(path)
+    with path.open("r+") as handle:  # in place: the inode stays
+        handle.write("key-value-bbbb-1234")
+    # A distinct modification time, whatever the file system's timestamp granularity.
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert secret.value == "key-value-bbbb-1234"
+
+
 class _Clock:
     """`gateway.secrets`' view of the `time` module, with a monotonic clock the test moves."""
 
