@@ -90,6 +90,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/test_replay.py::test_an_outage_through_the_proxy_is_held_to_the_retry_budget",
     ),
     one(
+        "retry-budget-deposit",
+        "requests are not counted in the retry budget (only its floor is left)",
+        "gateway/proxy.py",
+        "        policy.budget.deposit()\n",
+        "",
+        "tests/test_replay.py::test_an_outage_through_the_proxy_is_held_to_the_retry_budget",
+    ),
+    one(
         "redaction",
         "registered secret values are not masked",
         "gateway/redaction.py",
