@@ -356,16 +356,14 @@ def test_keys_the_poll_loop_brings_while_every_key_is_rejected_are_used(emulator
     finds every key rejected and reads the vault itself: the poll loop stores the new keys first, so the
     request's own read changes nothing. The request must still use the keys that changed while it
     waited (the cause of test_rotate's rare 401 during back-to-back rotations)."""
-    from gateway import keyvault
 
     key_pair(emulator, "race")
     app = GatewayApp(parse_config(config_data(emulator, "race", refresh_every_s=3600), "kv.yaml"))
     with ServerThread(app) as gateway, httpx.Client(timeout=30) as client:
         assert score(client, gateway) == 200
         key_pair(emulator, "race")  # both keys rotated behind the gateway's back
-        vaults = keyvault.shared_vaults(app.ctx)
-        assert vaults is not None and gateway.loop is not None
-        vault = vaults.vaults[emulator.vault_url]
+        assert gateway.loop is not None
+        vault = app.assembly.vaults.vaults[emulator.vault_url]
         emulator.state.set_fault("keyvault", delay_s=1.0)  # every read takes a second: they overlap
         reads = emulator.state.keyvault_request_count("GET")
         poll = asyncio.run_coroutine_threadsafe(vault.poll(), gateway.loop)  # the poll loop's turn
@@ -441,13 +439,13 @@ def test_a_reload_adds_key_vault_secrets_and_keeps_the_loaded_ones(
     # Loads (reads outside the poll loop, while a configuration is built), by secret name. Counted
     # apart from the poll loop's reads, which go on at their own pace whatever the machine's load.
     loads: list[str] = []
-    load = keyvault.KeyVaults._load
+    load = keyvault.KeyVaults.load
 
-    async def counting_load(vaults: Any, vault: Any, name: str) -> Any:
-        loads.append(name)
-        return await load(vaults, vault, name)
+    async def counting_load(vaults: Any, refs: Any) -> None:
+        await load(vaults, refs)
+        loads.extend(name for _, name in vaults._read)  # what this load read (not held already)
 
-    monkeypatch.setattr(keyvault.KeyVaults, "_load", counting_load)
+    monkeypatch.setattr(keyvault.KeyVaults, "load", counting_load)
     with ServerThread(app) as gateway, httpx.Client(timeout=10) as client:
         publish(emulator, "reload-header", "header-after-reload-0123456789")
         data["routes"]["iris"]["headers"] = {"x-tag": kv(emulator, "reload-header")}

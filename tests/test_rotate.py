@@ -301,8 +301,16 @@ def test_a_failed_first_key_vault_write_stops_at_the_write_step_before_any_key_c
     data = rotation_config(emulator, "wfail")
     before = emulator.state.keys()
     journal = EmulatorJournal(emulator, monkeypatch)
-    # Explicit slots: no reads of the current keys first, so the vault's first request is the write.
-    emulator.state.set_fault("keyvault", status=403, count=1)
+    # The first write of a key (PUT) is refused, whatever reads (and lock tags) come before it: the fault
+    # is armed as that request arrives, just before the emulated vault looks for one.
+    record = emulator.state.record_keyvault_request
+
+    def refuse_the_first_write(method: str, name: str) -> None:
+        record(method, name)
+        if method == "PUT" and not any(e[:2] == ("keyvault", "PUT") for e in journal.entries[:-1]):
+            emulator.state.set_fault("keyvault", status=403, count=1)
+
+    monkeypatch.setattr(emulator.state, "record_keyvault_request", refuse_the_first_write)
     code, out = rotate(data, settle_s=0, slots=["secondary", "primary"])
     assert code == 1, out
     assert "step `write` failed" in out and "403" in out and "wfail-secondary" in out
