@@ -8,6 +8,7 @@ runs against `gateway.emulator` on loopback over TLS; MSAL itself is never mocke
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -182,3 +183,20 @@ def management_token(emulator: EmulatorServer, app: App) -> str:
     return emulator.state.issue_access_token(
         audience=ARM_RESOURCE, tenant_id=app.tenant_id, appid=app.client_id
     )
+
+
+def scheduled_refreshes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float | None, float]]:
+    """(lifetime, hint, delay) of every refresh the token cache schedules: the decision itself, in
+    numbers, instead of a window of wall-clock time around when it happens."""
+    from gateway import tokens
+
+    decisions: list[tuple[float, float | None, float]] = []
+    decide = tokens.refresh_delay
+
+    def refresh_delay(lifetime_s: float, hint_s: float | None, rng: random.Random) -> float:
+        delay = decide(lifetime_s, hint_s, rng)
+        decisions.append((lifetime_s, hint_s, delay))
+        return delay
+
+    monkeypatch.setattr(tokens, "refresh_delay", refresh_delay)
+    return decisions

@@ -77,7 +77,7 @@ def record_fault_line(line: str) -> None:
 class Leak:
     secret: str  # never printed whole: see `shown`
     origin: str  # where the suite got the secret from
-    kind: str  # "log", "response", "output"
+    kind: str  # "log", "log output", "response", "output"
     where: str
     excerpt: str
 
@@ -124,19 +124,42 @@ def find_leaks(secrets: dict[str, str], entries: list[tuple[str, str, str]]) -> 
 
 
 class _HygieneHandler(logging.Handler):
+    """Records each log record twice: as the gateway's code handed it to logging (the raw record: the
+    gateway must not even pass a secret to a logger), and as `gateway serve` would write it, through the
+    gateway's own pipeline (`gateway.logs`: the redacting filter, then the text and the JSON formatter,
+    extras included), so a redaction bug shows in the scan too. Loggers the tests own get only the
+    second: they pass secrets on purpose, and redaction must mask them."""
+
     def __init__(self, sink: SecretHygiene) -> None:
         super().__init__(logging.NOTSET)
         self.sink = sink
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        from gateway.logs import JsonFormatter, RedactingFilter, TextFormatter
+
+        self.redacting = RedactingFilter()
+        self.text = TextFormatter()
+        self.json = JsonFormatter()
 
     def emit(self, record: logging.LogRecord) -> None:
+        where = f"{record.name} during {self.sink.current}"
+        # First, on a copy: the filter rewrites the record it is given, and formatting caches text on it.
+        self.sink.add("log output", where, self.written(record))
         if record.name.startswith(TEST_OWNED_LOGGERS):
             return
         try:
             text = self.format(record)
         except Exception:  # a broken record must not break the test that logged it
             text = f"{record.msg!r} {record.args!r}"
-        self.sink.add("log", f"{record.name} during {self.sink.current}", text)
+        self.sink.add("log", where, text)
+
+    def written(self, record: logging.LogRecord) -> str:
+        """The record as the gateway's log handler writes it (text, then JSON)."""
+        copy = logging.makeLogRecord(record.__dict__)
+        try:
+            self.redacting.filter(copy)
+            return self.text.format(copy) + "\n" + self.json.format(copy)
+        except Exception as exc:  # a broken record must not break the test that logged it
+            return f"<not formattable: {type(exc).__name__}> {record.msg!r} {record.args!r}"
 
 
 class _ResponseRecorder:
@@ -184,7 +207,7 @@ class SecretHygiene:
         self.secrets: dict[str, str] = {}
         self.current = "(session set-up)"
         self.handler = _HygieneHandler(self)
-        self.counts = {"log": 0, "response": 0, "output": 0}
+        self.counts = {"log": 0, "log output": 0, "response": 0, "output": 0}
         self._undo: list[Callable[[], None]] = []
 
     def add(self, kind: str, where: str, text: str) -> None:
@@ -220,10 +243,16 @@ class SecretHygiene:
         return find_leaks(self.secret_values(), entries)
 
     # installation
-    def attach_handler(self) -> None:
+    def attach_handler(self, *, levels: bool = True) -> None:
+        """The handler goes first on the root logger: a handler with the gateway's redacting filter
+        (after `gateway.logs.configure`) rewrites the records it handles, and the raw check must see
+        them as the gateway's code made them."""
         root = logging.getLogger()
-        if self.handler not in root.handlers:
-            root.addHandler(self.handler)
+        if root.handlers[:1] != [self.handler]:
+            root.removeHandler(self.handler)
+            root.handlers.insert(0, self.handler)
+        if not levels:
+            return
         # The gateway's default log level; its own loggers at debug, MSAL at warning as `gateway.logs` does.
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
@@ -233,8 +262,25 @@ class SecretHygiene:
     def install(self) -> None:
         self.attach_handler()
         self._patch_gateway_app()
+        self._patch_logs()
         self._patch_subprocess()
         self._patch_emulator()
+
+    def _patch_logs(self) -> None:
+        """`gateway.logs.configure` replaces the root logger's handlers (tests call it in-process): put
+        the collector back at once, keeping the levels the test asked for."""
+        from gateway import logs
+
+        hygiene = self
+
+        def wrap(original: Any) -> Any:
+            def configure(*args: Any, **kw: Any) -> None:
+                original(*args, **kw)
+                hygiene.attach_handler(levels=False)
+
+            return configure
+
+        self._replace(logs, "configure", wrap)
 
     def uninstall(self) -> None:
         for undo in reversed(self._undo):
@@ -392,8 +438,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(line)
     if any(HYGIENE.counts.values()):
         terminalreporter.write_line(
-            "secret hygiene: checked {log} log records, {response} gateway answers, {output} process "
-            "outputs against {secrets} secret values".format(
-                **HYGIENE.counts, secrets=len(HYGIENE.secret_values())
+            "secret hygiene: checked {log} log records (and {formatted} as written), {response} gateway "
+            "answers, {output} process outputs against {secrets} secret values".format(
+                log=HYGIENE.counts["log"],
+                formatted=HYGIENE.counts["log output"],
+                response=HYGIENE.counts["response"],
+                output=HYGIENE.counts["output"],
+                secrets=len(HYGIENE.secret_values()),
             )
         )

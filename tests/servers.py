@@ -53,6 +53,9 @@ class ServerThread:
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=options.pop("timeout_graceful_shutdown", 2),
+            # As `gateway serve`: uvicorn's default would take the client address from a loopback
+            # client's X-Forwarded-For, so tests would see a client address production never does.
+            proxy_headers=options.pop("proxy_headers", False),
             **options,
         )
         self.server = uvicorn.Server(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -489,11 +490,12 @@ def test_slowloris_head_is_cut_by_timeout_s_not_read_timeout(gateway):
             time.sleep(0.3)
 
     up.reset(trickle)
-    started = time.monotonic()
     response = httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10)
-    elapsed = time.monotonic() - started
     assert response.status_code == 504
-    assert 2.5 < elapsed < 5, elapsed
+    # Which timer cut it, in the gateway's own words (not a window of elapsed time a loaded machine
+    # stretches): the whole-answer timeout_s, while read_timeout_s never fired.
+    message = response.json()["error"]["message"]
+    assert re.search(r"\btimeout_s\b", message) and "read_timeout_s" not in message, message
     assert up.executions == 1
 
 
@@ -509,7 +511,10 @@ def test_silent_upstream_is_cut_by_read_timeout(gateway):
     response = httpx.post(gateway.url + "/default/score", content=b"{}", timeout=10)
     elapsed = time.monotonic() - started
     assert response.status_code == 504
-    assert 0.8 < elapsed < 2.5, elapsed
+    # read_timeout_s (1 s) cut it, not timeout_s (3 s): the gateway's message says which timer fired.
+    message = response.json()["error"]["message"]
+    assert "read_timeout_s" in message, message
+    assert elapsed > 0.8, elapsed  # not before its time (a bound a slow machine cannot break)
     assert up.executions == 1
 
 
@@ -545,7 +550,10 @@ def test_full_pool_is_503_overloaded_never_retried_nor_counted(gateway):
         target=lambda: results.append(httpx.post(gateway.url + "/pool/score", content=b"{}", timeout=10))
     )
     first.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while up.executions == 0:  # the first request holds the only connection
+        assert time.monotonic() < deadline, "the first request never reached the upstream"
+        time.sleep(0.01)
     started = time.monotonic()
     second = httpx.post(gateway.url + "/pool/score", content=b"{}", timeout=10)
     elapsed = time.monotonic() - started
@@ -553,7 +561,9 @@ def test_full_pool_is_503_overloaded_never_retried_nor_counted(gateway):
     assert second.status_code == 503
     assert error_code(second) == "overloaded"
     assert "retry-after" in second.headers
-    assert 0.4 < elapsed < 1.3, elapsed
+    # It waited pool_timeout_s for a connection, then gave up: the message names that timer.
+    assert "pool_timeout_s" in second.json()["error"]["message"], second.text
+    assert elapsed > 0.4, elapsed
     assert results[0].status_code == 200
     assert up.executions == 1
     up.reset(ok)
@@ -859,10 +869,9 @@ def test_through_the_proxy_timeouts_hold(proxied):
             time.sleep(4)
 
     once.reset(silent)
-    started = time.monotonic()
     response = httpx.post(f"{url}/once/score", content=b"{}", timeout=10)
     assert response.status_code == 504
-    assert 0.8 < time.monotonic() - started < 2.5
+    assert "read_timeout_s" in response.json()["error"]["message"], response.text
     assert once.executions == 1
 
 
@@ -947,18 +956,20 @@ def test_upstream_that_stops_reading_the_upload_is_cut_by_write_timeout(gateway)
                     sock.sendall(block)
             except OSError:
                 pass
+            answer = b""
             try:
-                result.append(sock.recv(65536))
+                while chunk := sock.recv(65536):  # the whole answer: its body says which timer fired
+                    answer += chunk
             except OSError as exc:
-                result.append(repr(exc).encode())
+                answer = answer or repr(exc).encode()
+            result.append(answer)
 
-    started = time.monotonic()
     thread = threading.Thread(target=upload)
     thread.start()
-    thread.join(15)
-    elapsed = time.monotonic() - started
+    thread.join(30)
     assert result and result[0].startswith(b"HTTP/1.1 504"), result[:1]
-    assert elapsed < 4.5, elapsed  # write_timeout_s 1 after the socket buffers filled, before timeout_s 5
+    # write_timeout_s (1 s, after the socket buffers filled) cut it, not timeout_s (5 s).
+    assert b"write_timeout_s" in result[0], result[0][:500]
     assert up.executions == 1
 
 
@@ -1139,8 +1150,8 @@ def test_connect_timeout_bounds_a_handshake_that_never_completes(gateway):
     response = httpx.post(gateway.url + "/backlog/score", content=b"{}", timeout=10)
     elapsed = time.monotonic() - started
     assert response.status_code in (502, 504), response.content
-    assert "connect_timeout_s" in response.text or error_code(response)
-    assert elapsed < 2.5, elapsed  # 0.5 s per attempt, three attempts (nothing was sent)
+    assert "connect_timeout_s" in response.text, response.text  # not timeout_s (3 s)
+    assert elapsed < 8, elapsed  # 0.5 s per attempt, three attempts (nothing was sent); generous: loaded CI
     print("connect timeout answer", response.status_code, error_code(response), round(elapsed, 2))
 
 

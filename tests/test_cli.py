@@ -70,6 +70,31 @@ def _wait_healthy(url: str, process: subprocess.Popen[str]) -> None:
     raise AssertionError("gateway did not start")
 
 
+def _reloads(url: str, result: str) -> float:
+    """gateway_config_reloads_total{result=...} of the gateway at `url` (0 before the first)."""
+    sample = f'gateway_config_reloads_total{{result="{result}"}} '
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(sample):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _wait_until_refused(port: int, within: float = 20) -> None:
+    """Until a new connection to `port` is refused: the server closed its listener (shutdown began)."""
+    import socket
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"port {port} still accepts connections {within} s after SIGTERM")
+
+
 def test_help_explains_each_command():
     result = subprocess.run([*GATEWAY, "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
@@ -99,7 +124,10 @@ def test_serve_drains_in_flight_requests_on_sigterm(upstream, tmp_path):
         while app.seen("/chunks") == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # Positive evidence that the shutdown began while the request is in flight: the listener is
+        # closed (new connections are refused), so the drain, not a race, lets the request finish.
+        _wait_until_refused(port)
+        assert app.seen("/chunks") == 1 and "status" not in result
         assert server.loop is not None
         server.loop.call_soon_threadsafe(app.release.set)
         thread.join(20)
@@ -188,10 +216,16 @@ def test_hot_reload_on_file_change_and_rejects_invalid(upstream, tmp_path):
             time.sleep(0.1)
         assert httpx.get(url + "/flowers/echo").status_code == 200
         assert httpx.get(url + "/iris/echo").status_code == 404
+        rejected = _reloads(url, "rejected")
         path.write_text("routes: {broken: yes}\n")
         process.send_signal(signal.SIGHUP)
-        time.sleep(1)
+        # Positive evidence that the broken file was read and refused, before asserting what stays.
+        deadline = time.monotonic() + 20
+        while _reloads(url, "rejected") == rejected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _reloads(url, "rejected") > rejected, "the reload of the broken file never ran"
         assert httpx.get(url + "/flowers/echo").status_code == 200  # the old config stays
+        assert httpx.get(url + "/iris/echo").status_code == 404
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)

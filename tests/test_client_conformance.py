@@ -423,7 +423,7 @@ def test_final_answer_during_a_large_streaming_upload_is_returned_at_once(loop):
     with RawUpstream(handler) as upstream:
         status, body, elapsed = run(main, loop, timeout=8)
         assert (status, body) == (401, b"unauthorized")
-        assert elapsed < 3.0
+        assert elapsed < 4.5  # not waited out to total_timeout (5 s); generous for a loaded machine
         # The connection was abandoned mid-body: never pooled again.
 
 
@@ -480,7 +480,7 @@ def test_101_switching_protocols_is_a_protocol_error(caplog):
         started = time.monotonic()
         with pytest.raises(ProtocolError, match="101"):
             await client.request(origin, get(), None, **FAST)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 4.5  # not at read_timeout (5 s): refused on sight
         await asyncio.sleep(0.1)  # let any stray callback log
 
     with RawUpstream(handler) as upstream, caplog.at_level(logging.DEBUG):
@@ -577,7 +577,7 @@ def test_endless_response_headers_are_a_protocol_error_with_bounded_memory(shape
         before = _vm_rss_kib()
         elapsed = run(main)
         grown = _vm_rss_kib() - before
-    assert elapsed < 2.0
+    assert elapsed < 3.5  # cut at the head limit, not at read/total timeout (4 s)
     assert grown < 24 * 1024, f"RSS grew by {grown} KiB"
 
 
@@ -656,8 +656,8 @@ def test_read_timeout_fires_on_silence(where):
         error, elapsed = run(main)
     assert error.phase == "read"
     assert error.request_sent is True
-    assert "read_timeout_s" in str(error)
-    assert 0.4 < elapsed < 2.5
+    assert "read_timeout_s" in str(error)  # which timer fired: not total_timeout (10 s)
+    assert elapsed > 0.4  # not before its time (a bound load cannot break)
 
 
 def test_total_timeout_bounds_a_trickling_answer():
@@ -710,8 +710,8 @@ def test_write_timeout_fires_when_the_upstream_stops_reading(body_kind):
     with RawUpstream(handler) as upstream:
         error, elapsed = run(main)
     assert error.phase == "write"
-    assert "write_timeout_s" in str(error)
-    assert elapsed < 3
+    assert "write_timeout_s" in str(error)  # which timer fired: not read or total (30 s)
+    assert elapsed > 0.4
 
 
 def test_pool_timeout_when_every_connection_stays_busy():
@@ -735,8 +735,8 @@ def test_pool_timeout_when_every_connection_stays_busy():
     with RawUpstream(handler) as upstream:
         error, elapsed = run(main)
     assert error.request_sent is False
-    assert "pool_timeout_s" in str(error)
-    assert 0.25 < elapsed < 2
+    assert "pool_timeout_s" in str(error)  # which timer fired
+    assert elapsed > 0.25
 
 
 def test_connect_timeout_has_its_own_phase():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -296,10 +295,9 @@ def test_a_hanging_identity_provider_times_out(emulator: EmulatorServer) -> None
     app = register_app(emulator)
     credential = build(emulator, {"type": "aad_token", "identity": identity(emulator, app, timeout_s=0.5)})
     emulator.state.set_fault("token", hang_s=3, count=1)
-    started = time.monotonic()
     with pytest.raises(CredentialUnavailable) as raised:
         acquire(credential)
-    assert time.monotonic() - started < 2.0
+    # The 0.5 s timeout fired (the hang lasts 3 s and then answers): said by the error, not measured.
     assert "did not answer within 0.5 s" in raised.value.message
 
 

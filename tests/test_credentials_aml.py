@@ -23,6 +23,7 @@ from azure_env import (
     management_token,
     register_app,
     run,
+    scheduled_refreshes,
     wait_for,
 )
 from servers import ServerThread
@@ -102,21 +103,40 @@ def test_aml_token_from_arm_is_accepted_by_the_endpoint(emulator: EmulatorServer
     assert status.source.startswith("ARM token for endpoint iris-endpoint as client_secret literal")
 
 
-def test_aml_token_is_refreshed_at_refresh_after(emulator: EmulatorServer) -> None:
+def test_aml_token_is_refreshed_at_refresh_after(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     emulator.state.configure(aml_token_lifetime_s=4)  # refreshAfterTimeUtc: half of it
     app = register_app(emulator)
     credential = build(emulator, aml_auth(emulator, app))
+    decisions = scheduled_refreshes(monkeypatch)
+    arrivals: list[float] = []  # ARM token calls, on the gateway's clock (the emulator is in-process)
+    record = emulator.state.record_arm_call
+
+    def record_arm_call(operation: str) -> None:
+        if operation == "token":
+            arrivals.append(time.monotonic())
+        record(operation)
+
+    monkeypatch.setattr(emulator.state, "record_arm_call", record_arm_call)
 
     async def scenario() -> None:
         await credential.start()
         try:
-            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
-            calls = emulator.state.arm_call_count("token")
-            obtained = time.monotonic()
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 10)
             first = credential.grant_nowait()
-            assert await wait_for(lambda: emulator.state.arm_call_count("token") > calls, 3)
-            assert 0.9 <= time.monotonic() - obtained <= 2.8  # whole-second times: 1-2 s, plus jitter
-            assert await wait_for(lambda: credential.grant_nowait() is not first, 1)
+            entry = credential.entry  # type: ignore[attr-defined]
+            refresh_at = entry.refresh_mono
+            # The ARM token's own refresh time decides (whole seconds: 1-2 s of a 4 s lifetime), not
+            # two thirds of the lifetime; jitter is at most 5 % of the lifetime.
+            lifetime, hint, delay = next(
+                d for d in decisions if d[0] < 100
+            )  # not the 3600 s management token
+            assert 3 < lifetime < 4.5 and hint is not None and 1 <= hint <= 3, (lifetime, hint)
+            assert hint <= delay <= hint + 0.05 * lifetime, (hint, delay)
+            assert await wait_for(lambda: len(arrivals) >= 2, 20)
+            assert arrivals[1] >= refresh_at  # not before it was due
+            assert await wait_for(lambda: credential.grant_nowait() is not first, 10)
         finally:
             await credential.close()
 

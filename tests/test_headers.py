@@ -62,3 +62,67 @@ def test_the_configured_header_limits_are_enforced_by_the_server(gateway_factory
     assert httpx.post(f"{gateway.url}/iris/score", json={}, headers=few, timeout=10).status_code == 200
     refused = httpx.post(f"{gateway.url}/iris/score", json={}, headers=many, timeout=10)
     assert refused.status_code == 431 and refused.json()["error"]["code"] == "headers_too_large"
+
+
+def _raw_exchange(port: int, head: bytes) -> bytes:
+    """Send one request head (no body) on a fresh connection; the whole answer, read until close or its
+    declared length."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while True:
+            if b"\r\n\r\n" in answer:
+                top, _, body = answer.partition(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in top.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    None,
+                )
+                if length is not None and len(body) >= length:
+                    return answer
+            data = sock.recv(65536)
+            if not data:
+                return answer
+            answer += data
+
+
+def test_the_header_byte_limit_counts_every_header_of_the_request(gateway_factory, upstream):
+    """`server.max_header_bytes` is a total over the request's headers: ten headers of 600 bytes each
+    (6000 bytes) pass a 4 KiB limit one by one, but not together. The raw-bytes bound on the head (the
+    URL limit plus this one, about 12 KiB here) and the header count (100) are far away, so only the
+    byte total can refuse it; nothing may reach the upstream."""
+    import json
+
+    from conftest import PRIMARY, key_route
+
+    app, server = upstream
+    gateway = gateway_factory(
+        {"server": {"max_header_bytes": 4096}, "routes": {"iris": key_route(server.url, primary=PRIMARY)}}
+    )
+
+    def head(count: int) -> bytes:
+        lines = b""
+        for i in range(count):
+            name = b"x-big-%02d" % i
+            line = name + b": " + b"v" * (600 - len(name) - 4) + b"\r\n"  # 600 bytes as the gateway counts
+            assert len(line) == 600
+            lines += line
+        return b"GET /iris/echo HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n" + lines + b"\r\n"
+
+    # Six of them (3600 bytes with the others, under 4096) pass: the limit is not hit by any one header.
+    allowed = _raw_exchange(gateway.port, head(6))
+    assert allowed.startswith(b"HTTP/1.1 200 "), allowed[:300]
+    assert len(app.requests) == 1
+    refused = _raw_exchange(gateway.port, head(10))
+    assert refused.startswith(b"HTTP/1.1 431 "), refused[:300]
+    body = json.loads(refused.partition(b"\r\n\r\n")[2])
+    assert body["error"]["code"] == "headers_too_large"
+    assert "server.max_header_bytes" in body["error"]["message"]
+    # The gateway answers 431 before routing: had it forwarded the request, the answer would be the
+    # upstream's 200, so the count read after the answer is final.
+    assert len(app.requests) == 1

@@ -322,7 +322,9 @@ def test_slow_body_gets_408_after_body_timeout(gateway):
     took = time.monotonic() - started
     ((status, _, body),) = _responses(answer)
     assert status == 408 and _error_code(body) == "client_timeout"
-    assert 1.5 < took < 8, took
+    # Which timer fired, in the gateway's words (a loaded machine stretches elapsed-time windows).
+    assert b"server.body_timeout_s" in body, body
+    assert took > 1.5, took
     assert gateway.upstream_paths() == []
 
 

@@ -193,7 +193,7 @@ def test_a_new_version_is_used_within_one_poll_without_restart(emulator: Emulato
         published = time.monotonic()
         emulator.state.regenerate_key("primary", rotated)
         assert wait_until(
-            lambda: any(s["version"] == version for s in readyz(gateway)["keyvault"]), within=0.5 + 3.0
+            lambda: any(s["version"] == version for s in readyz(gateway)["keyvault"]), within=20
         )
         picked_up = time.monotonic() - published
         assert score(client, gateway) == 200
@@ -203,11 +203,23 @@ def test_a_new_version_is_used_within_one_poll_without_restart(emulator: Emulato
         assert metric(gateway, rotations) == before + 1
         metrics = httpx.get(f"{gateway.url}/metrics").text
         assert 'gateway_key_age_seconds{route="iris",slot="primary"}' in metrics
-        # One request per secret per poll, for both secrets.
-        polls_before = emulator.state.keyvault_request_count("GET", "poll-secondary")
-        time.sleep(1.6)
-        polls = emulator.state.keyvault_request_count("GET", "poll-secondary") - polls_before
-        assert 1 <= polls <= 5
+
+        # One request per secret per poll, for both secrets, on the 0.5 s schedule: wait for four more
+        # polls (positive evidence), then bound them by the time they took. Polls never overlap and
+        # each is due at least 0.5 s after the one before, so however slow the machine, at most
+        # elapsed / 0.5 + 3 of them arrive (the one in flight at the start, the first one after it,
+        # and one per interval); a flood would be dozens.
+        def gets(name: str) -> int:
+            return emulator.state.keyvault_request_count("GET", name)
+
+        primary_before, secondary_before = gets("poll-primary"), gets("poll-secondary")
+        started = time.monotonic()
+        assert wait_until(lambda: gets("poll-secondary") - secondary_before >= 4, within=30)
+        elapsed = time.monotonic() - started
+        polls = gets("poll-secondary") - secondary_before
+        assert polls <= elapsed / 0.5 + 3, (polls, elapsed)
+        # Both secrets in every poll (the two requests of a poll are concurrent: 1 apart at each end).
+        assert abs((gets("poll-primary") - primary_before) - polls) <= 2
         assert rotated not in metrics
     print(f"new Key Vault version picked up after {picked_up:.2f} s (interval 0.5 s)")
 
@@ -219,9 +231,12 @@ def test_a_failed_poll_keeps_the_last_value_logs_once_and_shows(
     config = parse_config(config_data(emulator, "stale", refresh_every_s=0.2), "kv.yaml")
     with ServerThread(GatewayApp(config)) as gateway, httpx.Client(timeout=10) as client:
         caplog.set_level(logging.WARNING, logger="gateway.keyvault")
+        reads = emulator.state.keyvault_request_count("GET", "stale-primary")
         emulator.state.set_fault("keyvault", status=503)
-        assert wait_until(lambda: emulator.state.keyvault_request_count("GET", "stale-primary") > 0, 2)
-        time.sleep(1.2)  # several failed polls
+        # Several failed polls (positive evidence: the reads arrive), then one log line for all of them.
+        assert wait_until(
+            lambda: emulator.state.keyvault_request_count("GET", "stale-primary") >= reads + 5, within=30
+        )
         assert score(client, gateway) == 200
         failures = [r for r in caplog.records if "cannot read secret stale-primary" in r.getMessage()]
         assert len(failures) == 1, [r.getMessage() for r in failures]
@@ -234,13 +249,69 @@ def test_a_failed_poll_keeps_the_last_value_logs_once_and_shows(
         assert f'gateway_keyvault_secret_stale{{secret="stale-primary",vault="{host}"}} 1.0' in metrics
         assert 'result="error"' in metrics
         emulator.state.clear_faults()
-        assert wait_until(lambda: all(s["ok"] for s in readyz(gateway)["keyvault"]), within=3), readyz(
+        assert wait_until(lambda: all(s["ok"] for s in readyz(gateway)["keyvault"]), within=20), readyz(
             gateway
         )
         recovered = [
             r for r in caplog.records if "reading secret stale-primary works again" in r.getMessage()
         ]
         assert len(recovered) == 1
+
+
+def test_an_empty_version_keeps_the_last_good_key_and_never_refuses_the_primary(
+    emulator: EmulatorServer,
+) -> None:
+    """Key Vault accepts an empty value as a new version (a script that wrote an unset variable). The
+    gateway must not send it: it keeps the last good primary, shows the vault entry not ok, and every
+    request keeps authenticating with the primary (no refusal, no failover to the secondary)."""
+    from gateway.emulator.state import KEYVAULT_RESOURCE
+
+    key_pair(emulator, "empty")
+    config = parse_config(config_data(emulator, "empty", refresh_every_s=0.2), "kv.yaml")
+    with ServerThread(GatewayApp(config)) as gateway, httpx.Client(timeout=10) as client:
+        assert score(client, gateway) == 200
+        failovers = 'gateway_key_failovers_total{route="iris",slot="secondary"}'
+        failovers_before = metric(gateway, failovers)
+        # Through the emulated Key Vault's own PUT, as a writer with the Secrets Officer role would.
+        app = register_app(emulator)
+        token = emulator.state.issue_access_token(
+            audience=KEYVAULT_RESOURCE, tenant_id=app.tenant_id, appid=app.client_id
+        )
+        with httpx.Client(verify=emulator.ssl_context(), timeout=10) as vault:
+            written = vault.put(
+                f"{emulator.vault_url}/secrets/empty-primary?api-version=7.4",
+                json={"value": ""},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert written.status_code == 200, written.text
+        assert written.json()["value"] == ""
+
+        def primary_entry() -> dict[str, Any]:
+            return next(s for s in readyz(gateway)["keyvault"] if s["secret"] == "empty-primary")
+
+        empty_version = written.json()["id"].rsplit("/", 1)[-1]
+
+        def polled() -> bool:  # positive evidence that a poll read the empty version, taken or refused
+            entry = primary_entry()
+            return entry["ok"] is False or entry["version"] == empty_version
+
+        assert wait_until(polled, within=15), primary_entry()
+        entry = primary_entry()
+        assert entry["ok"] is False and "empty" in entry["error"], entry
+        assert entry["version"] != empty_version  # the last good version stays in use
+        refusals, primary_uses = (
+            emulator.state.score_count("401"),
+            emulator.state.score_auth_count("key:primary"),
+        )
+        secondary_uses = emulator.state.score_auth_count("key:secondary")
+        for _ in range(5):
+            assert score(client, gateway) == 200
+        assert emulator.state.score_count("401") == refusals, "the endpoint refused a key"
+        assert emulator.state.score_auth_count("key:primary") == primary_uses + 5
+        assert emulator.state.score_auth_count("key:secondary") == secondary_uses
+        status = readyz(gateway)
+        assert status["ready"] is True and status["routes"][0]["active_slot"] == "primary"
+        assert metric(gateway, failovers) == failovers_before
 
 
 def test_every_key_rejected_reads_the_vault_at_once(emulator: EmulatorServer) -> None:
@@ -253,6 +324,55 @@ def test_every_key_rejected_reads_the_vault_at_once(emulator: EmulatorServer) ->
         key_pair(emulator, "both")
         assert score(client, gateway) == 200
         assert readyz(gateway)["ready"] is True
+
+
+def test_a_polled_version_that_cannot_go_in_a_header_keeps_the_last_good_key(
+    emulator: EmulatorServer,
+) -> None:
+    """Checked at start-up (test_header_values_and_client_secrets_from_the_vault) and at every poll: a new
+    version with a line break would corrupt every request's Authorization header, so the last good key
+    stays in use, the entry shows not ok and the primary is never refused."""
+    key_pair(emulator, "crlf")
+    config = parse_config(config_data(emulator, "crlf", refresh_every_s=0.2), "kv.yaml")
+    with ServerThread(GatewayApp(config)) as gateway, httpx.Client(timeout=10) as client:
+        assert score(client, gateway) == 200
+        broken = publish(emulator, "crlf-primary", "line\r\nbreak-0123456789")
+
+        def entry() -> dict[str, Any]:
+            return next(s for s in readyz(gateway)["keyvault"] if s["secret"] == "crlf-primary")
+
+        # Positive evidence that a poll read the broken version, taken or refused.
+        assert wait_until(lambda: entry()["ok"] is False or entry()["version"] == broken, within=15), entry()
+        assert entry()["ok"] is False and "line break" in entry()["error"], entry()
+        refusals, uses = emulator.state.score_count("401"), emulator.state.score_auth_count("key:primary")
+        for _ in range(3):
+            assert score(client, gateway) == 200
+        assert emulator.state.score_count("401") == refusals
+        assert emulator.state.score_auth_count("key:primary") == uses + 3
+
+
+def test_keys_the_poll_loop_brings_while_every_key_is_rejected_are_used(emulator: EmulatorServer) -> None:
+    """Both keys changed in the vault and the endpoint. The poll loop's read is in flight when a request
+    finds every key rejected and reads the vault itself: the poll loop stores the new keys first, so the
+    request's own read changes nothing. The request must still use the keys that changed while it
+    waited (the cause of test_rotate's rare 401 during back-to-back rotations)."""
+
+    key_pair(emulator, "race")
+    app = GatewayApp(parse_config(config_data(emulator, "race", refresh_every_s=3600), "kv.yaml"))
+    with ServerThread(app) as gateway, httpx.Client(timeout=30) as client:
+        assert score(client, gateway) == 200
+        key_pair(emulator, "race")  # both keys rotated behind the gateway's back
+        assert gateway.loop is not None
+        vault = app.assembly.vaults.vaults[emulator.vault_url]
+        emulator.state.set_fault("keyvault", delay_s=1.0)  # every read takes a second: they overlap
+        reads = emulator.state.keyvault_request_count("GET")
+        poll = asyncio.run_coroutine_threadsafe(vault.poll(), gateway.loop)  # the poll loop's turn
+        # Its two reads are at the vault (positive evidence) before the request starts.
+        assert wait_until(lambda: emulator.state.keyvault_request_count("GET") >= reads + 2, within=20)
+        response = client.post(f"{gateway.url}/iris/score", json=ROWS)
+        assert response.status_code == 200, response.text
+        assert poll.result(30) is True
+        assert emulator.state.keyvault_request_count("GET") == reads + 4  # and the request's own read
 
 
 def test_header_values_and_client_secrets_from_the_vault(emulator: EmulatorServer) -> None:
@@ -308,22 +428,35 @@ def test_gateway_check_shows_vault_secret_version_and_age(
     assert primary not in out and secondary not in out
 
 
-def test_a_reload_adds_key_vault_secrets_and_keeps_the_loaded_ones(emulator: EmulatorServer) -> None:
+def test_a_reload_adds_key_vault_secrets_and_keeps_the_loaded_ones(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import keyvault
+
     key_pair(emulator, "reload")
     data = config_data(emulator, "reload", refresh_every_s=0.3)
     app = GatewayApp(parse_config(data, "kv.yaml"))
+    # Loads (reads outside the poll loop, while a configuration is built), by secret name. Counted
+    # apart from the poll loop's reads, which go on at their own pace whatever the machine's load.
+    loads: list[str] = []
+    load = keyvault.KeyVaults.load
+
+    async def counting_load(vaults: Any, refs: Any) -> None:
+        await load(vaults, refs)
+        loads.extend(name for _, name in vaults._read)  # what this load read (not held already)
+
+    monkeypatch.setattr(keyvault.KeyVaults, "load", counting_load)
     with ServerThread(app) as gateway, httpx.Client(timeout=10) as client:
-        reads = emulator.state.keyvault_request_count("GET", "reload-primary")
         publish(emulator, "reload-header", "header-after-reload-0123456789")
         data["routes"]["iris"]["headers"] = {"x-tag": kv(emulator, "reload-header")}
         gateway.call(app.reload(parse_config(data, "kv.yaml")))
         assert score(client, gateway) == 200
         secrets_shown = {s["secret"] for s in readyz(gateway)["keyvault"]}
         assert secrets_shown == {"reload-primary", "reload-secondary", "reload-header"}
-        # The keys were not loaded again by the reload: only the poll loop reads them.
-        assert emulator.state.keyvault_request_count("GET", "reload-primary") - reads <= 3
+        # The keys were not loaded again by the reload; only the new secret was.
+        assert loads == ["reload-header"]
         before = emulator.state.keyvault_request_count("GET", "reload-header")
-        assert wait_until(lambda: emulator.state.keyvault_request_count("GET", "reload-header") > before, 3)
+        assert wait_until(lambda: emulator.state.keyvault_request_count("GET", "reload-header") > before, 20)
 
 
 def test_a_rejected_reload_leaves_the_key_vault_settings_as_they_were(tmp_path: Path) -> None:

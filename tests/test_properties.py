@@ -382,7 +382,8 @@ def _exchange(port: int, request: bytes) -> tuple[bytes, float]:
         request += b"\r\n" if b"\r\nConnection:" in request else b"Connection: close\r\n\r\n"
     started = time.monotonic()
     answer = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    # Under the default header timeout (10 s): a gateway holding the connection fails the read.
+    with socket.create_connection(("127.0.0.1", port), timeout=9.5) as sock:
         try:
             sock.sendall(request)
             while chunk := sock.recv(65536):
@@ -412,7 +413,7 @@ def test_hostile_raw_requests_are_refused_and_never_leave_the_route(hostile_targ
     with upstream.lock:
         upstream.requests.clear()
     answer, took = _exchange(gw.port, HOSTILE[name])
-    assert took < 4.0, f"{name}: the gateway held the connection for {took:.1f} s"
+    assert took < 8.0, f"{name}: the gateway held the connection for {took:.1f} s"  # generous: loaded CI
     head, _, body = answer.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0]
     if name == "websocket upgrade" and status_line.startswith(b"HTTP/1.1 200"):

@@ -63,6 +63,18 @@ def test_forwards_path_query_headers_and_body(upstream, gateway_factory, monkeyp
     assert response.headers["x-upstream"] == "1"
 
 
+def test_x_forwarded_for_from_the_client_is_extended_not_replaced(upstream, gateway_factory, monkeypatch):
+    """A client behind another proxy sends its chain; the gateway appends the address it saw (what
+    proxies do: the upstream keeps the whole path a request took)."""
+    _, server = upstream
+    gw = gateway_factory({"routes": {"iris": key_route(server.url, **_env_keys(monkeypatch))}})
+    response = httpx.post(
+        gw.url + "/iris/echo", content=b"{}", headers={"X-Forwarded-For": "10.1.2.3, 10.0.0.9"}
+    )
+    assert response.status_code == 200
+    assert dict(_echo(response)["headers"])["x-forwarded-for"] == "10.1.2.3, 10.0.0.9, 127.0.0.1"
+
+
 def test_request_id_is_passed_on_and_returned(upstream, gateway_factory, monkeypatch):
     _, server = upstream
     gw = gateway_factory({"routes": {"iris": key_route(server.url, **_env_keys(monkeypatch))}})
@@ -303,6 +315,9 @@ def test_load_shedding_answers_overloaded(upstream, gateway_factory, monkeypatch
     [
         "/iris/../admin",
         "/iris/%2e%2e/x",
+        "/iris/%2E%2E/admin",
+        # Upper case and double-encoded: `%2E` only once the upstream decodes it, `..` twice.
+        "/iris/%252E%252E/admin",
         "/iris/a%2fb",
         "/iris/a%5cb",
         "/iris/a%00b",

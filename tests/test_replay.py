@@ -56,6 +56,7 @@ class Scripted:
         self.lock = threading.Lock()
         self.script: list[tuple[int, list[tuple[bytes, bytes]], float]] = []
         self.received = 0
+        self.began = 0  # requests whose head arrived (their body may still be streaming)
         self.headers: list[dict[str, str]] = []
 
     def then(self, status: int, headers: list[tuple[bytes, bytes]] | None = None, delay: float = 0.0) -> None:
@@ -65,6 +66,8 @@ class Scripted:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        with self.lock:
+            self.began += 1
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -97,6 +100,38 @@ def scripted() -> Any:
 
 def open_route(url: str, **options: Any) -> dict[str, Any]:
     return {"path": "/iris", "upstream": url, "auth": {"type": "none"}, **options}
+
+
+def access_line(caplog: pytest.LogCaptureFixture, request_id: str, within: float = 20) -> logging.LogRecord:
+    """The gateway's access line for `request_id`, once written (after the request is over: its last
+    attempt, its answer and its clean-up)."""
+    deadline = time.monotonic() + within
+    while True:
+        for record in caplog.records:
+            if record.name == "gateway.access" and getattr(record, "request_id", None) == request_id:
+                return record
+        assert time.monotonic() < deadline, f"no access line for request {request_id} within {within} s"
+        time.sleep(0.01)
+
+
+def primary_upstream(gw: ServerThread) -> Any:
+    """The gateway's own record of the route's first upstream (its ejection and probe, on this
+    process's monotonic clock: the gateway runs in-process)."""
+    return gw.app.router.by_name["iris"].balancer.upstreams[0]
+
+
+def wait_past(instant: float, within: float = 30) -> None:
+    """Until `time.monotonic()` is past `instant`, a time the gateway set on the same clock."""
+    assert instant - time.monotonic() < within, "the gateway's deadline is further away than expected"
+    while time.monotonic() <= instant:
+        time.sleep(0.01)
+
+
+def wait_until(predicate: Any, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"not true within {within} s"
+        time.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------------- replay defaults
@@ -133,16 +168,20 @@ def _retries(client: httpx.Client, route: str) -> float:
     return 0.0
 
 
-def test_timeout_on_a_post_is_not_replayed_by_default(scripted, gateway_factory):
+def test_timeout_on_a_post_is_not_replayed_by_default(scripted, gateway_factory, caplog):
     """Azure ML answers at request_timeout_ms while the model keeps working: replaying would double the
     load on a model that is already too slow. One execution, 504 to the client."""
     app, server = scripted
     gw = gateway_factory({"routes": {"iris": open_route(server.url, timeout_s=0.3)}})
     app.then(200, delay=1.0)
-    response = httpx.post(gw.url + "/iris/score", content=b"{}", timeout=10)
-    assert response.status_code == 504
-    assert response.json()["error"]["code"] == "upstream_timeout"
-    time.sleep(0.8)  # any replay would have arrived by now
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        response = httpx.post(gw.url + "/iris/score", content=b"{}", timeout=10)
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "upstream_timeout"
+        # The access line is written once the request is over (no replay can follow it): positive
+        # evidence, instead of sleeping for as long as a replay might take to arrive.
+        line = access_line(caplog, response.headers["x-request-id"])
+    assert line.attempts == 1  # type: ignore[attr-defined]
     assert app.received == 1
 
 
@@ -338,6 +377,28 @@ def test_budget_ratio_alone_without_floor():
     assert sum(budget.try_withdraw() for _ in range(100)) == 20
 
 
+def test_an_outage_through_the_proxy_is_held_to_the_retry_budget(scripted, gateway_factory):
+    """Every answer is 503 (an outage): each request would be sent `attempts` (3) times, tripling the
+    load on a failing upstream. Through the real proxy, the route's budget (a floor of 1 retry per
+    window plus 10% of the requests) holds the retries to a few, and every one that happens is counted."""
+    app, server = scripted
+    for _ in range(200):
+        app.then(503)
+    retry = {"min_retries_per_s": 0.1, "budget_ratio": 0.1, "backoff_base_s": 0}
+    gw = gateway_factory({"routes": {"outage": open_route(server.url, retry=retry)}})
+    requests = 20
+    with httpx.Client(base_url=gw.url, timeout=10) as client:
+        retries_before = _retries(client, "outage")
+        statuses = [client.post("/iris/score", content=b"{}").status_code for _ in range(requests)]
+        retries = _retries(client, "outage") - retries_before
+    assert statuses == [503] * requests  # the upstream's own answer, passed on
+    # Within one 10 s window the budget allows 1 + 0.1 * 20 = 3 retries (the ratio's share needs every
+    # request counted: 1 without); a slow machine spreading the requests over two windows gets one more
+    # floor. Without the budget: 2 retries each, 40.
+    assert 3 <= app.received - requests <= 5, f"{app.received} upstream executions for {requests} requests"
+    assert retries == app.received - requests
+
+
 # ----------------------------------------------------------------------------------- transport errors
 
 
@@ -441,17 +502,18 @@ def _probe_setup(gateway_factory: Any, primary: ServerThread, standby: ServerThr
     return gateway_factory({"routes": {"iris": route}})
 
 
-def _interrupt_probe(port: int, how: str) -> bytes:
+def _interrupt_probe(port: int, how: str, request_id: str, probing: Any) -> bytes:
     """A chunked body bigger than the replay buffer, so the attempt starts while the body streams; then
     the client goes away (`disconnect`) or sends more than the route accepts (`body_limit`)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(
-            b"POST /iris/score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST /iris/score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            + f"x-request-id: {request_id}\r\n\r\n".encode()
             + b"20\r\n"
             + b"x" * 32
             + b"\r\n"
         )
-        time.sleep(0.3)  # the gateway has started the (probe) attempt and is streaming the body
+        wait_until(probing)  # the gateway has started the (probe) attempt and is streaming the body
         if how == "disconnect":
             sock.shutdown(socket.SHUT_RDWR)
             return b""
@@ -470,22 +532,32 @@ def _interrupt_probe(port: int, how: str) -> bytes:
 
 
 @pytest.mark.parametrize("how", ["disconnect", "body_limit"])
-def test_interrupted_probe_is_cleared_and_traffic_returns_to_the_primary(gateway_factory, how):
+def test_interrupted_probe_is_cleared_and_traffic_returns_to_the_primary(gateway_factory, how, caplog):
     primary_app, standby_app = Scripted("primary"), Scripted("standby")
+    caplog.set_level(logging.INFO, logger="gateway.access")
     with (
         ServerThread(primary_app, lifespan="off") as primary,
         ServerThread(standby_app, lifespan="off") as standby,
     ):
         gw = _probe_setup(gateway_factory, primary, standby)
+        upstream = primary_upstream(gw)
         with httpx.Client(base_url=gw.url, timeout=10) as client:
             primary_app.then(502)  # ejects the primary; the retry goes to the standby
             response = client.post("/iris/score", content=b"{}")
             assert response.status_code == 200 and b"standby" in response.content
-            time.sleep(0.5)  # the ejection is over: the next request probes the primary
-            answer = _interrupt_probe(gw.port, how)
+            assert upstream.ejected_until > 0
+            wait_past(upstream.ejected_until)  # the ejection is over: the next request probes the primary
+            began = primary_app.began
+            request_id = f"probe-{how}"
+            answer = _interrupt_probe(
+                gw.port,
+                how,
+                request_id,
+                lambda: upstream.probe_owner is not None and primary_app.began > began,
+            )
             if how == "body_limit":
                 assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-            time.sleep(0.3)
+            access_line(caplog, request_id)  # the interrupted request is over, its clean-up done
             served = [client.post("/iris/score", content=b"{}").json()["upstream"] for _ in range(5)]
         assert served[-1] == "primary", (
             f"traffic stayed on the standby after the probe was interrupted: {served}"
@@ -507,14 +579,18 @@ def test_probe_without_verdict_lapses_after_its_deadline(gateway_factory):
             "outlier": {"consecutive_failures": 1, "ejection_s": 0.3, "probe_timeout_s": 0.5},
         }
         gw = gateway_factory({"routes": {"iris": route}})
+        upstream = primary_upstream(gw)
         with httpx.Client(base_url=gw.url, timeout=10) as client:
             primary_app.then(502)
             assert client.post("/iris/score", content=b"{}").json()["upstream"] == "standby"
-            time.sleep(0.4)
+            wait_past(upstream.ejected_until)  # the ejection is over: the next request probes
             primary_app.then(200, delay=3.0)  # the probe: slow, no verdict for 3 s
+            began = primary_app.began
             slow = threading.Thread(target=lambda: client.post("/iris/score", content=b"{}"))
             slow.start()
-            time.sleep(0.8)  # past the probe's deadline
+            wait_until(lambda: upstream.probe_owner is not None and primary_app.began > began)
+            wait_past(upstream.probe_until)  # past the probe's deadline, by the gateway's own clock
+            assert upstream.probe_owner is not None  # still no verdict: only the deadline frees it
             assert client.post("/iris/score", content=b"{}").json()["upstream"] == "primary"
             slow.join(10)
 
@@ -527,7 +603,7 @@ def test_client_request_id_set_when_absent_in_azure_ml_format(scripted, gateway_
     gw = gateway_factory({"routes": {"iris": open_route(server.url)}})
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         response = httpx.post(gw.url + "/iris/score", content=b"{}")
-        time.sleep(0.1)  # the access line is written once the answer is sent
+        access_line(caplog, response.headers["x-request-id"])  # written once the answer is sent
     sent = app.headers[-1]
     assert AZURE_ML_REQUEST_ID.fullmatch(sent["x-ms-client-request-id"]), sent["x-ms-client-request-id"]
     assert sent["x-ms-client-request-id"] == response.headers["x-request-id"] == sent["x-request-id"]

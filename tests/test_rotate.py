@@ -30,7 +30,7 @@ from azure_env import (  # noqa: F401
 )
 from conftest import HYGIENE
 from servers import ServerThread
-from test_keyvault import ROWS, config_data, key_pair, publish, wait_until
+from test_keyvault import ROWS, config_data, key_pair, publish, readyz, wait_until
 
 from gateway.app import GatewayApp
 from gateway.config import parse_config
@@ -94,10 +94,14 @@ class Traffic:
         self.sent = 0
         self.failed: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(g,), daemon=True) for g in gateways]
+        self.per_gateway = [0] * len(gateways)
+        self._threads = [
+            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(len(gateways))
+        ]
         self._lock = threading.Lock()
 
-    def _run(self, gateway: ServerThread) -> None:
+    def _run(self, number: int) -> None:
+        gateway = self.gateways[number]
         with httpx.Client(timeout=20) as client:
             while not self._stop.is_set():
                 try:
@@ -111,6 +115,7 @@ class Traffic:
                     outcome = f"{type(exc).__name__}"
                 with self._lock:
                     self.sent += 1
+                    self.per_gateway[number] += 1
                     if outcome is not None:
                         self.failed.append(outcome)
 
@@ -119,10 +124,65 @@ class Traffic:
             thread.start()
         return self
 
+    def answered(self, more: int = 10, within: float = 60) -> None:
+        """Until `more` further requests were answered through every gateway: positive evidence that
+        traffic flowed at this point (instead of sleeping and hoping it did)."""
+        with self._lock:
+            targets = [count + more for count in self.per_gateway]
+        deadline = time.monotonic() + within
+        while True:
+            with self._lock:
+                if all(count >= target for count, target in zip(self.per_gateway, targets, strict=True)):
+                    return
+            assert time.monotonic() < deadline, f"fewer than {more} requests per gateway in {within} s"
+            time.sleep(0.01)
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for thread in self._threads:
             thread.join(30)
+
+
+class EmulatorJournal:
+    """What reached the emulator, in order: Key Vault requests, ARM calls, and each key the endpoint took
+    together with what the slot's key source held at that moment (read by `source(slot)`)."""
+
+    def __init__(self, emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entries: list[tuple[str, ...]] = []
+        self.taken: list[tuple[str, str, str | None]] = []  # (slot, key taken, key in the source then)
+        self.source: Any = None
+        state = emulator.state
+        lock = threading.Lock()
+        record_keyvault, record_arm, regenerate = (
+            state.record_keyvault_request,
+            state.record_arm_call,
+            state.regenerate_key,
+        )
+
+        def record_keyvault_request(method: str, name: str) -> None:
+            with lock:
+                self.entries.append(("keyvault", method, name))
+            record_keyvault(method, name)
+
+        def record_arm_call(operation: str) -> None:
+            with lock:
+                self.entries.append(("arm", operation))
+            record_arm(operation)
+
+        def regenerate_key(slot: str, value: str | None = None) -> str:
+            held = self.source(slot) if self.source is not None else None
+            new_key = regenerate(slot, value)
+            with lock:
+                self.entries.append(("key taken", slot))
+                self.taken.append((slot, new_key, held))
+            return new_key
+
+        monkeypatch.setattr(state, "record_keyvault_request", record_keyvault_request)
+        monkeypatch.setattr(state, "record_arm_call", record_arm_call)
+        monkeypatch.setattr(state, "regenerate_key", regenerate_key)
+
+    def writes_and_regenerations(self) -> list[tuple[str, ...]]:
+        return [e for e in self.entries if e[:2] == ("keyvault", "PUT") or e == ("arm", "regenerateKeys")]
 
 
 def test_dry_run_prints_the_plan_and_changes_nothing(emulator: EmulatorServer) -> None:
@@ -171,9 +231,9 @@ def test_rotation_with_two_replicas_under_traffic_fails_no_request(emulator: Emu
     replicas = [ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))).start() for _ in range(2)]
     try:
         with Traffic(replicas) as traffic:
-            time.sleep(0.5)
+            traffic.answered()
             code, out = rotate(data, settle_s=SETTLE_S)
-            time.sleep(1.0)  # requests after the rotation too
+            traffic.answered()  # requests after the rotation too
         assert code == 0, out
         keys = emulator.state.keys()
         assert set(keys.values()).isdisjoint(old)
@@ -208,7 +268,18 @@ def test_failure_mid_way_stops_with_the_step_and_the_key_state(emulator: Emulato
         Traffic([gateway]) as traffic,
     ):
         code, out = rotate(data, settle_s=SETTLE_S)
-        time.sleep(1.0)  # the gateway now holds a primary the endpoint rejects: it uses the secondary
+        # The gateway picks up the primary the endpoint rejects (positive evidence: its /readyz shows
+        # the vault's version), and requests after that still succeed: it uses the secondary.
+        written = emulator.state.get_secret("mid-primary")
+        assert written is not None
+        assert wait_until(
+            lambda: any(
+                s["secret"] == "mid-primary" and s["version"] == written.version
+                for s in readyz(gateway)["keyvault"]
+            ),
+            within=30,
+        )
+        traffic.answered()
     assert code == 1
     assert "step `regenerate` failed" in out and "500" in out
     assert "secondary: rotated and verified" in out
@@ -218,6 +289,67 @@ def test_failure_mid_way_stops_with_the_step_and_the_key_state(emulator: Emulato
     stored = emulator.state.get_secret("mid-primary")
     assert stored is not None and stored.value != keys["primary"]
     HYGIENE.add_secret(stored.value, "mid-way primary key")
+
+
+def test_a_failed_first_key_vault_write_stops_at_the_write_step_before_any_key_changes(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The identity may not write to the vault (no Key Vault Secrets Officer role): the first write is
+    refused, and the run must stop there, before ARM is asked for anything, so both endpoint keys stay
+    what every gateway holds."""
+    key_pair(emulator, "wfail")
+    data = rotation_config(emulator, "wfail")
+    before = emulator.state.keys()
+    journal = EmulatorJournal(emulator, monkeypatch)
+    # The first write of a key (PUT) is refused, whatever reads (and lock tags) come before it: the fault
+    # is armed as that request arrives, just before the emulated vault looks for one.
+    record = emulator.state.record_keyvault_request
+
+    def refuse_the_first_write(method: str, name: str) -> None:
+        record(method, name)
+        if method == "PUT" and not any(e[:2] == ("keyvault", "PUT") for e in journal.entries[:-1]):
+            emulator.state.set_fault("keyvault", status=403, count=1)
+
+    monkeypatch.setattr(emulator.state, "record_keyvault_request", refuse_the_first_write)
+    code, out = rotate(data, settle_s=0, slots=["secondary", "primary"])
+    assert code == 1, out
+    assert "step `write` failed" in out and "403" in out and "wfail-secondary" in out
+    assert "secondary: unchanged; primary: unchanged" in out
+    assert emulator.state.keys() == before
+    # What reached the emulator, in order: the refused write, and nothing for ARM after it.
+    assert journal.writes_and_regenerations() == [("keyvault", "PUT", "wfail-secondary")]
+    assert journal.taken == []
+
+
+def test_each_key_is_in_the_vault_before_the_endpoint_takes_it(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Microsoft's order, checked as it happens (not from the end state): for each slot, the vault
+    write reaches the emulator before regenerateKeys, and at the moment the endpoint takes a key, the
+    vault already holds exactly that key."""
+    key_pair(emulator, "order")
+    data = rotation_config(emulator, "order")
+    journal = EmulatorJournal(emulator, monkeypatch)
+
+    def in_vault(slot: str) -> str | None:
+        stored = emulator.state.get_secret(f"order-{slot}")
+        return None if stored is None else stored.value
+
+    journal.source = in_vault
+    code, out = rotate(data, settle_s=0)
+    assert code == 0, out
+    assert journal.writes_and_regenerations() == [
+        ("keyvault", "PUT", "order-secondary"),
+        ("arm", "regenerateKeys"),
+        ("keyvault", "PUT", "order-primary"),
+        ("arm", "regenerateKeys"),
+    ]
+    assert [slot for slot, _, _ in journal.taken] == ["secondary", "primary"]
+    for slot, taken, _ in journal.taken:
+        HYGIENE.add_secret(taken, f"order-rotated {slot} key")
+    # Compared as booleans: a failure must not print key values.
+    in_place = {slot: held == taken for slot, taken, held in journal.taken}
+    assert in_place == {"secondary": True, "primary": True}, "the endpoint took a key the vault did not hold"
 
 
 def test_a_failed_operation_stops_at_the_wait_step(emulator: EmulatorServer) -> None:
@@ -253,9 +385,9 @@ def test_from_endpoint_routes_rotate_through_list_keys(emulator: EmulatorServer)
         ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
         Traffic([gateway]) as traffic,
     ):
-        time.sleep(0.3)
+        traffic.answered()
         code, out = rotate(data, settle_s=0.5)
-        time.sleep(0.5)
+        traffic.answered()
     assert code == 0, out
     new = emulator.state.keys()
     assert set(new.values()).isdisjoint(old.values())
@@ -278,22 +410,39 @@ def test_no_key_value_in_any_output(emulator: EmulatorServer) -> None:
 def test_back_to_back_rotations_and_a_rerun_after_a_failure_fail_no_request(emulator: EmulatorServer) -> None:
     """The gateway remembers a key it saw rejected (for `recheck_after_s`): a second rotation right after
     the first, and a re-run after a run that stopped half-way (the vault then holds a primary the
-    endpoint does not have), must still find a working key for every request."""
+    endpoint does not have), must still find a working key for every request.
+
+    Back to back, a replica whose poll is slow can hold two stale keys: it then re-reads the vault
+    within the request, and must use what the poll loop stored meanwhile (see
+    test_keyvault.py::test_keys_the_poll_loop_brings_while_every_key_is_rejected_are_used)."""
     key_pair(emulator, "again")
     data = rotation_config(emulator, "again", refresh_every_s=0.3)
     replicas = [ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))).start() for _ in range(2)]
+
+    def every_replica_holds_the_vaults_primary() -> bool:
+        current = emulator.state.get_secret("again-primary")
+        return current is not None and all(
+            any(
+                s["secret"] == "again-primary" and s["version"] == current.version
+                for s in readyz(r)["keyvault"]
+            )
+            for r in replicas
+        )
+
     try:
         with Traffic(replicas) as traffic:
-            time.sleep(0.3)
+            traffic.answered()
             first, out1 = rotate(data, settle_s=SETTLE_S)
             second, out2 = rotate(data, settle_s=SETTLE_S)
             emulator.state.set_fault(
                 "regenerate", status=500, skip=1, count=1
             )  # the primary's regeneration fails
             third, out3 = rotate(data, settle_s=SETTLE_S)
-            time.sleep(1.0)
+            # Every replica holds the primary the endpoint rejects, and traffic meets it, before the re-run.
+            assert wait_until(every_replica_holds_the_vaults_primary, within=30)
+            traffic.answered()
             fourth, out4 = rotate(data, settle_s=SETTLE_S)  # the recovery: run it again
-            time.sleep(1.0)
+            traffic.answered()
         assert (first, second, third, fourth) == (0, 0, 1, 0), (out1, out2, out3, out4)
         assert "primary key in Key Vault is rejected by the endpoint" in out4
         assert out4.index("regenerating the primary key") < out4.index("regenerating the secondary key")
@@ -309,7 +458,7 @@ def test_back_to_back_rotations_and_a_rerun_after_a_failure_fail_no_request(emul
 
 
 def test_key_files_are_rewritten_before_the_endpoint_takes_the_key(
-    emulator: EmulatorServer, tmp_path: Path
+    emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary, secondary = key_pair(emulator, "files")
     (tmp_path / "primary").write_text(primary + "\n")
@@ -318,19 +467,25 @@ def test_key_files_are_rewritten_before_the_endpoint_takes_the_key(
     auth = data["routes"]["iris"]["auth"]
     auth["primary"] = {"file": str(tmp_path / "primary")}
     auth["secondary"] = {"file": str(tmp_path / "secondary")}
+    journal = EmulatorJournal(emulator, monkeypatch)
+    journal.source = lambda slot: (tmp_path / slot).read_text().removesuffix("\n")
     with (
         ServerThread(GatewayApp(parse_config(data, "rotate.yaml"))) as gateway,
         Traffic([gateway]) as traffic,
     ):
-        time.sleep(0.3)
+        traffic.answered()
         code, out = rotate(data)  # default settle: 1 s file checks + 5 s margin
-        time.sleep(1.5)
+        traffic.answered()
     assert code == 0, out
     assert "waiting 6 s" in out
     keys = emulator.state.keys()
     for slot in ("primary", "secondary"):
         HYGIENE.add_secret(keys[slot], f"file-rotated {slot} key")
         assert (tmp_path / slot).read_text() == keys[slot] + "\n"
+    # The order, as it happened: each file already held the key when the endpoint took it.
+    assert [slot for slot, _, _ in journal.taken] == ["secondary", "primary"]
+    in_place = {slot: held == taken for slot, taken, held in journal.taken}  # booleans: no key printed
+    assert in_place == {"secondary": True, "primary": True}, "the endpoint took a key its file did not hold"
     assert traffic.failed == [], traffic.failed[:5]
 
 

@@ -9,8 +9,12 @@ endpoints), a wrapper around `subprocess.Popen.communicate`, and
 wrappers that note every key, client secret and token the emulator hands out. Bodies the gateway passes
 through from an upstream are the upstream's words, not the gateway's (the test upstream echoes the
 Authorization it received on purpose), so only their status and headers are checked. Answers of the
-emulator itself are never recorded: they carry tokens by design. Loggers the tests own (`gateway.test`,
-`tests.*`) are skipped: tests log secrets there on purpose to prove redaction works.
+emulator itself are never recorded: they carry tokens by design.
+
+Each log record is checked twice: as handed to logging (no secret may even reach a logger) and as the
+gateway writes it (`gateway.logs`: redacting filter, text and JSON formatters, extras included). Loggers
+the tests own (`gateway.test`, `tests.*`) get only the second check: tests log secrets there on purpose
+to prove redaction works, so a redaction bug fails this scan too.
 
 The final check runs after every other test (conftest reorders it last).
 """
@@ -89,11 +93,40 @@ def test_a_private_collector_catches_a_leak_on_every_channel():
     leaks = private.leaks()
     found = {(leak.secret, leak.kind) for leak in leaks}
     assert (in_log, "log") in found
+    assert (in_log, "log output") in found  # unregistered: the gateway's redaction cannot mask it
     assert (in_header, "response") in found
     assert (in_body, "response") in found
     assert (in_output, "output") in found
     assert passed_through not in {leak.secret for leak in leaks}
     assert PRIMARY in private.secret_values() and SECONDARY in private.secret_values()
+
+
+def test_log_output_is_checked_after_redaction_for_test_owned_loggers_too():
+    """Loggers the tests own log secrets on purpose: their raw records are not checked, but what the
+    gateway's pipeline writes of them is. A registered value is masked there (no leak); a value
+    redaction does not know (what a redaction bug looks like) is found."""
+    private = SecretHygiene()
+    masked, unmasked = _value(), _value()
+    private.add_secret(masked, "self-test")
+    private.add_secret(unmasked, "self-test")
+    from gateway import redaction
+
+    redaction.register(masked)
+    logger = logging.getLogger("gateway.test.hygiene-self-test")
+    logger.propagate = False
+    handler = _HygieneHandler(private)
+    logger.addHandler(handler)
+    try:
+        logger.warning("key %s", masked)
+        logger.warning("key %s", unmasked, extra={"detail": f"extra {masked}"})
+    finally:
+        logger.removeHandler(handler)
+    kinds = {kind for kind, _, _ in private.entries}
+    assert kinds == {"log output"}  # test-owned: no raw record kept
+    written = "\n".join(text for _, _, text in private.entries)
+    assert "key ***" in written and '"detail": "extra ***"' in written  # text and JSON, extras included
+    found = {(leak.secret, leak.kind) for leak in private.leaks()}
+    assert found == {(unmasked, "log output")}
 
 
 def test_the_session_record_is_live(gateway_factory, upstream, monkeypatch):

@@ -38,13 +38,47 @@ def test_file_secret_strips_one_newline_and_reloads(tmp_path: Path, monkeypatch)
     assert secret.version == 1
 
 
-def test_file_secret_checks_at_most_once_a_second(tmp_path: Path):
+def test_file_secret_rewritten_in_place_with_a_value_of_the_same_length(tmp_path: Path, monkeypatch):
+    """An editor or `kubectl cp` rewrites the file in place: same inode, same size, only the
+    modification time tells the new key from the old one."""
+    monkeypatch.setattr(secrets, "CHECK_INTERVAL_S", 0.0)
+    path = tmp_path / "key"
+    path.write_text("key-value-aaaa-1234")
+    secret = FileSecret(path)
+    assert secret.value == "key-value-aaaa-1234"
+    before = os.stat(path)
+    with path.open("r+") as handle:  # in place: the inode stays
+        handle.write("key-value-bbbb-1234")
+    # A distinct modification time, whatever the file system's timestamp granularity.
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert secret.value == "key-value-bbbb-1234"
+
+
+class _Clock:
+    """`gateway.secrets`' view of the `time` module, with a monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+
+def test_file_secret_checks_at_most_once_a_second(tmp_path: Path, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(secrets, "time", clock)
     path = tmp_path / "key"
     path.write_text("first-value-1234")
     secret = FileSecret(path)
     path.write_text("changed-value-1234")
-    assert secret.value == "first-value-1234"  # within the second: not re-read yet
-    time.sleep(1.05)
+    clock.now += secrets.CHECK_INTERVAL_S - 0.01
+    assert secret.value == "first-value-1234"  # within the interval: not re-read yet
+    clock.now += 0.01
     assert secret.value == "changed-value-1234"
 
 

@@ -22,6 +22,7 @@ from azure_env import (
     make_context,
     register_app,
     run,
+    scheduled_refreshes,
     wait_for,
 )
 from prometheus_client import REGISTRY
@@ -33,6 +34,7 @@ from gateway.tokens import (
     REFRESH_MARGIN_S,
     AccessToken,
     TokenCache,
+    TokenEntry,
     TokenFetchError,
     TokenSource,
     refresh_delay,
@@ -55,6 +57,42 @@ def refreshes(route: str, result: str) -> float:
         "gateway_credential_refreshes_total", {"route": route, "kind": "aad_token", "result": result}
     )
     return value or 0.0
+
+
+def token_arrivals(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch, client_id: str) -> list[float]:
+    """When each token request of `client_id` reached the emulator, on the gateway's own clock
+    (`time.monotonic()`: the emulator runs in this process), in order."""
+    arrivals: list[float] = []
+    record = emulator.state.record_token_request
+
+    def record_token_request(client: str, scope: str) -> None:
+        if client == client_id:
+            arrivals.append(time.monotonic())
+        record(client, scope)
+
+    monkeypatch.setattr(emulator.state, "record_token_request", record_token_request)
+    return arrivals
+
+
+def backoff_delays(entry: TokenEntry) -> list[tuple[float, float]]:
+    """(when, delay) of every backoff the entry draws after a failed fetch: its next attempt is due no
+    earlier than `when + delay` (the entry sets `retry_at` from a later reading of the clock)."""
+    drawn: list[tuple[float, float]] = []
+    draw = entry.backoff.next_delay
+
+    def next_delay(retry_after: float | None = None) -> float:
+        delay = draw(retry_after)
+        drawn.append((time.monotonic(), delay))
+        return delay
+
+    entry.backoff.next_delay = next_delay  # type: ignore[method-assign]
+    return drawn
+
+
+def entry_of(credential: Credential) -> TokenEntry:
+    entry = getattr(credential, "entry", None)
+    assert isinstance(entry, TokenEntry), credential
+    return entry
 
 
 def test_refresh_schedule_rules() -> None:
@@ -107,24 +145,31 @@ def test_concurrent_cold_requests_share_one_token_request(emulator: EmulatorServ
     assert emulator.state.token_request_count(client_id) == 1
 
 
-def test_refresh_happens_at_the_providers_hint(emulator: EmulatorServer) -> None:
+def test_refresh_happens_at_the_providers_hint(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     emulator.state.configure(token_lifetime_s=10, refresh_in_s=2)
     credential, client_id = aad(emulator)
+    arrivals = token_arrivals(emulator, monkeypatch, client_id)
+    decisions = scheduled_refreshes(monkeypatch)
 
     async def scenario() -> None:
         await credential.start()
         try:
-            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
-            obtained = time.monotonic()
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 10)
             first = credential.grant_nowait()
-            await asyncio.sleep(0.9)
-            assert emulator.state.token_request_count(client_id) == 1
-            assert credential.grant_nowait() is first
-            assert await wait_for(lambda: emulator.state.token_request_count(client_id) >= 2, 2.5)
-            # MSAL rounds the hint down to a whole second (refresh_on), jitter adds up to 5 % of the
-            # lifetime: 1-2.5 s, long before two thirds of the 10 s lifetime.
-            assert 0.95 <= time.monotonic() - obtained <= 2.8
-            assert await wait_for(lambda: credential.grant_nowait() is not first, 1)
+            entry = entry_of(credential)
+            lifetime, hint, delay = decisions[0]
+            # MSAL rounds refresh_on down to a whole second: a hint of 1-2 s in a 10 s lifetime.
+            assert 9 < lifetime < 10.5 and hint is not None and 1 <= hint <= 3, (lifetime, hint)
+            # Never before the hint, jitter of at most 5 % of the lifetime: long before two thirds of it.
+            assert hint <= delay <= hint + 0.05 * lifetime, (hint, delay)
+            assert entry.expires_mono - entry.refresh_mono == pytest.approx(lifetime - delay)
+            refresh_at = entry.refresh_mono
+            assert await wait_for(lambda: len(arrivals) >= 2, 20)
+            # The refresher waited for its schedule (the emulator shares the gateway's clock).
+            assert arrivals[1] >= refresh_at
+            assert await wait_for(lambda: credential.grant_nowait() is not first, 10)
             second = credential.grant_nowait()
             assert second is not None and first is not None and second.header != first.header
         finally:
@@ -133,19 +178,26 @@ def test_refresh_happens_at_the_providers_hint(emulator: EmulatorServer) -> None
     run(scenario())
 
 
-def test_refresh_without_hint_comes_at_two_thirds_of_the_lifetime(emulator: EmulatorServer) -> None:
+def test_refresh_without_hint_comes_at_two_thirds_of_the_lifetime(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     emulator.state.configure(token_lifetime_s=3, refresh_in_s=0)  # 0: the answer carries no refresh_in
     credential, client_id = aad(emulator)
+    arrivals = token_arrivals(emulator, monkeypatch, client_id)
+    decisions = scheduled_refreshes(monkeypatch)
 
     async def scenario() -> None:
         await credential.start()
         try:
-            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
-            obtained = time.monotonic()
-            await asyncio.sleep(1.6)
-            assert emulator.state.token_request_count(client_id) == 1
-            assert await wait_for(lambda: emulator.state.token_request_count(client_id) >= 2, 1.5)
-            assert 1.75 <= time.monotonic() - obtained <= 2.6
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 10)
+            entry = entry_of(credential)
+            lifetime, hint, delay = decisions[0]
+            assert 2 < lifetime < 3.5 and hint is None, (lifetime, hint)
+            assert abs(delay - lifetime * 2 / 3) <= 0.05 * lifetime, (lifetime, delay)
+            assert entry.expires_mono - entry.refresh_mono == pytest.approx(lifetime - delay)
+            refresh_at = entry.refresh_mono
+            assert await wait_for(lambda: len(arrivals) >= 2, 20)
+            assert arrivals[1] >= refresh_at
         finally:
             await credential.close()
 
@@ -160,19 +212,22 @@ def test_identity_provider_down_serves_the_cached_token_then_503(emulator: Emula
     async def scenario() -> None:
         await credential.start()
         try:
-            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
-            obtained = time.monotonic()
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 10)
             cached = credential.grant_nowait()
             # Retry-After: 0 keeps MSAL's own throttling out of it; every attempt reaches the emulator.
             emulator.state.set_fault("token", status=503, retry_after=0)
-            assert await wait_for(lambda: credential.status().detail is not None, 2.5)
+            assert await wait_for(lambda: credential.status().detail is not None, 10)
             status = credential.status()
             assert status.state == "refreshing" and status.ready
             assert "503" in (status.detail or "")
             assert credential.grant_nowait() is cached  # still valid: keep serving it
 
-            assert await wait_for(lambda: credential.grant_nowait() is None, 3)
-            assert time.monotonic() - obtained >= 2.7  # served until shortly before its 3 s expiry
+            # Served until shortly before its 3 s expiry (5 % of the lifetime), not a moment longer.
+            assert cached is not None
+            entry = entry_of(credential)
+            assert entry.expires_mono - cached.serve_until == pytest.approx(0.15, abs=0.01)
+            assert await wait_for(lambda: credential.grant_nowait() is None, 10)
+            assert time.monotonic() >= cached.serve_until
             with pytest.raises(CredentialUnavailable) as raised:
                 await credential.grant()
             assert raised.value.status == 503 and raised.value.code == "credential_unavailable"
@@ -182,7 +237,7 @@ def test_identity_provider_down_serves_the_cached_token_then_503(emulator: Emula
             assert refreshes(route, "error") >= 1
 
             emulator.state.clear_faults()
-            assert await wait_for(lambda: credential.grant_nowait() is not None, 3)
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 10)
             status = credential.status()
             assert status.state == "valid" and status.detail is None
             assert refreshes(route, "ok") >= 2
@@ -192,50 +247,60 @@ def test_identity_provider_down_serves_the_cached_token_then_503(emulator: Emula
     run(scenario())
 
 
-def test_failures_back_off_and_the_refresher_never_stops(emulator: EmulatorServer) -> None:
+def test_failures_back_off_and_the_refresher_never_stops(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = register_app(emulator)
     ctx = make_context(
         str(emulator.ca_file), TokenCache(backoff_base_s=0.1, backoff_cap_s=0.4, min_interval_s=0.05)
     )
     credential = build(emulator, {"type": "aad_token", "identity": identity(emulator, app)}, ctx=ctx)
+    arrivals = token_arrivals(emulator, monkeypatch, app.client_id)
+    delays = backoff_delays(entry_of(credential))
     emulator.state.set_fault("token", status=500, retry_after=0)
 
     async def scenario() -> None:
         await credential.start()
         try:
-            await asyncio.sleep(2.0)
-            attempts = emulator.state.token_request_count(app.client_id)
-            # Delays drawn below 0.1, 0.2, 0.4, 0.4... s: a handful of attempts, neither one nor a flood.
-            assert 4 <= attempts <= 60, attempts
+            # It keeps trying (positive evidence: the attempts arrive)...
+            assert await wait_for(lambda: len(arrivals) >= 6, 30), len(arrivals)
+            # ...each one only once the backoff drawn after the previous failure has passed: no flood.
+            attempts, drawn = list(arrivals), list(delays)
+            for number, (failed_at, delay) in enumerate(drawn[: len(attempts) - 1]):
+                assert attempts[number + 1] >= failed_at + delay, (number, attempts, drawn)
+            # Drawn below 0.1, 0.2, 0.4, 0.4... s: growing to the cap, never beyond it.
+            ceilings = [0.1, 0.2, 0.4, 0.4, 0.4]
+            assert all(delay <= ceiling for (_, delay), ceiling in zip(drawn, ceilings, strict=False)), drawn
             status = credential.status()
             assert status.state == "unavailable" and not status.ready
             with pytest.raises(CredentialUnavailable):
                 await credential.grant()
             emulator.state.clear_faults()
-            assert await wait_for(lambda: credential.grant_nowait() is not None, 2)
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 10)
         finally:
             await credential.close()
 
     run(scenario())
 
 
-def test_retry_after_is_honoured(emulator: EmulatorServer) -> None:
+def test_retry_after_is_honoured(emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch) -> None:
     credential, client_id = aad(emulator)
+    arrivals = token_arrivals(emulator, monkeypatch, client_id)
+    delays = backoff_delays(entry_of(credential))
     emulator.state.set_fault("token", status=429, retry_after=2, count=1)
 
     async def scenario() -> None:
         await credential.start()
         try:
-            assert await wait_for(lambda: credential.status().detail is not None, 2)
-            failed = time.monotonic()
+            assert await wait_for(lambda: credential.status().detail is not None, 10)
             with pytest.raises(CredentialUnavailable) as raised:
                 await credential.grant()  # no network call: the wait is known
             assert raised.value.retry_after == 2
             assert "temporarily_unavailable" in raised.value.message
-            await asyncio.sleep(1.7)
-            assert emulator.state.token_request_count(client_id) == 1
-            assert await wait_for(lambda: credential.grant_nowait() is not None, 2)
-            assert time.monotonic() - failed >= 1.9
+            assert await wait_for(lambda: credential.grant_nowait() is not None, 20)
+            ((failed_at, delay),) = delays
+            assert delay >= 2  # Retry-After is a floor under the drawn backoff
+            assert len(arrivals) == 2 and arrivals[1] >= failed_at + delay
             assert emulator.state.token_request_count(client_id) == 2
         finally:
             await credential.close()
@@ -275,7 +340,7 @@ def test_expired_token_is_never_served(emulator: EmulatorServer) -> None:
     async def scenario() -> None:
         grant = await credential.grant()  # no start(): nothing refreshes it
         assert grant.expires_at is not None
-        assert await wait_for(lambda: credential.grant_nowait() is None, 3)
+        assert await wait_for(lambda: credential.grant_nowait() is None, 10)
         assert time.time() < grant.expires_at  # withdrawn before its expiry, not after
         again = await credential.grant()
         assert again.header != grant.header

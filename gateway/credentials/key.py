@@ -195,11 +195,13 @@ class KeyCredential(Credential):
                 return replay(other.grant(), tried)
         if self._refetch is not None:
             held = {s.name: s.secret.value for s in self.slots}
-            if await self._refetch():
-                now = time.monotonic()
-                for other in self.slots:
-                    if other.secret.value != held[other.name] and other.usable(now, self.recheck_after_s):
-                        return replay(other.grant(), tried - {other.name})
+            await self._refetch()
+            # Whatever changed while it read, not only what its own read changed: the poll loop may
+            # have stored the new keys first (its read was in flight), and then this one changes nothing.
+            now = time.monotonic()
+            for other in self.slots:
+                if other.secret.value != held[other.name] and other.usable(now, self.recheck_after_s):
+                    return replay(other.grant(), tried - {other.name})
         if slot is self._active:
             for other in self.slots:
                 if (

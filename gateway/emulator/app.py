@@ -948,8 +948,9 @@ class _Emulator:
         except ValueError:
             return self._vault_error(400, "BadParameter", "The request body is not JSON.")
         value = body.get("value")
-        if not isinstance(value, str) or not value or len(value) > MAX_SECRET_VALUE:
-            return self._vault_error(400, "BadParameter", "value must be a string of 1 to 25 KB.")
+        # Key Vault stores an empty value as a version like any other.
+        if not isinstance(value, str) or len(value) > MAX_SECRET_VALUE:
+            return self._vault_error(400, "BadParameter", "value must be a string of at most 25 KB.")
         tags = _vault_tags(body.get("tags"))
         if tags is None:
             return self._vault_error(400, "BadParameter", "tags must map names to strings.")
@@ -1154,8 +1155,8 @@ class _Emulator:
             name, value = body.get("name"), body.get("value")
             if not isinstance(name, str) or not _KEYVAULT_NAME.match(name):
                 raise ValueError("name must be a Key Vault secret name (letters, digits, '-')")
-            if not isinstance(value, str) or not value:
-                raise ValueError("value must be a non-empty string")
+            if not isinstance(value, str):
+                raise ValueError("value must be a string (empty is allowed, as in Key Vault)")
             version = self.state.set_secret(name, value)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, 400)

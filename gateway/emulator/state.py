@@ -328,9 +328,8 @@ class EmulatorState:
     def set_secret(
         self, name: str, value: str, *, created: int | None = None, tags: dict[str, str] | None = None
     ) -> str:
-        """Add a new version of a Key Vault secret, which becomes its current version; returns its id."""
-        if not value:
-            raise ValueError("a secret value must not be empty")
+        """Add a new version of a Key Vault secret, which becomes its current version; returns its id. An
+        empty value is a version like any other, as in Azure Key Vault."""
         version = VaultSecretVersion(
             uuid.uuid4().hex, value, int(time.time()) if created is None else created, tags=dict(tags or {})
         )

@@ -109,7 +109,9 @@ def test_identity_provider_fails_while_the_cached_token_is_valid(
         gw = _aad_gateway(gateway_factory, emulator, upstream.url, _identity(emulator, app, monkeypatch))
         assert httpx.post(gw.url + "/aad/score", content=b"{}", timeout=10).status_code == 200  # warm
         client = app["client_id"]
-        assert state.token_request_count(client) == 1
+        # At least the first token. Not exactly one: on a slow machine the 1 s refresh may already have
+        # come (and succeeded) before this line; the outage then catches a later one.
+        assert state.token_request_count(client) >= 1
         seen: dict[str, Any] = {}
 
         def outage() -> None:
@@ -117,7 +119,7 @@ def test_identity_provider_fails_while_the_cached_token_is_valid(
             seen["before"] = state.token_request_count(client)
 
         def refresh_failed() -> None:
-            seen["refresh_tried"] = wait_until(lambda: state.token_request_count(client) > seen["before"], 4)
+            seen["refresh_tried"] = wait_until(lambda: state.token_request_count(client) > seen["before"], 20)
 
         load = drive(
             scenario,

@@ -1,0 +1,526 @@
+"""A small mutation check: plant one plausible one-line bug at a time in a critical module and run the
+tests that should catch it; report the mutants that survive (issue 20).
+
+    python tests/mutants.py                 # every mutant, then the table
+    python tests/mutants.py --list          # the mutants, whether each target is found; nothing run
+    python tests/mutants.py -k budget -k cidr   # the mutants whose name contains one of these
+    python tests/mutants.py --jobs 2        # two mutants at a time (each in a copy of its own)
+
+Nothing in the checkout is modified: the tracked files (and new, not ignored ones) are copied to a
+temporary directory, each mutant is written into the copy and undone in a `finally`, and pytest runs
+there with PYTHONPATH pointing at the copy (so `gateway serve` subprocesses run the mutant too).
+Each mutant runs only its own test selection with `-x`: the whole check takes minutes, not hours.
+
+A mutant names its target by a snippet of source text that must occur exactly once in its file. The
+code moves as branches merge: a snippet that is gone (or no longer unique) is reported as
+"target not found" with the file and the snippet's first line, so the list is easy to update.
+
+Results: `killed` (a test failed; the first one is shown), `SURVIVED` (every selected test passed: a
+gap, write the test that kills it), `target not found`, `error` (pytest could not run the selection,
+e.g. a renamed test). Exit status: 0 when every mutant was killed, 1 when one survived, 2 when one
+could not be planted or run. `--baseline` first runs every selection on the unmutated copy, so a
+test that fails anyway is not taken for a kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    breaks: str  # the behaviour the bug breaks, in words
+    path: str  # relative to the checkout
+    edits: tuple[tuple[str, str], ...]  # (snippet found exactly once, its replacement), applied in order
+    tests: tuple[str, ...]  # pytest selection: files or node ids
+
+
+def one(name: str, breaks: str, path: str, find: str, replace: str, *tests: str) -> Mutant:
+    return Mutant(name, breaks, path, ((find, replace),), tests)
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ------------------------------------------------------------------ the twelve of issue 20
+    one(
+        "header-replacement",
+        "the client's Authorization reaches the upstream",
+        "gateway/headers.py",
+        '_REQUEST_OWNED = HOP_BY_HOP | {\n    b"authorization",\n',
+        "_REQUEST_OWNED = HOP_BY_HOP | {\n",
+        "tests/test_headers.py",
+        "tests/test_proxy.py",
+    ),
+    one(
+        "failover",
+        "a rejected key is not replaced by the other key within the request",
+        "gateway/credentials/key.py",
+        "            if other.name not in tried and other.usable(now, self.recheck_after_s):\n"
+        "                return replay(other.grant(), tried)",
+        "            if False:\n                return replay(other.grant(), tried)",
+        "tests/test_proxy.py::test_failover_to_secondary_and_stays",
+    ),
+    one(
+        "replay-after-timeout",
+        "a request that timed out after it was sent is replayed",
+        "gateway/retry.py",
+        "allowed = self.on_connection_errors if before_sending else self.on_timeouts",
+        "allowed = self.on_connection_errors if before_sending else True",
+        "tests/test_replay.py::test_timeout_on_a_post_is_not_replayed_by_default",
+    ),
+    one(
+        "retry-budget",
+        "replays are not limited by the route's retry budget",
+        "gateway/retry.py",
+        "            and self.budget.try_withdraw()\n",
+        "",
+        "tests/test_replay.py::test_an_outage_through_the_proxy_is_held_to_the_retry_budget",
+    ),
+    one(
+        "retry-budget-deposit",
+        "requests are not counted in the retry budget (only its floor is left)",
+        "gateway/proxy.py",
+        "        policy.budget.deposit()\n",
+        "",
+        "tests/test_replay.py::test_an_outage_through_the_proxy_is_held_to_the_retry_budget",
+    ),
+    one(
+        "redaction",
+        "registered secret values are not masked",
+        "gateway/redaction.py",
+        "        text = matcher.sub(text)",
+        "        pass",
+        "tests/test_secret_hygiene.py",
+        "tests/test_redaction.py",
+    ),
+    one(
+        "single-flight",
+        "concurrent requests on a cold token each fetch one",
+        "gateway/tokens.py",
+        "        task = self._inflight\n        if task is None:\n            wait = self.retry_at",
+        "        task = None\n        if task is None:\n            wait = self.retry_at",
+        "tests/test_tokens.py::test_concurrent_cold_requests_share_one_token_request",
+    ),
+    one(
+        "disconnect-cancellation",
+        "a client that hangs up does not cancel its upstream request",
+        "gateway/exchange.py",
+        "        if task is not None and not task.done():\n            task.cancel()",
+        "        if task is not None and not task.done():\n            pass",
+        "tests/test_inbound_lifecycle.py::test_a_client_hanging_up_cancels_the_upstream_request_and_frees_its_slot",
+    ),
+    one(
+        "traversal",
+        "upper-case encoded dots (%2E, %252E) pass the path check",
+        "gateway/paths.py",
+        "            lowered = current.lower()",
+        "            lowered = current",
+        "tests/test_proxy.py::test_paths_that_leave_their_route_are_refused",
+    ),
+    # Dropping only `method == b"CONNECT"` is an equivalent mutant: llhttp flags CONNECT as an
+    # upgrade, so `should_upgrade()` still refuses it. Without the check, uvicorn starts the request.
+    one(
+        "connect",
+        "a CONNECT request is handed to the proxy",
+        "gateway/server_protocol.py",
+        'if method == b"CONNECT" or parser.should_upgrade():',
+        "if False:",
+        "tests/test_properties.py::test_hostile_raw_requests_are_refused_and_never_leave_the_route",
+    ),
+    Mutant(
+        "rotation-order",
+        "gateway rotate writes the new key to its source after the endpoint took it",
+        "gateway/rotate.py",
+        (
+            (
+                "            redaction.register(new_key)\n            await self._write(slot, new_key)\n",
+                "            redaction.register(new_key)\n",
+            ),
+            (
+                '        slot.state = "regenerated in the endpoint; the old key no longer works"\n',
+                '        if new_key is not None and slot.source != "listKeys":\n'
+                "            await self._write(slot, new_key)\n"
+                '        slot.state = "regenerated in the endpoint; the old key no longer works"\n',
+            ),
+        ),
+        (
+            "tests/test_rotate.py::test_a_failed_first_key_vault_write_stops_at_the_write_step_before_any_key_changes",
+            "tests/test_rotate.py::test_each_key_is_in_the_vault_before_the_endpoint_takes_it",
+        ),
+    ),
+    one(
+        "header-byte-limit",
+        "server.max_header_bytes counts only the last header",
+        "gateway/server_protocol.py",
+        "        self._header_bytes += size",
+        "        self._header_bytes = size",
+        "tests/test_headers.py",
+    ),
+    one(
+        "empty-keyvault-value",
+        "an empty Key Vault version replaces the last good key",
+        "gateway/keyvault/client.py",
+        "        if not value:\n            raise KeyVaultError",
+        "        if value is None:\n            raise KeyVaultError",
+        "tests/test_keyvault.py::test_an_empty_version_keeps_the_last_good_key_and_never_refuses_the_primary",
+    ),
+    # ------------------------------------------------------------------ more critical behaviours
+    one(
+        "hop-by-hop-response",
+        "hop-by-hop headers of the upstream's answer reach the client",
+        "gateway/headers.py",
+        "        if lowered in _RESPONSE_OWNED:",
+        '        if lowered == b"x-request-id":',
+        "tests/test_headers.py",
+    ),
+    one(
+        "streamed-body-limit",
+        "a streamed (chunked) body may grow past max_body_bytes",
+        "gateway/proxy.py",
+        "        if size > limit:\n            raise _BodyLimit",
+        "        if size > 2 * limit:\n            raise _BodyLimit",
+        "tests/test_replay.py::test_interrupted_probe_is_cleared_and_traffic_returns_to_the_primary",
+        "tests/test_proxy.py",
+    ),
+    one(
+        "timeout-statuses",
+        "504 and 408 are replayed without retry.on_timeouts",
+        "gateway/retry.py",
+        "self.statuses = frozenset(statuses) | (TIMEOUT_STATUSES if on_timeouts else frozenset())",
+        "self.statuses = frozenset(statuses) | TIMEOUT_STATUSES",
+        "tests/test_replay.py::test_504_and_408_are_not_replayed_by_default",
+    ),
+    one(
+        "expired-token",
+        "a token is served past its expiry",
+        "gateway/tokens.py",
+        "serve_until=expires_mono - serve_margin(lifetime),",
+        "serve_until=expires_mono + serve_margin(lifetime),",
+        "tests/test_tokens.py::test_expired_token_is_never_served",
+    ),
+    one(
+        "retry-after-floor",
+        "an identity provider's Retry-After is not waited out",
+        "gateway/backoff.py",
+        "            delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))",
+        "            pass",
+        "tests/test_tokens.py::test_retry_after_is_honoured",
+    ),
+    one(
+        "outlier-threshold",
+        "an upstream is ejected one failure later than outlier.consecutive_failures",
+        "gateway/upstreams.py",
+        "if probing or upstream.consecutive_failures >= self.outlier_failures:",
+        "if probing or upstream.consecutive_failures > self.outlier_failures:",
+        "tests/test_routing.py::test_outlier_ejection_and_failover",
+    ),
+    one(
+        "inbound-api-key",
+        "any inbound API key is accepted",
+        "gateway/inbound.py",
+        "            matched |= hmac.compare_digest(digest, expected)",
+        "            matched = True",
+        "tests/test_proxy.py::test_inbound_api_key",
+    ),
+    one(
+        "allow-cidrs",
+        "a client outside inbound.allow_cidrs is let in",
+        "gateway/inbound.py",
+        "        return any(address in network for network in self.networks)",
+        "        return True",
+        "tests/test_proxy.py::test_inbound_cidr",
+    ),
+    one(
+        "request-id-form",
+        "a client's x-request-id Azure ML refuses becomes the request id",
+        "gateway/headers.py",
+        '_REQUEST_ID_FORM = re.compile(rb"[A-Za-z0-9_-]{1,40}")',
+        '_REQUEST_ID_FORM = re.compile(rb"[^\\r\\n]{1,400}")',
+        "tests/test_replay.py::test_client_request_id_from_an_x_request_id_azure_ml_accepts",
+    ),
+    one(
+        "keyvault-refetch",
+        "keys rotated in the vault are not read again when the upstream rejects every key",
+        "gateway/credentials/key.py",
+        "        if self._refetch is not None:\n            held =",
+        "        if False:\n            held =",
+        "tests/test_keyvault.py::test_every_key_rejected_reads_the_vault_at_once",
+    ),
+    one(
+        "arm-401-new-token",
+        "a management token ARM refuses is not replaced",
+        "gateway/azure_rest.py",
+        "            if answer.status == 401 and attempt == 1:",
+        "            if False:",
+        "tests/test_credentials_aml.py::test_arm_401_fetches_the_management_token_again_once",
+    ),
+    one(
+        "trace",
+        "TRACE is forwarded (an upstream would echo the gateway's credential)",
+        "gateway/proxy.py",
+        '    if exchange.method == "TRACE":',
+        '    if exchange.method == "TRACE-NOT":',
+        "tests/test_properties.py::test_hostile_raw_requests_are_refused_and_never_leave_the_route",
+    ),
+    one(
+        "transfer-coding",
+        "Transfer-Encoding: gzip, chunked is accepted (the body is forwarded still coded, as plain)",
+        "gateway/server_protocol.py",
+        'elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":',
+        "elif False:",
+        "tests/test_acceptance_inbound.py::test_a_transfer_coding_other_than_chunked_is_refused_not_dropped",
+    ),
+    one(
+        "duplicate-host",
+        "a request with two Host headers is forwarded",
+        "gateway/server_protocol.py",
+        "            if self._host_count > 1:",
+        "            if self._host_count > 2:",
+        "tests/test_acceptance_inbound.py::test_two_host_headers_are_refused",
+    ),
+    one(
+        "keyvault-header-check",
+        "a polled Key Vault version that cannot go in a header replaces the last good value",
+        "gateway/keyvault/vaults.py",
+        "        if self.header:\n            check_header_value(fetched.value",
+        "        if False:\n            check_header_value(fetched.value",
+        "tests/test_keyvault.py::test_a_polled_version_that_cannot_go_in_a_header_keeps_the_last_good_key",
+    ),
+    one(
+        "x-forwarded-for",
+        "the client's X-Forwarded-For chain is dropped instead of extended",
+        "gateway/proxy.py",
+        'b"X-Forwarded-For: " + (inbound.xff + b", " + client_ip if inbound.xff else client_ip)',
+        'b"X-Forwarded-For: " + client_ip',
+        "tests/test_proxy.py::test_x_forwarded_for_from_the_client_is_extended_not_replaced",
+    ),
+    one(
+        "file-secret-change",
+        "a key file rewritten in place with a value of the same length is not noticed",
+        "gateway/secrets.py",
+        "        if (stat.st_mtime_ns, stat.st_size, stat.st_ino) == self._signature:",
+        "        if (stat.st_size, stat.st_ino) == self._signature[1:]:",
+        "tests/test_secrets.py::test_file_secret_rewritten_in_place_with_a_value_of_the_same_length",
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------- running
+@dataclass
+class Result:
+    mutant: Mutant
+    outcome: str  # killed, SURVIVED, target not found, error
+    detail: str
+    seconds: float
+
+
+def copy_checkout(destination: Path) -> None:
+    """The tracked files and new, not ignored ones: what a clean CI checkout of this tree would hold."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for raw in listed:
+        if not raw:
+            continue
+        relative = Path(os.fsdecode(raw))
+        source = ROOT / relative
+        if not source.is_file():
+            continue  # deleted in the work tree
+        target = destination / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def environment(copy: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(copy) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def check_imports_from(copy: Path) -> None:
+    where = subprocess.run(
+        [sys.executable, "-c", "import gateway; print(gateway.__file__)"],
+        cwd=copy,
+        env=environment(copy),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(where).resolve().is_relative_to(copy.resolve()):
+        raise SystemExit(f"mutants: `import gateway` in the copy loads {where}, not the copy; cannot mutate")
+
+
+def plant(text: str, mutant: Mutant) -> tuple[str | None, str]:
+    """The mutated text, or None and why not."""
+    for find, replace in mutant.edits:
+        count = text.count(find)
+        if count != 1:
+            first = find.strip().splitlines()[0]
+            why = "not found" if count == 0 else f"found {count} times"
+            return None, f"{mutant.path}: snippet {why}: {first!r}"
+        text = text.replace(find, replace)
+    return text, ""
+
+
+def first_failure(output: str) -> str:
+    for line in output.splitlines():
+        # pytest's short summary (`-ra`): "FAILED tests/x.py::name - why"; not a captured log line.
+        if line.startswith(("FAILED tests/", "ERROR tests/")):
+            return line.split(" - ")[0]
+    tail = [line for line in output.splitlines() if line.strip()]
+    return tail[-1] if tail else "(no output)"
+
+
+def run_tests(copy: Path, tests: Sequence[str], timeout_s: float) -> tuple[int | None, str]:
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(
+            command,
+            cwd=copy,
+            env=environment(copy),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout_s:g} s"
+    return done.returncode, done.stdout + done.stderr
+
+
+def run_mutant(copy: Path, mutant: Mutant, timeout_s: float) -> Result:
+    started = time.monotonic()
+    path = copy / mutant.path
+    if not path.is_file():
+        return Result(mutant, "target not found", f"{mutant.path}: no such file", 0.0)
+    original = path.read_text(encoding="utf-8")
+    mutated, why = plant(original, mutant)
+    if mutated is None:
+        return Result(mutant, "target not found", why, 0.0)
+    try:
+        path.write_text(mutated, encoding="utf-8")
+        code, output = run_tests(copy, mutant.tests, timeout_s)
+    finally:
+        path.write_text(original, encoding="utf-8")
+    seconds = time.monotonic() - started
+    if code is None:
+        return Result(mutant, "killed", output, seconds)  # a hang is a failure the suite notices
+    if code == 0:
+        return Result(mutant, "SURVIVED", f"{len(mutant.tests)} selection(s) passed", seconds)
+    if code == 1:
+        return Result(mutant, "killed", first_failure(output), seconds)
+    return Result(mutant, "error", f"pytest exit {code}: {first_failure(output)}", seconds)
+
+
+def baseline(copy: Path, mutants: Sequence[Mutant], timeout_s: float) -> None:
+    tests = list(dict.fromkeys(t for m in mutants for t in m.tests))
+    print(f"baseline: {len(tests)} selections on the unmutated copy ...", flush=True)
+    code, output = run_tests(copy, tests, timeout_s * 3)
+    if code != 0:
+        raise SystemExit(f"mutants: the selections fail without any mutant: {first_failure(output or '')}")
+
+
+def table(results: Sequence[Result]) -> str:
+    rows = [("mutant", "breaks", "result", "s", "detail")]
+    for r in results:
+        rows.append((r.mutant.name, r.mutant.breaks, r.outcome, f"{r.seconds:.0f}", r.detail))
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return "\n".join(line.replace("\n", " ") for line in lines)
+
+
+def chosen(patterns: Sequence[str]) -> list[Mutant]:
+    if not patterns:
+        return list(MUTANTS)
+    return [m for m in MUTANTS if any(p in m.name for p in patterns)]
+
+
+def workspaces(count: int) -> Iterator[Path]:
+    for _ in range(count):
+        copy = Path(tempfile.mkdtemp(prefix="gateway-mutants-"))
+        copy_checkout(copy)
+        check_imports_from(copy)
+        yield copy
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", dest="patterns", action="append", default=[], help="mutant name contains")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at once (a copy each)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per mutant")
+    parser.add_argument("--baseline", action="store_true", help="first run the selections unmutated")
+    parser.add_argument("--keep", action="store_true", help="keep the copies (their paths are printed)")
+    args = parser.parse_args(argv)
+    mutants = chosen(args.patterns)
+    if not mutants:
+        print("no mutant matches", file=sys.stderr)
+        return 2
+    if args.list:
+        missing = 0
+        for m in mutants:
+            path = ROOT / m.path
+            _, why = plant(path.read_text(encoding="utf-8"), m) if path.is_file() else (None, "no such file")
+            missing += bool(why)
+            print(
+                f"{m.name}: {m.breaks}\n  {m.path}: {'target not found: ' + why if why else 'target found'}"
+            )
+            print(f"  tests: {' '.join(m.tests)}")
+        return 2 if missing else 0
+    copies = list(workspaces(max(1, min(args.jobs, len(mutants)))))
+    try:
+        if args.baseline:
+            baseline(copies[0], mutants, args.timeout)
+        free = list(copies)
+        results: list[Result] = []
+
+        def job(mutant: Mutant) -> Result:
+            copy = free.pop()
+            try:
+                result = run_mutant(copy, mutant, args.timeout)
+            finally:
+                free.append(copy)
+            print(
+                f"{result.outcome:>16}  {mutant.name}  ({result.seconds:.0f} s)  {result.detail}", flush=True
+            )
+            return result
+
+        with ThreadPoolExecutor(len(copies)) as pool:
+            results = list(pool.map(job, mutants))
+    finally:
+        for copy in copies:
+            if args.keep:
+                print(f"copy kept: {copy}")
+            else:
+                shutil.rmtree(copy, ignore_errors=True)
+    print()
+    print(table(results))
+    outcomes = [r.outcome for r in results]
+    print(
+        f"\n{outcomes.count('killed')} killed, {outcomes.count('SURVIVED')} survived, "
+        f"{outcomes.count('target not found')} not found, {outcomes.count('error')} errors "
+        f"of {len(results)} mutants"
+    )
+    if "target not found" in outcomes or "error" in outcomes:
+        return 2
+    return 1 if "SURVIVED" in outcomes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
