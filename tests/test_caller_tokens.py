@@ -602,3 +602,40 @@ def test_issuer_forms_and_bearer_header() -> None:
     assert (
         bearer_token(b"Basic abc") is None and bearer_token(b"Bearer") is None and bearer_token(b"") is None
     )
+
+
+def test_only_rsa_signing_keys_of_2048_bits_and_more_are_taken() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from gateway.signing_keys import SigningKeyFetchError, _parse_discovery, _parse_jwks
+
+    def jwk(key: Any, **extra: Any) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key))
+        return data | extra
+
+    strong = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    curve = json.loads(
+        jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())
+    )
+    rejected = [
+        jwk(weak.public_key(), kid="weak"),
+        curve | {"kid": "ec"},
+        jwk(strong.public_key(), kid="enc", use="enc"),
+        jwk(strong.public_key(), kid="rs512", alg="RS512"),
+        jwk(strong.public_key()),  # no kid
+        {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
+        "not a key",
+    ]
+    url = "https://login.example/keys"
+    with pytest.raises(SigningKeyFetchError, match="holds no RSA signing key of 2048 bits"):
+        _parse_jwks(url, {"keys": rejected})
+    keys = _parse_jwks(
+        url, {"keys": [*rejected, jwk(strong, kid="good")]}
+    )  # private parts given: public taken
+    assert list(keys) == ["good"] and keys["good"].public_numbers() == strong.public_key().public_numbers()
+    with pytest.raises(SigningKeyFetchError, match="not a key set"):
+        _parse_jwks(url, {"kid": "x"})
+    with pytest.raises(SigningKeyFetchError, match="no https `jwks_uri`"):
+        _parse_discovery(url, {"jwks_uri": "http://login.example/keys"})
+    assert _parse_discovery(url, {"jwks_uri": url, "issuer": 7}) == (url, None)
