@@ -324,7 +324,7 @@ class CallerTokenValidator:
             )
         tenant = tenant.lower()
         issuer = claims.get("iss")
-        if not isinstance(issuer, str) or self.issuers_tenant(issuer) != tenant:
+        if not isinstance(issuer, str) or self._issuer_tenant(issuer) != tenant:
             raise CallerUnauthenticated(
                 f"the bearer token's issuer {_shown(issuer)} is not Entra ID's v1 or v2 issuer of its "
                 f"tenant {tenant} ({v2_issuer(self.config.authority, tenant)!r} or "
@@ -354,7 +354,7 @@ class CallerTokenValidator:
         )
         return caller, expires + skew
 
-    def issuers_tenant(self, issuer: str) -> str | None:
+    def _issuer_tenant(self, issuer: str) -> str | None:
         """The tenant an accepted issuer speaks for, or None."""
         tenant = self._static_issuers.get(issuer)
         if tenant is not None:
