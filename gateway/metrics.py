@@ -248,3 +248,19 @@ KEY_ROTATIONS = Counter(
     "New key values a key route picked up (a rotation reaching it), by slot.",
     ["route", "slot"],
 )
+SIGNING_KEY_FETCHES = Counter(
+    "gateway_signing_key_fetches",
+    "Reads of Entra ID's signing keys (inbound.entra_id), by reason (startup, refresh, unknown_kid) and "
+    "result (ok, error).",
+    ["reason", "result"],
+)
+SIGNING_KEYS_STALE = Gauge(
+    "gateway_signing_keys_stale",
+    "1 while the last read of Entra ID's signing keys failed (the last good keys stay in use).",
+    multiprocess_mode=_MAX_MODE,
+)
+CALLER_TOKEN_REFUSALS = Counter(
+    "gateway_caller_token_refusals",
+    "Entra ID access tokens refused (401 caller_unauthenticated), by reason.",
+    ["reason"],
+)

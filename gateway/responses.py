@@ -66,5 +66,6 @@ async def send_error(send: Send, error: ClientFacingError, request_id: str | Non
         headers.append((b"x-request-id", request_id.encode("latin-1")))
     if error.retry_after is not None:
         headers.append((b"retry-after", str(max(1, math.ceil(error.retry_after))).encode()))
+    headers.extend(error.headers)
     body = error_body(error.code, error.message, request_id)
     await send_bytes(send, error.status, body, b"application/json", headers=headers)
