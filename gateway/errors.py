@@ -18,8 +18,9 @@ GatewayError
     ├── UpgradeNotSupported     400 upgrade_not_supported    (refused by gateway.server_protocol)
     ├── ChunkExtensionTooLong   400 chunk_extension_too_long (refused by gateway.server_protocol)
     ├── ClientUnauthenticated   401 client_unauthenticated
-    ├── CallerUnauthenticated   401 caller_unauthenticated   (an Entra ID token was refused)
-    │   └── UnknownSigningKey       the token names a signing key the gateway does not hold (yet)
+    ├── CallerUnauthenticated   401 caller_unauthenticated   (an Entra ID token was refused, or none sent)
+    │   ├── UnknownSigningKey       the token names a signing key the gateway does not hold (yet)
+    │   └── CallerTokenMissing      no token (nor API key) at all
     ├── ClientNotAllowed        403 client_not_allowed
     ├── CallerNotAllowed        403 caller_not_allowed       (a route's `callers` refused the caller)
     ├── BodyTooLarge            413 body_too_large
@@ -216,6 +217,16 @@ class UnknownSigningKey(CallerUnauthenticated):
     def __init__(self, message: str, *, kid: str) -> None:
         super().__init__(message, reason="unknown_key")
         self.kid = kid
+
+
+class CallerTokenMissing(CallerUnauthenticated):
+    """The request carries no credential where `inbound.entra_id` asks for one. RFC 6750 3.1: a request
+    without authentication gets the challenge without an error code."""
+
+    headers = ((b"www-authenticate", b"Bearer"),)
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="missing")
 
 
 class CallerNotAllowed(ClientFacingError):

@@ -56,6 +56,7 @@ def error_head(error: ClientFacingError, request_id: str, body: bytes) -> bytes:
             retry_after,
             b"content-length: %d\r\n" % len(body),
             b"x-request-id: " + request_id.encode("latin-1") + b"\r\n",
+            *[name + b": " + value + b"\r\n" for name, value in error.headers],
         )
     )
 
