@@ -55,7 +55,7 @@ async def measure(server: EmulatorServer, tokens: int, repeat: int) -> tuple[flo
         for _ in range(tokens)
     ]
     async with httpx.AsyncClient(verify=client_context(str(server.ca_file)), trust_env=False) as http:
-        keys = EntraSigningKeys(config.inbound.entra_id, http)
+        keys = EntraSigningKeys(config.inbound.entra_id, lambda: http)
         await keys.start()
         callers = CallerFactory(config)
         cold = float("inf")

@@ -126,7 +126,7 @@ def _time_claim(claims: dict[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise CallerUnauthenticated(
-            f"the bearer token's `{name}` claim is not a time (seconds since 1970)", reason="malformed"
+            f"the access token's `{name}` claim is not a time (seconds since 1970)", reason="malformed"
         )
     return float(value)
 
@@ -223,6 +223,10 @@ class CallerTokenValidator:
         return accepted
 
     @property
+    def signing_keys(self) -> EntraSigningKeys:
+        return self._keys
+
+    @property
     def cached_tokens(self) -> int:
         return len(self._cache)
 
@@ -235,34 +239,34 @@ class CallerTokenValidator:
         header = _header(raw)
         if header is None:
             raise CallerUnauthenticated(
-                "the bearer token is not a JWT (three base64url parts, a JSON header first); send the "
+                "the access token is not a JWT (three base64url parts, a JSON header first); send the "
                 "access token Entra ID issued for this gateway",
                 reason="malformed",
             )
         algorithm = header.get("alg")
         if algorithm != "RS256":
             raise CallerUnauthenticated(
-                f"the bearer token is signed with algorithm {_shown(algorithm)}, not RS256: only tokens "
+                f"the access token is signed with algorithm {_shown(algorithm)}, not RS256: only tokens "
                 "signed by Entra ID with its published keys are accepted",
                 reason="algorithm",
             )
         embedded = [name for name in EMBEDDED_KEY_HEADERS if name in header]
         if embedded:
             raise CallerUnauthenticated(
-                f"the bearer token brings its own key ({', '.join(embedded)} in its header): only the "
+                f"the access token brings its own key ({', '.join(embedded)} in its header): only the "
                 "signing keys Entra ID publishes are used",
                 reason="embedded_key",
             )
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise CallerUnauthenticated(
-                "the bearer token names no signing key (no `kid` in its header); Entra ID's tokens always do",
+                "the access token names no signing key (no `kid` in its header); Entra ID's tokens always do",
                 reason="unknown_key",
             )
         published = self._keys.key(kid)
         if published is None:
             raise UnknownSigningKey(
-                f"the bearer token is signed with key {_shown(kid)}, which is not among the signing keys "
+                f"the access token is signed with key {_shown(kid)}, which is not among the signing keys "
                 "Entra ID publishes for this gateway's tenants; get a new token (if Entra ID has just "
                 "started signing with a new key, retry in a few minutes)",
                 kid=kid,
@@ -276,13 +280,13 @@ class CallerTokenValidator:
             )
         except jwt.InvalidSignatureError:
             raise CallerUnauthenticated(
-                f"the bearer token's signature does not verify with Entra ID's key {_shown(kid)}: the "
+                f"the access token's signature does not verify with Entra ID's key {_shown(kid)}: the "
                 "token was altered, or not issued by Entra ID",
                 reason="bad_signature",
             ) from None
         except jwt.PyJWTError:
             raise CallerUnauthenticated(
-                "the bearer token is not a JWT with a JSON object as its payload", reason="malformed"
+                "the access token is not a JWT with a JSON object as its payload", reason="malformed"
             ) from None
         return self._caller(claims, kid, published.tenants)
 
@@ -292,18 +296,18 @@ class CallerTokenValidator:
         expires = _time_claim(claims, "exp")
         if expires is None:
             raise CallerUnauthenticated(
-                "the bearer token has no expiry (`exp`); Entra ID's tokens always do", reason="malformed"
+                "the access token has no expiry (`exp`); Entra ID's tokens always do", reason="malformed"
             )
         if now > expires + skew:
             raise CallerUnauthenticated(
-                f"the bearer token expired at {_when(expires)}, {now - expires:.0f} s ago (clock skew "
+                f"the access token expired at {_when(expires)}, {now - expires:.0f} s ago (clock skew "
                 f"allowed: {skew:g} s); get a new token",
                 reason="expired",
             )
         not_before = _time_claim(claims, "nbf")
         if not_before is not None and now + skew < not_before:
             raise CallerUnauthenticated(
-                f"the bearer token is not valid before {_when(not_before)}, {not_before - now:.0f} s from "
+                f"the access token is not valid before {_when(not_before)}, {not_before - now:.0f} s from "
                 f"now (clock skew allowed: {skew:g} s); check the clocks of the caller and the gateway",
                 reason="not_yet_valid",
             )
@@ -311,14 +315,14 @@ class CallerTokenValidator:
         audiences = audience if isinstance(audience, list) else [audience]
         if not any(isinstance(a, str) and a.lower() in self._audiences for a in audiences):
             raise CallerUnauthenticated(
-                f"the bearer token is for audience {_shown(audience)}, not for this gateway: it accepts "
+                f"the access token is for audience {_shown(audience)}, not for this gateway: it accepts "
                 f"{self._expected_audiences} (ask Entra ID for a token for the scope '<audience>/.default')",
                 reason="wrong_audience",
             )
         tenant = claims.get("tid")
         if not isinstance(tenant, str) or tenant.lower() not in self._tenants:
             raise CallerUnauthenticated(
-                f"the bearer token is from tenant {_shown(tenant)}, whose callers this gateway does not "
+                f"the access token is from tenant {_shown(tenant)}, whose callers this gateway does not "
                 "accept (inbound.entra_id.allowed_tenants)",
                 reason="wrong_tenant",
             )
@@ -326,14 +330,14 @@ class CallerTokenValidator:
         issuer = claims.get("iss")
         if not isinstance(issuer, str) or self._issuer_tenant(issuer) != tenant:
             raise CallerUnauthenticated(
-                f"the bearer token's issuer {_shown(issuer)} is not Entra ID's v1 or v2 issuer of its "
+                f"the access token's issuer {_shown(issuer)} is not Entra ID's v1 or v2 issuer of its "
                 f"tenant {tenant} ({v2_issuer(self.config.authority, tenant)!r} or "
                 f"{v1_issuer(self.config.authority, tenant)!r})",
                 reason="wrong_issuer",
             )
         if tenant not in key_tenants:
             raise CallerUnauthenticated(
-                f"the bearer token is signed with key {_shown(kid)}, which tenant {tenant} does not publish",
+                f"the access token is signed with key {_shown(kid)}, which tenant {tenant} does not publish",
                 reason="unknown_key",
             )
         version = claims.get("ver")
@@ -342,7 +346,7 @@ class CallerTokenValidator:
             app_id = claims.get("appid") or claims.get("azp")
         if not isinstance(app_id, str) or not app_id:
             raise CallerUnauthenticated(
-                "the bearer token names no client application (`appid` or `azp`)", reason="no_client"
+                "the access token names no client application (`appid` or `azp`)", reason="no_client"
             )
         oid = claims.get("oid")
         roles = claims.get("roles")

@@ -80,13 +80,15 @@ class _Tenant:
 
 
 class EntraSigningKeys:
-    """The signing keys of every tenant `config` accepts, read with `http` (the gateway's TLS trust and
-    egress proxy). `clock` (monotonic) times the refetch limit; `wall_clock` only dates `status()`."""
+    """The signing keys of every tenant `config` accepts, read with the client `http()` gives (the
+    gateway's one client for Azure, `AzureRest.http`: its TLS trust and egress proxy; called for every
+    read, as a client belongs to one event loop and start-up reads in another loop than the one that
+    serves). `clock` (monotonic) times the refetch limit; `wall_clock` only dates `status()`."""
 
     def __init__(
         self,
         config: EntraIdConfig,
-        http: httpx.AsyncClient,
+        http: Callable[[], httpx.AsyncClient],
         *,
         source: str = "<config>",
         refresh_every_s: float = REFRESH_EVERY_S,
@@ -190,8 +192,16 @@ class EntraSigningKeys:
             self._task = asyncio.ensure_future(self.run())
         return self._task
 
+    def stop(self) -> None:
+        """Stop refreshing (a reload replaced these keys). A read for an unknown `kid` in progress is left
+        to finish (within `timeout_s`): requests in flight wait for it."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
     async def aclose(self) -> None:
-        tasks = [task for task in (self._task, self._refetch) if task is not None]
+        tasks: list[asyncio.Task[Any]] = [task for task in (self._task, self._refetch) if task is not None]
+        self._task = None
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -199,7 +209,6 @@ class EntraSigningKeys:
                 await task
             except asyncio.CancelledError:
                 pass
-        self._task = None
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -297,7 +306,9 @@ class EntraSigningKeys:
     async def _get_json(self, url: str) -> Any:
         try:
             async with asyncio.timeout(self.timeout_s):
-                async with self._http.stream("GET", url, headers={"Accept": "application/json"}) as response:
+                async with self._http().stream(
+                    "GET", url, headers={"Accept": "application/json"}
+                ) as response:
                     if response.status_code != 200:
                         raise SigningKeyFetchError(f"{url} answered {response.status_code}")
                     body = bytearray()
