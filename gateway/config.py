@@ -757,7 +757,8 @@ class CallerRulesConfig(_Model):
     )
     cert_subjects: list[str] = Field(
         default_factory=list,
-        description="Common names (CN) of client certificates (mutual TLS). Needs `server.tls.client_ca`.",
+        description="Common names (CN) of client certificates (mutual TLS). Needs `server.tls.client_ca`, "
+        "and neither `inbound.api_keys` nor `inbound.entra_id` (with them a key or token names the caller).",
     )
 
     @field_validator("app_ids", "roles", "api_keys", "cert_subjects")
@@ -1023,6 +1024,13 @@ def _caller_rule_problems(
     if rules.cert_subjects and (server.tls is None or server.tls.client_ca is None):
         problems.append(
             f"{where}.cert_subjects: needs `server.tls.client_ca` (client certificates come with mutual TLS)"
+        )
+    elif rules.cert_subjects and (inbound.api_keys or inbound.entra_id is not None):
+        # gateway.inbound: a key or a token is then required of every request, and it names the caller.
+        problems.append(
+            f"{where}.cert_subjects: a client certificate names the caller only when neither "
+            "`inbound.api_keys` nor `inbound.entra_id` is configured (with them, every request sends a key "
+            "or a token, which names the caller); list key names, app ids or roles instead"
         )
     return problems
 

@@ -52,9 +52,10 @@ def status_label(code: int) -> str:
 
 REQUESTS = Counter(
     "gateway_requests",
-    "Requests handled, by route, the status the client got (known codes, else the class) and the "
-    "gateway's error code ('' when the upstream answered).",
-    ["route", "status", "error_code"],
+    "Requests handled, by route, the status the client got (known codes, else the class), the "
+    "gateway's error code ('' when the upstream answered) and the caller (the callers the configuration "
+    "names, `other` for the rest, `anonymous` without an identity).",
+    ["route", "status", "error_code", "caller"],
 )
 UPSTREAM_RESPONSES = Counter(
     "gateway_upstream_responses",

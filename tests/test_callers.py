@@ -120,13 +120,25 @@ def gateway_config() -> GatewayConfig:
         {"app_ids": [SCORER.upper()], "roles": ["Scoring.Invoke"], "api_keys": ["batch"]},
         inbound={"entra_id": ENTRA, "api_keys": [{"name": "batch", "sha256": HASH}, {"sha256": "b" * 64}]},
     )
-    data["routes"]["pinned"] = route(
-        path="/pinned",
-        callers={"cert_subjects": ["reporting client"], "may_pin_deployment": {"app_ids": [PINNER]}},
-    )
+    data["routes"]["pinned"] = route(path="/pinned", callers={"may_pin_deployment": {"app_ids": [PINNER]}})
     data["routes"]["open"] = route(path="/open")
+    return parse_config(data)
+
+
+def cert_config() -> GatewayConfig:
+    """Client certificates name the callers of a gateway without API keys or Entra ID tokens."""
+    data = config(
+        {"cert_subjects": ["reporting client"], "may_pin_deployment": {"cert_subjects": ["pinning client"]}}
+    )
     data["server"] = {"tls": {"cert": "x", "key": "y", "client_ca": "/etc/ca.pem"}}
     return parse_config(data)
+
+
+def test_cert_subjects_need_certificates_to_name_the_callers() -> None:
+    data = config({"cert_subjects": ["reporting client"]}, inbound={"entra_id": ENTRA})
+    data["server"] = {"tls": {"cert": "x", "key": "y", "client_ca": "/etc/ca.pem"}}
+    message = refused(data)
+    assert "fraud.callers.cert_subjects: a client certificate names the caller only" in message
 
 
 def test_caller_ids_and_bounded_labels() -> None:
@@ -149,10 +161,13 @@ def test_caller_ids_and_bounded_labels() -> None:
     assert callers.key("client").label == "key:client"  # every key name comes from the configuration
     with pytest.raises(KeyError):
         callers.key("nobody")
-    reporting = callers.cert("reporting client")
+    certificates = CallerFactory(cert_config())
+    reporting = certificates.cert("reporting client")
     assert reporting.id == "cert:reporting%20client" == reporting.label  # one token in a log line
-    assert callers.cert("reporting client") is reporting
-    assert callers.cert("laptop").label == OTHER and callers.cert(None).id == "cert:(no CN)"
+    assert certificates.cert("reporting client") is reporting
+    assert certificates.cert("pinning client").label == "cert:pinning%20client"
+    assert certificates.cert("laptop").label == OTHER and certificates.cert(None).id == "cert:(no CN)"
+    assert callers.cert("reporting client").label == OTHER  # no route of this configuration names it
     assert callers.anonymous is ANONYMOUS and str(ANONYMOUS) == "anonymous" == ANONYMOUS.label
     hostile = callers.app("x y\n" + "z" * 300, oid=None, tenant_id=TENANT, roles=())
     assert " " not in hostile.id and "\n" not in hostile.id and len(hostile.id) < 420
@@ -176,14 +191,19 @@ def test_route_access_rules() -> None:
         fraud.check(caller)
     for caller in (wrong_role, pinner, callers.key("client"), callers.cert("reporting client"), ANONYMOUS):
         assert not fraud.allows(caller)
-    assert pinned.allows(callers.cert("reporting client")) and not pinned.allows(callers.cert("laptop"))
     assert pinned.may_pin_deployment(pinner) and not pinned.may_pin_deployment(by_id)
     assert not fraud.may_pin_deployment(by_id)  # no may_pin_deployment: nobody chooses the deployment
     assert not open_route.restricted and open_route.allows(ANONYMOUS) and fraud.restricted
     open_route.check(ANONYMOUS)
-    only_pinning = RouteAccess("r", cfg.routes["pinned"].callers.model_copy(update={"cert_subjects": []}))  # type: ignore[union-attr]
-    assert not only_pinning.restricted and only_pinning.allows(wrong_role)
-    assert only_pinning.may_pin_deployment(pinner)
+    # Only `may_pin_deployment`: every caller may call, some may choose.
+    assert not pinned.restricted and pinned.allows(wrong_role) and pinned.allows(ANONYMOUS)
+    certificates = CallerFactory(cert_config())
+    reports = RouteAccess("fraud", cert_config().routes["fraud"].callers)
+    assert reports.allows(certificates.cert("reporting client")) and not reports.allows(
+        certificates.cert("laptop")
+    )
+    assert reports.may_pin_deployment(certificates.cert("pinning client"))
+    assert not reports.may_pin_deployment(certificates.cert("reporting client"))
 
 
 def test_refusal_names_caller_and_route_never_the_rules() -> None:
@@ -226,7 +246,7 @@ async def _answer(error: Any) -> tuple[int, dict[bytes, bytes], dict[str, Any]]:
 
 def test_caller_unauthenticated_answers_with_a_bearer_challenge() -> None:
     status, headers, body = asyncio.run(
-        _answer(CallerUnauthenticated("the bearer token expired at ...", reason="expired"))
+        _answer(CallerUnauthenticated("the access token expired at ...", reason="expired"))
     )
     assert status == 401 and headers[b"www-authenticate"] == b'Bearer error="invalid_token"'
     assert body["error"]["code"] == "caller_unauthenticated" and body["error"]["request_id"] == "req-1"
