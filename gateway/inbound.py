@@ -30,18 +30,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.caller_tokens import bearer_token
 from gateway.callers import Caller, CallerFactory, certificate_common_name
 from gateway.config import GatewayConfig, is_loopback
-from gateway.errors import (
-    CallerTokenMissing,
-    CallerUnauthenticated,
-    ClientNotAllowed,
-    ClientUnauthenticated,
-    UnknownSigningKey,
-)
+from gateway.errors import CallerTokenMissing, CallerUnauthenticated, ClientNotAllowed, ClientUnauthenticated
 
 if TYPE_CHECKING:
     from gateway.caller_tokens import CallerTokenValidator
@@ -82,19 +77,17 @@ def needs_inbound(config: GatewayConfig) -> bool:
 
 class Inbound:
     """The inbound stage of one configuration, built once (`gateway.assembly`). `identify` decides without
-    I/O; when `tokens` is set (Entra ID callers), the proxy calls `authenticate`, which may read the
-    signing keys again for a token naming an unknown one."""
+    I/O; for a token naming a signing key the gateway does not hold it raises `UnknownSigningKey`, and the
+    proxy awaits `authenticate`, which reads the keys again."""
 
     __slots__ = (
         "_allowed_cache",
         "_anonymous",
         "_callers",
-        "_cert_callers",
+        "_identify",
         "_key_hashes",
         "_key_header",
         "_networks",
-        "_reads_headers",
-        "_required",
         "tokens",
     )
 
@@ -108,37 +101,35 @@ class Inbound:
         self._key_hashes = [(callers.key(k.name), bytes.fromhex(k.sha256)) for k in inbound.api_keys]
         self._key_header = inbound.api_key_header.encode("latin-1")
         self.tokens = tokens
-        # A token or a key is required when either form is configured (see the module docstring).
-        self._required = tokens is not None or bool(self._key_hashes)
-        self._reads_headers = self._required
-        server_tls = config.server.tls
-        self._cert_callers = (
-            not self._required and server_tls is not None and server_tls.client_ca is not None
-        )
         self._anonymous = callers.anonymous
+        # The form of this configuration, chosen once: a token or a key is required when either is
+        # configured (see the module docstring); API keys alone keep their own single pass.
+        server_tls = config.server.tls
+        self._identify: Callable[[Exchange], Caller]
+        if tokens is not None:
+            self._identify = self._token_or_key
+        elif self._key_hashes:
+            self._identify = self._key
+        elif server_tls is not None and server_tls.client_ca is not None:
+            self._identify = self._certificate
+        else:
+            self._identify = self._nobody
 
     def identify(self, exchange: Exchange) -> Caller:
         """The request's caller, or a refusal (`ClientFacingError`). Removes the API key header. With
         Entra ID callers, raises `UnknownSigningKey` for a token whose key the gateway does not hold."""
         if self._networks:
             self._check_network(exchange)
-        if self._reads_headers:
-            return self._credential(exchange)
-        if self._cert_callers:
-            return self._certificate(exchange)
-        return self._anonymous
+        return self._identify(exchange)
 
     async def authenticate(self, exchange: Exchange) -> Caller:
-        """`identify`, reading the signing keys again when a token names one the gateway does not hold."""
-        try:
-            return self.identify(exchange)
-        except UnknownSigningKey:
-            tokens = self.tokens
-            assert tokens is not None
-            # The header was looked at once already; this path is rare (a new key, or a forged token).
-            token = _authorization_token(exchange.headers)
-            assert token is not None
-            return await tokens.authenticate(token)
+        """After `identify` raised `UnknownSigningKey`: the caller, once the signing keys were read again
+        (at most once per 5 minutes), or a refusal. Rare: Entra ID started signing with a new key, or the
+        token is forged."""
+        tokens = self.tokens
+        token = _authorization_token(exchange.headers)
+        assert tokens is not None and token is not None
+        return await tokens.authenticate(token)
 
     # ------------------------------------------------------------------------------ the forms
     def _check_network(self, exchange: Exchange) -> None:
@@ -155,14 +146,31 @@ class Inbound:
                 "to allow your network"
             )
 
-    def _credential(self, exchange: Exchange) -> Caller:
+    def _key(self, exchange: Exchange) -> Caller:
+        """`inbound.api_keys` alone: one pass that finds the key and keeps the other headers."""
+        key_header = self._key_header
+        presented: bytes | None = None
+        kept = []
+        for header in exchange.headers:
+            if header[0] == key_header:
+                presented = header[1]
+            else:
+                kept.append(header)
+        exchange.headers = kept
+        caller = None if presented is None else self._key_caller(presented)
+        if caller is None:
+            raise ClientUnauthenticated(f"send a valid gateway API key in the {key_header.decode()} header")
+        return caller
+
+    def _token_or_key(self, exchange: Exchange) -> Caller:
+        """`inbound.entra_id`, with or without API keys: the token if there is one, else the key."""
         key_header = self._key_header if self._key_hashes else None
         authorization: bytes | None = None
         presented: bytes | None = None
         headers = exchange.headers
         for name, value in headers:
             if name == _AUTHORIZATION:
-                if authorization is not None and self.tokens is not None:
+                if authorization is not None:
                     # Which of them a proxy in front of the gateway read is unknown: neither counts.
                     raise CallerUnauthenticated(
                         "the request has more than one Authorization header; send one", reason="malformed"
@@ -172,10 +180,11 @@ class Inbound:
                 presented = value
         if presented is not None:
             exchange.headers = [(name, value) for name, value in headers if name != key_header]
-        tokens = self.tokens
-        if tokens is not None and authorization is not None:
+        if authorization is not None:
             token = bearer_token(authorization)
             if token is not None:
+                tokens = self.tokens
+                assert tokens is not None
                 return tokens.validate(token)
         if presented is not None:
             caller = self._key_caller(presented)
@@ -206,6 +215,9 @@ class Inbound:
             "send an Entra ID access token for this gateway in the Authorization header (scheme: Bearer; "
             f"ask Entra ID for the scope '{audience}/.default'){keys}"
         )
+
+    def _nobody(self, exchange: Exchange) -> Caller:
+        return self._anonymous
 
     def _certificate(self, exchange: Exchange) -> Caller:
         peercert = exchange.transport.get_extra_info("peercert")

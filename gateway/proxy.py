@@ -41,6 +41,7 @@ from gateway.errors import (
     RouteNotFound,
     TransportError,
     TransportTimeout,
+    UnknownSigningKey,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -104,11 +105,10 @@ class Proxy:
             # 1. inbound: which clients may use the gateway's credentials at all, and who calls
             if guard is not None:
                 try:
-                    record.caller = (
-                        guard.identify(exchange)
-                        if guard.tokens is None
-                        else await guard.authenticate(exchange)
-                    )
+                    try:
+                        record.caller = guard.identify(exchange)
+                    except UnknownSigningKey:  # a token naming a key not held: read the keys, try again
+                        record.caller = await guard.authenticate(exchange)
                 except ClientFacingError:
                     record.request_id = new_request_id()  # refused before the client's headers count
                     raise
