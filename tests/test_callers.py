@@ -18,8 +18,14 @@ from gateway.callers import (
     route_access,
 )
 from gateway.config import GatewayConfig, parse_config
-from gateway.errors import CallerNotAllowed, CallerUnauthenticated, ConfigError, UnknownSigningKey
-from gateway.responses import send_error
+from gateway.errors import (
+    CallerNotAllowed,
+    CallerTokenMissing,
+    CallerUnauthenticated,
+    ConfigError,
+    UnknownSigningKey,
+)
+from gateway.responses import error_head, send_error
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 SCORER = "5c0e0000-0000-4000-8000-000000000001"
@@ -256,3 +262,16 @@ def test_caller_unauthenticated_answers_with_a_bearer_challenge() -> None:
     assert (
         status == 403 and b"www-authenticate" not in headers and body["error"]["code"] == "caller_not_allowed"
     )
+
+
+def test_the_wire_answer_carries_the_challenge_too() -> None:
+    """The server protocol and the proxy write their answers themselves (`error_head`), not through
+    ASGI: the refusal's headers must be there as well."""
+    refused = CallerUnauthenticated("the access token expired at ...", reason="expired")
+    head = error_head(refused, "req-1", b"{}").decode()
+    assert 'www-authenticate: Bearer error="invalid_token"\r\n' in head
+    assert (
+        "www-authenticate: Bearer\r\n"
+        in error_head(CallerTokenMissing("send a token"), "req-2", b"{}").decode()
+    )
+    assert "www-authenticate" not in error_head(CallerNotAllowed("caller app:x ..."), "req-3", b"{}").decode()
