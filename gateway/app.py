@@ -24,7 +24,7 @@ from gateway.credentials import Credential
 from gateway.errors import ConfigError, InternalError
 from gateway.exchange import Exchange
 from gateway.headers import new_request_id
-from gateway.inbound import InboundGuard, inbound_problem
+from gateway.inbound import inbound_problem
 from gateway.proxy import Proxy
 from gateway.responses import Send, error_body, send_bytes, send_error, send_json
 from gateway.server_protocol import SEND_TIMEOUT_STATE
@@ -96,6 +96,8 @@ class GatewayApp:
         self.assembly = Assembly.create_now(config, config_path or "<config>")
         self.client = self.assembly.client
         self.router = self.assembly.build_router(config)
+        # Stage 1: who may call, who calls (Entra ID's signing keys were read by `create_now`).
+        self.guard = self.assembly.build_inbound(config)
         self.assembly.commit(config)
         self._server_tls: ServerTls | None = None
         # A missing OpenTelemetry package is a ConfigError here, before the server starts.
@@ -106,7 +108,6 @@ class GatewayApp:
             if self.tracing is None
             else TracedTelemetry(self.tracing, access_log=config.server.access_log)
         )
-        self.guard = InboundGuard(config.inbound) if config.inbound.enabled else None
         self.proxy: Proxy | None = None
         self._admin: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             "/healthz": self._healthz,
@@ -272,8 +273,10 @@ class GatewayApp:
             old = self.router
             reuse = {r.credential_key: r.credential for r in old.routes}
             await self.assembly.prepare(config)  # new Key Vault secrets; the running config serves meanwhile
+            await self.assembly.prepare_callers(config)  # signing keys, when inbound.entra_id changed
             # The same shared parts (MSAL applications, token cache, Azure REST client) serve the new routes.
             router = self.assembly.build_router(config, reuse)
+            guard = self.assembly.build_inbound(config)
             kept = {id(r.credential) for r in router.routes}
             for route in router.routes:
                 if route.credential not in reuse.values():
@@ -303,7 +306,7 @@ class GatewayApp:
                 )
             self.router = router  # atomic: requests in flight keep the Route objects they hold
             self._server_state[SEND_TIMEOUT_STATE] = config.server.send_timeout_s
-            self.guard = InboundGuard(config.inbound) if config.inbound.enabled else None
+            self.guard = guard
             self.config = config
             for route in old.routes:
                 if id(route.credential) not in kept:
@@ -339,6 +342,13 @@ class GatewayApp:
         secrets = self.assembly.vaults.status()
         if secrets:
             report["keyvault"] = secrets  # a failed poll: the last good value is in use
+        keys = self.assembly.signing_keys
+        if keys is not None:
+            # Stale keys still check tokens (the last good ones): a detail, not a reason to be unready.
+            entra_id = keys.status()
+            metrics.SIGNING_KEYS_STALE.set(1 if entra_id["stale"] else 0)
+            report["entra_id"] = entra_id
+            report["ready"] = report["ready"] and entra_id["ready"]
         return report
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -13,6 +13,12 @@ builds without any network I/O, so a reload never blocks the event loop, and a s
 read rejects the configuration with a ConfigError naming the vault, the secret and where it is used.
 `commit` then makes exactly the secrets of the running configuration the polled ones.
 
+Callers (`inbound`, `routes.NAME.callers`): `prepare_callers` reads Entra ID's signing keys when
+`inbound.entra_id` is new or changed (a failure is a ConfigError naming the URL; unchanged settings keep
+the running keys), `build_inbound` makes the inbound stage without I/O, `build_router` gives each route
+its access rules, and `commit` makes the prepared keys the running ones (refreshed in the background
+once the assembly is started; keys a reload replaced stop refreshing).
+
 Settings only a restart changes (`tls`, `egress`, `server`, `keyvault` but its interval) are those the
 assembly was made with: a reloaded configuration is read with them (`_effective`), so the certificate
 of the listener and the proxy's credentials stay polled whatever the reloaded file says.
@@ -29,18 +35,29 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from gateway.azure_rest import AzureRest, Pause
+from gateway.caller_tokens import CallerTokenValidator
+from gateway.callers import CallerFactory, RouteAccess
 from gateway.client import UpstreamClient
-from gateway.config import GatewayConfig, IdentityConfig, KeyVaultRef, RouteConfig, SecretSpec
+from gateway.config import (
+    EntraIdConfig,
+    GatewayConfig,
+    IdentityConfig,
+    KeyVaultRef,
+    RouteConfig,
+    SecretSpec,
+)
 from gateway.credentials import BuildContext, Credential, build_credential, resolve_secret
 from gateway.credentials.identity import MsalSource, resolve_identity
 from gateway.credentials.key import KeyCredential
 from gateway.credentials.probe import KeyProbe, probe_url_for
 from gateway.egress import build_egress
 from gateway.errors import ConfigError
+from gateway.inbound import Inbound, needs_inbound
 from gateway.keyvault import KeyVaultClient, KeyVaults
 from gateway.retry import ReplayPolicy
 from gateway.routing import Route, Router
 from gateway.secrets import Secret
+from gateway.signing_keys import EntraSigningKeys
 from gateway.tls import client_context
 from gateway.tokens import TokenCache
 from gateway.upstreams import Upstream
@@ -104,6 +121,12 @@ class Assembly:
             warn_literals=warn_literals,
         )
         self._client: UpstreamClient | None = None
+        # Entra ID's signing keys: those of the running configuration, and those `prepare_callers` read
+        # for the configuration being built (the same object when `inbound.entra_id` is unchanged).
+        self.signing_keys: EntraSigningKeys | None = None
+        self._prepared_keys: EntraSigningKeys | None = None
+        self._started = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ making one
     @classmethod
@@ -113,10 +136,12 @@ class Assembly:
         source: str,
         *,
         only: Callable[[str], bool] | None = None,
+        callers: bool = False,
         **options: Any,
     ) -> Assembly:
         """An assembly for `config` with its Key Vault secrets read (those whose key path `only` accepts)
-        and `egress.proxy_auth` in place. ConfigError if the settings are unusable."""
+        and `egress.proxy_auth` in place; with `callers`, Entra ID's signing keys read too (see
+        `prepare_callers`). ConfigError if the settings are unusable."""
         assembly = cls(config, source, **options)
         proxy_auth = config.egress.proxy_auth
         # Key Vault is reached with the proxy's credentials, unless they are in Key Vault themselves: then
@@ -126,16 +151,19 @@ class Assembly:
         await assembly.prepare(config, only=only)
         if isinstance(proxy_auth, KeyVaultRef):
             assembly._authenticate_egress(proxy_auth)
+        if callers:
+            await assembly.prepare_callers(config)
         return assembly
 
     @classmethod
     def create_now(cls, config: GatewayConfig, source: str, **options: Any) -> Assembly:
-        """`create` from synchronous code at start-up, before anything is served (the app's constructor:
+        """`create` from synchronous code at start-up, before anything is served, with the signing keys of
+        `inbound.entra_id` read (the app's constructor:
         `gateway serve` builds it before its loop runs, a uvicorn worker inside its loop before it serves).
         Never used for a reload, which awaits `prepare` on the serving loop."""
 
         async def create() -> Assembly:
-            assembly = await cls.create(config, source, **options)
+            assembly = await cls.create(config, source, callers=True, **options)
             await assembly.rest.close()  # its client belongs to this short-lived loop
             return assembly
 
@@ -184,6 +212,36 @@ class Assembly:
             if only is None or only(path):
                 refs.append(ref)
         await self.vaults.load(refs)
+
+    async def prepare_callers(self, config: GatewayConfig) -> None:
+        """Read Entra ID's signing keys for `config.inbound.entra_id` unless the running configuration
+        reads them from the same authority and tenants (its keys, kept fresh, serve on). ConfigError naming
+        the URL of a read that failed; the running configuration's keys are left as they are."""
+        entra = config.inbound.entra_id
+        running = self.signing_keys
+        if entra is None:
+            self._prepared_keys = None
+        elif running is not None and _key_source(running.config) == _key_source(entra):
+            self._prepared_keys = running
+        else:
+            keys = EntraSigningKeys(entra, self.rest.http, source=self.source)
+            await keys.start()
+            self._prepared_keys = keys
+
+    def build_inbound(self, config: GatewayConfig) -> Inbound | None:
+        """The inbound stage of `config` (None when it has none: every caller is `anonymous`), without I/O:
+        `prepare_callers` read the signing keys."""
+        if not needs_inbound(config):
+            return None
+        callers = CallerFactory(config)
+        entra = config.inbound.entra_id
+        tokens = None
+        if entra is not None:
+            keys = self._prepared_keys
+            if keys is None or _key_source(keys.config) != _key_source(entra):
+                raise RuntimeError("prepare_callers must read the signing keys before build_inbound")
+            tokens = CallerTokenValidator(entra, keys, callers)
+        return Inbound(config, callers, tokens)
 
     def secret(self, spec: SecretSpec, where: str, *, header: bool = False) -> Secret:
         """The secret `spec` names (a Key Vault one must have been read by `prepare`)."""
@@ -260,6 +318,7 @@ class Assembly:
                     max_concurrent=rc.max_concurrent_requests,
                     queue_timeout_s=rc.queue_timeout_s,
                     credential_key=key,
+                    access=None if rc.callers is None else RouteAccess(name, rc.callers),
                 )
             )
         return Router(routes)
@@ -272,17 +331,53 @@ class Assembly:
             uses.setdefault((ref.keyvault.vault, ref.keyvault.secret), []).append(path)
         self.vaults.configure(config.keyvault)
         self.vaults.commit(uses)
+        self._commit_signing_keys()
+
+    def _commit_signing_keys(self) -> None:
+        """The prepared signing keys are the running ones; keys they replace stop being refreshed."""
+        keys, old = self._prepared_keys, self.signing_keys
+        if keys is old:
+            return
+        self.signing_keys = keys
+        if keys is not None:
+            self.rest.acquire(keys)  # the client for Azure stays open while the keys are read with it
+            if self._started:
+                keys.start_refreshing()
+        if old is not None:
+            old.stop()
+            self._background(self.rest.release(old))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
-        """Background work of the shared parts (Key Vault polls). Needs the serving loop."""
+        """Background work of the shared parts (Key Vault polls, the signing keys' refresh). Needs the
+        serving loop."""
+        self._started = True
         self.vaults.start()
+        if self.signing_keys is not None:
+            self.signing_keys.start_refreshing()
 
     async def close(self) -> None:
+        keys, self.signing_keys = self.signing_keys, None
+        if keys is not None:
+            await keys.aclose()
+            await self.rest.release(keys)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.vaults.stop()
         if self._client is not None:
             await self._client.close()
         await self.rest.close()
+
+
+def _key_source(config: EntraIdConfig) -> tuple[str, tuple[str, ...]]:
+    """What decides which signing keys are read: the authority and the tenants (not the audiences or the
+    clock skew, which a reload changes without reading the keys again)."""
+    return config.authority, config.tenants()
 
 
 def _run_to_completion(call: Coroutine[Any, Any, T]) -> T:

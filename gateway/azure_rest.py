@@ -208,7 +208,9 @@ class AzureRest:
         if client is not None and self._loop is asyncio.get_running_loop():
             await client.aclose()
 
-    def _http(self) -> httpx.AsyncClient:
+    def http(self) -> httpx.AsyncClient:
+        """The running loop's client: also what reads Entra ID's public signing keys (no token, so not
+        through `call`), so that every request to Azure has one TLS trust and one egress policy."""
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             # An AsyncClient's pool belongs to one event loop (`gateway check` and tests run several).
@@ -274,7 +276,7 @@ class AzureRest:
         origin = origin_of(url)
         try:
             async with asyncio.timeout(limit):
-                async with self._http().stream(
+                async with self.http().stream(
                     method, url, headers={"Accept": "application/json", **(headers or {})}, json=body
                 ) as response:
                     chunks: list[bytes] = []

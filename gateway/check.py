@@ -173,12 +173,18 @@ async def _check(config: GatewayConfig, config_path: str, assembly: Assembly) ->
                 f"{detail} [{elapsed * 1000:.0f} ms]".strip(),
             )
         )
+    entra = config.inbound.entra_id
+    if entra is not None:
+        origins.setdefault(origin_of(entra.authority), []).append("Entra ID signing keys (inbound.entra_id)")
     headers = ("ROUTE", "UPSTREAM", "AUTH", "CREDENTIAL", "EXPIRES IN", "UPSTREAM REACHABLE", "SOURCE")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:-1])]
     print("  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths, strict=True)) + "  " + headers[-1])
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     print()
+    if entra is not None:
+        healthy = await _check_callers(config, config_path, assembly) and healthy
+        print()
     egress_rows = [("ORIGIN", "USED BY", "EGRESS", "CONNECTION")]
     for origin, users in origins.items():
         failure = await reach(origin)
@@ -198,6 +204,27 @@ async def _check(config: GatewayConfig, config_path: str, assembly: Assembly) ->
     print_keyvault_secrets(assembly.vaults)
     print("all routes OK" if healthy else "some routes have problems (see above)")
     return 0 if healthy else 1
+
+
+async def _check_callers(config: GatewayConfig, config_path: str, assembly: Assembly) -> bool:
+    """`inbound.entra_id`: its discovery documents and signing keys read as `gateway serve` reads them at
+    start-up, and the issuers whose tokens are accepted."""
+    try:
+        await assembly.prepare_callers(config)
+    except ConfigError as exc:
+        print(f"CALLERS  inbound.entra_id  FAILED: {str(exc).replace(f'{config_path}: ', '')}")
+        return False
+    inbound = assembly.build_inbound(config)
+    assert inbound is not None and inbound.tokens is not None
+    tokens = inbound.tokens
+    status = tokens.signing_keys.status()
+    print(f"CALLERS  inbound.entra_id  audiences {', '.join(tokens.config.audiences)}")
+    for tenant, state in status["tenants"].items():
+        print(f"  tenant {tenant}: {len(state['kids'])} signing keys from {state['jwks_uri']}")
+    print("  accepted issuers (token `iss`, for the tenant in its `tid`):")
+    for issuer, tenant in sorted(tokens.issuers().items()):
+        print(f"    {issuer}  tenant {tenant}")
+    return True
 
 
 def print_keyvault_secrets(vaults: KeyVaults) -> None:

@@ -20,6 +20,7 @@ from pydantic import (
     PlainValidator,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -305,6 +306,99 @@ class CallerLimitsConfig(_Model):
         return self.per_caller is not None or bool(self.callers)
 
 
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
+
+
+class EntraIdConfig(_Model):
+    """Callers authenticate with Microsoft Entra ID access tokens (`Authorization: Bearer <token>`, what
+    every Azure SDK credential sends for the gateway's scope): a managed identity, a workload identity or
+    a service principal. The gateway validates the token (RS256 signature with the tenant's published
+    signing keys, audience, issuer, tenant, lifetime) and never forwards it. See [callers](callers.md)."""
+
+    tenant_id: str = Field(
+        description="Directory (tenant) ID of the gateway's app registration, the GUID tokens carry in "
+        "`tid`. Its signing keys are read at start-up from "
+        "`{authority}/{tenant_id}/v2.0/.well-known/openid-configuration`."
+    )
+    audiences: list[str] = Field(
+        min_length=1,
+        description="Accepted `aud` values: the gateway app's application ID URI (e.g. "
+        "`api://scoring-gateway`: v1 tokens carry it when callers ask for `api://scoring-gateway/.default`) "
+        "and/or its application (client) ID (what v2 tokens always carry).",
+    )
+    authority: str = Field(
+        "https://login.microsoftonline.com",
+        description="Entra ID's https origin: `https://login.microsoftonline.us` (US Government), "
+        "`https://login.chinacloudapi.cn` (China), or the emulator's HTTPS origin.",
+    )
+    clock_skew_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="Leeway for `exp` and `nbf` against this host's clock: a token is accepted until `exp` "
+        "plus this, and from `nbf` minus this.",
+    )
+    allowed_tenants: list[str] | None = Field(
+        None,
+        description="Tenants whose tokens are accepted (multi-tenant callers), `tenant_id` among them; each "
+        "one's signing keys are read from its own discovery document. Unset: `tenant_id` only.",
+    )
+
+    @field_validator("tenant_id")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        return _check_tenant(value)
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences(cls, value: list[str]) -> list[str]:
+        for audience in value:
+            if not audience.strip() or audience != audience.strip():
+                raise ValueError(f"{audience!r} is not an audience (an application ID URI or client ID)")
+        return value
+
+    @field_validator("authority")
+    @classmethod
+    def _authority(cls, value: str) -> str:
+        url = _check_url(value, "authority")
+        if urlsplit(url).scheme != "https":
+            raise ValueError(
+                f"authority must be an https:// URL (the signing keys come from it), got {value!r}"
+            )
+        return url
+
+    @field_validator("allowed_tenants")
+    @classmethod
+    def _tenants(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("list at least `tenant_id`, or leave `allowed_tenants` out")
+        return [_check_tenant(tenant) for tenant in value]
+
+    @model_validator(mode="after")
+    def _home_tenant_allowed(self) -> EntraIdConfig:
+        if self.allowed_tenants is not None and self.tenant_id not in self.allowed_tenants:
+            raise ValueError(
+                f"allowed_tenants must include tenant_id ({self.tenant_id}): it lists every tenant whose "
+                "tokens are accepted"
+            )
+        return self
+
+    def tenants(self) -> tuple[str, ...]:
+        """Every accepted tenant, `tenant_id` first, each once (lower case, as tokens' `tid`)."""
+        return tuple(dict.fromkeys([self.tenant_id, *(self.allowed_tenants or ())]))
+
+
+def _check_tenant(value: str) -> str:
+    if not _TENANT.match(value) or value.lower() in ("common", "organizations", "consumers"):
+        raise ValueError(
+            f"{value!r} is not a tenant: give the directory (tenant) ID, a GUID such as "
+            "72f988bf-86f1-41af-91ab-2d7cd011db47"
+        )
+    return value.lower()
+
+
 class InboundConfig(_Model):
     """Who may use the gateway. Admin endpoints (/healthz, /readyz, /metrics) are always open."""
 
@@ -314,6 +408,11 @@ class InboundConfig(_Model):
     limits: CallerLimitsConfig = Field(
         default_factory=CallerLimitsConfig,  # type: ignore[arg-type]
         description="Per-caller request rates across all routes (checked with the route's own, together).",
+    )
+    entra_id: EntraIdConfig | None = Field(
+        None,
+        description="Callers identify themselves with Entra ID access tokens; counts as inbound protection "
+        "for a non-loopback `server.host`. See [callers](callers.md).",
     )
 
     @field_validator("allow_cidrs")
@@ -752,6 +851,76 @@ class RouteLimitsConfig(CallerLimitsConfig):
         return self
 
 
+class CallerRulesConfig(_Model):
+    """Who is meant: a caller matches when it matches any one entry of any list."""
+
+    app_ids: list[str] = Field(
+        default_factory=list,
+        description="Application (client) IDs of Entra ID callers (`appid` of v1 tokens, `azp` of v2 "
+        "tokens; a managed identity's client ID). Needs `inbound.entra_id`.",
+    )
+    roles: list[str] = Field(
+        default_factory=list,
+        description="App roles, e.g. `Scoring.Invoke`: an Entra ID caller matches when its token's `roles` "
+        "(the gateway app's roles assigned to it) hold any of them. Needs `inbound.entra_id`.",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Names of keys in `inbound.api_keys`: a client that sent one of these keys.",
+    )
+    cert_subjects: list[str] = Field(
+        default_factory=list,
+        description="Common names (CN) of client certificates (mutual TLS). Needs `server.tls.client_ca`, "
+        "and neither `inbound.api_keys` nor `inbound.entra_id` (with them a key or token names the caller).",
+    )
+
+    @field_validator("app_ids", "roles", "api_keys", "cert_subjects")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or name != name.strip():
+                raise ValueError(f"{name!r} is not a name (empty, or spaces around it)")
+        return value
+
+    @field_validator("app_ids")
+    @classmethod
+    def _app_ids(cls, value: list[str]) -> list[str]:
+        return [app_id.lower() for app_id in value]  # GUIDs: tokens may spell them in either case
+
+    def is_empty(self) -> bool:
+        return not (self.app_ids or self.roles or self.api_keys or self.cert_subjects)
+
+
+class RouteCallersConfig(CallerRulesConfig):
+    """Which callers may use the route: a request is allowed when its caller matches any entry; other
+    callers get 403 `caller_not_allowed`. Without `callers`, every caller that passes `inbound` may.
+    Lists left empty here (only `may_pin_deployment` given) let every caller in."""
+
+    may_pin_deployment: CallerRulesConfig | None = Field(
+        None,
+        description="Callers whose `azureml-model-deployment` header reaches the upstream (same keys as "
+        "above). For everyone else the route's own `headers` entry (or none) applies. Unset: nobody may "
+        "choose the deployment.",
+    )
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> RouteCallersConfig:
+        if self.is_empty() and (self.may_pin_deployment is None or self.may_pin_deployment.is_empty()):
+            raise ValueError(
+                "`callers` names nobody: list app_ids, roles, api_keys or cert_subjects (or remove "
+                "`callers` to let every caller in)"
+            )
+        if self.may_pin_deployment is not None and self.may_pin_deployment.is_empty():
+            raise ValueError(
+                "`may_pin_deployment` names nobody: list app_ids, roles, api_keys or cert_subjects (or "
+                "remove it: then nobody may choose the deployment)"
+            )
+        return self
+
+    def rule_sets(self) -> tuple[CallerRulesConfig, ...]:
+        return (self,) if self.may_pin_deployment is None else (self, self.may_pin_deployment)
+
+
 class RouteConfig(_Model):
     path: str
     upstream: str | None = None
@@ -786,6 +955,11 @@ class RouteConfig(_Model):
     )
     retry: RetryConfig = Field(default_factory=RetryConfig)  # type: ignore[arg-type]
     outlier: OutlierConfig = Field(default_factory=OutlierConfig)  # type: ignore[arg-type]
+    callers: RouteCallersConfig | None = Field(
+        None,
+        description="Which callers may use this route, and which may choose its deployment. Unset: every "
+        "caller that passes `inbound`; nobody may choose the deployment. See [callers](callers.md).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -1002,6 +1176,34 @@ class GatewayConfig(_Model):
             seen[route.path] = name
         return value
 
+    @field_validator("routes")
+    @classmethod
+    def _route_callers(cls, value: dict[str, RouteConfig], info: ValidationInfo) -> dict[str, RouteConfig]:
+        inbound, server = info.data.get("inbound"), info.data.get("server")
+        if not isinstance(inbound, InboundConfig) or not isinstance(server, ServerConfig):
+            return value  # their own errors are reported; these checks need both
+        key_names = sorted({key.name for key in inbound.api_keys})
+        problems: list[str] = []
+        for name, route in value.items():
+            if route.callers is None:
+                continue
+            for rules, where in zip(
+                route.callers.rule_sets(),
+                (f"{name}.callers", f"{name}.callers.may_pin_deployment"),
+                strict=False,
+            ):
+                problems.extend(_caller_rule_problems(rules, where, inbound, server, key_names))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    def has_inbound_protection(self) -> bool:
+        """Whether every proxied request must prove something about its client: an allowed network, an
+        API key, an Entra ID token or a client certificate (what a non-loopback listener needs)."""
+        inbound = self.inbound
+        mutual_tls = self.server.tls is not None and self.server.tls.client_ca is not None
+        return bool(inbound.allow_cidrs or inbound.api_keys or inbound.entra_id is not None or mutual_tls)
+
     def max_body_bytes(self, route: RouteConfig) -> int:
         return self.server.max_body_bytes if route.max_body_bytes is None else route.max_body_bytes
 
@@ -1011,6 +1213,37 @@ class GatewayConfig(_Model):
             if route.replay_buffer_bytes is None
             else route.replay_buffer_bytes
         )
+
+
+def _caller_rule_problems(
+    rules: CallerRulesConfig, where: str, inbound: InboundConfig, server: ServerConfig, key_names: list[str]
+) -> list[str]:
+    problems: list[str] = []
+    if inbound.entra_id is None:
+        for field in ("app_ids", "roles"):
+            if getattr(rules, field):
+                problems.append(
+                    f"{where}.{field}: needs `inbound.entra_id` (app ids and roles come from Entra ID tokens)"
+                )
+    for key in rules.api_keys:
+        if key not in key_names:
+            configured = ", ".join(key_names) if key_names else "none"
+            problems.append(
+                f"{where}.api_keys: {key!r} is not the name of a key in `inbound.api_keys` "
+                f"(configured: {configured})"
+            )
+    if rules.cert_subjects and (server.tls is None or server.tls.client_ca is None):
+        problems.append(
+            f"{where}.cert_subjects: needs `server.tls.client_ca` (client certificates come with mutual TLS)"
+        )
+    elif rules.cert_subjects and (inbound.api_keys or inbound.entra_id is not None):
+        # gateway.inbound: a key or a token is then required of every request, and it names the caller.
+        problems.append(
+            f"{where}.cert_subjects: a client certificate names the caller only when neither "
+            "`inbound.api_keys` nor `inbound.entra_id` is configured (with them, every request sends a key "
+            "or a token, which names the caller); list key names, app ids or roles instead"
+        )
+    return problems
 
 
 def is_loopback(host: str) -> bool:

@@ -18,7 +18,11 @@ GatewayError
     ├── UpgradeNotSupported     400 upgrade_not_supported    (refused by gateway.server_protocol)
     ├── ChunkExtensionTooLong   400 chunk_extension_too_long (refused by gateway.server_protocol)
     ├── ClientUnauthenticated   401 client_unauthenticated
+    ├── CallerUnauthenticated   401 caller_unauthenticated   (an Entra ID token was refused, or none sent)
+    │   ├── UnknownSigningKey       the token names a signing key the gateway does not hold (yet)
+    │   └── CallerTokenMissing      no token (nor API key) at all
     ├── ClientNotAllowed        403 client_not_allowed
+    ├── CallerNotAllowed        403 caller_not_allowed       (a route's `callers` refused the caller)
     ├── BodyTooLarge            413 body_too_large
     ├── HeadersTooLarge         431 headers_too_large
     ├── TrailersTooLarge        431 trailers_too_large       (refused by gateway.server_protocol)
@@ -194,6 +198,47 @@ class ClientUnauthenticated(ClientFacingError):
 class ClientNotAllowed(ClientFacingError):
     status = 403
     code = "client_not_allowed"
+
+
+class CallerUnauthenticated(ClientFacingError):
+    """The caller's Entra ID access token was refused. `reason` is a stable word for metrics (expired,
+    wrong_audience, ...); the message says what is wrong in words and never contains the token."""
+
+    status = 401
+    code = "caller_unauthenticated"
+    # RFC 6750 3.1: a refused bearer token is answered with this challenge.
+    headers = ((b"www-authenticate", b'Bearer error="invalid_token"'),)
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UnknownSigningKey(CallerUnauthenticated):
+    """The token names a signing key (`kid`) the gateway does not hold: re-reading the identity
+    provider's keys may help (a new key), so the caller of the synchronous check may re-fetch them."""
+
+    def __init__(self, message: str, *, kid: str) -> None:
+        super().__init__(message, reason="unknown_key")
+        self.kid = kid
+
+
+class CallerTokenMissing(CallerUnauthenticated):
+    """The request carries no credential where `inbound.entra_id` asks for one. RFC 6750 3.1: a request
+    without authentication gets the challenge without an error code."""
+
+    headers = ((b"www-authenticate", b"Bearer"),)
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="missing")
+
+
+class CallerNotAllowed(ClientFacingError):
+    """A route's `callers` rules refused the caller. The message names the caller and the route, never
+    the rules (they would tell a prober which identities to try)."""
+
+    status = 403
+    code = "caller_not_allowed"
 
 
 class BodyTooLarge(ClientFacingError):

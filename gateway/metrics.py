@@ -53,9 +53,10 @@ def status_label(code: int) -> str:
 
 REQUESTS = Counter(
     "gateway_requests",
-    "Requests handled, by route, the status the client got (known codes, else the class) and the "
-    "gateway's error code ('' when the upstream answered).",
-    ["route", "status", "error_code"],
+    "Requests handled, by route, the status the client got (known codes, else the class), the "
+    "gateway's error code ('' when the upstream answered) and the caller (the callers the configuration "
+    "names, `other` for the rest, `anonymous` without an identity).",
+    ["route", "status", "error_code", "caller"],
 )
 UPSTREAM_RESPONSES = Counter(
     "gateway_upstream_responses",
@@ -324,4 +325,20 @@ KEY_ROTATIONS = Counter(
     "gateway_key_rotations",
     "New key values a key route picked up (a rotation reaching it), by slot.",
     ["route", "slot"],
+)
+SIGNING_KEY_FETCHES = Counter(
+    "gateway_signing_key_fetches",
+    "Reads of Entra ID's signing keys (inbound.entra_id), by reason (startup, refresh, unknown_kid) and "
+    "result (ok, error).",
+    ["reason", "result"],
+)
+SIGNING_KEYS_STALE = Gauge(
+    "gateway_signing_keys_stale",
+    "1 while the last read of Entra ID's signing keys failed (the last good keys stay in use).",
+    multiprocess_mode=_MAX_MODE,
+)
+CALLER_TOKEN_REFUSALS = Counter(
+    "gateway_caller_token_refusals",
+    "Entra ID access tokens refused (401 caller_unauthenticated), by reason.",
+    ["reason"],
 )

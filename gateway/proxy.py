@@ -3,9 +3,9 @@
 The request path is a short chain of stages, each configured per route at build time and each answering
 the client with a `ClientFacingError` when it refuses (see `Proxy.serve`):
 
-    1. inbound      (`gateway.inbound`)   who may use the gateway at all        403/401
+    1. inbound      (`gateway.inbound`)   who may use the gateway, who calls    403/401
     2. router       (`gateway.routing`)   which route, path rules               404/400
-    3. route access (issue 16)            may this caller use this route
+    3. route access (`gateway.callers`)   may this caller use this route        403 caller_not_allowed
     4. admission    (`gateway.admission`) a route slot now, queued, or refused  503 overloaded
     5. credential   (`gateway.credentials`) the grant, within the deadline      503 credential_unavailable
     6. replay policy + client (`_attempts`, `gateway.retry`, `gateway.client`)  the answer, or 502/504
@@ -41,6 +41,7 @@ from gateway.errors import (
     RouteNotFound,
     TransportError,
     TransportTimeout,
+    UnknownSigningKey,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -50,12 +51,13 @@ from gateway.failure_log import FailureLog
 from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_header_lines
 from gateway.paths import check_path
 from gateway.responses import error_body, error_head
-from gateway.routing import Route, Router
+from gateway.routing import DEPLOYMENT_HEADER, Route, Router
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.upstreams import Upstream
 
 if TYPE_CHECKING:
-    from gateway.inbound import InboundGuard
+    from gateway.inbound import Inbound
+    from gateway.secrets import Secret
     from gateway.tracing import Tracing
 
 logger = logging.getLogger("gateway.proxy")
@@ -94,16 +96,19 @@ class Proxy:
         self.tracing = tracing
         self.failures = FailureLog()
 
-    async def serve(self, exchange: Exchange, guard: InboundGuard | None, router: Router) -> None:
+    async def serve(self, exchange: Exchange, guard: Inbound | None, router: Router) -> None:
         """The task of one proxied request: the chain of stages, the answer, and one record of it.
         Every error is answered here (the request id is known); the task never raises, except a
         cancellation that is not the client's (a shutdown)."""
         record = RequestRecord(method=exchange.method, started=time.perf_counter())
         try:
-            # 1. inbound: which clients may use the gateway's credentials at all
+            # 1. inbound: which clients may use the gateway's credentials at all, and who calls
             if guard is not None:
                 try:
-                    guard.check(exchange)
+                    try:
+                        record.caller = guard.identify(exchange)
+                    except UnknownSigningKey:  # a token naming a key not held: read the keys, try again
+                        record.caller = await guard.authenticate(exchange)
                 except ClientFacingError:
                     record.request_id = new_request_id()  # refused before the client's headers count
                     raise
@@ -114,7 +119,10 @@ class Proxy:
             # 2. router
             route = _route(exchange, router)
             record.route = route.name
-            # 3. route access (issue 16): whether this caller may use this route goes here.
+            # 3. route access: whether this caller may use this route (`routes.NAME.callers`)
+            access = route.access
+            if access is not None:
+                access.check(record.caller)
             await self._forward(exchange, route, inbound, record)
         except ClientFacingError as exc:
             record.error = exc.code
@@ -434,6 +442,11 @@ def _forwarded_headers(
     client = exchange.client
     client_ip = client[0].encode("latin-1") if client else b"unknown"
     header_names = route.header_names
+    static_lines = route.static_header_lines
+    secret_headers = route.secret_headers
+    access = route.access
+    if access is not None and access.may_pin_deployment(record.caller):
+        header_names, static_lines, secret_headers = _deployment_chosen(route, inbound)
     lines = [name + b": " + value + b"\r\n" for name, value in inbound.forwarded if name not in header_names]
     lines.append(
         b"X-Forwarded-For: " + (inbound.xff + b", " + client_ip if inbound.xff else client_ip) + b"\r\n"
@@ -446,8 +459,8 @@ def _forwarded_headers(
     if not inbound.client_request_id:
         # Azure ML logs it as the client's request id: its request logs and ours join on one id.
         lines.append(b"x-ms-client-request-id: " + request_id_bytes + b"\r\n")
-    lines.append(route.static_header_lines)
-    for name, secret in route.secret_headers:
+    lines.append(static_lines)
+    for name, secret in secret_headers:
         lines.append(name + b": " + secret.value.encode("latin-1") + b"\r\n")
     if stream is not None:
         if inbound.content_length is not None:
@@ -458,6 +471,25 @@ def _forwarded_headers(
     elif body or record.method in _BODY_METHODS:
         lines.append(b"Content-Length: %d\r\n" % len(body or b""))
     return b"".join(lines), stream
+
+
+def _deployment_chosen(
+    route: Route, inbound: InboundHeaders
+) -> tuple[frozenset[bytes], bytes, tuple[tuple[bytes, Secret], ...]]:
+    """For a caller the route lets choose its deployment: the client's `azureml-model-deployment` header
+    is forwarded, and when it sent one, it replaces the route's own. (Header names to drop, the route's
+    fixed lines, its secret-backed headers.)"""
+    if not any(name == DEPLOYMENT_HEADER for name, _ in inbound.forwarded):
+        return route.header_names, route.static_header_lines, route.secret_headers
+    static_lines = b"".join(
+        name + b": " + value + b"\r\n"
+        for name, value in route.headers
+        if isinstance(value, bytes) and name.lower() != DEPLOYMENT_HEADER
+    )
+    secret_headers = tuple(
+        (name, value) for name, value in route.secret_headers if name.lower() != DEPLOYMENT_HEADER
+    )
+    return route.header_names - {DEPLOYMENT_HEADER}, static_lines, secret_headers
 
 
 def _answer_error(exchange: Exchange, error: ClientFacingError, record: RequestRecord) -> None:

@@ -9,10 +9,15 @@ from urllib.parse import quote
 
 from gateway import metrics
 from gateway.admission import Admission
+from gateway.callers import RouteAccess
 from gateway.credentials.base import Credential
 from gateway.retry import ReplayPolicy
 from gateway.secrets import Secret
 from gateway.upstreams import Balancer, Upstream
+
+# The client's choice of deployment: forwarded only from callers the route's `callers.may_pin_deployment`
+# names (see `gateway.proxy`); from everyone else it is dropped like a header the route sets itself.
+DEPLOYMENT_HEADER = b"azureml-model-deployment"
 
 
 @dataclass(slots=True, eq=False)
@@ -36,6 +41,9 @@ class Route:
     max_concurrent: int | None = None
     queue_timeout_s: float = 1.0
     credential_key: tuple[str, object] = ("", None)
+    # `routes.NAME.callers`; None: every caller may use the route, and nobody may choose its deployment.
+    access: RouteAccess | None = None
+    # Client headers never forwarded: those the route sets, and the deployment the client may not choose.
     header_names: frozenset[bytes] = frozenset()
     # The route's fixed header lines, in wire form once; secret-backed ones are read per request.
     static_header_lines: bytes = b""
@@ -47,7 +55,7 @@ class Route:
 
     def __post_init__(self) -> None:
         self.prefix_bytes = self.prefix.encode()
-        self.header_names = frozenset(name.lower() for name, _ in self.headers)
+        self.header_names = frozenset(name.lower() for name, _ in self.headers) | {DEPLOYMENT_HEADER}
         self.static_header_lines = b"".join(
             name + b": " + value + b"\r\n" for name, value in self.headers if isinstance(value, bytes)
         )

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from gateway import metrics
+from gateway.callers import ANONYMOUS, Caller
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -24,6 +25,7 @@ class RequestRecord:
         "attempts",
         "bytes_in",
         "bytes_out",
+        "caller",
         "credential",
         "credential_replays",
         "error",
@@ -45,6 +47,8 @@ class RequestRecord:
         self.method = method
         self.started = started
         self.request_id: str | None = None
+        # Who calls (`gateway.inbound`): later stages key on it (`caller.id`; anonymous ones by address).
+        self.caller: Caller = ANONYMOUS
         self.route: str | None = None
         self.status = 0
         self.upstream_status: int | None = None
@@ -71,8 +75,8 @@ class Telemetry:
 
     def __init__(self, *, access_log: bool = True) -> None:
         self.access_log = access_log
-        # (route, status, error code) -> requests; (route, upstream status) -> answers
-        self._requests: collections.Counter[tuple[str, int, str]] = collections.Counter()
+        # (route, status, error code, caller label) -> requests; (route, upstream status) -> answers
+        self._requests: collections.Counter[tuple[str, int, str, str]] = collections.Counter()
         self._upstream: collections.Counter[tuple[str, int]] = collections.Counter()
         # route -> [count per bucket of UPSTREAM_LATENCY..., sum of the observations]
         self._latency: dict[str, list[float]] = {}
@@ -84,7 +88,8 @@ class Telemetry:
         now = time.perf_counter()
         duration = now - record.started
         route = record.route or ""
-        self._requests[route, record.status, record.error or ""] += 1
+        caller = record.caller
+        self._requests[route, record.status, record.error or "", caller.label] += 1
         upstream_status = record.upstream_status
         if upstream_status is not None:
             self._upstream[route, upstream_status] += 1
@@ -107,11 +112,12 @@ class Telemetry:
                 self._flush_timer = loop.call_later(self.FLUSH_AFTER_S, self.flush)
         if self.access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info(
-                "%s %s route=%s status=%s upstream_status=%s duration_ms=%.1f attempts=%d credential=%s "
-                "bytes_in=%d bytes_out=%d%s",
+                "%s %s route=%s caller=%s status=%s upstream_status=%s duration_ms=%.1f attempts=%d "
+                "credential=%s bytes_in=%d bytes_out=%d%s",
                 record.request_id or "-",
                 record.method,
                 route or "-",
+                caller.id,
                 record.status,
                 record.upstream_status if record.upstream_status is not None else "-",
                 duration * 1000,
@@ -123,6 +129,7 @@ class Telemetry:
                 extra={
                     "request_id": record.request_id,
                     "route": route or None,
+                    "caller": caller.id,
                     "method": record.method,
                     "status": record.status,
                     "upstream_status": record.upstream_status,
@@ -142,8 +149,8 @@ class Telemetry:
             timer.cancel()
             self._flush_timer = None
         requests, self._requests = self._requests, collections.Counter()
-        for (route, status, error), count in requests.items():
-            metrics.REQUESTS.labels(route, metrics.status_label(status), error).inc(count)
+        for (route, status, error, caller), count in requests.items():
+            metrics.REQUESTS.labels(route, metrics.status_label(status), error, caller).inc(count)
         upstream, self._upstream = self._upstream, collections.Counter()
         for (route, status), count in upstream.items():
             metrics.UPSTREAM_RESPONSES.labels(route, metrics.status_label(status)).inc(count)

@@ -118,7 +118,10 @@ class Tracing:
         record.span = span
 
     def end(self, record: RequestRecord, span: Span) -> None:
-        attributes: dict[str, str | int] = {"gateway.attempts": record.attempts}
+        attributes: dict[str, str | int] = {
+            "gateway.attempts": record.attempts,
+            "gateway.caller": record.caller.id,
+        }
         if record.status:
             attributes["http.response.status_code"] = record.status
         if record.route is not None:

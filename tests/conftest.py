@@ -403,6 +403,10 @@ class SecretHygiene:
         self._replace(EmulatorState, "issue_access_token", remember("emulator Entra access token"))
         self._replace(EmulatorState, "issue_federated_token", remember("emulator federated token"))
         self._replace(EmulatorState, "issue_aml_token", remember("emulator AML token", lambda r: r[0]))
+        # Everything the emulated Entra ID signs, caller tokens built by tests from their own claims too.
+        from gateway.emulator.signing import SigningKeys
+
+        self._replace(SigningKeys, "sign", remember("emulator-signed token"))
 
 
 HYGIENE = SecretHygiene()

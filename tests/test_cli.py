@@ -151,7 +151,7 @@ def test_serve_with_two_workers(upstream, tmp_path):
             response = httpx.post(url + "/iris/echo", content=b"{}")
             assert response.status_code == 200
         metrics = httpx.get(url + "/metrics").text
-        assert 'gateway_requests_total{error_code="",route="iris",status="200"}' in metrics
+        assert 'gateway_requests_total{caller="anonymous",error_code="",route="iris",status="200"}' in metrics
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
     finally:
@@ -245,3 +245,8 @@ def test_demo_runs_to_the_end():
     assert "demo finished: all calls succeeded" in result.stdout
     assert "both keys rotated" in result.stdout
     assert "requests during the rotation, 0 failed" in result.stdout
+    # Step 6: callers with Entra ID tokens, per-route roles, and Entra ID rotating its signing key.
+    assert "app fraud-scorer (holds the role): HTTP 200 predictions" in result.stdout
+    assert "app intruder (holds no role): HTTP 403 caller_not_allowed: caller app:" in result.stdout
+    assert "no token: HTTP 401 caller_unauthenticated" in result.stdout
+    assert "requests during the key rotation, 0 failed" in result.stdout

@@ -298,7 +298,10 @@ def test_an_unexpected_exception_is_a_json_500_with_the_request_id(
     (line,) = [line for line in _access_lines(caplog) if "bug-1" in line]
     assert "status=500" in line and "error=internal_error" in line
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
-    assert 'gateway_requests_total{error_code="internal_error",route="big",status="500"}' in metrics
+    assert (
+        'gateway_requests_total{caller="anonymous",error_code="internal_error",route="big",status="500"}'
+        in metrics
+    )
 
 
 def _write(path: Path, config: dict[str, Any]) -> None:

@@ -72,9 +72,17 @@ def test_requests_by_gateway_status_and_upstream_status(upstream, gateway_factor
         return _value(text, name, **labels) - _value(before, name, **labels)
 
     for status, count in (("401", 1), ("429", 1), ("408", 1), ("424", 2), ("4xx", 1), ("5xx", 1)):
-        assert delta("gateway_requests_total", route="iris", status=status, error_code="") == count, status
+        assert (
+            delta("gateway_requests_total", route="iris", status=status, error_code="", caller="anonymous")
+            == count
+        ), status
         assert delta("gateway_upstream_responses_total", route="iris", status=status) == count, status
-    assert delta("gateway_requests_total", route="", status="404", error_code="route_not_found") == 1
+    assert (
+        delta(
+            "gateway_requests_total", route="", status="404", error_code="route_not_found", caller="anonymous"
+        )
+        == 1
+    )
     labels = {dict(k).get("status") for k in _samples(text, "gateway_requests_total")}
     assert "418" not in labels and "599" not in labels
 
@@ -91,7 +99,12 @@ def test_gateway_errors_have_no_upstream_status(gateway_factory) -> None:
     assert httpx.get(gw.url + "/down/x").status_code == 502
     text = httpx.get(gw.url + "/metrics").text
     assert _value(
-        text, "gateway_requests_total", route="down", status="502", error_code="upstream_unreachable"
+        text,
+        "gateway_requests_total",
+        route="down",
+        status="502",
+        error_code="upstream_unreachable",
+        caller="anonymous",
     )
     assert not [k for k in _samples(text, "gateway_upstream_responses_total") if ("route", "down") in k]
 

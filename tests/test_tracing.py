@@ -98,6 +98,7 @@ def test_span_continues_the_client_trace_and_parents_the_upstream(traced: Any) -
         "gateway.upstream": server.url,
         "gateway.upstream.status_code": 200,
         "gateway.attempts": 1,
+        "gateway.caller": "anonymous",
     }
     assert span.status.status_code is StatusCode.UNSET
 

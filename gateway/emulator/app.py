@@ -221,8 +221,20 @@ class _Emulator:
             headers["client-request-id"] = client_request_id
         return headers
 
+    async def _openid_fault(self, request: Request) -> Response | None:
+        fault = await self._take_fault("openid")
+        if fault is None:
+            return None
+        status = fault.failure_status
+        error, code, text = _ENTRA_FAULTS.get(status, ("server_error", 90034, "Emulated failure."))
+        return self._entra_error(
+            request, status, error, code, f"{text} (emulated fault)", self._retry_after(fault)
+        )
+
     async def discovery(self, request: Request) -> Response:
         self.state.record_discovery()
+        if (failed := await self._openid_fault(request)) is not None:
+            return failed
         tenant = request.path_params["tenant"]
         base = f"{self.base_url}/{tenant}"
         return JSONResponse(
@@ -249,9 +261,45 @@ class _Emulator:
             }
         )
 
-    async def jwks(self, request: Request) -> Response:
+    async def discovery_v1(self, request: Request) -> Response:
+        """The v1 endpoint's document: v1 issuer (`https://sts.windows.net/{tenant}/`), v1 keys path."""
+        self.state.record_discovery()
+        if (failed := await self._openid_fault(request)) is not None:
+            return failed
         tenant = request.path_params["tenant"]
-        return JSONResponse({"keys": [self.state.jwk() | {"issuer": f"{self.base_url}/{tenant}/v2.0"}]})
+        base = f"{self.base_url}/{tenant}"
+        return JSONResponse(
+            {
+                "token_endpoint": f"{base}/oauth2/token",
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "private_key_jwt",
+                    "client_secret_basic",
+                ],
+                "jwks_uri": f"{self.base_url}/common/discovery/keys",
+                "response_modes_supported": ["query", "fragment", "form_post"],
+                "subject_types_supported": ["pairwise"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
+                "scopes_supported": ["openid"],
+                "issuer": f"https://sts.windows.net/{tenant}/",
+                "authorization_endpoint": f"{base}/oauth2/authorize",
+                "end_session_endpoint": f"{base}/oauth2/logout",
+                "tenant_region_scope": "EU",
+                "cloud_instance_name": "emulator.invalid",
+            }
+        )
+
+    async def jwks(self, request: Request) -> Response:
+        """The signing keys, the same for every tenant (as Entra ID's); v2 keys name their issuer."""
+        self.state.record_jwks()
+        if (failed := await self._openid_fault(request)) is not None:
+            return failed
+        tenant = request.path_params["tenant"]
+        keys = self.state.signing.jwks()
+        if request.url.path.endswith("/v2.0/keys"):
+            keys = [key | {"issuer": f"{self.base_url}/{tenant}/v2.0"} for key in keys]
+        return JSONResponse({"keys": keys})
 
     async def token(self, request: Request) -> Response:
         tenant = request.path_params["tenant"]
@@ -359,13 +407,14 @@ class _Emulator:
 
         resource = self._client_credentials_resource(form.get("scope", ""), tenant)
         expires_in, refresh_in = self.state.entra_lifetimes()
-        access_token = self.state.issue_access_token(
-            audience=resource,
+        access_token = self.state.issue_token_for_resource(
+            resource,
             tenant_id=app.tenant_id,
             appid=app.client_id,
             oid=app.object_id,
             lifetime_s=expires_in,
             appidacr=appidacr,
+            authority=self.base_url,
         )
         body: dict[str, Any] = {
             "token_type": "Bearer",
@@ -548,14 +597,15 @@ class _Emulator:
     ) -> tuple[str, int, int]:
         lifetime = self.state.mi_lifetime()
         now = int(time.time())
-        token = self.state.issue_access_token(
-            audience=resource,
+        token = self.state.issue_token_for_resource(
+            resource,
             tenant_id=self.state.mi_tenant_id,
             appid=client_id,
             oid=object_id,
             lifetime_s=lifetime,
             appidacr="2",
             extra_claims={"xms_mirid": resource_id},
+            authority=self.base_url,
         )
         return token, now, lifetime
 
@@ -1274,6 +1324,68 @@ class _Emulator:
     async def admin_revoke_aml_tokens(self, request: Request) -> Response:
         return JSONResponse({"revoked": self.state.revoke_aml_tokens()})
 
+    # ----------------------------------------------------------------- caller tokens (APIs, signing keys)
+    async def admin_rotate_signing_key(self, request: Request) -> Response:
+        kid = self.state.signing.rotate()
+        return JSONResponse({"kid": kid, "published": self.state.signing.kids()})
+
+    async def admin_retire_signing_keys(self, request: Request) -> Response:
+        removed = self.state.signing.retire()
+        return JSONResponse({"removed": removed, "published": self.state.signing.kids()})
+
+    async def admin_add_api(self, request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+            unknown = set(body) - {
+                "tenant_id",
+                "client_id",
+                "identifier_uri",
+                "app_roles",
+                "access_token_version",
+            }
+            if unknown:
+                raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
+            roles = body.get("app_roles", [])
+            if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
+                raise ValueError("app_roles must be a list of role values")
+            api = self.state.apis.add(
+                str(body["tenant_id"]),
+                identifier_uri=body.get("identifier_uri"),
+                client_id=body.get("client_id"),
+                app_roles=roles,
+                access_token_version=body.get("access_token_version"),
+            )
+        except (KeyError, ValueError) as exc:
+            return JSONResponse({"error": f"invalid API: {exc}"}, 400)
+        return JSONResponse(api.to_json())
+
+    async def admin_update_api(self, request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+            if set(body) != {"access_token_version"}:
+                raise ValueError('give exactly {"access_token_version": 1, 2 or null}')
+            api = self.state.apis.set_token_version(
+                request.path_params["client_id"], body["access_token_version"]
+            )
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
+        return JSONResponse(api.to_json())
+
+    async def admin_assign_role(self, request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+            principal, role = body.get("principal"), body.get("role")
+            if not isinstance(principal, str) or not isinstance(role, str):
+                raise ValueError('give the principal\'s client id and the role: {"principal", "role"}')
+            api_client_id = request.path_params["client_id"]
+            if request.method == "DELETE":
+                self.state.apis.unassign(api_client_id, principal, role)
+            else:
+                self.state.apis.assign(api_client_id, principal, role)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
+        return JSONResponse({"principal": principal, "role": role, "assigned": request.method != "DELETE"})
+
 
 def _vault_tags(value: Any) -> dict[str, str] | None:
     """A secret's tags as Key Vault takes them (name -> string), {} when absent, None when malformed."""
@@ -1392,6 +1504,11 @@ def create_app(state: EmulatorState, *, base_url: str) -> Starlette:
         route("/identities", emulator.admin_add_identity, "POST"),
         route("/federated-token", emulator.admin_federated_token, "POST"),
         route("/aml-tokens/revoke", emulator.admin_revoke_aml_tokens, "POST"),
+        route("/signing-keys/rotate", emulator.admin_rotate_signing_key, "POST"),
+        route("/signing-keys/retire", emulator.admin_retire_signing_keys, "POST"),
+        route("/apis", emulator.admin_add_api, "POST"),
+        route("/apis/{client_id}", emulator.admin_update_api, "PATCH"),
+        route("/apis/{client_id}/role-assignments", emulator.admin_assign_role, "POST", "DELETE"),
     ]
     routes = [
         route("/", emulator.health, "GET"),
@@ -1406,6 +1523,8 @@ def create_app(state: EmulatorState, *, base_url: str) -> Starlette:
         Mount("/_emulator", routes=admin),
         route("/{tenant}/v2.0/.well-known/openid-configuration", emulator.discovery, "GET"),
         route("/{tenant}/discovery/v2.0/keys", emulator.jwks, "GET"),
+        route("/{tenant}/.well-known/openid-configuration", emulator.discovery_v1, "GET"),
+        route("/{tenant}/discovery/keys", emulator.jwks, "GET"),
         route("/{tenant}/oauth2/v2.0/token", emulator.token, "POST"),
     ]
     return Starlette(routes=routes)

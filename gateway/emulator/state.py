@@ -7,7 +7,6 @@ their own thread, so every access goes through one lock. Nothing here performs I
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import secrets
 import threading
 import time
@@ -18,11 +17,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Literal
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
 
+from gateway.emulator.api_apps import ApiApp, ApiApps, TokenVersion
 from gateway.emulator.capacity import DeploymentCapacity
+from gateway.emulator.signing import SigningKeys
 from gateway.emulator.tls import thumbprints
 
 __all__ = [
@@ -46,7 +45,8 @@ FEDERATED_AUDIENCE: Final = "api://AzureADTokenExchange"
 # A stand-in for a Kubernetes service-account issuer; `.invalid` guarantees nobody can resolve it.
 FEDERATED_ISSUER: Final = "https://oidc.emulator.invalid/"
 # "keyvault": every Key Vault request; "regenerate": ARM regenerateKeys calls only; "lro": the status of
-# regenerateKeys operations (a failing fault makes the next operation report `Failed`).
+# regenerateKeys operations (a failing fault makes the next operation report `Failed`); "openid": the
+# OpenID discovery documents and the signing keys (JWKS), v1 and v2.
 # Text settings that make the control plane misbehave (see EmulatorState); None behaves as Azure does.
 _MISBEHAVIOUR_SETTINGS: Final = (
     "lro_operation_origin",
@@ -55,10 +55,10 @@ _MISBEHAVIOUR_SETTINGS: Final = (
     "aml_token_refresh_after",
     "arm_error_message",
 )
-FAULT_TARGETS: Final = ("token", "mi", "arm", "score", "keyvault", "regenerate", "lro")
+FAULT_TARGETS: Final = ("token", "mi", "arm", "score", "keyvault", "regenerate", "lro", "openid")
 
 KeySlot = Literal["primary", "secondary"]
-FaultTarget = Literal["token", "mi", "arm", "score", "keyvault", "regenerate", "lro"]
+FaultTarget = Literal["token", "mi", "arm", "score", "keyvault", "regenerate", "lro", "openid"]
 KEYVAULT_RESOURCE: Final = "https://vault.azure.net"
 
 _RECENT_SCORES = 200
@@ -72,10 +72,6 @@ _DEFAULT_RESOURCES = (
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64url_uint(value: int) -> str:
-    return _b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
 
 
 def normalize_resource(resource: str) -> str:
@@ -195,23 +191,6 @@ class Fault:
         return data
 
 
-def _new_signing_material() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "emulated Entra ID token signing")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
 class EmulatorState:
     """Everything the emulated services know. Safe to use from any thread.
 
@@ -273,11 +252,8 @@ class EmulatorState:
         self.system_identity = self._make_identity("system", system_assigned=True)
         self._user_identities: dict[str, ManagedIdentity] = {}
 
-        self._signing_key, self._signing_cert = _new_signing_material()
-        der = self._signing_cert.public_bytes(serialization.Encoding.DER)
-        # Entra ID uses the certificate's base64url SHA-1 thumbprint as both `kid` and `x5t`.
-        self.signing_kid = _b64url(self._signing_cert.fingerprint(hashes.SHA1()))
-        self._signing_der = der
+        self.signing = SigningKeys()
+        self.apis = ApiApps()
 
         self._aml_tokens: dict[str, float] = {}
         self._vault: dict[str, list[VaultSecretVersion]] = {}
@@ -447,7 +423,9 @@ class EmulatorState:
 
     def knows_resource(self, resource: str) -> bool:
         with self._lock:
-            return normalize_resource(resource) in self._resources
+            if normalize_resource(resource) in self._resources:
+                return True
+        return self.apis.find(resource) is not None
 
     # ----------------------------------------------------------------- managed identities
     def _make_identity(
@@ -497,28 +475,28 @@ class EmulatorState:
         return None
 
     # ----------------------------------------------------------------- token signing
-    def jwk(self) -> dict[str, Any]:
-        numbers = self._signing_key.public_key().public_numbers()
-        return {
-            "kty": "RSA",
-            "use": "sig",
-            "kid": self.signing_kid,
-            "x5t": self.signing_kid,
-            "n": _b64url_uint(numbers.n),
-            "e": _b64url_uint(numbers.e),
-            "x5c": [base64.b64encode(self._signing_der).decode()],
-        }
+    @property
+    def signing_kid(self) -> str:
+        """The `kid` of the key that signs tokens now (see `signing.rotate()`)."""
+        return self.signing.current.kid
 
     def public_key_pem(self) -> str:
-        return (
-            self._signing_key.public_key()
-            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-            .decode()
-        )
+        return self.signing.current.public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
 
     def _sign(self, claims: dict[str, Any]) -> str:
-        headers = {"typ": "JWT", "kid": self.signing_kid, "x5t": self.signing_kid}
-        return jwt.encode(claims, self._signing_key, algorithm="RS256", headers=headers)
+        return self.signing.sign(claims)
+
+    def _verification_key(self, token: str, what: str) -> Any:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise TokenValidationError("malformed", f"{what} is not a JWT") from exc
+        key = self.signing.find(header.get("kid"))
+        if key is None or header.get("alg") != "RS256":
+            raise TokenValidationError("unknown_key", f"{what} was not signed by this identity provider")
+        return key.public_key
 
     def issue_access_token(
         self,
@@ -530,43 +508,87 @@ class EmulatorState:
         lifetime_s: float | None = None,
         appidacr: str = "1",
         extra_claims: dict[str, Any] | None = None,
+        version: TokenVersion = 1,
+        authority: str | None = None,
+        roles: list[str] | None = None,
     ) -> str:
-        """Sign an Entra-ID-shaped (v1) app-only access token. A negative lifetime yields an expired one."""
+        """Sign an Entra-ID-shaped app-only access token, v1 (`iss` https://sts.windows.net/{tid}/, the
+        client in `appid`) or v2 (`iss` {authority}/{tid}/v2.0, the client in `azp`; needs `authority`).
+        `roles`: app roles assigned to the client (omitted when empty, as Entra does). A negative
+        lifetime yields an expired token."""
         now = int(time.time())
         lifetime = self.token_lifetime_s if lifetime_s is None else lifetime_s
-        issuer = f"https://sts.windows.net/{tenant_id}/"
         object_id = oid or str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant_id}/{appid}"))
-        claims: dict[str, Any] = {
-            "aud": audience,
-            "iss": issuer,
-            "iat": now,
-            "nbf": now,
-            "exp": int(now + lifetime),
-            "appid": appid,
-            "appidacr": appidacr,
-            "idp": issuer,
+        claims: dict[str, Any] = {"aud": audience}
+        if version == 2:
+            if authority is None:
+                raise ValueError("a v2 token needs the authority its issuer is under")
+            claims |= {"iss": f"{authority.rstrip('/')}/{tenant_id}/v2.0", "iat": now, "nbf": now}
+            claims |= {"exp": int(now + lifetime), "azp": appid, "azpacr": appidacr}
+        else:
+            issuer = f"https://sts.windows.net/{tenant_id}/"
+            claims |= {"iss": issuer, "iat": now, "nbf": now, "exp": int(now + lifetime)}
+            claims |= {"appid": appid, "appidacr": appidacr, "idp": issuer}
+        claims |= {
             "idtyp": "app",
             "oid": object_id,
             "sub": object_id,
             "tid": tenant_id,
             "uti": _b64url(secrets.token_bytes(16)),
-            "ver": "1.0",
+            "ver": "2.0" if version == 2 else "1.0",
         }
+        if roles:
+            claims["roles"] = list(roles)
         claims.update(extra_claims or {})
         return self._sign(claims)
 
+    def issue_token_for_resource(
+        self,
+        resource: str,
+        *,
+        tenant_id: str,
+        appid: str,
+        oid: str | None = None,
+        lifetime_s: float | None = None,
+        appidacr: str = "1",
+        extra_claims: dict[str, Any] | None = None,
+        authority: str,
+    ) -> str:
+        """What Entra ID issues to client `appid` for `resource` (a scope without `/.default`): for a
+        registered API, the API's token version, audience and the roles assigned to the client."""
+        api: ApiApp | None = self.apis.find(resource)
+        if api is None:
+            return self.issue_access_token(
+                audience=resource,
+                tenant_id=tenant_id,
+                appid=appid,
+                oid=oid,
+                lifetime_s=lifetime_s,
+                appidacr=appidacr,
+                extra_claims=extra_claims,
+            )
+        version = api.access_token_version
+        return self.issue_access_token(
+            # v2 tokens always name the API by its client id; v1 tokens by what the client asked for.
+            audience=api.client_id if version == 2 else resource.rstrip("/"),
+            tenant_id=tenant_id,
+            appid=appid,
+            oid=oid,
+            lifetime_s=lifetime_s,
+            appidacr=appidacr,
+            extra_claims=extra_claims,
+            version=version,
+            authority=authority,
+            roles=self.apis.roles(api, appid),
+        )
+
     def verify_access_token(self, token: str, *, audiences: Collection[str]) -> dict[str, Any]:
         """Check signature, expiry and audience of a token this emulator issued; return its claims."""
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise TokenValidationError("malformed", "the token is not a JWT") from exc
-        if header.get("kid") != self.signing_kid or header.get("alg") != "RS256":
-            raise TokenValidationError("unknown_key", "the token was not signed by this identity provider")
+        public_key = self._verification_key(token, "the token")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._signing_key.public_key(),
+                public_key,
                 algorithms=["RS256"],
                 options={"verify_aud": False, "require": ["exp", "aud", "iss"]},
             )
@@ -604,16 +626,11 @@ class EmulatorState:
         return self._sign(claims)
 
     def verify_federated_token(self, token: str) -> dict[str, Any]:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise TokenValidationError("malformed", "the assertion is not a JWT") from exc
-        if header.get("kid") != self.signing_kid:
-            raise TokenValidationError("unknown_key", "the assertion was not signed by a trusted issuer")
+        public_key = self._verification_key(token, "the assertion")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._signing_key.public_key(),
+                public_key,
                 algorithms=["RS256"],
                 audience=FEDERATED_AUDIENCE,
                 issuer=FEDERATED_ISSUER,
@@ -740,11 +757,16 @@ class EmulatorState:
         self._score_outcomes: Counter[str] = Counter()
         self._score_auth: Counter[str] = Counter()
         self._discovery_requests = 0
+        self._jwks_requests = 0
         self._recent_scores: deque[dict[str, Any]] = deque(maxlen=_RECENT_SCORES)
 
     def record_discovery(self) -> None:
         with self._lock:
             self._discovery_requests += 1
+
+    def record_jwks(self) -> None:
+        with self._lock:
+            self._jwks_requests += 1
 
     def record_token_request(self, client_id: str, scope: str) -> None:
         with self._lock:
@@ -819,6 +841,12 @@ class EmulatorState:
         with self._lock:
             return self._discovery_requests
 
+    @property
+    def jwks_count(self) -> int:
+        """Requests for the signing keys (JWKS), v1 and v2 paths, any tenant, faulted ones included."""
+        with self._lock:
+            return self._jwks_requests
+
     def recent_scores(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._recent_scores)
@@ -875,6 +903,7 @@ class EmulatorState:
                 "mi_token_requests_total": sum(self._mi_requests.values()),
                 "mi_token_requests": rows(self._mi_requests.items(), ("client_id", "resource")),
                 "discovery_requests": self._discovery_requests,
+                "jwks_requests": self._jwks_requests,
                 "arm_calls": {op: self._arm_calls[op] for op in ("listKeys", "token", "regenerateKeys")}
                 | dict(self._arm_calls),
                 "score_requests_total": sum(self._score_outcomes.values()),
@@ -894,6 +923,8 @@ class EmulatorState:
             "live_aml_tokens": live_aml_tokens,
             "recent_scores": recent_scores,
             "apps": [app.public_json() for app in self.apps()],
+            "apis": [api.to_json() for api in self.apis.all()],
+            "signing_keys": self.signing.kids(),
             "managed_identities": {
                 "tenant_id": self.mi_tenant_id,
                 "system": self.system_identity.to_json(),
