@@ -8,12 +8,14 @@ value, refused, reset, the egress proxy and its answer, or that it could not be 
 gateway did next. The detail comes from the transport error's message, which never holds a header.
 
 An outage fails every request the same way: the first failure of a route, origin and cause is logged at
-once; the next ones within `interval_s` are counted, and the first one after it is logged with that
-count. The clock is injectable so the rule can be tested without waiting.
+once; the next ones within `interval_s` are counted, and at the end of the interval the count is logged
+in a line of its own, so an outage that stopped still says how many failures it had. The clock and the
+timer are injectable so the rule can be tested without waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -32,19 +34,29 @@ _Key = tuple[str, str, str, int]
 
 
 class _Seen:
-    __slots__ = ("logged_at", "suppressed")
+    __slots__ = ("last_request_id", "logged_at", "suppressed")
 
     def __init__(self, logged_at: float) -> None:
         self.logged_at = logged_at
         self.suppressed = 0
+        self.last_request_id: str | None = None
+
+
+def _call_later(delay_s: float, callback: Callable[[], None]) -> None:
+    asyncio.get_running_loop().call_later(delay_s, callback)
 
 
 class FailureLog:
     def __init__(
-        self, *, interval_s: float = INTERVAL_S, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        interval_s: float = INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        call_later: Callable[[float, Callable[[], None]], None] = _call_later,
     ) -> None:
         self.interval_s = interval_s
         self._clock = clock
+        self._call_later = call_later
         self._seen: dict[_Key, _Seen] = {}
 
     def attempt_failed(
@@ -63,7 +75,10 @@ class FailureLog:
         now = self._clock()
         seen = self._seen.get(key)
         if seen is not None and now - seen.logged_at < self.interval_s:
+            if not seen.suppressed:  # the first one counted: the count is logged when the interval ends
+                self._call_later(seen.logged_at + self.interval_s - now, lambda: self._log_count(key, seen))
             seen.suppressed += 1
+            seen.last_request_id = request_id
             return
         repeated = ""
         if seen is not None and seen.suppressed:
@@ -98,3 +113,31 @@ class FailureLog:
                 "suppressed": seen.suppressed if seen is not None else 0,
             },
         )
+
+    def _log_count(self, key: _Key, seen: _Seen) -> None:
+        """The interval of a logged failure is over: say how many like it were only counted. A failure
+        logged since (with the count) or a cleared table leaves nothing to say."""
+        if self._seen.get(key) is not seen or not seen.suppressed:
+            return
+        route, origin, cause, proxy_status = key
+        now = self._clock()
+        logger.warning(
+            "route %s: %d more attempt(s) to %s failed (%s) in the %.0f s since the last such line; the "
+            "last was request %s",
+            route,
+            seen.suppressed,
+            origin,
+            cause,
+            now - seen.logged_at,
+            seen.last_request_id or "-",
+            extra={
+                "route": route,
+                "request_id": seen.last_request_id,
+                "origin": origin,
+                "cause": cause,
+                "proxy_status": proxy_status or None,
+                "suppressed": seen.suppressed,
+            },
+        )
+        seen.logged_at = now
+        seen.suppressed = 0

@@ -17,12 +17,13 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from azure_env import wait_for
 from cryptography import x509
 from proxy_policy import REASON
 from servers import ServerThread
@@ -349,7 +350,8 @@ def test_one_line_per_route_and_cause_then_a_count_per_interval(caplog: pytest.L
     proxy statuses are counted apart."""
     caplog.set_level(logging.WARNING, logger="gateway.failures")
     clock = Clock()
-    log = FailureLog(interval_s=10.0, clock=clock)
+    timers: list[tuple[float, Callable[[], None]]] = []
+    log = FailureLog(interval_s=10.0, clock=clock, call_later=lambda delay, fn: timers.append((delay, fn)))
     origin = Origin("https://scoring.example:443", None)
     refused = ConnectError("cannot connect to scoring.example:443: Connection refused", cause="refused")
 
@@ -381,6 +383,76 @@ def test_one_line_per_route_and_cause_then_a_count_per_interval(caplog: pytest.L
     clock.now += 10.0  # a quiet interval: the next failure is logged alone
     fail(request="later")
     assert len(caplog.records) == 7 and "not logged" not in caplog.records[-1].getMessage()
+    # The count's own line was due at the end of the first interval, but a failure logged since carried
+    # the count: the timer finds nothing left to say.
+    assert timers and timers[0][0] == pytest.approx(10.0 - 0.01)
+    for _, fire in timers:
+        fire()
+    assert len(caplog.records) == 7
+
+
+def test_an_outage_that_stopped_still_logs_its_count_when_the_interval_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The count is not held back until a failure after the interval: when the outage stops within it,
+    a line of its own at the interval's end says how many failures were only counted."""
+    caplog.set_level(logging.WARNING, logger="gateway.failures")
+    clock = Clock()
+    timers: list[tuple[float, Callable[[], None]]] = []
+    log = FailureLog(interval_s=10.0, clock=clock, call_later=lambda delay, fn: timers.append((delay, fn)))
+    origin = Origin("https://scoring.example:443", None)
+    reset = ConnectError("connection to scoring.example:443 reset", cause="reset")
+    for i in range(4):
+        log.attempt_failed(
+            route="iris", request_id=f"r{i}", origin=origin, attempt=1, error=reset, outcome="answering 502"
+        )  # type: ignore[arg-type]
+        clock.now += 1.0
+    assert len(caplog.records) == 1 and len(timers) == 1  # one timer per interval, not one per failure
+    delay, fire = timers[0]
+    assert delay == pytest.approx(9.0)
+    clock.now = 1010.0
+    fire()
+    assert len(caplog.records) == 2
+    line = caplog.records[-1]
+    assert line.getMessage() == (
+        "route iris: 3 more attempt(s) to scoring.example:443 failed (reset) in the 10 s since the last "
+        "such line; the last was request r3"
+    )
+    assert line.suppressed == 3 and line.levelno == logging.WARNING  # type: ignore[attr-defined]
+    fire()  # nothing more to say
+    assert len(caplog.records) == 2
+    # The next failure starts a new interval from the count's line.
+    clock.now += 1.0
+    log.attempt_failed(
+        route="iris", request_id="r9", origin=origin, attempt=1, error=reset, outcome="answering 502"
+    )  # type: ignore[arg-type]
+    assert len(caplog.records) == 2 and len(timers) == 2
+
+
+def test_the_count_line_is_written_by_the_event_loop_without_another_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The default timer is the running loop's: nothing but time passing writes the count."""
+    caplog.set_level(logging.WARNING, logger="gateway.failures")
+
+    async def outage_then_quiet() -> None:
+        log = FailureLog(interval_s=0.2)
+        origin = Origin("https://scoring.example:443", None)
+        reset = ConnectError("connection to scoring.example:443 reset", cause="reset")
+        for i in range(3):
+            log.attempt_failed(
+                route="iris",
+                request_id=f"r{i}",
+                origin=origin,
+                attempt=1,
+                error=reset,
+                outcome="answering 502",
+            )  # type: ignore[arg-type]
+        assert len(caplog.records) == 1
+        assert await wait_for(lambda: len(caplog.records) >= 2, within=10)
+
+    asyncio.run(outage_then_quiet())
+    assert "2 more attempt(s)" in caplog.records[-1].getMessage()
 
 
 def test_the_json_line_has_the_fields_as_keys(caplog: pytest.LogCaptureFixture) -> None:
