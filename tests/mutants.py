@@ -231,15 +231,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "inbound-api-key",
         "any inbound API key is accepted",
         "gateway/inbound.py",
-        "            matched |= hmac.compare_digest(digest, expected)",
-        "            matched = True",
+        "            if hmac.compare_digest(digest, expected):",
+        "            if True:",
         "tests/test_proxy.py::test_inbound_api_key",
     ),
     one(
         "allow-cidrs",
         "a client outside inbound.allow_cidrs is let in",
         "gateway/inbound.py",
-        "        return any(address in network for network in self.networks)",
+        "        return any(address in network for network in self._networks)",
         "        return True",
         "tests/test_proxy.py::test_inbound_cidr",
     ),
@@ -314,6 +314,33 @@ MUTANTS: tuple[Mutant, ...] = (
         "        if (stat.st_mtime_ns, stat.st_size, stat.st_ino) == self._signature:",
         "        if (stat.st_size, stat.st_ino) == self._signature[1:]:",
         "tests/test_secrets.py::test_file_secret_rewritten_in_place_with_a_value_of_the_same_length",
+    ),
+    # ------------------------------------------------------------------ callers (issue 16)
+    one(
+        "caller-audience",
+        "an Entra ID token for another API is accepted as a caller",
+        "gateway/caller_tokens.py",
+        "        if not any(isinstance(a, str) and a.lower() in self._audiences for a in audiences):",
+        "        if False:",
+        "tests/test_caller_tokens.py",
+    ),
+    one(
+        "route-access",
+        "a caller the route does not name may use it",
+        "gateway/callers.py",
+        "        if self._rule is not None and not self._rule.allows(caller):",
+        "        if False:",
+        "tests/test_callers.py",
+        "tests/test_acceptance_callers.py",
+    ),
+    # ------------------------------------------------------------------ the attack pass (issue 19)
+    one(
+        "operation-origin",
+        "rotate follows an operation URL to another host with the management token",
+        "gateway/azure_rest.py",
+        '        if urlsplit(url).scheme != "https" or origin_of(url) != allowed:',
+        "        if False:",
+        "tests/test_rotate.py::test_an_operation_url_off_the_arm_host_is_not_followed",
     ),
 )
 

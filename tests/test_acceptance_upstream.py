@@ -1228,10 +1228,19 @@ def test_an_answer_cut_by_the_upstream_is_logged_once_as_a_warning(gateway):
     before = gateway.log().count("\n")
     with pytest.raises(httpx.HTTPError):
         httpx.post(gateway.url + "/once/score", content=b"{}", timeout=10).read()
-    time.sleep(0.3)
-    lines = gateway.log().splitlines()[before:]
-    assert [line for line in lines if "failed mid-response" in line and "WARNING" in line], lines
-    assert not [line for line in lines if " ERROR " in line], lines
+
+    def lines() -> list[str]:
+        return gateway.log().splitlines()[before:]
+
+    # The request's access line is written last, after any warning about it: wait for it, then look.
+    deadline = time.monotonic() + 30
+    while (
+        not [line for line in lines() if "gateway.access" in line and "route=once" in line]
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    assert [line for line in lines() if "failed mid-response" in line and "WARNING" in line], lines()
+    assert not [line for line in lines() if " ERROR " in line], lines()
 
 
 def test_http10_client_gets_a_close_delimited_answer_whole(gateway):

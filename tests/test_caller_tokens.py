@@ -596,6 +596,28 @@ def test_validated_tokens_are_cached_within_a_bound(emulator: EmulatorServer) ->
     run(main)
 
 
+def test_the_cache_holds_digests_never_the_tokens(emulator: EmulatorServer) -> None:
+    """A long-lived structure of bearer tokens is what a heap dump or a debugger would show: the cache is
+    keyed by each token's SHA-256, and what it keeps of a caller holds no part of the token."""
+    tokens = [issue(emulator) for _ in range(3)]
+
+    async def main() -> None:
+        async with validating(emulator) as (validator, _):
+            for token in tokens:
+                await validator.authenticate(token)
+            cache = validator._cache
+            assert len(cache) == 3
+            for token in tokens:
+                raw = token.encode()
+                signature = raw.rsplit(b".", 1)[1]
+                assert hashlib.sha256(raw).digest() in cache
+                for key, (_, caller) in cache.items():
+                    assert len(key) == 32 and signature not in key
+                    assert signature.decode() not in repr(caller)  # a dataclass: its repr shows every field
+
+    run(main)
+
+
 def test_keys_are_refreshed_in_the_background(emulator: EmulatorServer) -> None:
     async def main() -> None:
         async with validating(emulator, keys_options={"refresh_every_s": 0.05}) as (_, keys):
