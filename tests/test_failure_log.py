@@ -92,6 +92,19 @@ async def _reset_after_reading(peer: Peer) -> None:
     peer.reset()
 
 
+async def _never_answer(peer: Peer) -> None:
+    await peer.read_request()
+    await asyncio.sleep(60)  # the head never comes: read_timeout_s
+
+
+async def _dribble(peer: Peer) -> None:
+    await peer.read_request()
+    await peer.send(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(600):  # a header byte every 0.1 s: never idle for read_timeout_s, no head within timeout_s
+        await peer.send(b"x")
+        await asyncio.sleep(0.1)
+
+
 async def _answer_all(peer: Peer) -> None:
     while await peer.read_request() is not None:
         await peer.send(OK)
@@ -118,6 +131,8 @@ class Failing:
             "expired": self._raw(_answer_all, expired_server),
             "write-stall": self._raw(_stop_reading),
             "reset": self._raw(_reset_after_reading),
+            "silent": self._raw(_never_answer),
+            "dribble": self._raw(_dribble),
         }
         # A listener that never accepts: TCP connects (the backlog), the TLS handshake never starts.
         self.stalled = self.stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=64))
@@ -136,6 +151,8 @@ class Failing:
                 "retry": {"attempts": 1},
                 "connect_timeout_s": 0.5,
                 "write_timeout_s": 0.5,
+                "read_timeout_s": 0.5,
+                "timeout_s": 1.0,
                 "max_body_bytes": 64 << 20,
             }
             for name, url in urls.items()
@@ -187,6 +204,8 @@ CASES = {
     ),
     "refused": (502, "upstream_unreachable", "refused", ["cannot connect to", "refused"]),
     "reset": (502, "upstream_unreachable", "reset", ["reset the connection"]),
+    "silent": (504, "upstream_timeout", "read_timeout", ["sent nothing for 0.5 s", "(read_timeout_s)"]),
+    "dribble": (504, "upstream_timeout", "total_timeout", ["within 1 s (timeout_s)"]),
 }
 
 
