@@ -641,3 +641,35 @@ def test_a_disabled_current_version_stops_rotate_at_read(emulator: EmulatorServe
     assert "step `read` failed" in out and "SecretDisabled" in out and current.version in out
     assert "enable it or set a new version" in out
     assert "secondary: unchanged; primary: unchanged" in out
+
+
+def test_a_key_vault_lock_tag_left_by_a_crashed_run_blocks_until_it_expires(emulator: EmulatorServer) -> None:
+    """The vault form of the lock (issue 19 item 8): the `gateway-rotation-lock` tag a crashed run left on
+    the current version of the route's primary secret refuses every run until its `until`, then a run
+    takes it over, rotates and leaves no tag behind."""
+    primary, secondary = key_pair(emulator, "vcrash")
+    data = rotation_config(emulator, "vcrash")
+    crashed = f"run=crashed;host=elsewhere:1;until={time.time() + 3600:.0f}"
+    emulator.state.update_secret("vcrash-primary", tags={"gateway-rotation-lock": crashed})
+    regenerations = emulator.state.arm_call_count("regenerateKeys")
+    code, out = rotate(data, settle_s=0)
+    assert code == 3, out
+    assert "another rotation of this endpoint holds the lock" in out and "crashed" in out, out
+    assert "remove the tag gateway-rotation-lock" in out and "nothing was changed" in out
+    assert emulator.state.arm_call_count("regenerateKeys") == regenerations
+    assert emulator.state.keys() == {"primary": primary, "secondary": secondary}
+    current = emulator.state.get_secret("vcrash-primary")
+    assert current is not None and current.value == primary
+    assert current.tags.get("gateway-rotation-lock") == crashed  # not taken from a live holder
+
+    expired = f"run=crashed;host=elsewhere:1;until={time.time() - 1:.0f}"
+    emulator.state.update_secret("vcrash-primary", tags={"gateway-rotation-lock": expired})
+    code, out = rotate(data, settle_s=0)
+    assert code == 0, out
+    keys = emulator.state.keys()
+    assert set(keys.values()).isdisjoint({primary, secondary})
+    for slot in ("primary", "secondary"):
+        stored = emulator.state.get_secret(f"vcrash-{slot}")
+        assert stored is not None and stored.value == keys[slot]
+        assert "gateway-rotation-lock" not in stored.tags  # released
+        HYGIENE.add_secret(keys[slot], f"vcrash rotated {slot}")
