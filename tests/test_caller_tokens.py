@@ -628,6 +628,47 @@ def test_keys_are_refreshed_in_the_background(emulator: EmulatorServer) -> None:
     run(main)
 
 
+def test_start_up_and_periodic_reads_leave_the_unknown_kid_read_free(emulator: EmulatorServer) -> None:
+    """The 5-minute limit counts only reads for unknown `kid`s: right after the start-up read, and right
+    after a background refresh (even one that follows an unknown-kid read by more than the limit), a
+    token naming an unknown `kid` is read for at once, once."""
+    clock = Clock(1000.0)
+    claims = claims_of(issue(emulator))
+
+    def unknown() -> str:
+        return forged({"alg": "RS256", "kid": secrets.token_urlsafe(12)}, claims, lambda d: b"x" * 256)
+
+    def unknown_kid_reads() -> float:
+        return metric("gateway_signing_key_fetches_total", reason="unknown_kid", result="ok")
+
+    async def reads_for_unknown_kid(validator: CallerTokenValidator) -> float:
+        # Counted by reason: a periodic read still in flight when the task is stopped cannot blur it.
+        reads = unknown_kid_reads()
+        with pytest.raises(UnknownSigningKey):
+            await validator.authenticate(unknown())
+        return unknown_kid_reads() - reads
+
+    async def main() -> None:
+        options = {"refresh_every_s": 0.05}
+        async with validating(emulator, monotonic=clock, keys_options=options) as (validator, keys):
+            assert await reads_for_unknown_kid(validator) == 1  # the start-up read did not count
+            assert await reads_for_unknown_kid(validator) == 0  # the limit holds
+
+            clock.now += 301  # the limit is over; now the background refresh reads the keys
+            reads = emulator.state.jwks_count
+            keys.start_refreshing()
+            assert await wait_for(lambda: emulator.state.jwks_count >= reads + 1, within=15)
+            keys.stop()
+            assert await reads_for_unknown_kid(validator) == 1  # the refresh did not count
+            assert await reads_for_unknown_kid(validator) == 0
+
+            clock.now += 301
+            assert await keys.refresh()  # the refresh method, driven directly
+            assert await reads_for_unknown_kid(validator) == 1
+
+    run(main)
+
+
 def test_issuer_forms_and_bearer_header() -> None:
     tenant = str(uuid.uuid4())
     assert v1_issuer("https://login.microsoftonline.com", tenant) == f"https://sts.windows.net/{tenant}/"
