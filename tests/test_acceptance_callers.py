@@ -623,6 +623,47 @@ def test_the_caller_label_stays_bounded_whatever_clients_send(
     assert delta(text, caller="anonymous", status="401") == 940
 
 
+def test_the_span_of_a_request_names_its_caller(
+    emulator: EmulatorServer,
+    recording: tuple[Upstream, ServerThread],
+    gateway_factory: Callable[..., ServerThread],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The OpenTelemetry span carries the caller as the access line does: `app:<id>` for an Entra ID
+    caller (also one the route refuses, and one counted as `other` in the metrics), `key:<name>` for an
+    API-key caller (tests/test_tracing.py shows `anonymous`)."""
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    monkeypatch.setenv("CALLERS_TEST_KEY", PRIMARY)
+    config = gateway_config(emulator, recording[1].url)
+    config["telemetry"] = {"otel": {"enabled": True, "service_name": "callers-under-test"}}
+    gateway = gateway_factory(config)
+    exporter = InMemorySpanExporter()
+    assert gateway.app.tracing is not None and gateway.app.tracing.provider is not None
+    gateway.app.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stranger = str(uuid.uuid4())
+    sent = [
+        ("/fraud/score", bearer(issue(emulator)), 200, f"app:{SCORER}"),
+        ("/open/score", bearer(issue(emulator, appid=stranger, roles=[])), 200, f"app:{stranger}"),
+        ("/fraud/score", bearer(issue(emulator, appid=NO_ROLE, roles=[])), 403, f"app:{NO_ROLE}"),
+        ("/fraud/score", {"x-gateway-key": BATCH_KEY}, 200, "key:batch"),
+        ("/fraud/score", {"x-gateway-key": OTHER_KEY}, 403, "key:other"),
+    ]
+    for path, headers, status, caller in sent:
+        exporter.clear()
+        assert raw(gateway.port, path, headers).status == status, caller
+        # The span ends right after the answer's last byte: the client may be a moment ahead.
+        deadline = time.monotonic() + 5
+        while not exporter.get_finished_spans() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (span,) = exporter.get_finished_spans()
+        assert span.attributes is not None
+        assert span.attributes["gateway.caller"] == caller
+        assert span.attributes["http.response.status_code"] == status
+
+
 def test_without_callers_no_client_chooses_the_deployment(
     recording: tuple[Upstream, ServerThread],
     gateway_factory: Callable[..., ServerThread],
