@@ -751,6 +751,69 @@ def test_arm_calls_go_through_the_proxy(emulator: EmulatorServer, relay: Relay, 
     assert set(relay.request_lines()) == {f"CONNECT {arm.removeprefix('https://')} HTTP/1.1"}
 
 
+def test_signing_keys_are_read_through_the_proxy_with_the_ca_bundle(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """`inbound.entra_id`'s start-up read (discovery, then the key set) takes the gateway's egress proxy
+    and trusts `tls.ca_bundle` inside the tunnel; with the proxy stopped, start-up is a ConfigError naming
+    the discovery URL."""
+    from gateway.assembly import Assembly
+
+    tenant = "5e1f0000-0000-4000-8000-0000000000e9"
+    authority = _emulator_origin(emulator, "localhost")  # the key set URL the emulator gives: 127.0.0.1
+    discovery = f"{authority}/{tenant}/v2.0/.well-known/openid-configuration"
+
+    def start(proxy_url: str, *, ca_bundle: bool = True) -> Assembly:
+        data: dict[str, Any] = {
+            "egress": {"proxy": proxy_url},
+            "inbound": {
+                "entra_id": {"tenant_id": tenant, "audiences": ["api://gw"], "authority": authority}
+            },
+            "routes": {"r": {"path": "/r", "upstream": "http://127.0.0.1:9", "auth": {"type": "none"}}},
+        }
+        if ca_bundle:
+            data["tls"] = {"ca_bundle": str(emulator.ca_file)}
+
+        async def create() -> Assembly:
+            assembly = await Assembly.create(parse_config(data, "test.yaml"), "test.yaml", callers=True)
+            await assembly.rest.close()
+            return assembly
+
+        return run(create())
+
+    proxy = ForwardProxy(tmp_path)
+    relay = Relay(proxy.port)
+    try:
+        discoveries, key_sets = emulator.state.discovery_count, emulator.state.jwks_count
+        assembly = start(relay.url)
+        keys = assembly._prepared_keys
+        assert keys is not None and keys.ready and keys.key(emulator.state.signing_kid) is not None
+        assert emulator.state.discovery_count == discoveries + 1 and emulator.state.jwks_count == key_sets + 1
+        port = emulator.https_url.rsplit(":", 1)[1]
+        assert set(relay.request_lines()) == {
+            f"CONNECT localhost:{port} HTTP/1.1",  # discovery
+            f"CONNECT 127.0.0.1:{port} HTTP/1.1",  # the key set
+        }
+
+        # Inside the tunnel the emulator's certificate is checked against tls.ca_bundle, not the system's.
+        relay.clear()
+        with pytest.raises(ConfigError) as untrusted:
+            start(relay.url, ca_bundle=False)
+        assert f"the TLS certificate of {discovery} is not trusted" in str(untrusted.value)
+        assert relay.request_lines() == [f"CONNECT localhost:{port} HTTP/1.1"]
+    finally:
+        relay.close()
+        proxy.stop()
+
+    discoveries = emulator.state.discovery_count
+    with pytest.raises(ConfigError) as stopped:
+        start(f"http://127.0.0.1:{proxy.port}")
+    message = str(stopped.value)
+    assert "inbound.entra_id: cannot read Entra ID's signing keys" in message, message
+    assert f"cannot reach {discovery}" in message, message
+    assert emulator.state.discovery_count == discoveries  # it never went round the proxy
+
+
 def test_imds_never_goes_through_the_proxy(
     emulator: EmulatorServer, relay: Relay, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
