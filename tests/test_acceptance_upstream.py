@@ -1289,3 +1289,28 @@ def test_http10_client_gets_an_error_not_a_cut_answer_when_the_upstream_breaks_o
     data = raw_exchange(gateway, b"POST /once/score HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
     assert data.startswith(b"HTTP/1.1 502"), data[:300]
     assert b"upstream_unreachable" in data
+
+
+def test_http10_clients_502_names_the_failure_class_and_route_only(gateway):
+    """Issue 19 item 11 on the HTTP/1.0 path (the answer collected to learn its length): the client's 502
+    says what failed and on which route; the upstream's address and the socket error's wording go to the
+    log line only."""
+    up = gateway.upstreams["once"]
+    up.reset(answer_with(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", then="rst"))
+    data = raw_exchange(gateway, b"POST /once/score HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+    assert data.startswith(b"HTTP/1.1 502"), data[:300]
+    body = data.partition(b"\r\n\r\n")[2].removesuffix(b"<EOF>")
+    error = json.loads(body)["error"]
+    assert error["code"] == "upstream_unreachable"
+    from gateway.errors import CAUSES
+
+    route, _, summary = error["message"].partition(": ")
+    assert route == "route once" and summary in CAUSES.values(), error  # exactly a failure class
+    host, port = up.url.removeprefix("http://").rsplit(":", 1)
+    for detail in (host, f":{port}", "by peer", "Errno", "ECONNRESET", "200 OK"):
+        assert detail not in body.decode(), (detail, body)
+    deadline = time.monotonic() + 10  # the detail goes to the operator's log line
+    while "failed mid-response" not in gateway.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = [line for line in gateway.log().splitlines() if "failed mid-response" in line]
+    assert logged and "route once" in logged[-1], logged

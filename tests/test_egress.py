@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -708,6 +709,55 @@ def test_proxy_credentials_are_sent_and_a_refusal_is_502_naming_the_proxy(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert f"the egress proxy {auth_relay.address} refused the tunnel" in logged and "407" in logged
     assert PROXY_PASSWORD not in logged + response.text and encoded not in logged + response.text
+
+
+def _http10(gateway: ServerThread, route: str = "iris") -> tuple[int, str]:
+    """One HTTP/1.0 request on a raw socket: the status and the body, read until the gateway closes."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+        sock.sendall(b"POST /%s/score HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}" % route.encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode("latin-1")
+
+
+def test_http10_clients_502_for_a_proxy_refusal_names_the_class_and_route_only(
+    emulator: EmulatorServer,
+    relay: Relay,
+    auth_relay: Relay,
+    gateway_factory: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 19 item 11 for an HTTP/1.0 client: whether the proxy refuses the tunnel by policy (407) or
+    cannot reach the origin (502), the body names the failure class and the route, never the proxy's
+    address, the origin's host:port or the proxy's reason phrase; the log line has them."""
+    caplog.set_level(logging.WARNING, logger="gateway.failures")
+    closed = socket.create_server(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    origin = _emulator_origin(emulator, "localhost")
+    cases = [
+        (auth_relay, origin, "407"),  # no credentials configured: Proxy Authentication Required
+        (relay, f"https://localhost:{dead_port}", "502"),  # the proxy's Bad Gateway
+    ]
+    for proxy, upstream, proxy_status in cases:
+        gateway = gateway_factory(_key_config(emulator, upstream, {"proxy": proxy.url}))
+        status, body = _http10(gateway)
+        assert status == 502, body
+        error = json.loads(body)["error"]
+        assert error["code"] == "upstream_unreachable"
+        assert error["message"].startswith(
+            "route iris: the egress proxy refused the connection to the upstream"
+        ), error
+        origin_address = upstream.removeprefix("https://")
+        for detail in (proxy.address, origin_address, "localhost", "127.0.0.1", proxy_status):
+            assert detail not in error["message"], (detail, error)
+        for phrase in ("Proxy Authentication Required", "Bad Gateway", "Forbidden"):
+            assert phrase not in body, (phrase, body)
+        logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "gateway.failures")
+        assert f"the egress proxy {proxy.address} refused the tunnel to {origin_address}" in logged
+        assert proxy_status in logged
 
 
 # ------------------------------------------------------------------ MSAL, ARM, managed identity
