@@ -38,6 +38,9 @@ _DEFAULTS: dict[str, Any] = {
     "aml_token_expiry": None,
     "aml_token_refresh_after": None,
     "arm_error_message": None,
+    "entra_error_message": None,
+    "keyvault_error_message": None,
+    "entra_expires_in": None,
 }
 _AZURE_VARIABLES = (
     "AZURE_TENANT_ID",

@@ -334,3 +334,40 @@ def test_gateway_scores_with_entra_tokens_and_replays_after_a_401(emulator: Emul
         assert route["expires_in_s"] > 3000
         metrics = client.get("/metrics").text
         assert 'gateway_credential_refreshes_total{kind="aad_token",result="ok",route="aad"}' in metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers and messages from a misbehaving Entra ID (issue 19)
+HUGE_MESSAGE = ("z" * 100 + "\x1b[31m\r\nforged log line ") * 50_000  # ~5.8 MB, with control characters
+
+
+def test_a_huge_entra_error_message_is_cut_short_in_readyz_and_logs(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token endpoint refuses the client secret with a 5 MB description (the ARM case is in
+    tests/test_credentials_aml.py): /readyz and the log line get a short one-line excerpt."""
+    import logging
+
+    app = register_app(emulator)
+    emulator.state.configure(entra_error_message=HUGE_MESSAGE)
+    caplog.set_level(logging.WARNING, logger="gateway")
+    wrong = identity(emulator, app, client_secret="not-the-registered-secret-value")
+    config = gateway_config(emulator, {"aad": {"auth": {"type": "aad_token", "identity": wrong}}})
+    with (
+        ServerThread(GatewayApp(config)) as gateway,
+        httpx.Client(base_url=gateway.url, timeout=10) as client,
+    ):
+        assert client.post("/aad/score", json=ROWS).status_code == 503
+        answer = client.get("/readyz")
+        assert len(answer.content) < 4000, len(answer.content)
+        detail = answer.json()["routes"][0]["detail"]
+        assert "invalid_client" in detail and "zzzz" in detail, detail
+        # Entra's description, cut to ~500 characters; the error name, trace id and hint come around it.
+        excerpt = detail.partition("AADSTS7000215: ")[2].partition(" (trace id")[0]
+        assert 100 < len(excerpt) <= 520 and len(detail) < 1000, (len(excerpt), len(detail))
+        assert not any(ord(c) < 32 or c == "\x7f" for c in detail), detail
+    lines = [r.getMessage() for r in caplog.records if "invalid_client" in r.getMessage()]
+    assert lines, [r.getMessage()[:200] for r in caplog.records]
+    for line in lines:
+        assert len(line) < 2000, len(line)
+        assert "\x1b" not in line and "\n" not in line and "\r" not in line

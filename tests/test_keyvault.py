@@ -258,6 +258,36 @@ def test_a_failed_poll_keeps_the_last_value_logs_once_and_shows(
         assert len(recovered) == 1
 
 
+def test_a_huge_key_vault_error_message_is_cut_short_in_readyz_and_logs(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Key Vault fails a poll with a 5 MB message (issue 19 item 5; the ARM case is in
+    tests/test_credentials_aml.py): /readyz and the log line get a short one-line excerpt."""
+    key_pair(emulator, "loud")
+    config = parse_config(config_data(emulator, "loud", refresh_every_s=0.2), "kv.yaml")
+    with ServerThread(GatewayApp(config)) as gateway, httpx.Client(timeout=10) as client:
+        caplog.set_level(logging.WARNING, logger="gateway")
+        reads = emulator.state.keyvault_request_count("GET", "loud-primary")
+        emulator.state.configure(keyvault_error_message=("k" * 100 + "\x1b[31m\r\nforged log line ") * 50_000)
+        emulator.state.set_fault("keyvault", status=500)
+        assert wait_until(
+            lambda: emulator.state.keyvault_request_count("GET", "loud-primary") >= reads + 3, within=30
+        )
+        assert score(client, gateway) == 200  # the last good keys serve on
+        answer = httpx.get(f"{gateway.url}/readyz")
+        assert len(answer.content) < 4000, len(answer.content)
+        primary = next(s for s in answer.json()["keyvault"] if s["secret"] == "loud-primary")
+        error = primary["error"]
+        assert primary["ok"] is False and "500" in error and "kkkk" in error, error
+        assert len(error) <= 800, len(error)
+        assert not any(ord(c) < 32 or c == "\x7f" for c in error), error
+    lines = [r.getMessage() for r in caplog.records if "cannot read secret loud-primary" in r.getMessage()]
+    assert lines, [r.getMessage()[:200] for r in caplog.records]
+    for line in lines:
+        assert "kkkk" in line and len(line) < 2000, len(line)
+        assert "\x1b" not in line and "\n" not in line and "\r" not in line
+
+
 def test_an_empty_version_keeps_the_last_good_key_and_never_refuses_the_primary(
     emulator: EmulatorServer,
 ) -> None:

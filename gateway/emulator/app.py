@@ -12,6 +12,7 @@ import base64
 import binascii
 import datetime as dt
 import json
+import math
 import re
 import secrets
 import time
@@ -103,6 +104,19 @@ _SCORE_FAULT_TEXT: Final = {
 
 def _now_stamp() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _misbehaving_number(text: str | None, usual: int) -> Any:
+    """`text` as a JSON number where it is a finite one ("-1", "1e308"), else as the text ("nan"); `usual`
+    when no misbehaviour is set."""
+    if text is None:
+        return usual
+    try:
+        number = json.loads(text)
+    except ValueError:
+        return text
+    finite = isinstance(number, int | float) and not isinstance(number, bool) and math.isfinite(number)
+    return number if finite else text
 
 
 def _first_values(body: bytes) -> dict[str, str]:
@@ -198,7 +212,8 @@ class _Emulator:
         body = {
             "error": error,
             "error_description": (
-                f"AADSTS{code}: {description} Trace ID: {trace_id} Correlation ID: {correlation_id} "
+                f"AADSTS{code}: {self.state.entra_error_message or description} Trace ID: {trace_id} "
+                f"Correlation ID: {correlation_id} "
                 f"Timestamp: {stamp}"
             ),
             "error_codes": [code],
@@ -416,10 +431,11 @@ class _Emulator:
             appidacr=appidacr,
             authority=self.base_url,
         )
+        sent_expires_in = _misbehaving_number(self.state.entra_expires_in, expires_in)
         body: dict[str, Any] = {
             "token_type": "Bearer",
-            "expires_in": expires_in,
-            "ext_expires_in": expires_in,
+            "expires_in": sent_expires_in,
+            "ext_expires_in": sent_expires_in,
             "access_token": access_token,
         }
         if refresh_in is not None:
@@ -658,7 +674,7 @@ class _Emulator:
             {
                 "access_token": token,
                 "client_id": identity.client_id,
-                "expires_in": str(lifetime),
+                "expires_in": self.state.entra_expires_in or str(lifetime),
                 "expires_on": str(now + lifetime),
                 "ext_expires_in": str(lifetime),
                 "not_before": str(now),
@@ -907,7 +923,7 @@ class _Emulator:
         *,
         inner: str | None = None,
     ) -> JSONResponse:
-        error: dict[str, Any] = {"code": code, "message": message}
+        error: dict[str, Any] = {"code": code, "message": self.state.keyvault_error_message or message}
         if inner is not None:
             error["innererror"] = {"code": inner}
         return JSONResponse({"error": error}, status, headers=headers)

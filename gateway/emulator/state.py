@@ -54,6 +54,9 @@ _MISBEHAVIOUR_SETTINGS: Final = (
     "aml_token_expiry",
     "aml_token_refresh_after",
     "arm_error_message",
+    "entra_error_message",
+    "keyvault_error_message",
+    "entra_expires_in",
 )
 FAULT_TARGETS: Final = ("token", "mi", "arm", "score", "keyvault", "regenerate", "lro", "openid")
 
@@ -206,7 +209,11 @@ class EmulatorState:
     http, instead of the ARM host the operation was started on), `lro_retry_after` (the Retry-After text
     of operation answers, e.g. "nan", replacing `lro_retry_after_s`), `aml_token_expiry` and
     `aml_token_refresh_after` (sent as `expiryTimeUtc` and `refreshAfterTimeUtc` of `token` answers, e.g.
-    "nan"), `arm_error_message` (the message of every ARM error answer, e.g. megabytes of text).
+    "nan"), `arm_error_message` (the message of every ARM error answer, e.g. megabytes of text), and
+    the same for Entra ID (`entra_error_message`, the description of every token endpoint error) and Key
+    Vault (`keyvault_error_message`); `entra_expires_in` (the `expires_in` of Entra ID token answers and
+    of IMDS managed-identity answers, e.g. "nan", "inf", "-1", "1e308": a JSON number where the text is
+    one, else the text).
     """
 
     def __init__(
@@ -243,6 +250,9 @@ class EmulatorState:
         self.aml_token_expiry: str | None = None
         self.aml_token_refresh_after: str | None = None
         self.arm_error_message: str | None = None
+        self.entra_error_message: str | None = None
+        self.keyvault_error_message: str | None = None
+        self.entra_expires_in: str | None = None
 
         self._apps: dict[tuple[str, str], RegisteredApp] = {}
         self._resources: set[str] = {normalize_resource(r) for r in _DEFAULT_RESOURCES}
