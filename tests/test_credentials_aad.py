@@ -371,3 +371,50 @@ def test_a_huge_entra_error_message_is_cut_short_in_readyz_and_logs(
     for line in lines:
         assert len(line) < 2000, len(line)
         assert "\x1b" not in line and "\n" not in line and "\r" not in line
+
+
+@pytest.mark.parametrize("expires_in", ["nan", "inf", "-1", "1e308"])
+@pytest.mark.parametrize("source", ["client_secret", "imds"])
+def test_an_absurd_expires_in_is_refused_without_spinning(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch, source: str, expires_in: str
+) -> None:
+    """Entra ID's token endpoint (MSAL) or IMDS answers a token whose `expires_in` is not a usable
+    lifetime: the token is refused, /readyz says why, and the gateway asks again only a few times while
+    requests keep coming for 3 s (once, a `nan` expiry made thousands of token calls a second)."""
+    import time
+
+    if source == "imds":
+        for name, value in emulator.imds_env().items():
+            monkeypatch.setenv(name, value)
+        client_id = emulator.state.system_identity.client_id
+        auth = {"type": "aad_token", "identity": {"managed_identity": "system", "timeout_s": 3}}
+
+        def token_requests() -> int:
+            return emulator.state.mi_request_count(client_id)
+    else:
+        app = register_app(emulator)
+        auth = {"type": "aad_token", "identity": identity(emulator, app)}
+
+        def token_requests() -> int:
+            return emulator.state.token_request_count(app.client_id)
+
+    emulator.state.configure(entra_expires_in=expires_in)
+    before = token_requests()
+    config = gateway_config(emulator, {"aad": {"auth": auth}})
+    with (
+        ServerThread(GatewayApp(config)) as gateway,
+        httpx.Client(base_url=gateway.url, timeout=10) as client,
+    ):
+        statuses = set()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            statuses.add(client.post("/aad/score", json=ROWS).status_code)  # requests keep coming
+        asked = token_requests() - before
+        assert 1 <= asked <= 10, f"{asked} token requests in 3 s for expires_in={expires_in}"
+        assert statuses == {503}, statuses  # no usable token: requests and readiness agree
+        ready = client.get("/readyz").json()
+        assert ready["ready"] is False
+        (route,) = ready["routes"]
+        assert route["state"] == "unavailable", route
+        detail = route["detail"]
+        assert "expir" in detail, detail  # says it is the token's lifetime that is wrong

@@ -816,9 +816,7 @@ def test_signing_keys_are_read_through_the_proxy_with_the_ca_bundle(
     def start(proxy_url: str, *, ca_bundle: bool = True) -> Assembly:
         data: dict[str, Any] = {
             "egress": {"proxy": proxy_url},
-            "inbound": {
-                "entra_id": {"tenant_id": tenant, "audiences": ["api://gw"], "authority": authority}
-            },
+            "inbound": {"entra_id": {"tenant_id": tenant, "audiences": ["api://gw"], "authority": authority}},
             "routes": {"r": {"path": "/r", "upstream": "http://127.0.0.1:9", "auth": {"type": "none"}}},
         }
         if ca_bundle:

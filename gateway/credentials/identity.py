@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -405,7 +406,18 @@ class ManagedIdentitySource(MsalSource):
                 )
                 self._built_on = http
             client = self._msal_client
-        result: dict[str, Any] | None = client.acquire_token_for_client(resource=scope_resource(scope))
+        try:
+            result: dict[str, Any] | None = client.acquire_token_for_client(resource=scope_resource(scope))
+        except ValueError as exc:
+            # MSAL int()s the endpoint's `expires_in` ("nan", "inf", "1e308" raise) and json-parses its
+            # answer; either way the answer is the endpoint's fault, not the tenant's or a file's.
+            what = (
+                "is not JSON" if isinstance(exc, json.JSONDecodeError) else "has no whole-number expires_in"
+            )
+            raise TokenFetchError(
+                f"{self.endpoint} answered a token that {what} ({clean_message(str(exc), 120)})",
+                hint="the managed identity endpoint is misbehaving; the gateway keeps retrying",
+            ) from None
         return result
 
     def _forget(self) -> None:
