@@ -528,7 +528,7 @@ class TokenEntry(RefreshingEntry[TokenGrant]):
             raise TokenFetchError(f"the provider issued a token that expires in {lifetime:.0f} s")
         if lifetime > MAX_TOKEN_LIFETIME_S:
             raise TokenFetchError(
-                f"the provider issued a token said to expire in {lifetime:.0f} s, more than any token lives"
+                f"the provider issued a token said to expire in {lifetime:.4g} s, more than any token lives"
             )
         hint = None
         if token.refresh_after is not None:
