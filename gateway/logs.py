@@ -62,18 +62,36 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """`<time> <LEVEL> <logger>: <message>`. The message and exception text come redacted by the handler's
+    `RedactingFilter` (`configure` installs both; a filter runs before the formatter), and nothing else in
+    the line can hold a secret, so the line is not scanned a second time: the access line is written per
+    request."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second = -1
+        self._second_text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        second = int(record.created)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         # One record, one line: a value that carries a line break cannot forge a second record.
-        return _CONTROL.sub(_escape_control, redact(super().format(record)))
+        return _CONTROL.sub(_escape_control, super().format(record))
 
 
 def configure(level: str = "info", fmt: str = "text", stream: Any = None) -> None:
+    # What a record would otherwise gather for every line and no format of ours prints: the caller's
+    # file and line (a walk up the stack), thread, process and multiprocessing names. The logging
+    # documentation's "Optimization" section names these switches.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())

@@ -103,8 +103,35 @@ def _mask_shape(match: re.Match[str]) -> str:
     return f"{prefix}{MASK}" if prefix else MASK
 
 
+# `_SHAPES` can match only where one of these occurs, compared as `(?i)` compares: casefold, plus the
+# one letter `re` matches to `i` that casefold keeps apart (dotless i, U+0131). A line without any of
+# them (the access line, most lines) skips the case-insensitive scan: ~10 µs on a 300-character line.
+_SHAPE_WORDS = (
+    "bearer",
+    "eyj",
+    "client_secret",
+    "client_assertion",
+    "access_token",
+    "accesstoken",
+    "primarykey",
+    "secondarykey",
+)
+
+
+def _may_hold_a_shape(text: str) -> bool:
+    folded = text.casefold()
+    if "\u0131" in folded:
+        folded = folded.replace("\u0131", "i")
+    for word in _SHAPE_WORDS:
+        if word in folded:
+            return True
+    return False
+
+
 def redact(text: str) -> str:
     matcher = _current()
     if matcher is not None:
         text = matcher.sub(text)
-    return _SHAPES.sub(_mask_shape, text)
+    if _may_hold_a_shape(text):
+        return _SHAPES.sub(_mask_shape, text)
+    return text

@@ -94,3 +94,45 @@ def test_the_matcher_masks_exactly_what_one_alternation_of_the_values_masks():
         assert redaction._Matcher(values).sub(text) == _reference(values, text)
 
     check()
+
+
+def test_the_shape_scan_is_skipped_only_where_it_could_not_match():
+    """`redact` skips the case-insensitive shape scan on lines without any of its words; on every line the
+    scan could change, it still runs, whatever the letter case or Unicode case variants `re` folds."""
+    words = [
+        "Bearer ",
+        "bEaReR\t",
+        "eyJ",
+        "EYJ",
+        "client_secret=",
+        "CLIENT_ASSERTION:",
+        "access_token=",
+        "AccessToken: ",
+        "primaryKey=",
+        "secondaryKey='",
+        "pr\u0131maryKey=",
+        "primaryKEY=",
+        "primary\u212aey=",
+        "client_\u017fecret=",
+    ]  # dotless i, the Kelvin sign, the long s
+    tails = ["abcdefghij.klmnopqrst.uvw", "s3cr3t-value", ""]
+    lines = [f"x {word}{tail} y" for word in words for tail in tails]
+    lines += ["GET /iris/score 200 route=iris caller=key:batch", "nothing here", "\u0131", ""]
+    for line in lines:
+        assert redaction.redact(line) == redaction._SHAPES.sub(redaction._mask_shape, line), line
+    assert redaction.redact("x bearer abc y") == "x bearer *** y"
+    assert "s3cr3t" not in redaction.redact("pr\u0131maryKey=s3cr3t")  # `re` folds U+0131 to i
+
+
+def test_the_text_line_is_redacted_by_the_filter_once():
+    """The text formatter relies on the handler's filter (installed with it by `configure`); the line
+    it writes carries no secret and no second line."""
+    redaction.register("yet-another-secret-value-7")
+    HYGIENE.add_secret("yet-another-secret-value-7", "tests/test_redaction.py")
+    stream = io.StringIO()
+    logs.configure("info", "text", stream=stream)
+    logging.getLogger("gateway.test").warning("a %s\nforged line", "yet-another-secret-value-7")
+    output = stream.getvalue()
+    logs.configure("warning")
+    assert "yet-another-secret-value-7" not in output and "a ***\\nforged line" in output
+    assert output.count("\n") == 1
