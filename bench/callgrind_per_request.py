@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import pstats
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +47,30 @@ async def main():
     await s.serve_forever()
 uvloop.run(main())
 """
+
+
+# The gateway under cProfile: SIGUSR1 starts profiling (after the warm-up), SIGUSR2 stops and writes it.
+CPROFILED = """
+import cProfile, signal, sys
+profile = cProfile.Profile()
+signal.signal(signal.SIGUSR1, lambda *_: profile.enable())
+signal.signal(signal.SIGUSR2, lambda *_: (profile.disable(), profile.dump_stats(%r)))
+from gateway.cli import main
+sys.exit(main())
+"""
+
+
+def print_cprofile(path: Path, served: int, top: int) -> None:
+    stats = pstats.Stats(str(path))
+    rows = []
+    for (file, line, func), (_cc, calls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append((tottime, calls / served, cumtime, f"{Path(file).name}:{line}({func})"))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"{'tottime%':>8} {'calls/req':>9} {'cum us/req':>10}  function")
+    for tottime, per, cumtime, name in rows[:top]:
+        print(f"{100 * tottime / total:8.1f} {per:9.2f} {1e6 * cumtime / served:10.1f}  {name}")
+    print(f"python calls per request: {sum(c[1] for c in stats.stats.values()) / served:.1f}")  # type: ignore[attr-defined]
 
 
 def free_port() -> int:
@@ -107,6 +133,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=400)
     ap.add_argument("--annotate", type=int, default=0, help="print the top N functions (inclusive)")
     ap.add_argument("--keep", type=Path, help="keep the callgrind dump at this path")
+    ap.add_argument(
+        "--cprofile",
+        type=int,
+        default=0,
+        help="instead of callgrind: cProfile the gateway, print the top N functions (calls per request)",
+    )
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cg-"))
@@ -157,8 +189,12 @@ def main() -> int:
         )
         cmd = [sys.executable, str(REPO_ROOT / "bench" / "floor_proxy.py")]
     out = work / "callgrind.out"
+    if args.cprofile:
+        cmd[1:3] = ["-c", CPROFILED % str(work / "cprofile.out")]
+    else:
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd]
     proxy = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+        cmd,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(work / "proxy.log", "wb"),
@@ -167,6 +203,18 @@ def main() -> int:
         wait_port(up_port)
         wait_port(port)
         run_load(port, args.warmup, args.connections)
+        served = args.requests // args.connections * args.connections
+        if args.cprofile:
+            os.kill(proxy.pid, signal.SIGUSR1)
+            run_load(port, args.requests, args.connections)
+            os.kill(proxy.pid, signal.SIGUSR2)
+            stats = work / "cprofile.out"
+            end = time.monotonic() + 30
+            while not stats.exists() and time.monotonic() < end:
+                time.sleep(0.1)
+            time.sleep(0.5)
+            print_cprofile(stats, served, args.cprofile)
+            return 0
         subprocess.run(["callgrind_control", "-z", str(proxy.pid)], check=True, capture_output=True)
         run_load(port, args.requests, args.connections)
         subprocess.run(["callgrind_control", "-d", str(proxy.pid)], check=True, capture_output=True)
@@ -174,7 +222,6 @@ def main() -> int:
         if not dumps:
             raise SystemExit(f"no dump in {work}")
         dump = dumps[-1]
-        served = args.requests // args.connections * args.connections
         per_request = totals(dump) / served
         print(
             f"{args.target}: {per_request:,.0f} instructions/request "
