@@ -20,9 +20,12 @@ httpcore's discipline:
 - A final answer that arrives while the request body is still being sent stops the sending and goes to
   the caller at once; the connection is then not reused.
 - Every timer fails its own request directly (it does not wait for `connection_lost`). One timer per
-  exchange covers `timeout_s` (the whole attempt) and `read_timeout_s` (the longest silence of the
-  upstream while its answer is awaited): it checks a last-activity stamp when it fires and re-arms,
-  instead of being re-armed on every chunk. `write_timeout_s` is armed only while a write is stalled.
+  connection covers `timeout_s` (the whole attempt) and `read_timeout_s` (the longest silence of the
+  upstream while its answer is awaited): it checks the exchange's deadline and a last-activity stamp
+  when it fires and re-arms, instead of being re-armed on every chunk. It outlives the exchange that
+  armed it: the next exchange on the connection re-arms it only when its first check falls earlier
+  (a timer that fires early just re-arms; one that fires between exchanges ends). `write_timeout_s` is
+  armed only while a write is stalled.
 """
 
 from __future__ import annotations
@@ -227,6 +230,7 @@ class _Connection(asyncio.Protocol):
         self.counting_trailers = False
         self.trailer_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # loop time `timer` fires at
         self.deadline = 0.0
         self.total_timeout = 0.0
         self.read_timeout = 0.0
@@ -420,7 +424,17 @@ class _Connection(asyncio.Protocol):
         self.last_activity = now
         waiter = self.head_waiter = self.loop.create_future()
         first_check = now + read_timeout
-        self.timer = self.loop.call_at(deadline if deadline < first_check else first_check, self._on_timer)
+        if deadline < first_check:
+            first_check = deadline
+        # Hot path: the connection's timer, still armed by an earlier exchange, is kept when it fires no
+        # later than this exchange's first check (it re-arms itself then); a timer per request cost an
+        # allocation and two timer-heap updates.
+        timer = self.timer
+        if timer is None or first_check < self.timer_at:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(first_check, self._on_timer)
+            self.timer_at = first_check
         return waiter
 
     def sent(self, complete: bool, took_time: bool) -> None:
@@ -438,10 +452,7 @@ class _Connection(asyncio.Protocol):
     def _message_done(self) -> None:
         response = self.response
         assert response is not None
-        self.state = DONE
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.state = DONE  # the connection's timer stays armed for the next exchange (see `begin`)
         response._feed_eof()
 
     def _on_timer(self) -> None:
@@ -467,9 +478,8 @@ class _Connection(asyncio.Protocol):
                 "read",
             )
             return
-        self.timer = self.loop.call_at(
-            min(self.deadline, self.last_activity + self.read_timeout), self._on_timer
-        )
+        self.timer_at = min(self.deadline, self.last_activity + self.read_timeout)
+        self.timer = self.loop.call_at(self.timer_at, self._on_timer)
 
     def _on_write_timer(self) -> None:
         self.write_timer = None
