@@ -74,6 +74,9 @@ MAX_PIPELINED = 16
 SEND_TIMEOUT_STATE = "gateway.send_timeout_s"
 DEFAULT_SEND_TIMEOUT_S = 30.0
 
+# Request headers `on_header` looks at more closely (lowered names).
+_CHECKED_REQUEST_HEADERS = frozenset({b"expect", b"host", b"transfer-encoding"})
+
 # Where the parser is in the current request.
 _IDLE = 0  # between requests: nothing of the next one has arrived
 _HEAD = 1  # request line and headers
@@ -161,6 +164,8 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: InboundLimits = DEFAULT_LIMITS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_header_count = limits.max_header_count
         # server.max_connections is enforced here, when a connection opens; uvicorn's own check (at the
         # end of a request head) would keep every connection over it open and answer text/plain.
         self.max_connections = self.limit_concurrency
@@ -319,31 +324,35 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        size = len(name) + len(value) + 4  # ": " and CRLF, as gateway.headers counts
+        # Hot path (every header of every request): one sum for the byte count, one set look-up before
+        # the three names that need a closer look, the limits read from the protocol itself.
         if self._phase == _BODY:
             # A trailer (httptools reports them like headers): counted, never added to the request.
-            self._trailer_bytes += size
+            self._trailer_bytes += len(name) + len(value) + 4
             if self._trailer_bytes > self.limits.max_trailer_bytes:
                 raise _Refused(self._trailers_too_large())
             return
         self._header_count += 1
-        self._header_bytes += size
-        if (
-            self._header_count > self.limits.max_header_count
-            or self._header_bytes > self.limits.max_header_bytes
-        ):
+        header_bytes = self._header_bytes = self._header_bytes + len(name) + len(value) + 4  # ": ", CRLF
+        if header_bytes > self._max_header_bytes or self._header_count > self._max_header_count:
             raise _Refused(self._headers_too_large())
         name = name.lower()
         # As uvicorn's own `on_header` does: llhttp keeps trailing whitespace, which RFC 9110 5.5
         # excludes from the value (`x-gateway-key: KEY ` is the key KEY).
         value = value.rstrip(b" \t")
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
+        if name in _CHECKED_REQUEST_HEADERS:
+            self._check_header(name, value)
+        self.headers.append((name, value))
+
+    def _check_header(self, name: bytes, value: bytes) -> None:
+        if name == b"expect":
+            if value.lower() == b"100-continue":
+                self.expect_100_continue = True
         elif name == b"host":
             self._host_count += 1
             if self._host_count > 1:  # RFC 9112 3.2: which host is meant is ambiguous
                 raise _Refused(MalformedRequest("the request has more than one Host header; send one"))
-        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+        elif value.strip().lower() != b"chunked":  # transfer-encoding
             # The parser decodes the chunks and ignores any coding before them (`gzip, chunked`): the
             # upstream would get the body still coded, presented as plain.
             raise _Refused(
@@ -352,7 +361,6 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
                     "the body uncoded (or set Content-Encoding)"
                 )
             )
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._end_head_wait()
