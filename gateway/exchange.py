@@ -181,20 +181,20 @@ class Exchange:
     def answer(self, head: bytes, body: bytes) -> None:
         """A complete answer of the gateway's own: `head` is the status line and headers without the
         blank line; written with `body` in one write."""
-        self._write_head(head, body)
+        self.start([head], body)
         self.end()
 
-    def start(self, head: bytes, body: bytes = b"") -> None:
-        """The head of the upstream's answer (status line and headers, without the blank line) and the
-        first body bytes, already framed."""
-        self._write_head(head, body)
-
-    def _write_head(self, head: bytes, body: bytes) -> None:
+    def start(self, head: list[bytes], body: bytes = b"") -> None:
+        """The head of the upstream's answer (the pieces of its status line and headers, without the
+        blank line) and the first body bytes, already framed: joined once and written at once."""
         self.response_started = True
         self._expect_continue = False  # answered before the body was asked for: no 100 Continue
         if not self.keep_alive:
-            head += CONNECTION_CLOSE
-        self.transport.write(head + b"\r\n" + body if body else head + b"\r\n")
+            head.append(CONNECTION_CLOSE)
+        head.append(b"\r\n")
+        if body:
+            head.append(body)
+        self.transport.write(b"".join(head))
 
     async def send(self, data: bytes) -> None:
         """More of the answer's body (framed by the caller), after waiting while the client reads slowly."""
