@@ -768,7 +768,6 @@ class UpstreamClient:
         origin: Origin,
         head: bytes,
         body: bytes | AsyncIterator[bytes] | None,
-        *,
         head_request: bool = False,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
@@ -778,7 +777,9 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         """Send `head` (request line and headers, ending in a blank line) and `body`; return the response
         once its headers arrived. Never sends the request twice: a failure after its first byte reached
-        the socket raises with `request_sent=True` (the caller's retry policy decides)."""
+        the socket raises with `request_sent=True` (the caller's retry policy decides).
+
+        The proxy passes every argument by position (keyword arguments cost a dict per request)."""
         loop = asyncio.get_running_loop()
         if origin.forward_prefix is not None:
             # An http origin behind the egress proxy: the request line in absolute form.

@@ -72,9 +72,9 @@ class Exchange:
         "transport",
     )
 
+    # Positional (the protocol's one call): keyword arguments would cost a dict per request.
     def __init__(
         self,
-        *,
         method: str,
         path: str,
         raw_path: bytes,

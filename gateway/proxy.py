@@ -100,7 +100,7 @@ class Proxy:
         """The task of one proxied request: the chain of stages, the answer, and one record of it.
         Every error is answered here (the request id is known); the task never raises, except a
         cancellation that is not the client's (a shutdown)."""
-        record = RequestRecord(method=exchange.method, started=time.perf_counter())
+        record = RequestRecord(exchange.method, time.perf_counter())
         try:
             # 1. inbound: which clients may use the gateway's credentials at all, and who calls
             if guard is not None:
@@ -231,16 +231,16 @@ class Proxy:
                 ]
             )
             try:
-                response = await request(
+                response = await request(  # by position: see UpstreamClient.request
                     upstream.pool,
                     head,
                     body if stream is None else stream,
-                    head_request=head_request,
-                    connect_timeout=route.connect_timeout_s,
-                    read_timeout=route.read_timeout_s,
-                    write_timeout=route.write_timeout_s,
-                    pool_timeout=route.pool_timeout_s,
-                    total_timeout=policy.attempt_timeout(route.timeout_s, deadline),
+                    head_request,
+                    route.connect_timeout_s,
+                    route.read_timeout_s,
+                    route.write_timeout_s,
+                    route.pool_timeout_s,
+                    policy.attempt_timeout(route.timeout_s, deadline),
                 )
             except _BodyLimit:
                 raise _body_too_large(route) from None

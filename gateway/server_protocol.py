@@ -394,20 +394,20 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             self._start_asgi_cycle()
             return
         exchange = Exchange(
-            method=method.decode("ascii"),
-            path=path,
-            raw_path=raw_path,
-            query=parsed.query or b"",
-            headers=self.headers,
-            http_version=http_version,
-            keep_alive=False,
-            expect_continue=self.expect_100_continue,
-            absolute_form=url[:1] != b"/" and url != b"*",
-            client=self.client,
-            scheme=self.scheme or "http",
-            transport=self.transport,
-            flow=self.flow,
-            on_complete=self.on_response_complete,
+            method.decode("ascii"),
+            path,
+            raw_path,
+            parsed.query or b"",
+            self.headers,
+            http_version,
+            False,  # keep_alive: not before the body has arrived
+            self.expect_100_continue,
+            url[:1] != b"/" and url != b"*",  # absolute_form
+            self.client,
+            self.scheme or "http",
+            self.transport,
+            self.flow,
+            self.on_response_complete,
         )
         previous = self.cycle
         self.cycle = exchange
