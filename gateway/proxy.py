@@ -49,7 +49,6 @@ from gateway.errors import (
 from gateway.exchange import STATUS_LINES, ClientGone, Exchange
 from gateway.failure_log import FailureLog
 from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_header_lines
-from gateway.paths import check_path
 from gateway.responses import error_body, error_head
 from gateway.routing import DEPLOYMENT_HEADER, Route, Router
 from gateway.telemetry import RequestRecord, Telemetry
@@ -427,8 +426,7 @@ def _route(exchange: Exchange, router: Router) -> Route:
             "absolute-form request targets (GET http://host/path) are not supported: this is not "
             "a forward proxy; send the path only"
         )
-    check_path(path, exchange.raw_path)
-    route = router.match(path)
+    route = router.resolve(path, exchange.raw_path)
     if route is None:
         raise RouteNotFound(f"no route matches {_printable(path)}; see GET /readyz for the routes")
     return route
