@@ -134,3 +134,14 @@ def test_the_header_byte_limit_counts_every_header_of_the_request(gateway_factor
     # The gateway answers 431 before routing: had it forwarded the request, the answer would be the
     # upstream's 200, so the count read after the answer is final.
     assert len(app.requests) == 1
+
+
+def test_request_ids_are_unique_and_in_azure_mls_form():
+    import re
+
+    from gateway.headers import new_request_id
+
+    ids = [new_request_id() for _ in range(3000)]  # across several blocks of 256
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{22}", request_id) for request_id in ids)
+    assert len({request_id[:12] for request_id in ids}) == 1  # one prefix per process
