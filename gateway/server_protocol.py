@@ -75,7 +75,7 @@ SEND_TIMEOUT_STATE = "gateway.send_timeout_s"
 DEFAULT_SEND_TIMEOUT_S = 30.0
 
 # Request headers `on_header` looks at more closely (lowered names).
-_CHECKED_REQUEST_HEADERS = frozenset({b"expect", b"host", b"transfer-encoding"})
+_CHECKED_REQUEST_HEADERS = frozenset({b"connection", b"expect", b"host", b"transfer-encoding"})
 
 # Where the parser is in the current request.
 _IDLE = 0  # between requests: nothing of the next one has arrived
@@ -179,6 +179,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_count = 0
         self._host_count = 0
+        self._connection_header = False  # the request being parsed has a Connection header
         self._trailer_bytes = 0
         self._head_raw = 0  # bytes fed while the head was incomplete (what the parser may buffer)
         self._framing_raw = 0  # bytes fed in the body phase that brought no body event
@@ -309,6 +310,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._begun_in_feed += 1
         self._url_bytes = self._header_bytes = self._header_count = self._trailer_bytes = 0
         self._host_count = 0
+        self._connection_header = False
         self._head_raw = self._framing_raw = 0
         self._chunk_open = False
 
@@ -345,7 +347,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.headers.append((name, value))
 
     def _check_header(self, name: bytes, value: bytes) -> None:
-        if name == b"expect":
+        if name == b"connection":
+            self._connection_header = True  # see on_headers_complete
+        elif name == b"expect":
             if value.lower() == b"100-continue":
                 self.expect_100_continue = True
         elif name == b"host":
@@ -385,10 +389,17 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)
-        http_version = parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and not self._connection_header:
+            # llhttp keeps a request below HTTP/1.1 alive only when its Connection header says so: this
+            # one is HTTP/1.1 or later. Hot path: get_http_version formats a string per request, and the
+            # gateway only tells "1.0" from the rest.
+            http_version = "1.1"
+        else:
+            http_version = parser.get_http_version()
         # Until the body has arrived, an answer closes the connection: its unread rest (or, after a
         # refused `Expect: 100-continue`, the client's next request) must not be parsed as a request.
-        self._keep_alive_after_body = http_version != "1.0" and parser.should_keep_alive()
+        self._keep_alive_after_body = http_version != "1.0" and keep_alive
         gateway = self._gateway
         if gateway is None or path in self._asgi_paths:
             self._start_asgi_cycle()
