@@ -168,6 +168,19 @@ class UpstreamResponse:
         """`next_chunk()` would return (or raise) without waiting."""
         return bool(self._chunks) or self._eof or self._error is not None
 
+    def take_complete_body(self) -> bytes | None:
+        """The whole body when all of it has arrived, else None (and nothing is taken): the usual small
+        answer is read in one call, without a wait."""
+        if not self._eof:
+            return None
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        return data
+
     async def next_chunk(self) -> bytes:
         """The next piece of body, or b"" at the end. Raises ConnectionLost/TransportTimeout on failure."""
         while not self._chunks:

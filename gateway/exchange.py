@@ -162,6 +162,25 @@ class Exchange:
         self._flow.resume_reading()
         return data, self.more_body
 
+    def take_complete_body(self) -> bytes | None:
+        """The whole body when all of it has arrived (and the client is still there), else None (and
+        nothing is taken): the usual small request is read in one call."""
+        if self.more_body or self.gone is not None:
+            return None
+        body = self._body
+        if len(body) == 1:
+            data = body[0]
+            self._body = []
+            self._body_size = 0
+        elif body:
+            data = b"".join(body)
+            self._body = []
+            self._body_size = 0
+        else:
+            data = b""
+        self._flow.resume_reading()
+        return data
+
     async def wait_body(self) -> None:
         """Until `body_waiting()`. The first wait answers `Expect: 100-continue`."""
         if self._expect_continue:

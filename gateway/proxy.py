@@ -327,21 +327,22 @@ class Proxy:
             record.response_started = True
             exchange.end()
             return
+        body = response.take_complete_body()
+        if body is not None:  # the whole answer has arrived (the usual case): one write, no wait
+            if length is None:
+                head.append(b"content-length: %d\r\n" % len(body))
+            exchange.start(head, body)
+            record.response_started = True
+            record.bytes_out = len(body)
+            exchange.end()
+            return
         first = b""
-        if response.ready:  # what already arrived, usually the whole answer: no wait
+        if response.ready:  # what already arrived: sent with the head
             try:
                 first = await response.next_chunk()
             except TransportError as exc:
                 self._start_stream(exchange, head, length, b"", record)
                 raise _aborted(exchange, record, 0, exc) from None
-            if response.at_eof:
-                if length is None:
-                    head.append(b"content-length: %d\r\n" % len(first))
-                exchange.start(head, first)
-                record.response_started = True
-                record.bytes_out = len(first)
-                exchange.end()
-                return
         if length is None and exchange.http_version == "1.0":
             await self._answer_with_length(exchange, response, head, first, record)
             return
@@ -548,6 +549,11 @@ async def _read_body(
     (server.client_body_timeout_s), the whole body `body_timeout_s` (server.body_timeout_s). A body that
     came with the head (the usual case) is taken without a timer."""
     limit = route.max_body_bytes
+    body = exchange.take_complete_body()
+    if body is not None:  # hot path: all of it came with the head
+        if len(body) > limit:
+            raise _body_too_large(route)
+        return body, None
     if exchange.body_waiting():
         chunk, more = exchange.take_body()
         if len(chunk) > limit:
