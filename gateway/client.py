@@ -138,16 +138,19 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
 
     # fed by the connection
+    # Hot path: `_feed` and `_feed_eof` call `_wake` only when someone waits.
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
         if self._size > _HIGH_WATER and self._conn is not None:
             self._conn.pause_reading()
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def _feed_eof(self) -> None:
         self._eof = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def _fail(self, error: BaseException) -> None:
         if not self._eof:
@@ -387,7 +390,8 @@ class _Connection(asyncio.Protocol):
         waiter = self.head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
-        self._wake_drain()  # an answer during the upload: stop sending (see `UpstreamClient.request`)
+        if self._drain_waiter is not None:
+            self._wake_drain()  # an answer during the upload: stop sending (see `UpstreamClient.request`)
         if self.head_request:
             # httptools cannot be told that an answer to HEAD has no body: end it here and parse what
             # comes next with a fresh parser (bytes that still reach this one are unsolicited).

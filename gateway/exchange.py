@@ -120,11 +120,13 @@ class Exchange:
         self._body_size += len(data)
         if self._body_size > HIGH_WATER_LIMIT:
             self._flow.pause_reading()  # resumed when the proxy takes it
-        self._wake()
+        if self._waiter is not None:  # hot path: no call when nobody waits (the body came with the head)
+            self._wake()
 
     def feed_end(self) -> None:
         self.more_body = False
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def client_gone(self, reason: str) -> None:
         """The client is gone (`reason`): the task serving this exchange is cancelled, and so is every
