@@ -606,7 +606,8 @@ class _Connection(asyncio.Protocol):
         self.head_request = False
         self.request_sent = False
         self.received_any = False
-        self.resume_reading()
+        if self._reading_paused:  # hot path: the call only when reading was paused
+            self.resume_reading()
         self.client._release(self)
 
     def abort(self) -> None:
@@ -812,14 +813,16 @@ class UpstreamClient:
             # An http origin behind the egress proxy: the request line in absolute form.
             assert origin.proxy is not None
             head = egress.absolute_form(head, origin.forward_prefix, origin.proxy)
-        deadline = loop.time() + total_timeout
-        # Hot path: a live idle connection is taken without a coroutine; `_acquire` when there is none.
-        conn = self._idle_connection(origin) or await self._acquire(
-            origin, pool_timeout, connect_timeout, total_timeout
-        )
+        now = loop.time()
+        deadline = now + total_timeout
+        # Hot path: a live idle connection is taken without a coroutine (nor a second clock reading);
+        # `_acquire` when there is none.
+        conn = self._idle_connection(origin)
+        if conn is None:
+            conn = await self._acquire(origin, pool_timeout, connect_timeout, total_timeout)
+            now = loop.time()
         transport = conn.transport
         assert transport is not None
-        now = loop.time()
         if now >= deadline:
             # The wait for a connection used the whole attempt: give it back unused.
             self._release(conn)

@@ -180,7 +180,8 @@ class Exchange:
             self._body_size = 0
         else:
             data = b""
-        self._flow.resume_reading()
+        if self._flow.read_paused:  # hot path: the call only when reading was paused
+            self._flow.resume_reading()
         return data
 
     async def wait_body(self) -> None:
