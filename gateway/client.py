@@ -415,8 +415,11 @@ class _Connection(asyncio.Protocol):
         response._feed(body)
 
     def on_message_complete(self) -> None:
-        if self.response is not None and self.state != DONE:
-            self._message_done()
+        response = self.response
+        if response is not None and self.state != DONE:
+            # `_message_done`, inlined (hot path)
+            self.state = DONE  # the connection's timer stays armed for the next exchange (see `begin`)
+            response._feed_eof()
 
     # the exchange
     def begin(

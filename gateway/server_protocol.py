@@ -343,7 +343,12 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         # excludes from the value (`x-gateway-key: KEY ` is the key KEY).
         value = value.rstrip(b" \t")
         if name in _CHECKED_REQUEST_HEADERS:
-            self._check_header(name, value)
+            if name == b"host":  # in every request: checked here, without a call
+                self._host_count += 1
+                if self._host_count > 1:  # RFC 9112 3.2: which host is meant is ambiguous
+                    raise _Refused(MalformedRequest("the request has more than one Host header; send one"))
+            else:
+                self._check_header(name, value)
         self.headers.append((name, value))
 
     def _check_header(self, name: bytes, value: bytes) -> None:
@@ -352,10 +357,6 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         elif name == b"expect":
             if value.lower() == b"100-continue":
                 self.expect_100_continue = True
-        elif name == b"host":
-            self._host_count += 1
-            if self._host_count > 1:  # RFC 9112 3.2: which host is meant is ambiguous
-                raise _Refused(MalformedRequest("the request has more than one Host header; send one"))
         elif value.strip().lower() != b"chunked":  # transfer-encoding
             # The parser decodes the chunks and ignores any coding before them (`gzip, chunked`): the
             # upstream would get the body still coded, presented as plain.
@@ -367,7 +368,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def on_headers_complete(self) -> None:
-        self._end_head_wait()
+        self._head_wait_since = None  # the head arrived in time (`_end_head_wait`, inlined: hot path)
         self._phase = _BODY
         parser = self.parser
         method = parser.get_method()
@@ -513,8 +514,13 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         else:
             # The wait for the next request: timed by the one connection timer (keep-alive, then the
             # header timeout once its first bytes arrive), not by a timer per request.
+            # (`_arm_header_timer`, inlined: hot path.)
             self._idle_limit_s = self.timeout_keep_alive
-            self._arm_header_timer()
+            self._head_wait_since = self.loop.time()
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(
+                    min(self._idle_limit_s, self.limits.header_timeout_s), self._header_timeout
+                )
 
     # The client stops reading: a timer only while the transport's write buffer is over its high-water
     # mark; a client that lets it stay there for server.send_timeout_s has its connection aborted.
