@@ -77,6 +77,9 @@ DEFAULT_SEND_TIMEOUT_S = 30.0
 # Request headers `on_header` looks at more closely (lowered names).
 _CHECKED_REQUEST_HEADERS = frozenset({b"connection", b"expect", b"host", b"transfer-encoding"})
 
+# The name of every task serving a proxied request.
+_EXCHANGE_TASK = "gateway-request"
+
 # Where the parser is in the current request.
 _IDLE = 0  # between requests: nothing of the next one has arrived
 _HEAD = 1  # request line and headers
@@ -455,7 +458,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._running = cycle
         if isinstance(cycle, Exchange):
             assert self._gateway is not None
-            task = self.loop.create_task(self._gateway.serve_exchange(cycle))
+            # Hot path: a Task made with a name of its own; the loop's create_task would have the Task
+            # format a numbered name ("Task-123") per request.
+            task = asyncio.Task(self._gateway.serve_exchange(cycle), loop=self.loop, name=_EXCHANGE_TASK)
             cycle.task = task
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
