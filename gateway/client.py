@@ -20,9 +20,12 @@ httpcore's discipline:
 - A final answer that arrives while the request body is still being sent stops the sending and goes to
   the caller at once; the connection is then not reused.
 - Every timer fails its own request directly (it does not wait for `connection_lost`). One timer per
-  exchange covers `timeout_s` (the whole attempt) and `read_timeout_s` (the longest silence of the
-  upstream while its answer is awaited): it checks a last-activity stamp when it fires and re-arms,
-  instead of being re-armed on every chunk. `write_timeout_s` is armed only while a write is stalled.
+  connection covers `timeout_s` (the whole attempt) and `read_timeout_s` (the longest silence of the
+  upstream while its answer is awaited): it checks the exchange's deadline and a last-activity stamp
+  when it fires and re-arms, instead of being re-armed on every chunk. It outlives the exchange that
+  armed it: the next exchange on the connection re-arms it only when its first check falls earlier
+  (a timer that fires early just re-arms; one that fires between exchanges ends). `write_timeout_s` is
+  armed only while a write is stalled.
 """
 
 from __future__ import annotations
@@ -135,16 +138,19 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
 
     # fed by the connection
+    # Hot path: `_feed` and `_feed_eof` call `_wake` only when someone waits.
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
         if self._size > _HIGH_WATER and self._conn is not None:
             self._conn.pause_reading()
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def _feed_eof(self) -> None:
         self._eof = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def _fail(self, error: BaseException) -> None:
         if not self._eof:
@@ -164,6 +170,19 @@ class UpstreamResponse:
     def ready(self) -> bool:
         """`next_chunk()` would return (or raise) without waiting."""
         return bool(self._chunks) or self._eof or self._error is not None
+
+    def take_complete_body(self) -> bytes | None:
+        """The whole body when all of it has arrived, else None (and nothing is taken): the usual small
+        answer is read in one call, without a wait."""
+        if not self._eof:
+            return None
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        return data
 
     async def next_chunk(self) -> bytes:
         """The next piece of body, or b"" at the end. Raises ConnectionLost/TransportTimeout on failure."""
@@ -227,6 +246,7 @@ class _Connection(asyncio.Protocol):
         self.counting_trailers = False
         self.trailer_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # loop time `timer` fires at
         self.deadline = 0.0
         self.total_timeout = 0.0
         self.read_timeout = 0.0
@@ -370,7 +390,8 @@ class _Connection(asyncio.Protocol):
         waiter = self.head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
-        self._wake_drain()  # an answer during the upload: stop sending (see `UpstreamClient.request`)
+        if self._drain_waiter is not None:
+            self._wake_drain()  # an answer during the upload: stop sending (see `UpstreamClient.request`)
         if self.head_request:
             # httptools cannot be told that an answer to HEAD has no body: end it here and parse what
             # comes next with a fresh parser (bytes that still reach this one are unsolicited).
@@ -394,8 +415,11 @@ class _Connection(asyncio.Protocol):
         response._feed(body)
 
     def on_message_complete(self) -> None:
-        if self.response is not None and self.state != DONE:
-            self._message_done()
+        response = self.response
+        if response is not None and self.state != DONE:
+            # `_message_done`, inlined (hot path)
+            self.state = DONE  # the connection's timer stays armed for the next exchange (see `begin`)
+            response._feed_eof()
 
     # the exchange
     def begin(
@@ -420,7 +444,17 @@ class _Connection(asyncio.Protocol):
         self.last_activity = now
         waiter = self.head_waiter = self.loop.create_future()
         first_check = now + read_timeout
-        self.timer = self.loop.call_at(deadline if deadline < first_check else first_check, self._on_timer)
+        if deadline < first_check:
+            first_check = deadline
+        # Hot path: the connection's timer, still armed by an earlier exchange, is kept when it fires no
+        # later than this exchange's first check (it re-arms itself then); a timer per request cost an
+        # allocation and two timer-heap updates.
+        timer = self.timer
+        if timer is None or first_check < self.timer_at:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(first_check, self._on_timer)
+            self.timer_at = first_check
         return waiter
 
     def sent(self, complete: bool, took_time: bool) -> None:
@@ -438,10 +472,7 @@ class _Connection(asyncio.Protocol):
     def _message_done(self) -> None:
         response = self.response
         assert response is not None
-        self.state = DONE
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.state = DONE  # the connection's timer stays armed for the next exchange (see `begin`)
         response._feed_eof()
 
     def _on_timer(self) -> None:
@@ -467,9 +498,8 @@ class _Connection(asyncio.Protocol):
                 "read",
             )
             return
-        self.timer = self.loop.call_at(
-            min(self.deadline, self.last_activity + self.read_timeout), self._on_timer
-        )
+        self.timer_at = min(self.deadline, self.last_activity + self.read_timeout)
+        self.timer = self.loop.call_at(self.timer_at, self._on_timer)
 
     def _on_write_timer(self) -> None:
         self.write_timer = None
@@ -579,7 +609,8 @@ class _Connection(asyncio.Protocol):
         self.head_request = False
         self.request_sent = False
         self.received_any = False
-        self.resume_reading()
+        if self._reading_paused:  # hot path: the call only when reading was paused
+            self.resume_reading()
         self.client._release(self)
 
     def abort(self) -> None:
@@ -660,6 +691,21 @@ class UpstreamClient:
             ) from None
         return conn
 
+    @staticmethod
+    def _idle_connection(origin: Origin) -> _Connection | None:
+        """The most recently pooled connection that is still alive (the dead ones met are closed)."""
+        idle = origin.idle
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.alive(now):
+                conn.reused = True
+                return conn
+            conn.abort()
+        return None
+
     async def _acquire(
         self, origin: Origin, pool_timeout: float, connect_timeout: float, total_timeout: float
     ) -> _Connection:
@@ -669,15 +715,10 @@ class UpstreamClient:
         so a connection found closed here is replaced before a byte of the request was sent. Neither
         wait outlasts the attempt's `total_timeout`."""
         waited_until = 0.0
-        idle = origin.idle
         while True:
-            now = time.monotonic()
-            while idle:
-                conn = idle.pop()
-                if conn.alive(now):
-                    conn.reused = True
-                    return conn
-                conn.abort()
+            conn = self._idle_connection(origin)
+            if conn is not None:
+                return conn
             if origin.open < origin.max_connections:
                 origin.open += 1
                 try:
@@ -758,7 +799,6 @@ class UpstreamClient:
         origin: Origin,
         head: bytes,
         body: bytes | AsyncIterator[bytes] | None,
-        *,
         head_request: bool = False,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
@@ -768,17 +808,24 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         """Send `head` (request line and headers, ending in a blank line) and `body`; return the response
         once its headers arrived. Never sends the request twice: a failure after its first byte reached
-        the socket raises with `request_sent=True` (the caller's retry policy decides)."""
+        the socket raises with `request_sent=True` (the caller's retry policy decides).
+
+        The proxy passes every argument by position (keyword arguments cost a dict per request)."""
         loop = asyncio.get_running_loop()
         if origin.forward_prefix is not None:
             # An http origin behind the egress proxy: the request line in absolute form.
             assert origin.proxy is not None
             head = egress.absolute_form(head, origin.forward_prefix, origin.proxy)
-        deadline = loop.time() + total_timeout
-        conn = await self._acquire(origin, pool_timeout, connect_timeout, total_timeout)
+        now = loop.time()
+        deadline = now + total_timeout
+        # Hot path: a live idle connection is taken without a coroutine (nor a second clock reading);
+        # `_acquire` when there is none.
+        conn = self._idle_connection(origin)
+        if conn is None:
+            conn = await self._acquire(origin, pool_timeout, connect_timeout, total_timeout)
+            now = loop.time()
         transport = conn.transport
         assert transport is not None
-        now = loop.time()
         if now >= deadline:
             # The wait for a connection used the whole attempt: give it back unused.
             self._release(conn)

@@ -72,9 +72,9 @@ class Exchange:
         "transport",
     )
 
+    # Positional (the protocol's one call): keyword arguments would cost a dict per request.
     def __init__(
         self,
-        *,
         method: str,
         path: str,
         raw_path: bytes,
@@ -120,11 +120,13 @@ class Exchange:
         self._body_size += len(data)
         if self._body_size > HIGH_WATER_LIMIT:
             self._flow.pause_reading()  # resumed when the proxy takes it
-        self._wake()
+        if self._waiter is not None:  # hot path: no call when nobody waits (the body came with the head)
+            self._wake()
 
     def feed_end(self) -> None:
         self.more_body = False
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def client_gone(self, reason: str) -> None:
         """The client is gone (`reason`): the task serving this exchange is cancelled, and so is every
@@ -162,6 +164,26 @@ class Exchange:
         self._flow.resume_reading()
         return data, self.more_body
 
+    def take_complete_body(self) -> bytes | None:
+        """The whole body when all of it has arrived (and the client is still there), else None (and
+        nothing is taken): the usual small request is read in one call."""
+        if self.more_body or self.gone is not None:
+            return None
+        body = self._body
+        if len(body) == 1:
+            data = body[0]
+            self._body = []
+            self._body_size = 0
+        elif body:
+            data = b"".join(body)
+            self._body = []
+            self._body_size = 0
+        else:
+            data = b""
+        if self._flow.read_paused:  # hot path: the call only when reading was paused
+            self._flow.resume_reading()
+        return data
+
     async def wait_body(self) -> None:
         """Until `body_waiting()`. The first wait answers `Expect: 100-continue`."""
         if self._expect_continue:
@@ -181,20 +203,20 @@ class Exchange:
     def answer(self, head: bytes, body: bytes) -> None:
         """A complete answer of the gateway's own: `head` is the status line and headers without the
         blank line; written with `body` in one write."""
-        self._write_head(head, body)
+        self.start([head], body)
         self.end()
 
-    def start(self, head: bytes, body: bytes = b"") -> None:
-        """The head of the upstream's answer (status line and headers, without the blank line) and the
-        first body bytes, already framed."""
-        self._write_head(head, body)
-
-    def _write_head(self, head: bytes, body: bytes) -> None:
+    def start(self, head: list[bytes], body: bytes = b"") -> None:
+        """The head of the upstream's answer (the pieces of its status line and headers, without the
+        blank line) and the first body bytes, already framed: joined once and written at once."""
         self.response_started = True
         self._expect_continue = False  # answered before the body was asked for: no 100 Continue
         if not self.keep_alive:
-            head += CONNECTION_CLOSE
-        self.transport.write(head + b"\r\n" + body if body else head + b"\r\n")
+            head.append(CONNECTION_CLOSE)
+        head.append(b"\r\n")
+        if body:
+            head.append(body)
+        self.transport.write(b"".join(head))
 
     async def send(self, data: bytes) -> None:
         """More of the answer's body (framed by the caller), after waiting while the client reads slowly."""

@@ -34,6 +34,8 @@ _REQUEST_OWNED = HOP_BY_HOP | {
     b"x-request-id",
 }
 _RESPONSE_OWNED = HOP_BY_HOP | {b"x-request-id"}
+# Response headers the gateway reads: the ones it owns (dropped) and Content-Length (the body's framing).
+_RESPONSE_READ = _RESPONSE_OWNED | {b"content-length"}
 # `Connection` values that name no header to drop (the usual ones): no token set to build.
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 # Azure ML's client request id: forwarded as the client sent it, else the gateway sets its own.
@@ -50,13 +52,23 @@ def connection_tokens(value: bytes) -> set[bytes]:
 
 
 # A random per-process prefix and a counter: unique across processes and restarts, and far cheaper
-# than a UUID per request.
+# than a UUID per request. Hot path: formatting an int costs more than the rest of the id, so the
+# counter's last two hex digits come from a table and the rest (the prefix and 8 digits) is formatted
+# once per 256 ids.
 _ID_PREFIX = os.urandom(6).hex()
 _id_counter = itertools.count(1)
+_LAST_DIGITS = tuple(f"{low:02x}" for low in range(256))
+_id_block: tuple[int, str] = (-1, "")  # (counter // 256, the id up to its last two digits)
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter):010x}"
+    global _id_block
+    count = next(_id_counter)  # atomic: ids stay unique when several threads ask
+    high = count >> 8
+    block = _id_block
+    if block[0] != high:
+        block = _id_block = (high, f"{_ID_PREFIX}{high:08x}")
+    return block[1] + _LAST_DIGITS[count & 0xFF]
 
 
 class InboundHeaders:
@@ -109,30 +121,45 @@ def read_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> InboundHeaders:
 
 
 def response_header_lines(
-    raw: Iterable[tuple[bytes, bytes]], request_id_line: bytes, *, bodyless_status: bool = False
-) -> tuple[bytes, int | None]:
-    """The upstream's headers as the client gets them, in wire form: unchanged except for hop-by-hop
-    ones, with the gateway's `request_id_line` at the end; and the Content-Length they state (None
-    without one). A 204 or 304 answer (`bodyless_status`) loses its Content-Length: it has no body."""
-    kept: list[tuple[bytes, bytes, bytes]] = []
+    raw: Iterable[tuple[bytes, bytes]], parts: list[bytes], *, bodyless_status: bool = False
+) -> int | None:
+    """The upstream's headers as the client gets them, appended to `parts` in wire form (name, ": ",
+    value, CRLF: the caller joins the whole answer head once): unchanged except for hop-by-hop ones and
+    the upstream's x-request-id. Returns the Content-Length they state (None without one). A 204 or 304
+    answer (`bodyless_status`) loses its Content-Length: it has no body."""
+    start = len(parts)
     dropped: set[bytes] | None = None
     length: int | None = None
     for name, value in raw:
         lowered = name.lower()
-        if lowered in _RESPONSE_OWNED:
-            if lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
-                dropped = (dropped or set()) | connection_tokens(value)  # every Connection header counts
-            continue
-        if lowered == b"content-length":
-            if bodyless_status:
+        if lowered in _RESPONSE_READ:  # hot path: one set look-up for every other header
+            if lowered == b"content-length":
+                if bodyless_status:
+                    continue
+                try:
+                    length = int(value)  # the client's parser checked its digits
+                except ValueError:
+                    continue  # unreadable: dropped, and the gateway frames the body itself
+            else:
+                if lowered == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                    dropped = (dropped or set()) | connection_tokens(value)  # every Connection header counts
                 continue
-            try:
-                length = int(value)  # the client's parser checked its digits
-            except ValueError:
-                continue  # unreadable: dropped, and the gateway frames the body itself
-        kept.append((lowered, name, value))
+        parts += (name, b": ", value, b"\r\n")
     if dropped:
-        kept = [line for line in kept if line[0] not in dropped]
+        # Rare: `Connection` names headers to drop, some perhaps already added. Again, without them.
+        del parts[start:]
+        for name, value in raw:
+            lowered = name.lower()
+            if lowered in _RESPONSE_OWNED or lowered in dropped:
+                continue
+            if lowered == b"content-length":
+                if bodyless_status:
+                    continue
+                try:
+                    int(value)
+                except ValueError:
+                    continue
+            parts += (name, b": ", value, b"\r\n")
         if b"content-length" in dropped:
             length = None
-    return b"".join([name + b": " + value + b"\r\n" for _, name, value in kept]) + request_id_line, length
+    return length

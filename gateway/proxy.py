@@ -49,7 +49,6 @@ from gateway.errors import (
 from gateway.exchange import STATUS_LINES, ClientGone, Exchange
 from gateway.failure_log import FailureLog
 from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_header_lines
-from gateway.paths import check_path
 from gateway.responses import error_body, error_head
 from gateway.routing import DEPLOYMENT_HEADER, Route, Router
 from gateway.telemetry import RequestRecord, Telemetry
@@ -100,7 +99,7 @@ class Proxy:
         """The task of one proxied request: the chain of stages, the answer, and one record of it.
         Every error is answered here (the request id is known); the task never raises, except a
         cancellation that is not the client's (a shutdown)."""
-        record = RequestRecord(method=exchange.method, started=time.perf_counter())
+        record = RequestRecord(exchange.method, time.perf_counter())
         try:
             # 1. inbound: which clients may use the gateway's credentials at all, and who calls
             if guard is not None:
@@ -176,8 +175,10 @@ class Proxy:
             body, stream = await _read_body(exchange, route, self.client_body_timeout_s, self.body_timeout_s)
             record.bytes_in = len(body) if body is not None else 0
             common, stream = _forwarded_headers(exchange, route, inbound, record, body, stream)
+            target = route.forward_path(exchange.path, exchange.raw_path)
             query = exchange.query
-            target = route.forward_path(exchange.path, exchange.raw_path) + (b"?" + query if query else b"")
+            if query:
+                target = b"%b?%b" % (target, query)
             # 6. replay policy and client: the answer to pass on
             response = await self._attempts(route, record, common, target, body, stream, grant)
             try:
@@ -193,7 +194,7 @@ class Proxy:
         self,
         route: Route,
         record: RequestRecord,
-        common: bytes,
+        common: list[bytes],
         target: bytes,
         body: bytes | None,
         stream: AsyncIterator[bytes] | None,
@@ -213,8 +214,9 @@ class Proxy:
         while True:
             upstream = route.single_upstream or balancer.pick(tried, record)
             record.attempts += 1
+            # One join per attempt: the request line, Host, the common lines' pieces, the credential.
             head = b"".join(
-                (
+                [
                     method,
                     b" ",
                     upstream.path_bytes if target[:1] == b"/" or upstream.path_bytes else b"/",
@@ -222,22 +224,22 @@ class Proxy:
                     b" HTTP/1.1\r\nHost: ",
                     upstream.host_bytes,
                     b"\r\n",
-                    common,
+                    *common,
                     b"" if grant.header_line is None else grant.header_line,
                     b"\r\n",
-                )
+                ]
             )
             try:
-                response = await request(
+                response = await request(  # by position: see UpstreamClient.request
                     upstream.pool,
                     head,
                     body if stream is None else stream,
-                    head_request=head_request,
-                    connect_timeout=route.connect_timeout_s,
-                    read_timeout=route.read_timeout_s,
-                    write_timeout=route.write_timeout_s,
-                    pool_timeout=route.pool_timeout_s,
-                    total_timeout=policy.attempt_timeout(route.timeout_s, deadline),
+                    head_request,
+                    route.connect_timeout_s,
+                    route.read_timeout_s,
+                    route.write_timeout_s,
+                    route.pool_timeout_s,
+                    policy.attempt_timeout(route.timeout_s, deadline),
                 )
             except _BodyLimit:
                 raise _body_too_large(route) from None
@@ -315,33 +317,32 @@ class Proxy:
         assert request_id is not None
         status = response.status
         bodyless_status = status == 204 or status == 304
-        lines, length = response_header_lines(
-            response.headers,
-            b"x-request-id: " + request_id.encode("latin-1") + b"\r\n",
-            bodyless_status=bodyless_status,
-        )
-        head = (STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status) + lines
+        # Hot path: the head as a list of pieces, joined once with the body by `Exchange.start`.
+        head = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        length = response_header_lines(response.headers, head, bodyless_status=bodyless_status)
+        head += (b"x-request-id: ", request_id.encode("latin-1"), b"\r\n")
         record.status = status
         if bodyless_status or exchange.method == "HEAD":
             exchange.start(head)
             record.response_started = True
             exchange.end()
             return
+        body = response.take_complete_body()
+        if body is not None:  # the whole answer has arrived (the usual case): one write, no wait
+            if length is None:
+                head.append(b"content-length: %d\r\n" % len(body))
+            exchange.start(head, body)
+            record.response_started = True
+            record.bytes_out = len(body)
+            exchange.end()
+            return
         first = b""
-        if response.ready:  # what already arrived, usually the whole answer: no wait
+        if response.ready:  # what already arrived: sent with the head
             try:
                 first = await response.next_chunk()
             except TransportError as exc:
                 self._start_stream(exchange, head, length, b"", record)
                 raise _aborted(exchange, record, 0, exc) from None
-            if response.at_eof:
-                if length is None:
-                    head += b"content-length: %d\r\n" % len(first)
-                exchange.start(head, first)
-                record.response_started = True
-                record.bytes_out = len(first)
-                exchange.end()
-                return
         if length is None and exchange.http_version == "1.0":
             await self._answer_with_length(exchange, response, head, first, record)
             return
@@ -361,20 +362,25 @@ class Proxy:
 
     @staticmethod
     def _start_stream(
-        exchange: Exchange, head: bytes, length: int | None, first: bytes, record: RequestRecord
+        exchange: Exchange, head: list[bytes], length: int | None, first: bytes, record: RequestRecord
     ) -> bool:
         """Write the head of an answer whose body follows in pieces; True when it is sent chunked (its
         length is unknown)."""
         chunked = length is None
         if chunked:
-            head += b"transfer-encoding: chunked\r\n"
+            head.append(b"transfer-encoding: chunked\r\n")
             first = b"%x\r\n%b\r\n" % (len(first), first) if first else b""
         exchange.start(head, first)
         record.response_started = True
         return chunked
 
     async def _answer_with_length(
-        self, exchange: Exchange, response: UpstreamResponse, head: bytes, first: bytes, record: RequestRecord
+        self,
+        exchange: Exchange,
+        response: UpstreamResponse,
+        head: list[bytes],
+        first: bytes,
+        record: RequestRecord,
     ) -> None:
         """For an HTTP/1.0 client, which cannot read chunked framing: the whole answer, collected up to
         `HTTP10_ANSWER_BYTES`, then sent with its Content-Length."""
@@ -403,7 +409,8 @@ class Proxy:
                 )
             chunks.append(chunk)
         body = b"".join(chunks)
-        exchange.start(head + b"content-length: %d\r\n" % len(body), body)
+        head.append(b"content-length: %d\r\n" % len(body))
+        exchange.start(head, body)
         record.response_started = True
         record.bytes_out = len(body)
         exchange.end()
@@ -420,8 +427,7 @@ def _route(exchange: Exchange, router: Router) -> Route:
             "absolute-form request targets (GET http://host/path) are not supported: this is not "
             "a forward proxy; send the path only"
         )
-    check_path(path, exchange.raw_path)
-    route = router.match(path)
+    route = router.resolve(path, exchange.raw_path)
     if route is None:
         raise RouteNotFound(f"no route matches {_printable(path)}; see GET /readyz for the routes")
     return route
@@ -434,9 +440,9 @@ def _forwarded_headers(
     record: RequestRecord,
     body: bytes | None,
     stream: AsyncIterator[bytes] | None,
-) -> tuple[bytes, AsyncIterator[bytes] | None]:
-    """The header lines every attempt sends (all but Host and the credential's), and the body stream
-    framed for the upstream."""
+) -> tuple[list[bytes], AsyncIterator[bytes] | None]:
+    """The header lines every attempt sends (all but Host and the credential's) in pieces, and the body
+    stream framed for the upstream."""
     request_id = record.request_id
     assert request_id is not None
     client = exchange.client
@@ -447,21 +453,26 @@ def _forwarded_headers(
     access = route.access
     if access is not None and access.may_pin_deployment(record.caller):
         header_names, static_lines, secret_headers = _deployment_chosen(route, inbound)
-    lines = [name + b": " + value + b"\r\n" for name, value in inbound.forwarded if name not in header_names]
-    lines.append(
-        b"X-Forwarded-For: " + (inbound.xff + b", " + client_ip if inbound.xff else client_ip) + b"\r\n"
-    )
+    # Hot path: flat pieces (name, ": ", value, CRLF), joined once per attempt with the request line.
+    lines: list[bytes] = []
+    for name, value in inbound.forwarded:
+        if name not in header_names:
+            lines += (name, b": ", value, b"\r\n")
+    if inbound.xff:
+        lines += (b"X-Forwarded-For: ", inbound.xff, b", ", client_ip, b"\r\n")
+    else:
+        lines += (b"X-Forwarded-For: ", client_ip, b"\r\n")
     lines.append(_FORWARDED_PROTO.get(exchange.scheme, _FORWARDED_PROTO["http"]))
     if inbound.host:
-        lines.append(b"X-Forwarded-Host: " + inbound.host + b"\r\n")
+        lines += (b"X-Forwarded-Host: ", inbound.host, b"\r\n")
     request_id_bytes = request_id.encode("latin-1")
-    lines.append(b"x-request-id: " + request_id_bytes + b"\r\n")
+    lines += (b"x-request-id: ", request_id_bytes, b"\r\n")
     if not inbound.client_request_id:
         # Azure ML logs it as the client's request id: its request logs and ours join on one id.
-        lines.append(b"x-ms-client-request-id: " + request_id_bytes + b"\r\n")
+        lines += (b"x-ms-client-request-id: ", request_id_bytes, b"\r\n")
     lines.append(static_lines)
     for name, secret in secret_headers:
-        lines.append(name + b": " + secret.value.encode("latin-1") + b"\r\n")
+        lines += (name, b": ", secret.value.encode("latin-1"), b"\r\n")
     if stream is not None:
         if inbound.content_length is not None:
             lines.append(b"Content-Length: %d\r\n" % inbound.content_length)
@@ -470,7 +481,7 @@ def _forwarded_headers(
             stream = encode_chunked(stream)
     elif body or record.method in _BODY_METHODS:
         lines.append(b"Content-Length: %d\r\n" % len(body or b""))
-    return b"".join(lines), stream
+    return lines, stream
 
 
 def _deployment_chosen(
@@ -538,6 +549,11 @@ async def _read_body(
     (server.client_body_timeout_s), the whole body `body_timeout_s` (server.body_timeout_s). A body that
     came with the head (the usual case) is taken without a timer."""
     limit = route.max_body_bytes
+    body = exchange.take_complete_body()
+    if body is not None:  # hot path: all of it came with the head
+        if len(body) > limit:
+            raise _body_too_large(route)
+        return body, None
     if exchange.body_waiting():
         chunk, more = exchange.take_body()
         if len(chunk) > limit:

@@ -11,6 +11,7 @@ from gateway import metrics
 from gateway.admission import Admission
 from gateway.callers import RouteAccess
 from gateway.credentials.base import Credential
+from gateway.paths import check_path
 from gateway.retry import ReplayPolicy
 from gateway.secrets import Secret
 from gateway.upstreams import Balancer, Upstream
@@ -83,6 +84,10 @@ class Route:
         return quote(path[len(self.prefix) :], safe="/:@!$&'()*+,;=-._~").encode("latin-1")
 
 
+# How many distinct request paths the router remembers as checked and matched (see `Router.resolve`).
+CHECKED_PATHS = 1024
+
+
 class Router:
     """Longest-prefix match at a segment boundary: `/iris` matches `/iris` and `/iris/x`, not `/irises`."""
 
@@ -90,6 +95,27 @@ class Router:
         self.routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
         self.by_name = {r.name: r for r in routes}
         self._exact = {r.prefix: r for r in routes}
+        # Raw request path -> its route, for paths that passed the path rules and matched a route. Hot
+        # path: a client calls the same few paths over and over, and the rules (percent-decoding rounds,
+        # segment checks) and the prefix match give the same answer every time. Refusals and misses are
+        # never remembered (they are checked again, and answered the same). Bounded: emptied when full.
+        self._checked: dict[bytes, Route] = {}
+
+    def resolve(self, path: str, raw_path: bytes) -> Route | None:
+        """The route of a request path that passes the path rules (`gateway.paths`), None when no route
+        matches; raises BadRequestPath. `path` is `raw_path` percent-decoded (as the server protocol
+        parses it)."""
+        route = self._checked.get(raw_path)
+        if route is not None:
+            return route
+        check_path(path, raw_path)
+        route = self.match(path)
+        if route is not None:
+            checked = self._checked
+            if len(checked) >= CHECKED_PATHS:
+                checked.clear()
+            checked[raw_path] = route
+        return route
 
     def match(self, path: str) -> Route | None:
         route = self._exact.get(path)

@@ -74,6 +74,12 @@ MAX_PIPELINED = 16
 SEND_TIMEOUT_STATE = "gateway.send_timeout_s"
 DEFAULT_SEND_TIMEOUT_S = 30.0
 
+# Request headers `on_header` looks at more closely (lowered names).
+_CHECKED_REQUEST_HEADERS = frozenset({b"connection", b"expect", b"host", b"transfer-encoding"})
+
+# The name of every task serving a proxied request.
+_EXCHANGE_TASK = "gateway-request"
+
 # Where the parser is in the current request.
 _IDLE = 0  # between requests: nothing of the next one has arrived
 _HEAD = 1  # request line and headers
@@ -161,6 +167,8 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: InboundLimits = DEFAULT_LIMITS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_header_count = limits.max_header_count
         # server.max_connections is enforced here, when a connection opens; uvicorn's own check (at the
         # end of a request head) would keep every connection over it open and answer text/plain.
         self.max_connections = self.limit_concurrency
@@ -174,6 +182,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_count = 0
         self._host_count = 0
+        self._connection_header = False  # the request being parsed has a Connection header
         self._trailer_bytes = 0
         self._head_raw = 0  # bytes fed while the head was incomplete (what the parser may buffer)
         self._framing_raw = 0  # bytes fed in the body phase that brought no body event
@@ -304,6 +313,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._begun_in_feed += 1
         self._url_bytes = self._header_bytes = self._header_count = self._trailer_bytes = 0
         self._host_count = 0
+        self._connection_header = False
         self._head_raw = self._framing_raw = 0
         self._chunk_open = False
 
@@ -319,31 +329,38 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        size = len(name) + len(value) + 4  # ": " and CRLF, as gateway.headers counts
+        # Hot path (every header of every request): one sum for the byte count, one set look-up before
+        # the three names that need a closer look, the limits read from the protocol itself.
         if self._phase == _BODY:
             # A trailer (httptools reports them like headers): counted, never added to the request.
-            self._trailer_bytes += size
+            self._trailer_bytes += len(name) + len(value) + 4
             if self._trailer_bytes > self.limits.max_trailer_bytes:
                 raise _Refused(self._trailers_too_large())
             return
         self._header_count += 1
-        self._header_bytes += size
-        if (
-            self._header_count > self.limits.max_header_count
-            or self._header_bytes > self.limits.max_header_bytes
-        ):
+        header_bytes = self._header_bytes = self._header_bytes + len(name) + len(value) + 4  # ": ", CRLF
+        if header_bytes > self._max_header_bytes or self._header_count > self._max_header_count:
             raise _Refused(self._headers_too_large())
         name = name.lower()
         # As uvicorn's own `on_header` does: llhttp keeps trailing whitespace, which RFC 9110 5.5
         # excludes from the value (`x-gateway-key: KEY ` is the key KEY).
         value = value.rstrip(b" \t")
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        elif name == b"host":
-            self._host_count += 1
-            if self._host_count > 1:  # RFC 9112 3.2: which host is meant is ambiguous
-                raise _Refused(MalformedRequest("the request has more than one Host header; send one"))
-        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+        if name in _CHECKED_REQUEST_HEADERS:
+            if name == b"host":  # in every request: checked here, without a call
+                self._host_count += 1
+                if self._host_count > 1:  # RFC 9112 3.2: which host is meant is ambiguous
+                    raise _Refused(MalformedRequest("the request has more than one Host header; send one"))
+            else:
+                self._check_header(name, value)
+        self.headers.append((name, value))
+
+    def _check_header(self, name: bytes, value: bytes) -> None:
+        if name == b"connection":
+            self._connection_header = True  # see on_headers_complete
+        elif name == b"expect":
+            if value.lower() == b"100-continue":
+                self.expect_100_continue = True
+        elif value.strip().lower() != b"chunked":  # transfer-encoding
             # The parser decodes the chunks and ignores any coding before them (`gzip, chunked`): the
             # upstream would get the body still coded, presented as plain.
             raise _Refused(
@@ -352,10 +369,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
                     "the body uncoded (or set Content-Encoding)"
                 )
             )
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._end_head_wait()
+        self._head_wait_since = None  # the head arrived in time (`_end_head_wait`, inlined: hot path)
         self._phase = _BODY
         parser = self.parser
         method = parser.get_method()
@@ -377,29 +393,36 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)
-        http_version = parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and not self._connection_header:
+            # llhttp keeps a request below HTTP/1.1 alive only when its Connection header says so: this
+            # one is HTTP/1.1 or later. Hot path: get_http_version formats a string per request, and the
+            # gateway only tells "1.0" from the rest.
+            http_version = "1.1"
+        else:
+            http_version = parser.get_http_version()
         # Until the body has arrived, an answer closes the connection: its unread rest (or, after a
         # refused `Expect: 100-continue`, the client's next request) must not be parsed as a request.
-        self._keep_alive_after_body = http_version != "1.0" and parser.should_keep_alive()
+        self._keep_alive_after_body = http_version != "1.0" and keep_alive
         gateway = self._gateway
         if gateway is None or path in self._asgi_paths:
             self._start_asgi_cycle()
             return
         exchange = Exchange(
-            method=method.decode("ascii"),
-            path=path,
-            raw_path=raw_path,
-            query=parsed.query or b"",
-            headers=self.headers,
-            http_version=http_version,
-            keep_alive=False,
-            expect_continue=self.expect_100_continue,
-            absolute_form=url[:1] != b"/" and url != b"*",
-            client=self.client,
-            scheme=self.scheme or "http",
-            transport=self.transport,
-            flow=self.flow,
-            on_complete=self.on_response_complete,
+            method.decode("ascii"),
+            path,
+            raw_path,
+            parsed.query or b"",
+            self.headers,
+            http_version,
+            False,  # keep_alive: not before the body has arrived
+            self.expect_100_continue,
+            url[:1] != b"/" and url != b"*",  # absolute_form
+            self.client,
+            self.scheme or "http",
+            self.transport,
+            self.flow,
+            self.on_response_complete,
         )
         previous = self.cycle
         self.cycle = exchange
@@ -435,7 +458,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._running = cycle
         if isinstance(cycle, Exchange):
             assert self._gateway is not None
-            task = self.loop.create_task(self._gateway.serve_exchange(cycle))
+            # Hot path: a Task made with a name of its own; the loop's create_task would have the Task
+            # format a numbered name ("Task-123") per request.
+            task = asyncio.Task(self._gateway.serve_exchange(cycle), loop=self.loop, name=_EXCHANGE_TASK)
             cycle.task = task
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
@@ -482,7 +507,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self.flow.resume_reading()
+        flow = self.flow
+        if flow.read_paused:  # hot path: the call only when reading was paused
+            flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start(cycle, app)
@@ -492,8 +519,13 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         else:
             # The wait for the next request: timed by the one connection timer (keep-alive, then the
             # header timeout once its first bytes arrive), not by a timer per request.
+            # (`_arm_header_timer`, inlined: hot path.)
             self._idle_limit_s = self.timeout_keep_alive
-            self._arm_header_timer()
+            self._head_wait_since = self.loop.time()
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(
+                    min(self._idle_limit_s, self.limits.header_timeout_s), self._header_timeout
+                )
 
     # The client stops reading: a timer only while the transport's write buffer is over its high-water
     # mark; a client that lets it stay there for server.send_timeout_s has its connection aborted.

@@ -66,6 +66,22 @@ class RequestRecord:
         self.span: Span | None = None  # set by gateway.tracing when tracing is enabled
 
 
+class _RouteCounts:
+    """One route's counts since the last flush, keyed by status code: counting a request is an int-keyed
+    increment, not a tuple built, hashed and looked up per metric."""
+
+    __slots__ = ("by_label", "latency", "replays", "retries", "upstream")
+
+    def __init__(self) -> None:
+        # caller label -> requests without a gateway error, per status the client got
+        self.by_label: dict[str, collections.Counter[int]] = {}
+        self.upstream: collections.Counter[int] = collections.Counter()  # answers, per upstream status
+        # per bucket of UPSTREAM_LATENCY, then the sum of the observations
+        self.latency = [0.0] * (len(_LATENCY_BOUNDS) + 2)
+        self.retries = 0
+        self.replays = 0
+
+
 class Telemetry:
     """Counts each finished request in plain ints, without a lock or a label look-up, and adds them to
     the Prometheus metrics in `flush()`: before every scrape (`GatewayApp`'s /metrics), and at most a
@@ -75,34 +91,37 @@ class Telemetry:
 
     def __init__(self, *, access_log: bool = True) -> None:
         self.access_log = access_log
-        # (route, status, error code, caller label) -> requests; (route, upstream status) -> answers
-        self._requests: collections.Counter[tuple[str, int, str, str]] = collections.Counter()
-        self._upstream: collections.Counter[tuple[str, int]] = collections.Counter()
-        # route -> [count per bucket of UPSTREAM_LATENCY..., sum of the observations]
-        self._latency: dict[str, list[float]] = {}
-        self._retries: collections.Counter[str] = collections.Counter()
-        self._replays: collections.Counter[str] = collections.Counter()
+        self._routes: dict[str, _RouteCounts] = {}
+        # Requests the gateway answered with an error: (route, status, error code, caller label) -> requests
+        self._errors: collections.Counter[tuple[str, int, str, str]] = collections.Counter()
         self._flush_timer: asyncio.TimerHandle | None = None
 
     def request_done(self, record: RequestRecord) -> None:
-        now = time.perf_counter()
-        duration = now - record.started
+        # Hot path: a dict look-up per route and int-keyed counts; the clock is read only for the access line.
         route = record.route or ""
+        counts = self._routes.get(route)
+        if counts is None:
+            counts = self._routes[route] = _RouteCounts()
         caller = record.caller
-        self._requests[route, record.status, record.error or "", caller.label] += 1
+        status = record.status
+        if record.error is None:
+            per_status = counts.by_label.get(caller.label)
+            if per_status is None:
+                per_status = counts.by_label[caller.label] = collections.Counter()
+            per_status[status] += 1
+        else:
+            self._errors[route, status, record.error or "", caller.label] += 1
         upstream_status = record.upstream_status
         if upstream_status is not None:
-            self._upstream[route, upstream_status] += 1
-            latency = self._latency.get(route)
-            if latency is None:
-                latency = self._latency[route] = [0.0] * (len(_LATENCY_BOUNDS) + 2)
+            counts.upstream[upstream_status] += 1
             waited = record.headers_at - record.started
+            latency = counts.latency
             latency[bisect.bisect_left(_LATENCY_BOUNDS, waited)] += 1
             latency[-1] += waited
         if record.retries:
-            self._retries[route] += record.retries
+            counts.retries += record.retries
         if record.credential_replays:
-            self._replays[route] += record.credential_replays
+            counts.replays += record.credential_replays
         if self._flush_timer is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -111,36 +130,42 @@ class Telemetry:
             else:
                 self._flush_timer = loop.call_later(self.FLUSH_AFTER_S, self.flush)
         if self.access_log and access_logger.isEnabledFor(logging.INFO):
-            access_logger.info(
-                "%s %s route=%s caller=%s status=%s upstream_status=%s duration_ms=%.1f attempts=%d "
-                "credential=%s bytes_in=%d bytes_out=%d%s",
-                record.request_id or "-",
-                record.method,
-                route or "-",
-                caller.id,
-                record.status,
-                record.upstream_status if record.upstream_status is not None else "-",
-                duration * 1000,
-                record.attempts,
-                record.credential or "-",
-                record.bytes_in,
-                record.bytes_out,
-                f" error={record.error}" if record.error else "",
-                extra={
-                    "request_id": record.request_id,
-                    "route": route or None,
-                    "caller": caller.id,
-                    "method": record.method,
-                    "status": record.status,
-                    "upstream_status": record.upstream_status,
-                    "duration_ms": round(duration * 1000, 2),
-                    "attempts": record.attempts,
-                    "credential": record.credential,
-                    "bytes_in": record.bytes_in,
-                    "bytes_out": record.bytes_out,
-                    "error_code": record.error,
-                },
-            )
+            self._access_line(record, route)
+
+    @staticmethod
+    def _access_line(record: RequestRecord, route: str) -> None:
+        duration = time.perf_counter() - record.started
+        caller = record.caller
+        access_logger.info(
+            "%s %s route=%s caller=%s status=%s upstream_status=%s duration_ms=%.1f attempts=%d "
+            "credential=%s bytes_in=%d bytes_out=%d%s",
+            record.request_id or "-",
+            record.method,
+            route or "-",
+            caller.id,
+            record.status,
+            record.upstream_status if record.upstream_status is not None else "-",
+            duration * 1000,
+            record.attempts,
+            record.credential or "-",
+            record.bytes_in,
+            record.bytes_out,
+            f" error={record.error}" if record.error else "",
+            extra={
+                "request_id": record.request_id,
+                "route": route or None,
+                "caller": caller.id,
+                "method": record.method,
+                "status": record.status,
+                "upstream_status": record.upstream_status,
+                "duration_ms": round(duration * 1000, 2),
+                "attempts": record.attempts,
+                "credential": record.credential,
+                "bytes_in": record.bytes_in,
+                "bytes_out": record.bytes_out,
+                "error_code": record.error,
+            },
+        )
 
     def flush(self) -> None:
         """Add the counts since the last flush to the Prometheus metrics (and the in-flight gauges)."""
@@ -148,27 +173,29 @@ class Telemetry:
         if timer is not None:
             timer.cancel()
             self._flush_timer = None
-        requests, self._requests = self._requests, collections.Counter()
-        for (route, status, error, caller), count in requests.items():
+        routes, self._routes = self._routes, {}
+        for route, counts in routes.items():
+            for label, per_status in counts.by_label.items():
+                for status, count in per_status.items():
+                    metrics.REQUESTS.labels(route, metrics.status_label(status), "", label).inc(count)
+            for status, count in counts.upstream.items():
+                metrics.UPSTREAM_RESPONSES.labels(route, metrics.status_label(status)).inc(count)
+            latency = counts.latency
+            if any(latency[:-1]):
+                histogram = metrics.UPSTREAM_LATENCY.labels(route)
+                # prometheus_client has no "observe n times": its per-bucket values (not cumulative) and
+                # its sum take the batch, as `observe()` would have added them one by one.
+                for bucket, observed in enumerate(latency[:-1]):
+                    if observed:
+                        histogram._buckets[bucket].inc(observed)
+                histogram._sum.inc(latency[-1])
+            if counts.retries:
+                metrics.RETRIES.labels(route).inc(counts.retries)
+            if counts.replays:
+                metrics.CREDENTIAL_REPLAYS.labels(route).inc(counts.replays)
+        errors, self._errors = self._errors, collections.Counter()
+        for (route, status, error, caller), count in errors.items():
             metrics.REQUESTS.labels(route, metrics.status_label(status), error, caller).inc(count)
-        upstream, self._upstream = self._upstream, collections.Counter()
-        for (route, status), count in upstream.items():
-            metrics.UPSTREAM_RESPONSES.labels(route, metrics.status_label(status)).inc(count)
-        latency, self._latency = self._latency, {}
-        for route, counts in latency.items():
-            histogram = metrics.UPSTREAM_LATENCY.labels(route)
-            # prometheus_client has no "observe n times": its per-bucket values (not cumulative) and its
-            # sum take the batch, as `observe()` would have added them one by one.
-            for bucket, observed in enumerate(counts[:-1]):
-                if observed:
-                    histogram._buckets[bucket].inc(observed)
-            histogram._sum.inc(counts[-1])
-        retries, self._retries = self._retries, collections.Counter()
-        for route, count in retries.items():
-            metrics.RETRIES.labels(route).inc(count)
-        replays, self._replays = self._replays, collections.Counter()
-        for route, count in replays.items():
-            metrics.CREDENTIAL_REPLAYS.labels(route).inc(count)
         metrics.flush_in_flight()
 
 

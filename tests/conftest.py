@@ -329,8 +329,8 @@ class SecretHygiene:
 
         def wrap_start(original: Any) -> Any:
             # The upstream's answers: the head the gateway wrote; the body is the upstream's own words.
-            def start(exchange: Any, head: bytes, body: bytes = b"") -> None:
-                text = head.decode("latin-1") + "\n\n<upstream body passed through>"
+            def start(exchange: Any, head: list[bytes], body: bytes = b"") -> None:
+                text = b"".join(head).decode("latin-1") + "\n\n<upstream body passed through>"
                 hygiene.add("response", where(exchange), text)
                 original(exchange, head, body)
 

@@ -1243,10 +1243,14 @@ def test_an_answer_cut_by_the_upstream_is_logged_once_as_a_warning(gateway):
     assert not [line for line in lines() if " ERROR " in line], lines()
 
 
-def test_http10_client_gets_a_close_delimited_answer_whole(gateway):
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
+def test_http10_client_gets_a_close_delimited_answer_whole(gateway, connection):
+    """Also when it asks for keep-alive: the gateway tells HTTP/1.0 from 1.1 either way."""
     up = gateway.upstreams["once"]
     up.reset(answer_with(b"HTTP/1.1 200 OK\r\n\r\n" + BIG))
-    data = raw_exchange(gateway, b"POST /once/score HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+    data = raw_exchange(
+        gateway, b"POST /once/score HTTP/1.0\r\n" + connection + b"Content-Length: 2\r\n\r\n{}"
+    )
     assert data.startswith(b"HTTP/1.1 200"), data[:200]
     head, _, rest = data.partition(b"\r\n\r\n")
     assert rest == BIG + b"<EOF>" or (

@@ -660,6 +660,60 @@ def test_read_timeout_fires_on_silence(where):
     assert elapsed > 0.4  # not before its time (a bound load cannot break)
 
 
+def test_a_reused_connection_times_out_by_its_own_exchange():
+    """The connection's one timer, armed by an exchange with long timeouts, still fires for the next
+    exchange's shorter read_timeout_s."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(OK)
+        await peer.read_request()
+        await asyncio.sleep(30)  # the second request is never answered
+
+    async def main() -> TransportTimeout:
+        client, origin = new_client(upstream.url)
+        response = await client.request(
+            origin, get(), None, connect_timeout=2, read_timeout=60, total_timeout=60
+        )
+        assert await read_all(response) == b"ok"
+        with pytest.raises(TransportTimeout) as caught:
+            await client.request(origin, get(), None, connect_timeout=2, read_timeout=0.5, total_timeout=60)
+        return caught.value
+
+    with RawUpstream(handler) as upstream:
+        error = run(main)
+        assert upstream.accepted == 1  # one connection, reused
+    assert error.phase == "read"
+    assert "read_timeout_s" in str(error)
+
+
+def test_a_short_timer_left_by_the_previous_exchange_does_not_cut_the_next_one():
+    """The timer an exchange with short timeouts left armed fires during the next exchange: it re-arms for
+    that exchange's own (longer) limits instead of failing it."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(OK)
+        await peer.read_request()
+        await asyncio.sleep(1.0)  # longer than the first exchange's limits, well within the second's
+        await peer.send(OK)
+
+    async def main() -> bytes:
+        client, origin = new_client(upstream.url)
+        response = await client.request(
+            origin, get(), None, connect_timeout=2, read_timeout=0.3, total_timeout=0.4
+        )
+        assert await read_all(response) == b"ok"
+        response = await client.request(
+            origin, get(), None, connect_timeout=2, read_timeout=10, total_timeout=15
+        )
+        return await read_all(response)
+
+    with RawUpstream(handler) as upstream:
+        assert run(main) == b"ok"
+        assert upstream.accepted == 1
+
+
 def test_total_timeout_bounds_a_trickling_answer():
     async def handler(peer: Peer) -> None:
         await peer.read_request()

@@ -36,15 +36,23 @@ def test_response_headers():
         (b"x-ms-run-fn-exec-ms", b"3"),
         (b"Content-Length", b"12"),
     ]
-    lines, length = response_header_lines(raw, b"x-request-id: our-id\r\n")
-    assert lines == (
-        b"Content-Type: application/json\r\nx-ms-run-fn-exec-ms: 3\r\nContent-Length: 12\r\n"
-        b"x-request-id: our-id\r\n"
+    parts = [b"HTTP/1.1 200 OK\r\n"]
+    length = response_header_lines(raw, parts)
+    assert b"".join(parts) == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-ms-run-fn-exec-ms: 3\r\n"
+        b"Content-Length: 12\r\n"
     )
     assert length == 12
     # 204 and 304 answers have no body: their Content-Length is not passed on.
-    lines, length = response_header_lines(raw, b"", bodyless_status=True)
-    assert b"Content-Length" not in lines and length is None
+    parts = []
+    length = response_header_lines(raw, parts, bodyless_status=True)
+    assert b"Content-Length" not in b"".join(parts) and length is None
+    # A header named by a Connection header that comes after it is dropped too.
+    parts = []
+    length = response_header_lines(
+        [(b"X-Hop", b"1"), (b"Content-Length", b"2"), (b"Connection", b"x-hop")], parts
+    )
+    assert b"".join(parts) == b"Content-Length: 2\r\n" and length == 2
 
 
 def test_the_configured_header_limits_are_enforced_by_the_server(gateway_factory, upstream):
@@ -126,3 +134,14 @@ def test_the_header_byte_limit_counts_every_header_of_the_request(gateway_factor
     # The gateway answers 431 before routing: had it forwarded the request, the answer would be the
     # upstream's 200, so the count read after the answer is final.
     assert len(app.requests) == 1
+
+
+def test_request_ids_are_unique_and_in_azure_mls_form():
+    import re
+
+    from gateway.headers import new_request_id
+
+    ids = [new_request_id() for _ in range(3000)]  # across several blocks of 256
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{22}", request_id) for request_id in ids)
+    assert len({request_id[:12] for request_id in ids}) == 1  # one prefix per process

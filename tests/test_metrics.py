@@ -273,3 +273,61 @@ def test_serve_with_two_workers_counts_live_workers_only(emulator: EmulatorServe
             os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate(timeout=30)
         HYGIENE.record_output("`gateway serve --workers 2` (metrics scenario)", out, err)
+
+
+def test_telemetry_counts_reach_every_metric_at_flush() -> None:
+    """Telemetry counts in plain ints per route and adds them at flush: answered requests by status and
+    caller, error answers by code, upstream answers, latency buckets and sum, retries and replays."""
+    from gateway.callers import Caller
+    from gateway.telemetry import RequestRecord, Telemetry
+
+    def value(metric: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+    route = "telemetry-unit"
+    caller = Caller(kind="key", name="team-a", id="key:team-a", label="key:team-a")
+    before = {
+        "ok": value("gateway_requests_total", route=route, status="200", error_code="", caller="key:team-a"),
+        "err": value(
+            "gateway_requests_total",
+            route=route,
+            status="502",
+            error_code="upstream_unreachable",
+            caller="anonymous",
+        ),
+        "up": value("gateway_upstream_responses_total", route=route, status="200"),
+        "count": value("gateway_upstream_duration_seconds_count", route=route),
+        "sum": value("gateway_upstream_duration_seconds_sum", route=route),
+        "retries": value("gateway_upstream_retries_total", route=route),
+        "replays": value("gateway_credential_replays_total", route=route),
+    }
+    telemetry = Telemetry(access_log=False)
+    for _ in range(3):
+        record = RequestRecord("POST", 100.0)
+        record.route, record.caller, record.status, record.upstream_status = route, caller, 200, 200
+        record.headers_at = 100.25
+        record.retries, record.credential_replays = 1, 2
+        telemetry.request_done(record)
+    failed = RequestRecord("POST", 100.0)
+    failed.route, failed.status, failed.error = route, 502, "upstream_unreachable"
+    telemetry.request_done(failed)
+    telemetry.flush()
+    assert value("gateway_requests_total", route=route, status="200", error_code="", caller="key:team-a") == (
+        before["ok"] + 3
+    )
+    assert (
+        value(
+            "gateway_requests_total",
+            route=route,
+            status="502",
+            error_code="upstream_unreachable",
+            caller="anonymous",
+        )
+        == before["err"] + 1
+    )
+    assert value("gateway_upstream_responses_total", route=route, status="200") == before["up"] + 3
+    assert value("gateway_upstream_duration_seconds_count", route=route) == before["count"] + 3
+    assert abs(value("gateway_upstream_duration_seconds_sum", route=route) - before["sum"] - 0.75) < 1e-9
+    assert value("gateway_upstream_duration_seconds_bucket", route=route, le="0.25") >= 3
+    assert value("gateway_upstream_retries_total", route=route) == before["retries"] + 3
+    assert value("gateway_credential_replays_total", route=route) == before["replays"] + 6

@@ -226,7 +226,9 @@ response_header_lists = st.lists(
 @given(response_header_lists)
 @example([(b"Connection", b"x-a"), (b"Connection", b"x-b"), (b"X-A", b"1"), (b"X-B", b"2")])
 def test_response_headers_never_pass_hop_by_hop_or_connection_named(headers) -> None:
-    lines, _ = response_header_lines(headers, b"x-request-id: rid-1\r\n")
+    parts: list[bytes] = []
+    response_header_lines(headers, parts)
+    lines = b"".join(parts) + b"x-request-id: rid-1\r\n"  # the proxy's own line follows them
     out = [tuple(line.split(b": ", 1)) for line in lines.split(b"\r\n") if line]
     passed = {name.lower() for name, _ in out}
     assert not passed & HOP_BY_HOP
@@ -242,7 +244,7 @@ any_headers = st.lists(st.tuples(st.binary(max_size=40), st.binary(max_size=200)
 @given(any_headers)
 def test_header_functions_never_crash(headers) -> None:
     read_request_headers(headers)
-    response_header_lines(headers, b"x-request-id: rid\r\n")
+    response_header_lines(headers, [])
 
 
 # ------------------------------------------------------------------------------------------- config

@@ -32,6 +32,32 @@ def _route(name: str, prefix: str, *upstreams: Upstream) -> Route:
     )
 
 
+def test_resolve_remembers_only_paths_that_passed_and_stays_bounded(monkeypatch):
+    """Router.resolve runs the path rules once per distinct raw path that passed them; a refused path is
+    refused every time, a path without a route answers None every time, and the memory is bounded."""
+    import gateway.routing as routing
+
+    router = Router([_route("iris", "/iris")])
+    calls = []
+
+    def counting_check(path: str, raw_path: bytes | None) -> None:
+        calls.append(raw_path)
+        check_path(path, raw_path)
+
+    monkeypatch.setattr(routing, "check_path", counting_check)
+    for _ in range(3):
+        assert router.resolve("/iris/score", b"/iris/score").name == "iris"
+    assert calls == [b"/iris/score"]
+    for _ in range(2):
+        with pytest.raises(BadRequestPath):
+            router.resolve("/iris/../admin", b"/iris/%2e%2e/admin")
+        assert router.resolve("/other", b"/other") is None
+    assert calls.count(b"/iris/%2e%2e/admin") == 2 and calls.count(b"/other") == 2
+    for n in range(routing.CHECKED_PATHS + 5):
+        router.resolve(f"/iris/{n}", f"/iris/{n}".encode())
+    assert len(router._checked) <= routing.CHECKED_PATHS
+
+
 def test_longest_prefix_at_segment_boundary():
     router = Router([_route("iris", "/iris"), _route("v2", "/iris/v2"), _route("root", "/models")])
     assert router.match("/iris").name == "iris"

@@ -1,0 +1,246 @@
+"""Instructions per proxied request under callgrind: a load-independent yardstick for the hot path.
+
+Runs an upstream (a fixed nginx-shaped answer, uvloop + httptools, not measured), the proxy under
+callgrind (`gateway serve` with the bench's key route, or `floor` = bench/floor_proxy.py), warms it
+up, zeroes callgrind's counters, sends N `POST /score` requests (the bench's JSON) over C keep-alive
+connections, dumps the counters and prints instructions per request. Another process on the machine
+changes wall-clock figures, not these.
+
+    python bench/callgrind_per_request.py                   # gateway of this checkout, 2000 requests, c=4
+    python bench/callgrind_per_request.py --target floor
+    python bench/callgrind_per_request.py --annotate 30     # plus the top 30 functions (inclusive)
+
+`--root DIR` measures the gateway of another checkout (PYTHONPATH=DIR) with this interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pstats
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PAYLOAD = b'{"data": [[0.1, 2.3, 4.1, 2.0], [0.2, 1.8, 3.9, 2.1]]}'
+KEY = "bench-static-primary-key-0123456789abcdef"
+UPSTREAM_SERVER = r"""
+import asyncio, sys, httptools, uvloop
+BODY = b'"[\\"setosa\\", \\"versicolor\\"]"'
+ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 07 Dec 2026 05:00:00 GMT\r\n"
+          b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n"
+          b"X-Bench-Auth: key\r\n\r\n" % len(BODY)) + BODY
+class P(asyncio.Protocol):
+    def connection_made(self, t): self.t = t; self.p = httptools.HttpRequestParser(self)
+    def data_received(self, d): self.p.feed_data(d)
+    def on_message_complete(self): self.t.write(ANSWER)
+async def main():
+    s = await asyncio.get_running_loop().create_server(P, "127.0.0.1", int(sys.argv[1]), backlog=1024)
+    await s.serve_forever()
+uvloop.run(main())
+"""
+
+
+# The gateway under cProfile: SIGUSR1 starts profiling (after the warm-up), SIGUSR2 stops and writes it.
+CPROFILED = """
+import cProfile, signal, sys
+profile = cProfile.Profile()
+signal.signal(signal.SIGUSR1, lambda *_: profile.enable())
+signal.signal(signal.SIGUSR2, lambda *_: (profile.disable(), profile.dump_stats(%r)))
+from gateway.cli import main
+sys.exit(main())
+"""
+
+
+def print_cprofile(path: Path, served: int, top: int) -> None:
+    stats = pstats.Stats(str(path))
+    rows = []
+    for (file, line, func), (_cc, calls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append((tottime, calls / served, cumtime, f"{Path(file).name}:{line}({func})"))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"{'tottime%':>8} {'calls/req':>9} {'cum us/req':>10}  function")
+    for tottime, per, cumtime, name in rows[:top]:
+        print(f"{100 * tottime / total:8.1f} {per:9.2f} {1e6 * cumtime / served:10.1f}  {name}")
+    print(f"python calls per request: {sum(c[1] for c in stats.stats.values()) / served:.1f}")  # type: ignore[attr-defined]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, deadline_s: float = 120.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"port {port} did not open within {deadline_s:.0f} s")
+
+
+async def one_connection(port: int, count: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = (
+        b"POST /score HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUser-Agent: bench\r\nAccept: */*\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (port, len(PAYLOAD), PAYLOAD)
+    )
+    for _ in range(count):
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise SystemExit(f"proxy answered {head[:200]!r}")
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if match is None:
+            raise SystemExit(f"no content-length in {head!r}")
+        await reader.readexactly(int(match.group(1)))
+    writer.close()
+
+
+async def load(port: int, requests: int, connections: int) -> None:
+    per = requests // connections
+    await asyncio.gather(*(one_connection(port, per) for _ in range(connections)))
+
+
+def run_load(port: int, requests: int, connections: int) -> None:
+    asyncio.run(load(port, requests, connections))
+
+
+def totals(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise SystemExit(f"no totals in {path}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", choices=("gateway", "floor"), default="gateway")
+    ap.add_argument("--root", type=Path, default=REPO_ROOT, help="checkout whose gateway is measured")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=400)
+    ap.add_argument("--annotate", type=int, default=0, help="print the top N functions (inclusive)")
+    ap.add_argument("--keep", type=Path, help="keep the callgrind dump at this path")
+    ap.add_argument(
+        "--cprofile",
+        type=int,
+        default=0,
+        help="instead of callgrind: cProfile the gateway, print the top N functions (calls per request)",
+    )
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cg-"))
+    up_port, port = free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM_SERVER, str(up_port)])
+    env = dict(os.environ)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(name, None)
+    if args.target == "gateway":
+        config = work / "gateway.yaml"
+        config.write_text(
+            textwrap.dedent(
+                f"""\
+                server:
+                  host: 127.0.0.1
+                  port: {port}
+                routes:
+                  score:
+                    path: /score
+                    upstream: http://127.0.0.1:{up_port}/score
+                    timeout_s: 60
+                    auth:
+                      type: key
+                      primary: {{env: BENCH_PRIMARY_KEY}}
+                """
+            )
+        )
+        env["PYTHONPATH"] = str(args.root.resolve())
+        env["BENCH_PRIMARY_KEY"] = KEY
+        cmd = [
+            sys.executable,
+            "-c",
+            "import sys; from gateway.cli import main; sys.exit(main())",
+            "serve",
+            "--config",
+            str(config),
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+        ]
+    else:
+        env.update(
+            FLOOR_UPSTREAM_URL=f"http://127.0.0.1:{up_port}/score",
+            FLOOR_PREFIX="/score",
+            FLOOR_API_KEY=KEY,
+            FLOOR_PORT=str(port),
+        )
+        cmd = [sys.executable, str(REPO_ROOT / "bench" / "floor_proxy.py")]
+    out = work / "callgrind.out"
+    if args.cprofile:
+        cmd[1:3] = ["-c", CPROFILED % str(work / "cprofile.out")]
+    else:
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd]
+    proxy = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "proxy.log", "wb"),
+    )
+    try:
+        wait_port(up_port)
+        wait_port(port)
+        run_load(port, args.warmup, args.connections)
+        served = args.requests // args.connections * args.connections
+        if args.cprofile:
+            os.kill(proxy.pid, signal.SIGUSR1)
+            run_load(port, args.requests, args.connections)
+            os.kill(proxy.pid, signal.SIGUSR2)
+            stats = work / "cprofile.out"
+            end = time.monotonic() + 30
+            while not stats.exists() and time.monotonic() < end:
+                time.sleep(0.1)
+            time.sleep(0.5)
+            print_cprofile(stats, served, args.cprofile)
+            return 0
+        subprocess.run(["callgrind_control", "-z", str(proxy.pid)], check=True, capture_output=True)
+        run_load(port, args.requests, args.connections)
+        subprocess.run(["callgrind_control", "-d", str(proxy.pid)], check=True, capture_output=True)
+        dumps = sorted(work.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+        if not dumps:
+            raise SystemExit(f"no dump in {work}")
+        dump = dumps[-1]
+        per_request = totals(dump) / served
+        print(
+            f"{args.target}: {per_request:,.0f} instructions/request "
+            f"({served} requests, c={args.connections})"
+        )
+        if args.keep:
+            args.keep.write_bytes(dump.read_bytes())
+        if args.annotate:
+            res = subprocess.run(
+                ["callgrind_annotate", "--inclusive=yes", str(dump)], capture_output=True, text=True
+            )
+            print("\n".join(res.stdout.splitlines()[: args.annotate + 25]))
+    finally:
+        proxy.terminate()
+        upstream.terminate()
+        proxy.wait(30)
+        upstream.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
