@@ -5,6 +5,9 @@
         ...                                                           # the upstream attempts
         slot.observe(latency_s, status)                               # per answer, for `auto`
 
+or, where one `try/finally` already covers the request (the proxy), `await slot.acquire()` before it and
+`slot.release()` in its `finally`.
+
 The slot is given back on every way out of the `async with`: an answer, an error, a timeout, a client
 that went away, a cancelled task. A request cancelled while it waits never takes a slot: a slot handed to
 it in the same instant goes on to the next waiter. A slot that comes free goes to the longest waiter
@@ -142,7 +145,10 @@ class Slot:
         self._held = False
         self.epoch = 0
 
-    async def __aenter__(self) -> Slot:
+    async def acquire(self) -> Slot:
+        """Take a slot, waiting in the queue if need be; RouteBusy when refused. Nothing is held when it
+        raises (a refusal, a cancellation). Pair with `release()` in a `finally` that covers every await
+        after it, or use the slot in `async with`, which does both."""
         limit = self._limit
         if limit.in_flight < limit.limit and not limit._waiters:
             limit.in_flight += 1
@@ -154,12 +160,19 @@ class Slot:
             self.epoch = adaptive.epoch
         return self
 
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
+    def release(self) -> None:
+        """Give the slot back (once; a second call does nothing)."""
         if self._held:
             self._held = False
             self._limit._release()
+
+    async def __aenter__(self) -> Slot:
+        return await self.acquire()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.release()
 
     def observe(self, latency_s: float, status: int) -> None:
         """One upstream answer to this request: its status after `latency_s` from sending the request to

@@ -990,17 +990,6 @@ class RouteConfig(_Model):
             )
         return self
 
-    # Transitional, for the request path until the admission stage replaces `Route.semaphore`: the old
-    # semaphore enforces a fixed `limits.max_concurrent` (`auto` is not enforced there).
-    @property
-    def max_concurrent_requests(self) -> int | None:
-        limit = self.limits.max_concurrent
-        return limit if isinstance(limit, int) else None
-
-    @property
-    def queue_timeout_s(self) -> float:
-        return self.limits.queue_timeout_s if self.limits.queue else 0.0
-
     def upstream_list(self) -> list[UpstreamConfig]:
         if self.upstreams is not None:
             return list(self.upstreams)

@@ -112,6 +112,10 @@ class RateStore(Protocol):
         """For `/readyz` details."""
         ...
 
+    async def start(self) -> None:
+        """Get ready on the serving event loop (optional: the first decision does it otherwise)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -174,6 +178,9 @@ class LocalRateStore:
 
     def status(self) -> dict[str, object]:
         return {"store": "local", "callers_tracked": len(self._tats)}
+
+    async def start(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         self._tats.clear()
