@@ -698,3 +698,79 @@ def test_a_stalled_redis_never_holds_a_request_beyond_timeout_ms(
         # for a stalled Redis would take.
         assert max(durations) < 0.1 + 1.5, durations
         _wait(lambda: _store_state(gw) == "shared", 30, "recovered once Redis answers again")
+
+
+# ------------------------------------------------------------------------------------------ reload
+def test_a_reload_keeps_unchanged_limits_and_the_store(
+    upstream: tuple[Upstream, ServerThread],
+    gateway_factory: Callable[..., ServerThread],
+    upstream_key: dict[str, Any],
+    redis: RedisServer,
+) -> None:
+    """The rate store is the process's (kept while `limits_store` is unchanged: quotas carry on); a
+    route's concurrency limit is kept while its settings are, with the requests it holds."""
+    from gateway.config import parse_config
+
+    app, server = upstream
+    config = _redis_config(server.url, upstream_key, redis, rate=0.01, burst=1)
+    config["routes"]["iris"]["limits"].update(max_concurrent=1, queue=1)
+    gw = gateway_factory(config)
+    gateway = gw.app
+    assert isinstance(gateway, GatewayApp)
+    store, limit = gateway.assembly.rate_store, _limit_of(gw)
+    holder = _raw(gw.port, b"GET /iris/chunks HTTP/1.1\r\nHost: gw\r\n\r\n")  # uses the only token
+    _wait(lambda: app.seen("/chunks") == 1, 10, "the holder holds the slot")
+
+    gw.call(gateway.reload(parse_config(config)))
+    assert gateway.assembly.rate_store is store and _limit_of(gw) is limit
+    assert limit.in_flight == 1  # the holder's slot, counted by the limit the new routes use
+    assert httpx.get(gw.url + "/iris/echo", timeout=10).status_code == 429  # the quota carried on
+
+    changed = {**config, "routes": {"iris": {**config["routes"]["iris"], "limits": {"max_concurrent": 2}}}}
+    changed["limits_store"] = {"redis": {**config["limits_store"]["redis"], "key_prefix": "other:"}}
+    changed["inbound"] = {"limits": {"per_caller": {"requests_per_s": 100}}}
+    gw.call(gateway.reload(parse_config(changed)))
+    new_store = gateway.assembly.rate_store
+    assert new_store is not store and _limit_of(gw) is not limit and _limit_of(gw).limit == 2
+    assert new_store is not None and new_store.status()["state"] == "shared"
+    holder.close()
+    _wait(lambda: limit.in_flight == 0, 10, "the old limit's slot given back by its request")
+    _settled(gw)
+
+
+# ---------------------------------------------------------------------------------- gateway check
+def test_check_prints_each_routes_limits_and_the_store(
+    upstream: tuple[Upstream, ServerThread],
+    redis: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    _, server = upstream
+    config = _redis_config(server.url, {"primary": {"env": KEY_ENV}}, redis, rate=10, burst=20)
+    config["routes"]["iris"]["limits"].update(max_concurrent="auto", min=2, max=16, queue=8)
+    config["inbound"] = {"limits": {"callers": {"10.1.2.3": {"requests_per_s": 1}}}}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv(KEY_ENV, PRIMARY)
+
+    def check() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "gateway.cli", "check", "--config", str(path)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    result = check()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "LIMITS  inbound (every route): 10.1.2.3 1/s burst 1" in result.stdout
+    assert (
+        "LIMITS  iris: max_concurrent auto, 2 to 16; queue 8 for 1 s; per caller 10/s burst 20"
+        in result.stdout
+    )
+    assert f"LIMITS STORE  Redis at 127.0.0.1:{redis.port}/0: answers" in result.stdout
+    redis.kill()
+    result = check()
+    assert result.returncode == 1
+    assert f"LIMITS STORE  Redis at 127.0.0.1:{redis.port}/0: FAILED" in result.stdout
