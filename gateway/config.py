@@ -278,10 +278,16 @@ class RatePolicyConfig(_Model):
 
 
 def _caller_names(value: dict[str, RatePolicyConfig]) -> dict[str, RatePolicyConfig]:
-    for name in value:
+    names: dict[str, RatePolicyConfig] = {}
+    for name, rate in value.items():
         if not name or len(name) > 256 or not name.isprintable():
             raise ValueError(f"{name!r} is not a caller name (1-256 printable characters)")
-    return value
+        # App ids are GUIDs, which tokens may spell in either case: callers are counted in lower case.
+        key = "app:" + name[4:].lower() if name[:4].lower() == "app:" else name
+        if key in names:
+            raise ValueError(f"{name!r} is named twice (app ids are compared in lower case)")
+        names[key] = rate
+    return names
 
 
 class CallerLimitsConfig(_Model):
