@@ -94,13 +94,14 @@ class RatePolicy:
 @dataclass(slots=True)
 class RateDecision:
     """A store's answer for the buckets of one request, in their order. `retry_after_s` is 0 when
-    allowed, else the time until every bucket has room; `remaining` and `reset_s` are per bucket: requests
-    left at once, and seconds until the bucket is full again."""
+    allowed, else the time until every bucket has room; `reset_s` and `remaining` are per bucket: seconds
+    until the bucket is full again, and requests left at once (None: not counted by the store, see
+    `RateGrant.remaining`, since an admitted request rarely needs it)."""
 
     allowed: bool
     retry_after_s: float
-    remaining: list[int]
     reset_s: list[float]
+    remaining: list[int] | None = None
 
 
 class RateStore(Protocol):
@@ -121,7 +122,7 @@ class RateStore(Protocol):
 
 class LocalRateStore:
     """GCRA in this process. Memory stays bounded with many distinct callers: a caller whose bucket is
-    full again is forgotten (it is the same as never seen), checked a few keys per decision from the
+    full again is forgotten (it is the same as never seen), checked a few keys per new caller from the
     longest-idle end, and beyond `max_keys` the longest-idle callers are forgotten early (they get a
     fresh bucket: more lenient, never stricter)."""
 
@@ -137,34 +138,31 @@ class LocalRateStore:
     def decide(self, buckets: Sequence[tuple[str, RatePolicy]]) -> RateDecision:
         now = self._clock()
         tats = self._tats
-        new_tats: list[float] = []
+        # Per bucket, the time until it is full again once this request counts in it.
+        aheads: list[float] = []
         wait = _EPSILON_S
         for key, policy in buckets:
             tat = tats.get(key, now)
-            new_tat = (tat if tat > now else now) + policy.interval_s
-            late = new_tat - policy.tolerance_s - now
+            ahead = (tat - now if tat > now else 0.0) + policy.interval_s
+            late = ahead - policy.tolerance_s
             if late > wait:
                 wait = late
-            new_tats.append(new_tat)
+            aheads.append(ahead)
         if wait > _EPSILON_S:
-            return RateDecision(False, wait, *self._state(buckets, now))
-        for (key, _), new_tat in zip(buckets, new_tats, strict=True):
-            tats.pop(key, None)  # re-inserted last: the dict stays ordered by last admission
-            tats[key] = new_tat
-        self._forget_idle(now)
-        return RateDecision(True, 0.0, *self._state(buckets, now))
+            # Refused: nothing changes; the state is the buckets' as they are.
+            reset = [ahead - policy.interval_s for ahead, (_, policy) in zip(aheads, buckets, strict=True)]
+            return RateDecision(False, wait, reset)
+        new_caller = False
+        for (key, _), ahead in zip(buckets, aheads, strict=True):
+            if tats.pop(key, None) is None:  # re-inserted last: the dict stays ordered by last admission
+                new_caller = True
+            tats[key] = now + ahead
+        if new_caller:  # only a new key grows the dict: forgetting keeps pace with new callers
+            self._forget_idle(now)
+        return RateDecision(True, 0.0, aheads)
 
     async def acquire(self, buckets: Sequence[tuple[str, RatePolicy]]) -> RateDecision:
         return self.decide(buckets)
-
-    def _state(self, buckets: Sequence[tuple[str, RatePolicy]], now: float) -> tuple[list[int], list[float]]:
-        remaining: list[int] = []
-        reset: list[float] = []
-        for key, policy in buckets:
-            ahead = max(0.0, self._tats.get(key, now) - now)  # time until the bucket is full
-            remaining.append(max(0, int((policy.tolerance_s - ahead) / policy.interval_s + _EPSILON_S)))
-            reset.append(ahead)
-        return remaining, reset
 
     def _forget_idle(self, now: float) -> None:
         tats = self._tats
@@ -191,11 +189,9 @@ class CallerQuotas:
 
     def __init__(self, name: str, config: CallerLimitsConfig) -> None:
         self.name = name
+        self.prefix = name + ":"  # of store keys, "<quota name>:<caller key>": quota names hold no ':'
         self.default = None if config.per_caller is None else RatePolicy.of(name, config.per_caller)
         self.overrides = {caller: RatePolicy.of(name, rate) for caller, rate in config.callers.items()}
-
-    def policy(self, caller: str) -> RatePolicy | None:
-        return self.overrides.get(caller, self.default)
 
 
 class RateLimits:
@@ -219,25 +215,26 @@ class RouteRateLimit:
         self.route = route
         self.store = store
         self.quotas = quotas
-        # Store keys are "<quota name>:<caller key>": quota names hold no ':'.
-        self._prefixes = tuple(quota.name + ":" for quota in quotas)
+        # A store in this process decides at once: no coroutine to await.
+        self._local = store if isinstance(store, LocalRateStore) else None
 
     async def admit(self, caller_key: str, caller_label: str) -> RateGrant | None:
         """Count one request of the caller `caller_key` (its name, or the client address of an anonymous
         caller). Raises RateLimited; returns None when no quota applies to this caller.
         `caller_label`: the bounded metric label of the caller (a configured name, else `other`)."""
         buckets: list[tuple[str, RatePolicy]] = []
-        for quota, prefix in zip(self.quotas, self._prefixes, strict=True):
-            policy = quota.policy(caller_key)
+        for quota in self.quotas:
+            policy = quota.overrides.get(caller_key, quota.default)
             if policy is not None:
-                buckets.append((prefix + caller_key, policy))
+                buckets.append((quota.prefix + caller_key, policy))
         if not buckets:
             return None
-        decision = await self.store.acquire(buckets)
+        local = self._local
+        decision = local.decide(buckets) if local is not None else await self.store.acquire(buckets)
         grant = RateGrant(buckets, decision)
         if not decision.allowed:
             metrics.ADMISSION_REFUSALS.labels(self.route, "rate_limited", caller_label).inc()
-            used_up = [bucket for bucket, left in zip(buckets, decision.remaining, strict=True) if not left]
+            used_up = [bucket for bucket, left in zip(buckets, grant.remaining(), strict=True) if not left]
             raise RateLimited(
                 f"the caller's request rate on route {self.route} is used up ({_rates(used_up)}); retry "
                 "after the Retry-After delay",
@@ -245,6 +242,14 @@ class RouteRateLimit:
                 headers=grant.headers(),
             )
         return grant
+
+
+def _remaining(buckets: Sequence[tuple[str, RatePolicy]], aheads: list[float]) -> list[int]:
+    """Requests each bucket takes at once, `aheads` seconds before it is full again."""
+    return [
+        max(0, int((policy.tolerance_s - ahead) / policy.interval_s + _EPSILON_S))
+        for (_, policy), ahead in zip(buckets, aheads, strict=True)
+    ]
 
 
 def _rates(buckets: Sequence[tuple[str, RatePolicy]]) -> str:
@@ -258,13 +263,19 @@ class RateGrant:
     buckets: list[tuple[str, RatePolicy]]
     decision: RateDecision
 
+    def remaining(self) -> list[int]:
+        """Per bucket, requests left at once."""
+        remaining = self.decision.remaining
+        return _remaining(self.buckets, self.decision.reset_s) if remaining is None else remaining
+
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """`RateLimit-Policy` and `RateLimit` for the answer (a refusal carries them; an admitted
         request may)."""
         decision = self.decision
+        remaining = self.remaining()
         policies = ", ".join(policy.item for _, policy in self.buckets)
         states = ", ".join(
-            f'"{policy.name}";r={decision.remaining[index]};'
+            f'"{policy.name}";r={remaining[index]};'
             f"t={math.ceil(_next_unit_s(policy, decision.reset_s[index]) - _EPSILON_S)}"
             for index, (_, policy) in enumerate(self.buckets)
         )
