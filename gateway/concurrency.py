@@ -55,6 +55,19 @@ class ConcurrencyLimit:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def slot_now(self) -> Slot | None:
+        """A slot taken at once, held (give it back with `release()`), when one is free and nobody
+        waits; else None, and the request waits with `slot()`. The request path's fast way in."""
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            slot = Slot(self, None, "")
+            slot._held = True
+            adaptive = self.adaptive
+            if adaptive is not None:
+                slot.epoch = adaptive.epoch
+            return slot
+        return None
+
     def slot(self, remaining_s: float | None = None, caller: str = "other") -> Slot:
         """A slot to hold in `async with`. `remaining_s`: time left before the request's deadline, which
         bounds the wait like `queue_timeout_s` does; `caller`: the bounded caller label of refusals."""

@@ -172,14 +172,21 @@ class Proxy:
         rate_limit = route.rate_limit
         if rate_limit is not None:
             caller = record.caller
-            await rate_limit.admit(caller.quota_key or _client_address(exchange), caller.label)
+            if rate_limit.decides_now:
+                rate_limit.admit_now(caller.quota_key or _client_address(exchange), caller.label)
+            else:
+                await rate_limit.admit(caller.quota_key or _client_address(exchange), caller.label)
         slot: Slot | None = None
         observer: Slot | None = None  # the slot, when its limit learns from upstream answers (`auto`)
         concurrency = route.concurrency
         if concurrency is not None:
-            deadline_s = route.replay.deadline_s or route.timeout_s
-            slot = concurrency.slot(record.started + deadline_s - time.perf_counter(), record.caller.label)
-            await slot.acquire()
+            slot = concurrency.slot_now()
+            if slot is None:  # wait in the queue, until the request's deadline at most
+                deadline_s = route.replay.deadline_s or route.timeout_s
+                slot = concurrency.slot(
+                    record.started + deadline_s - time.perf_counter(), record.caller.label
+                )
+                await slot.acquire()
             if concurrency.adaptive is not None:
                 observer = slot
         in_flight = route.in_flight

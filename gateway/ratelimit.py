@@ -218,30 +218,52 @@ class RouteRateLimit:
         # A store in this process decides at once: no coroutine to await.
         self._local = store if isinstance(store, LocalRateStore) else None
 
+    @property
+    def decides_now(self) -> bool:
+        """The store is in this process: `admit_now` decides without awaiting anything."""
+        return self._local is not None
+
     async def admit(self, caller_key: str, caller_label: str) -> RateGrant | None:
         """Count one request of the caller `caller_key` (its name, or the client address of an anonymous
         caller). Raises RateLimited; returns None when no quota applies to this caller.
         `caller_label`: the bounded metric label of the caller (a configured name, else `other`)."""
-        buckets: list[tuple[str, RatePolicy]] = []
-        for quota in self.quotas:
-            policy = quota.overrides.get(caller_key, quota.default)
-            if policy is not None:
-                buckets.append((quota.prefix + caller_key, policy))
+        buckets = self._buckets(caller_key)
         if not buckets:
             return None
         local = self._local
         decision = local.decide(buckets) if local is not None else await self.store.acquire(buckets)
         grant = RateGrant(buckets, decision)
         if not decision.allowed:
-            metrics.ADMISSION_REFUSALS.labels(self.route, "rate_limited", caller_label).inc()
-            used_up = [bucket for bucket, left in zip(buckets, grant.remaining(), strict=True) if not left]
-            raise RateLimited(
-                f"the caller's request rate on route {self.route} is used up ({_rates(used_up)}); retry "
-                "after the Retry-After delay",
-                retry_after=decision.retry_after_s,
-                headers=grant.headers(),
-            )
+            raise self._refusal(grant, caller_label)
         return grant
+
+    def admit_now(self, caller_key: str, caller_label: str) -> None:
+        """`admit` when `decides_now`, for the request path: no coroutine, nothing made for an admitted
+        request."""
+        buckets = self._buckets(caller_key)
+        if buckets:
+            assert self._local is not None
+            decision = self._local.decide(buckets)
+            if not decision.allowed:
+                raise self._refusal(RateGrant(buckets, decision), caller_label)
+
+    def _buckets(self, caller_key: str) -> list[tuple[str, RatePolicy]]:
+        buckets: list[tuple[str, RatePolicy]] = []
+        for quota in self.quotas:
+            policy = quota.overrides.get(caller_key, quota.default)
+            if policy is not None:
+                buckets.append((quota.prefix + caller_key, policy))
+        return buckets
+
+    def _refusal(self, grant: RateGrant, caller_label: str) -> RateLimited:
+        metrics.ADMISSION_REFUSALS.labels(self.route, "rate_limited", caller_label).inc()
+        used_up = [bucket for bucket, left in zip(grant.buckets, grant.remaining(), strict=True) if not left]
+        return RateLimited(
+            f"the caller's request rate on route {self.route} is used up ({_rates(used_up)}); retry "
+            "after the Retry-After delay",
+            retry_after=grant.decision.retry_after_s,
+            headers=grant.headers(),
+        )
 
 
 def _remaining(buckets: Sequence[tuple[str, RatePolicy]], aheads: list[float]) -> list[int]:

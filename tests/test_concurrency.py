@@ -315,3 +315,32 @@ def _cancel_later(task: asyncio.Task[None], turns: int) -> None:
         task.cancel()
     else:
         asyncio.get_running_loop().call_soon(_cancel_later, task, turns - 1)
+
+
+def test_slot_now_takes_a_free_slot_or_says_to_wait() -> None:
+    """The request path's fast way in: a slot at once when one is free and nobody waits, else None (the
+    request then queues with `slot()`, behind the waiters)."""
+
+    async def main() -> None:
+        limit = ConcurrencyLimit("slot-now", limit=1, queue=1, queue_timeout_s=5)
+        first = limit.slot_now()
+        assert first is not None and limit.in_flight == 1
+        assert limit.slot_now() is None
+        waiter = asyncio.ensure_future(limit.slot().acquire())
+        await asyncio.sleep(0)
+        first.release()
+        first.release()  # once only
+        second = await waiter
+        assert (limit.in_flight, limit.queued) == (1, 0)
+        second.release()
+        assert (limit.in_flight, limit.queued) == (0, 0)
+        adaptive = AdaptiveLimit("slot-now-auto", min_limit=2, max_limit=4)
+        auto = ConcurrencyLimit("slot-now-auto", limit=adaptive, queue=0, queue_timeout_s=1)
+        held = auto.slot_now()
+        assert held is not None and held.epoch == adaptive.epoch
+        held.observe(0.01, 429)  # a held slot feeds the limit
+        assert adaptive.epoch == 1
+        held.release()
+        assert auto.in_flight == 0
+
+    asyncio.run(main())
