@@ -137,29 +137,40 @@ class LocalRateStore:
 
     def decide(self, buckets: Sequence[tuple[str, RatePolicy]]) -> RateDecision:
         now = self._clock()
+        wait = self.count(buckets, now)
+        return RateDecision(not wait, wait, self.reset_s(buckets, now))
+
+    def count(self, buckets: Sequence[tuple[str, RatePolicy]], now: float | None = None) -> float:
+        """The decision alone, for the request path: 0.0 when the request was counted in every bucket,
+        else the time before a retry fits (and nothing was counted)."""
+        if now is None:
+            now = self._clock()
         tats = self._tats
-        # Per bucket, the time until it is full again once this request counts in it.
-        aheads: list[float] = []
-        wait = _EPSILON_S
+        wait = 0.0
         for key, policy in buckets:
             tat = tats.get(key, now)
-            ahead = (tat - now if tat > now else 0.0) + policy.interval_s
-            late = ahead - policy.tolerance_s
+            late = (tat if tat > now else now) + policy.interval_s - policy.tolerance_s - now
             if late > wait:
                 wait = late
-            aheads.append(ahead)
         if wait > _EPSILON_S:
-            # Refused: nothing changes; the state is the buckets' as they are.
-            reset = [ahead - policy.interval_s for ahead, (_, policy) in zip(aheads, buckets, strict=True)]
-            return RateDecision(False, wait, reset)
+            return wait
         new_caller = False
-        for (key, _), ahead in zip(buckets, aheads, strict=True):
-            if tats.pop(key, None) is None:  # re-inserted last: the dict stays ordered by last admission
+        for key, policy in buckets:
+            held = tats.pop(key, None)  # re-inserted last: the dict stays ordered by last admission
+            if held is None:
                 new_caller = True
-            tats[key] = now + ahead
+                held = now
+            tats[key] = (held if held > now else now) + policy.interval_s
         if new_caller:  # only a new key grows the dict: forgetting keeps pace with new callers
             self._forget_idle(now)
-        return RateDecision(True, 0.0, aheads)
+        return 0.0
+
+    def reset_s(self, buckets: Sequence[tuple[str, RatePolicy]], now: float | None = None) -> list[float]:
+        """Per bucket, the time until it is full again."""
+        if now is None:
+            now = self._clock()
+        tats = self._tats
+        return [max(0.0, tats.get(key, now) - now) for key, _ in buckets]
 
     async def acquire(self, buckets: Sequence[tuple[str, RatePolicy]]) -> RateDecision:
         return self.decide(buckets)
@@ -215,13 +226,10 @@ class RouteRateLimit:
         self.route = route
         self.store = store
         self.quotas = quotas
-        # A store in this process decides at once: no coroutine to await.
+        # A store in this process decides at once: no coroutine to await (`admit_now`).
         self._local = store if isinstance(store, LocalRateStore) else None
-
-    @property
-    def decides_now(self) -> bool:
-        """The store is in this process: `admit_now` decides without awaiting anything."""
-        return self._local is not None
+        self.decides_now = self._local is not None
+        self._single = quotas[0] if len(quotas) == 1 else None
 
     async def admit(self, caller_key: str, caller_label: str) -> RateGrant | None:
         """Count one request of the caller `caller_key` (its name, or the client address of an anonymous
@@ -242,12 +250,18 @@ class RouteRateLimit:
         request."""
         buckets = self._buckets(caller_key)
         if buckets:
-            assert self._local is not None
-            decision = self._local.decide(buckets)
-            if not decision.allowed:
+            local = self._local
+            assert local is not None
+            wait = local.count(buckets)
+            if wait:
+                decision = RateDecision(False, wait, local.reset_s(buckets))
                 raise self._refusal(RateGrant(buckets, decision), caller_label)
 
     def _buckets(self, caller_key: str) -> list[tuple[str, RatePolicy]]:
+        single = self._single
+        if single is not None:  # the usual case: one quota, the route's or the gateway-wide one
+            policy = single.overrides.get(caller_key, single.default)
+            return [] if policy is None else [(single.prefix + caller_key, policy)]
         buckets: list[tuple[str, RatePolicy]] = []
         for quota in self.quotas:
             policy = quota.overrides.get(caller_key, quota.default)
