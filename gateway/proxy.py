@@ -172,10 +172,13 @@ class Proxy:
         rate_limit = route.rate_limit
         if rate_limit is not None:
             caller = record.caller
+            # An anonymous caller is counted by its client address (the connection's peer).
+            client = exchange.client
+            quota_key = caller.quota_key or (client[0] if client else "unknown")
             if rate_limit.decides_now:
-                rate_limit.admit_now(caller.quota_key or _client_address(exchange), caller.label)
+                rate_limit.admit_now(quota_key, caller.label)
             else:
-                await rate_limit.admit(caller.quota_key or _client_address(exchange), caller.label)
+                await rate_limit.admit(quota_key, caller.label)
         slot: Slot | None = None
         observer: Slot | None = None  # the slot, when its limit learns from upstream answers (`auto`)
         concurrency = route.concurrency
@@ -435,12 +438,6 @@ class Proxy:
         record.response_started = True
         record.bytes_out = len(body)
         exchange.end()
-
-
-def _client_address(exchange: Exchange) -> str:
-    """An anonymous caller's quota key: its client address (the peer of the connection)."""
-    client = exchange.client
-    return client[0] if client else "unknown"
 
 
 def _route(exchange: Exchange, router: Router) -> Route:
