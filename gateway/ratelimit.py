@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 #   RateLimit: "routes.iris";r=0;t=1             (r: remaining quota units; t: seconds until more)
 POLICY_HEADER = b"ratelimit-policy"
 STATE_HEADER = b"ratelimit"
+# Callers whose buckets a route remembers (beyond it, it forgets them all and starts again).
+KNOWN_CALLERS = 4096
 # Sums of float intervals drift by a few ulps; a request this early counts as on time.
 _EPSILON_S = 1e-9
 
@@ -230,12 +232,14 @@ class RouteRateLimit:
         self._local = store if isinstance(store, LocalRateStore) else None
         self.decides_now = self._local is not None
         self._single = quotas[0] if len(quotas) == 1 else None
+        # caller key -> its buckets (they never change for a route): a dict look-up per request.
+        self._known: dict[str, list[tuple[str, RatePolicy]]] = {}
 
     async def admit(self, caller_key: str, caller_label: str) -> RateGrant | None:
         """Count one request of the caller `caller_key` (its name, or the client address of an anonymous
         caller). Raises RateLimited; returns None when no quota applies to this caller.
         `caller_label`: the bounded metric label of the caller (a configured name, else `other`)."""
-        buckets = self._buckets(caller_key)
+        buckets = self._known.get(caller_key) or self._buckets(caller_key)
         if not buckets:
             return None
         local = self._local
@@ -248,7 +252,7 @@ class RouteRateLimit:
     def admit_now(self, caller_key: str, caller_label: str) -> None:
         """`admit` when `decides_now`, for the request path: no coroutine, nothing made for an admitted
         request."""
-        buckets = self._buckets(caller_key)
+        buckets = self._known.get(caller_key) or self._buckets(caller_key)
         if buckets:
             local = self._local
             assert local is not None
@@ -261,12 +265,17 @@ class RouteRateLimit:
         single = self._single
         if single is not None:  # the usual case: one quota, the route's or the gateway-wide one
             policy = single.overrides.get(caller_key, single.default)
-            return [] if policy is None else [(single.prefix + caller_key, policy)]
-        buckets: list[tuple[str, RatePolicy]] = []
-        for quota in self.quotas:
-            policy = quota.overrides.get(caller_key, quota.default)
-            if policy is not None:
-                buckets.append((quota.prefix + caller_key, policy))
+            buckets = [] if policy is None else [(single.prefix + caller_key, policy)]
+        else:
+            buckets = []
+            for quota in self.quotas:
+                policy = quota.overrides.get(caller_key, quota.default)
+                if policy is not None:
+                    buckets.append((quota.prefix + caller_key, policy))
+        known = self._known
+        if len(known) >= KNOWN_CALLERS:
+            known.clear()  # many distinct callers (anonymous addresses): start again, still correct
+        known[caller_key] = buckets
         return buckets
 
     def _refusal(self, grant: RateGrant, caller_label: str) -> RateLimited:

@@ -222,3 +222,15 @@ def test_admit_now_decides_as_admit_does_without_a_coroutine() -> None:
     unlimited = _route(clock, route="iris", callers={"app:b": {"requests_per_s": 1}})
     for _ in range(10):
         unlimited.admit_now("app:other", "other")  # no quota applies to this caller
+
+
+def test_a_route_remembers_a_bounded_number_of_callers_buckets() -> None:
+    from gateway.ratelimit import KNOWN_CALLERS
+
+    clock = Clock()
+    quota = _route(clock, route="iris", per_caller={"requests_per_s": 1, "burst": 1})
+    for index in range(3 * KNOWN_CALLERS):
+        quota.admit_now(f"10.0.{index // 256}.{index % 256}", "other")
+        assert len(quota._known) <= KNOWN_CALLERS
+    with pytest.raises(RateLimited):  # forgetting a caller's buckets never forgets its count
+        quota.admit_now("10.0.0.0", "other")
