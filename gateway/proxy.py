@@ -183,7 +183,7 @@ class Proxy:
         observer: Slot | None = None  # the slot, when its limit learns from upstream answers (`auto`)
         concurrency = route.concurrency
         if concurrency is not None:
-            slot = concurrency.slot_now()
+            slot = concurrency.slot_now(record.caller.label)
             if slot is None:  # wait in the queue, until the request's deadline at most
                 deadline_s = route.replay.deadline_s or route.timeout_s
                 slot = concurrency.slot(
@@ -337,6 +337,8 @@ class Proxy:
             assert wait is not None
             tried = (*tried, upstream)
             record.retries += 1
+            if observer is not None:  # `auto` lowered its limit: this replay waits for room under it
+                await observer.requeue(None if deadline is None else deadline - time.perf_counter())
             await asyncio.sleep(wait)
 
     async def _answer(self, exchange: Exchange, response: UpstreamResponse, record: RequestRecord) -> None:

@@ -344,3 +344,40 @@ def test_slot_now_takes_a_free_slot_or_says_to_wait() -> None:
         assert auto.in_flight == 0
 
     asyncio.run(main())
+
+
+def test_a_replay_after_the_limit_came_down_waits_for_room_first() -> None:
+    """`auto` after a 429: the requests in flight are more than the new limit; the one about to replay
+    gives its slot back and waits at the head of the queue, so the replay does not meet the same full
+    endpoint. Nothing is held if that wait is refused."""
+
+    async def main() -> None:
+        adaptive = AdaptiveLimit("requeue", min_limit=1, max_limit=8)
+        adaptive.limit = 2
+        limit = ConcurrencyLimit("requeue", limit=adaptive, queue=4, queue_timeout_s=5)
+        first, second = limit.slot_now(), limit.slot_now()
+        assert first is not None and second is not None
+        newcomer = asyncio.ensure_future(limit.slot().acquire())
+        await asyncio.sleep(0)
+        limit.limit = 1  # as `_follow_limit` sets it after a decrease
+        replay = asyncio.ensure_future(first.requeue(5.0))
+        await asyncio.sleep(0)
+        assert (limit.in_flight, limit.queued) == (1, 2)  # gave its slot back, waits ahead of the newcomer
+        second.release()
+        await replay
+        assert not newcomer.done() and limit.in_flight == 1
+        first.release()
+        (await newcomer).release()
+        assert (limit.in_flight, limit.queued) == (0, 0)
+        # A refused wait holds nothing.
+        short = ConcurrencyLimit("requeue-short", limit=2, queue=0, queue_timeout_s=0.01)
+        a, b = short.slot_now(), short.slot_now()
+        assert a is not None and b is not None
+        short.limit = 1
+        with pytest.raises(RouteBusy):
+            await a.requeue(None)
+        a.release()  # a no-op: it holds nothing
+        b.release()
+        assert (short.in_flight, short.queued) == (0, 0)
+
+    asyncio.run(main())
