@@ -274,8 +274,9 @@ class GatewayApp:
             reuse = {r.credential_key: r.credential for r in old.routes}
             await self.assembly.prepare(config)  # new Key Vault secrets; the running config serves meanwhile
             await self.assembly.prepare_callers(config)  # signing keys, when inbound.entra_id changed
-            # The same shared parts (MSAL applications, token cache, Azure REST client) serve the new routes.
-            router = self.assembly.build_router(config, reuse)
+            # The same shared parts (MSAL applications, token cache, Azure REST client, the per-caller rate
+            # counters) serve the new routes; unchanged credentials and concurrency limits carry on.
+            router = self.assembly.build_router(config, old)
             guard = self.assembly.build_inbound(config)
             kept = {id(r.credential) for r in router.routes}
             for route in router.routes:
@@ -349,6 +350,10 @@ class GatewayApp:
             metrics.SIGNING_KEYS_STALE.set(1 if entra_id["stale"] else 0)
             report["entra_id"] = entra_id
             report["ready"] = report["ready"] and entra_id["ready"]
+        store = self.assembly.rate_store
+        if store is not None and any(route.rate_limit is not None for route in self.router.routes):
+            # A Redis store falling back still decides every request (locally): a detail, not unready.
+            report["limits_store"] = store.status()
         return report
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -19,6 +19,14 @@ the running keys), `build_inbound` makes the inbound stage without I/O, `build_r
 its access rules, and `commit` makes the prepared keys the running ones (refreshed in the background
 once the assembly is started; keys a reload replaced stop refreshing).
 
+Admission (`routes.NAME.limits`, `inbound.limits`, `limits_store`): `build_router` gives each route its
+concurrency limit and its per-caller rate check. The rate counters live in one store per process, built
+for `limits_store` and kept across reloads that leave `limits_store` as it was (quotas carry on); a
+route's concurrency limit is kept across a reload that leaves its `max_concurrent`, `min`, `max`, `queue`
+and `queue_timeout_s` (and, for `auto`, `max_connections`) as they were, so requests in flight and the
+adaptive limit's learning carry on too. The store starts with the assembly and is closed with it (a
+reload that changes `limits_store` closes the old one once the new configuration runs).
+
 Settings only a restart changes (`tls`, `egress`, `server`, `keyvault` but its interval) are those the
 assembly was made with: a reloaded configuration is read with them (`_effective`), so the certificate
 of the listener and the proxy's credentials stay polled whatever the reloaded file says.
@@ -34,15 +42,18 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from gateway.adaptive import AdaptiveLimit
 from gateway.azure_rest import AzureRest, Pause
 from gateway.caller_tokens import CallerTokenValidator
 from gateway.callers import CallerFactory, RouteAccess
 from gateway.client import UpstreamClient
+from gateway.concurrency import ConcurrencyLimit
 from gateway.config import (
     EntraIdConfig,
     GatewayConfig,
     IdentityConfig,
     KeyVaultRef,
+    LimitsStoreConfig,
     RouteConfig,
     SecretSpec,
 )
@@ -54,6 +65,7 @@ from gateway.egress import build_egress
 from gateway.errors import ConfigError
 from gateway.inbound import Inbound, needs_inbound
 from gateway.keyvault import KeyVaultClient, KeyVaults
+from gateway.ratelimit import RateLimits, RateStore, build_rate_store
 from gateway.retry import ReplayPolicy
 from gateway.routing import Route, Router
 from gateway.secrets import Secret
@@ -66,6 +78,7 @@ logger = logging.getLogger("gateway.config")
 
 T = TypeVar("T")
 CredentialKey = tuple[str, object]
+ConcurrencyKey = tuple[object, ...]
 
 
 def keyvault_refs(config: GatewayConfig) -> Iterator[tuple[str, KeyVaultRef]]:
@@ -90,6 +103,32 @@ def keyvault_refs(config: GatewayConfig) -> Iterator[tuple[str, KeyVaultRef]]:
 def credential_key(name: str, route: RouteConfig) -> CredentialKey:
     # Config models are frozen and hashable; SecretStr hashes by value, so a changed secret is a new key.
     return (name, route.auth)
+
+
+def concurrency_key(route: RouteConfig) -> ConcurrencyKey | None:
+    """What a route's concurrency limit is made of (None: the route has none); a reload that keeps it
+    keeps the running limit."""
+    limits = route.limits
+    if limits.max_concurrent is None:
+        return None
+    if limits.max_concurrent == "auto":
+        bounds: tuple[object, ...] = (limits.min or 1, limits.max or route.max_connections)
+    else:
+        bounds = (limits.max_concurrent,)
+    return (limits.max_concurrent, *bounds, limits.queue, limits.queue_timeout_s)
+
+
+def build_concurrency(name: str, key: ConcurrencyKey, route: RouteConfig) -> ConcurrencyLimit:
+    limits = route.limits
+    limit: int | AdaptiveLimit
+    if limits.max_concurrent == "auto":
+        _, low, high, *_ = key
+        assert isinstance(low, int) and isinstance(high, int)
+        limit = AdaptiveLimit(name, min_limit=low, max_limit=high)
+    else:
+        assert isinstance(limits.max_concurrent, int)
+        limit = limits.max_concurrent
+    return ConcurrencyLimit(name, limit=limit, queue=limits.queue, queue_timeout_s=limits.queue_timeout_s)
 
 
 class Assembly:
@@ -125,6 +164,11 @@ class Assembly:
         # for the configuration being built (the same object when `inbound.entra_id` is unchanged).
         self.signing_keys: EntraSigningKeys | None = None
         self._prepared_keys: EntraSigningKeys | None = None
+        # The per-caller rate counters of the running configuration (None until one limits a caller),
+        # and the store `build_router` made for a configuration not committed yet.
+        self.rate_store: RateStore | None = None
+        self._store_config: LimitsStoreConfig | None = None
+        self._prepared_store: tuple[LimitsStoreConfig | None, RateStore] | None = None
         self._started = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -263,15 +307,41 @@ class Assembly:
             self._client = UpstreamClient(self.ssl_context, self.egress)
         return self._client
 
-    def build_router(
-        self, config: GatewayConfig, reuse: dict[CredentialKey, Credential] | None = None
-    ) -> Router:
-        """Routes with their credentials, without network I/O (`prepare` read the Key Vault secrets);
-        credentials whose auth config is unchanged are reused as they are."""
+    def rate_limits(self, config: GatewayConfig) -> RateLimits | None:
+        """The per-caller quotas of `config` over the process's store (None when no caller is limited):
+        the running store when `limits_store` is unchanged, else one made for it (running once
+        `commit(config)` runs)."""
+        inbound = config.inbound.limits
+        if not (inbound.limits_callers or any(r.limits.limits_callers for r in config.routes.values())):
+            return None
+        wanted = config.limits_store
+        store = self.rate_store
+        if store is None or wanted != self._store_config:
+            prepared = self._prepared_store
+            if prepared is not None and prepared[0] == wanted:
+                store = prepared[1]
+            else:
+                store = build_rate_store(wanted, self.ctx)
+                self._prepared_store = (wanted, store)
+        return RateLimits(store, inbound)
+
+    def build_router(self, config: GatewayConfig, running: Router | None = None) -> Router:
+        """Routes with their credentials and admission, without network I/O (`prepare` read the Key
+        Vault secrets). From the `running` router, credentials whose auth config is unchanged and
+        concurrency limits whose settings are unchanged are reused as they are."""
+        reuse: dict[CredentialKey, Credential] = {}
+        limits_in_use: dict[tuple[str, ConcurrencyKey], ConcurrencyLimit] = {}
+        if running is not None:
+            for old in running.routes:
+                reuse[old.credential_key] = old.credential
+                if old.concurrency is not None and old.concurrency_key is not None:
+                    limits_in_use[old.name, old.concurrency_key] = old.concurrency
+        self._prepared_store = None
+        rates = self.rate_limits(config)
         routes: list[Route] = []
         for name, rc in config.routes.items():
             key = credential_key(name, rc)
-            credential = (reuse or {}).get(key) or self.credential(name, rc)
+            credential = reuse.get(key) or self.credential(name, rc)
             if isinstance(credential, KeyCredential):
                 # Set on reused credentials too: the upstream may have changed while the auth did not.
                 preferred = min(rc.upstream_list(), key=lambda u: u.priority).url
@@ -289,6 +359,10 @@ class Assembly:
                     else self.secret(spec, f"routes.{name}.headers.{header}", header=True)
                 )
                 headers.append((header.encode("latin-1"), value))
+            limit_key = concurrency_key(rc)
+            concurrency = None
+            if limit_key is not None:
+                concurrency = limits_in_use.get((name, limit_key)) or build_concurrency(name, limit_key, rc)
             routes.append(
                 Route(
                     name=name,
@@ -315,10 +389,11 @@ class Assembly:
                     outlier_failures=rc.outlier.consecutive_failures,
                     ejection_s=rc.outlier.ejection_s,
                     probe_timeout_s=rc.outlier.probe_timeout_s,
-                    max_concurrent=rc.max_concurrent_requests,
-                    queue_timeout_s=rc.queue_timeout_s,
                     credential_key=key,
                     access=None if rc.callers is None else RouteAccess(name, rc.callers),
+                    rate_limit=None if rates is None else rates.route(name, rc.limits),
+                    concurrency=concurrency,
+                    concurrency_key=limit_key,
                 )
             )
         return Router(routes)
@@ -332,6 +407,20 @@ class Assembly:
         self.vaults.configure(config.keyvault)
         self.vaults.commit(uses)
         self._commit_signing_keys()
+        self._commit_rate_store()
+
+    def _commit_rate_store(self) -> None:
+        """The store `build_router` made is the running one; the store it replaces is closed."""
+        prepared, self._prepared_store = self._prepared_store, None
+        if prepared is None or prepared[1] is self.rate_store:
+            return
+        old = self.rate_store
+        self._store_config, self.rate_store = prepared
+        if self._started:
+            self._background(self.rate_store.start())
+        if old is not None:
+            # Requests admitted through it have had their answer from it: nothing waits on it any more.
+            self._background(old.aclose())
 
     def _commit_signing_keys(self) -> None:
         """The prepared signing keys are the running ones; keys they replace stop being refreshed."""
@@ -360,6 +449,8 @@ class Assembly:
         self.vaults.start()
         if self.signing_keys is not None:
             self.signing_keys.start_refreshing()
+        if self.rate_store is not None:
+            self._background(self.rate_store.start())
 
     async def close(self) -> None:
         keys, self.signing_keys = self.signing_keys, None
@@ -368,6 +459,9 @@ class Assembly:
             await self.rest.release(keys)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        store, self.rate_store = self.rate_store, None
+        if store is not None:
+            await store.aclose()
         await self.vaults.stop()
         if self._client is not None:
             await self._client.close()

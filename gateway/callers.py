@@ -8,9 +8,10 @@ A caller is what inbound protection proved about the client, in one of four form
 - `anonymous`    none of these.
 
 `Caller.id` is what the access log and spans show. `Caller.label` is the metric label: the id when the
-configuration names that caller somewhere (a route's `callers`, an API key's name), else `other`, so a
-client cannot grow a label set with tokens of its own. Both are computed once, when the caller value is
-made (once per token, key or certificate subject, not per request).
+configuration names that caller somewhere (a route's `callers`, an API key's name, a caller's own rate
+under `limits.callers`), else `other`, so a client cannot grow a label set with tokens of its own.
+`Caller.quota_key` is what per-caller rate limits count it under. All are computed once, when the caller
+value is made (once per token, key or certificate subject, not per request).
 
 `RouteAccess` is built once per route from `routes.NAME.callers`: `check(caller)` refuses with 403
 `caller_not_allowed` (naming the caller and the route, never the rules), `may_pin_deployment(caller)`
@@ -46,6 +47,9 @@ class Caller:
     name: str
     id: str
     label: str
+    # What per-caller quotas count it under, as `limits.callers` names it (`app:<id>`, `key:<name>`,
+    # `cert:<CN>`, unencoded); empty for anonymous callers, who are counted by their client address.
+    quota_key: str = ""
     oid: str | None = None
     tenant_id: str | None = None
     roles: frozenset[str] = frozenset()
@@ -74,6 +78,14 @@ class CallerFactory:
             for rules in route.callers.rule_sets():
                 app_ids.update(rules.app_ids)
                 cert_subjects.update(rules.cert_subjects)
+        # Callers with a rate of their own (`limits.callers`) are named by the configuration too.
+        for limits in (config.inbound.limits, *(route.limits for route in config.routes.values())):
+            for quota_key in limits.callers:
+                kind, _, name = quota_key.partition(":")
+                if kind == "app":
+                    app_ids.add(name.lower())
+                elif kind == "cert":
+                    cert_subjects.add(name)
         self._app_ids = frozenset(app_ids)
         self._cert_subjects = frozenset(cert_subjects)
         # Key names all come from the configuration: each is its own label. One value per name, made now.
@@ -89,6 +101,7 @@ class CallerFactory:
             name=name,
             id=caller_id,
             label=caller_id if name in self._app_ids else OTHER,
+            quota_key=f"app:{name}",
             oid=oid,
             tenant_id=tenant_id,
             roles=frozenset(roles),
@@ -113,6 +126,7 @@ class CallerFactory:
                 name=name,
                 id=caller_id,
                 label=caller_id if name in self._cert_subjects else OTHER,
+                quota_key=f"cert:{name}",
             )
             if len(self._certs) < _MAX_CERT_CALLERS:
                 self._certs[name] = caller
@@ -125,7 +139,7 @@ class CallerFactory:
 
 def _key_caller(name: str) -> Caller:
     caller_id = f"key:{_shown(name)}"
-    return Caller(kind="key", name=name, id=caller_id, label=caller_id)
+    return Caller(kind="key", name=name, id=caller_id, label=caller_id, quota_key=f"key:{name}")
 
 
 def certificate_common_name(peercert: Mapping[str, Any] | None) -> str | None:

@@ -14,7 +14,15 @@ import msal
 
 from gateway.assembly import Assembly
 from gateway.azure_rest import origin_of
-from gateway.config import AmlTokenAuth, AuthConfig, GatewayConfig, IdentityConfig, KeyAuth
+from gateway.config import (
+    AmlTokenAuth,
+    AuthConfig,
+    CallerLimitsConfig,
+    GatewayConfig,
+    IdentityConfig,
+    KeyAuth,
+    RouteConfig,
+)
 from gateway.credentials.identity import DEFAULT_AUTHORITY_HOST, ENV_AUTHORITY_HOST, managed_identity_source
 from gateway.egress import IMDS_ADDRESS, Egress, Proxy, open_connection
 from gateway.errors import ConfigError, ConnectError, GatewayError
@@ -182,6 +190,7 @@ async def _check(config: GatewayConfig, config_path: str, assembly: Assembly) ->
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     print()
+    healthy = await _check_limits(config, assembly) and healthy
     if entra is not None:
         healthy = await _check_callers(config, config_path, assembly) and healthy
         print()
@@ -204,6 +213,62 @@ async def _check(config: GatewayConfig, config_path: str, assembly: Assembly) ->
     print_keyvault_secrets(assembly.vaults)
     print("all routes OK" if healthy else "some routes have problems (see above)")
     return 0 if healthy else 1
+
+
+def _rates(limits: CallerLimitsConfig) -> list[str]:
+    parts = []
+    if limits.per_caller is not None:
+        rate = limits.per_caller
+        parts.append(f"per caller {rate.requests_per_s:g}/s burst {rate.burst_requests}")
+    for caller, rate in limits.callers.items():
+        parts.append(f"{caller} {rate.requests_per_s:g}/s burst {rate.burst_requests}")
+    return parts
+
+
+def _concurrency(route: RouteConfig) -> list[str]:
+    limits = route.limits
+    if limits.max_concurrent is None:
+        return []
+    if limits.max_concurrent == "auto":
+        limit = f"max_concurrent auto, {limits.min or 1} to {limits.max or route.max_connections}"
+    else:
+        limit = f"max_concurrent {limits.max_concurrent}"
+    queue = f"queue {limits.queue} for {limits.queue_timeout_s:g} s" if limits.queue else "no queue"
+    return [limit, queue]
+
+
+async def _check_limits(config: GatewayConfig, assembly: Assembly) -> bool:
+    """Each route's admission limits, and the rate store answering (Redis reached within `timeout_ms`).
+    Nothing printed when nothing is limited."""
+    lines = []
+    if config.inbound.limits.limits_callers:
+        lines.append(f"LIMITS  inbound (every route): {'; '.join(_rates(config.inbound.limits))}")
+    for name, route in config.routes.items():
+        parts = _concurrency(route) + _rates(route.limits)
+        if parts:
+            lines.append(f"LIMITS  {name}: {'; '.join(parts)}")
+    if not lines:
+        return True
+    for line in lines:
+        print(line)
+    healthy = True
+    rates = assembly.rate_limits(config)
+    if rates is not None:
+        store = rates.store
+        await store.start()
+        status = store.status()
+        if status["store"] == "local":
+            print("LIMITS STORE  this process (limits_store unset): each replica counts alone")
+        elif status["state"] == "shared":
+            print(f"LIMITS STORE  Redis at {status['target']}: answers, quotas shared by the replicas")
+        else:
+            healthy = False
+            print(
+                f"LIMITS STORE  Redis at {status['target']}: FAILED ({status['reason']}); the gateway would "
+                f"decide locally, divided by expected_replicas={status['expected_replicas']}"
+            )
+    print()
+    return healthy
 
 
 async def _check_callers(config: GatewayConfig, config_path: str, assembly: Assembly) -> bool:

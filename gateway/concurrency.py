@@ -5,6 +5,9 @@
         ...                                                           # the upstream attempts
         slot.observe(latency_s, status)                               # per answer, for `auto`
 
+or, where one `try/finally` already covers the request (the proxy), `await slot.acquire()` before it and
+`slot.release()` in its `finally`.
+
 The slot is given back on every way out of the `async with`: an answer, an error, a timeout, a client
 that went away, a cancelled task. A request cancelled while it waits never takes a slot: a slot handed to
 it in the same instant goes on to the next waiter. A slot that comes free goes to the longest waiter
@@ -52,16 +55,30 @@ class ConcurrencyLimit:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def slot_now(self, caller: str = "other") -> Slot | None:
+        """A slot taken at once, held (give it back with `release()`), when one is free and nobody
+        waits; else None, and the request waits with `slot()`. The request path's fast way in."""
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            slot = Slot(self, None, caller)
+            slot._held = True
+            adaptive = self.adaptive
+            if adaptive is not None:
+                slot.epoch = adaptive.epoch
+            return slot
+        return None
+
     def slot(self, remaining_s: float | None = None, caller: str = "other") -> Slot:
         """A slot to hold in `async with`. `remaining_s`: time left before the request's deadline, which
         bounds the wait like `queue_timeout_s` does; `caller`: the bounded caller label of refusals."""
         return Slot(self, remaining_s, caller)
 
-    async def _wait(self, remaining_s: float | None, caller: str) -> None:
-        """Queue for a slot; return holding one, or raise RouteBusy."""
+    async def _wait(self, remaining_s: float | None, caller: str, *, first: bool = False) -> None:
+        """Queue for a slot; return holding one, or raise RouteBusy. `first`: at the head of the queue
+        (a request admitted before, giving its slot back to replay; it takes no place in the queue)."""
         wait_s = self.queue_timeout_s if remaining_s is None else min(self.queue_timeout_s, remaining_s)
         waiters = self._waiters
-        if len(waiters) >= self.max_queue or wait_s <= 0:
+        if (len(waiters) >= self.max_queue and not first) or wait_s <= 0:
             raise self._refuse(
                 f"route {self.route} has {self.in_flight} requests in flight (its limit is {self.limit}) "
                 f"and {len(waiters)} waiting (its queue holds {self.max_queue}); retry after the Retry-After "
@@ -70,7 +87,10 @@ class ConcurrencyLimit:
             )
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
-        waiters.append(waiter)
+        if first:
+            waiters.appendleft(waiter)
+        else:
+            waiters.append(waiter)
         expiry = loop.call_later(wait_s, self._expire, waiter)
         started = time.perf_counter()
         try:
@@ -142,7 +162,10 @@ class Slot:
         self._held = False
         self.epoch = 0
 
-    async def __aenter__(self) -> Slot:
+    async def acquire(self) -> Slot:
+        """Take a slot, waiting in the queue if need be; RouteBusy when refused. Nothing is held when it
+        raises (a refusal, a cancellation). Pair with `release()` in a `finally` that covers every await
+        after it, or use the slot in `async with`, which does both."""
         limit = self._limit
         if limit.in_flight < limit.limit and not limit._waiters:
             limit.in_flight += 1
@@ -154,12 +177,35 @@ class Slot:
             self.epoch = adaptive.epoch
         return self
 
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
+    def release(self) -> None:
+        """Give the slot back (once; a second call does nothing)."""
         if self._held:
             self._held = False
             self._limit._release()
+
+    async def __aenter__(self) -> Slot:
+        return await self.acquire()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.release()
+
+    async def requeue(self, remaining_s: float | None) -> None:
+        """Before a replay of an answer that said the upstream is full: when the limit has come down below
+        the requests in flight (`auto` after a 429), give this slot back and wait at the head of the queue
+        for the next one, so the replay is not sent into the same congestion. RouteBusy when none comes
+        within `queue_timeout_s` or `remaining_s` (holding nothing then)."""
+        limit = self._limit
+        if not self._held or limit.in_flight <= limit.limit:
+            return
+        self._held = False
+        limit._release()
+        await limit._wait(remaining_s, self._caller, first=True)
+        self._held = True
+        adaptive = limit.adaptive
+        if adaptive is not None:
+            self.epoch = adaptive.epoch
 
     def observe(self, latency_s: float, status: int) -> None:
         """One upstream answer to this request: its status after `latency_s` from sending the request to

@@ -278,10 +278,16 @@ class RatePolicyConfig(_Model):
 
 
 def _caller_names(value: dict[str, RatePolicyConfig]) -> dict[str, RatePolicyConfig]:
-    for name in value:
+    names: dict[str, RatePolicyConfig] = {}
+    for name, rate in value.items():
         if not name or len(name) > 256 or not name.isprintable():
             raise ValueError(f"{name!r} is not a caller name (1-256 printable characters)")
-    return value
+        # App ids are GUIDs, which tokens may spell in either case: callers are counted in lower case.
+        key = "app:" + name[4:].lower() if name[:4].lower() == "app:" else name
+        if key in names:
+            raise ValueError(f"{name!r} is named twice (app ids are compared in lower case)")
+        names[key] = rate
+    return names
 
 
 class CallerLimitsConfig(_Model):
@@ -989,17 +995,6 @@ class RouteConfig(_Model):
                 "raise `max_connections`"
             )
         return self
-
-    # Transitional, for the request path until the admission stage replaces `Route.semaphore`: the old
-    # semaphore enforces a fixed `limits.max_concurrent` (`auto` is not enforced there).
-    @property
-    def max_concurrent_requests(self) -> int | None:
-        limit = self.limits.max_concurrent
-        return limit if isinstance(limit, int) else None
-
-    @property
-    def queue_timeout_s(self) -> float:
-        return self.limits.queue_timeout_s if self.limits.queue else 0.0
 
     def upstream_list(self) -> list[UpstreamConfig]:
         if self.upstreams is not None:

@@ -6,13 +6,16 @@ the client with a `ClientFacingError` when it refuses (see `Proxy.serve`):
     1. inbound      (`gateway.inbound`)   who may use the gateway, who calls    403/401
     2. router       (`gateway.routing`)   which route, path rules               404/400
     3. route access (`gateway.callers`)   may this caller use this route        403 caller_not_allowed
-    4. admission    (`gateway.admission`) a route slot now, queued, or refused  503 overloaded
+    4. admission    (`gateway.ratelimit`) the caller's quotas                   429 rate_limited
+                    (`gateway.concurrency`) a route slot now, queued, or not    503 route_busy
     5. credential   (`gateway.credentials`) the grant, within the deadline      503 credential_unavailable
     6. replay policy + client (`_attempts`, `gateway.retry`, `gateway.client`)  the answer, or 502/504
 
 Everything up to the credential happens before a byte of the body is read. What a stage takes it gives back
-on every exit path (one try/finally each). The outcome of every stage goes into the request's
-`RequestRecord`, from which the access line, the metrics and the span are written once, at the end.
+on every exit path (one try/finally each: the concurrency slot is acquired just before the one that covers
+the rest of the request, so a route without limits pays an attribute test and nothing else). The outcome
+of every stage goes into the request's `RequestRecord`, from which the access line, the metrics and the
+span are written once, at the end.
 
 No ASGI on this path: the server protocol hands over an `Exchange` (`gateway.exchange`) and the answer is
 written to the client connection directly, its head and a body that is already complete in one write.
@@ -30,6 +33,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from gateway.client import UpstreamClient, UpstreamResponse, encode_chunked
+from gateway.concurrency import Slot
 from gateway.credentials.base import Grant
 from gateway.errors import (
     BadRequestPath,
@@ -162,10 +166,31 @@ class Proxy:
                 f"the request body is {inbound.content_length} bytes; route {route.name} accepts at most "
                 f"{route.max_body_bytes}"
             )
-        # 4. admission: a slot of the route, held until the answer is out
-        admission = route.admission
-        if not admission.try_enter():
-            await admission.enter()
+        # 4. admission: the caller's quotas (a refusal uses none), then a slot of the route, held until the
+        # answer is out; the slot is given back in the `finally` below, however the request ends.
+        rate_limit = route.rate_limit
+        if rate_limit is not None:
+            caller = record.caller
+            # An anonymous caller is counted by its client address (the connection's peer).
+            client = exchange.client
+            quota_key = caller.quota_key or (client[0] if client else "unknown")
+            if rate_limit.decides_now:
+                rate_limit.admit_now(quota_key, caller.label)
+            else:
+                await rate_limit.admit(quota_key, caller.label)
+        slot: Slot | None = None
+        observer: Slot | None = None  # the slot, when its limit learns from upstream answers (`auto`)
+        concurrency = route.concurrency
+        if concurrency is not None:
+            slot = concurrency.slot_now(record.caller.label)
+            if slot is None:  # wait in the queue, until the request's deadline at most
+                deadline_s = route.replay.deadline_s or route.timeout_s
+                slot = concurrency.slot(
+                    record.started + deadline_s - time.perf_counter(), record.caller.label
+                )
+                await slot.acquire()
+            if concurrency.adaptive is not None:
+                observer = slot
         in_flight = route.in_flight
         in_flight.value += 1
         try:
@@ -180,7 +205,7 @@ class Proxy:
             if query:
                 target = b"%b?%b" % (target, query)
             # 6. replay policy and client: the answer to pass on
-            response = await self._attempts(route, record, common, target, body, stream, grant)
+            response = await self._attempts(route, record, common, target, body, stream, grant, observer)
             try:
                 await self._answer(exchange, response, record)
             finally:
@@ -188,7 +213,8 @@ class Proxy:
         finally:
             route.balancer.release(record)  # a probe this request still holds ends with it, whatever ended it
             in_flight.value -= 1
-            admission.leave()
+            if slot is not None:
+                slot.release()
 
     async def _attempts(
         self,
@@ -199,8 +225,10 @@ class Proxy:
         body: bytes | None,
         stream: AsyncIterator[bytes] | None,
         grant: Grant,
+        observer: Slot | None,
     ) -> UpstreamResponse:
-        """Attempts until one answer is passed on; `route.replay` decides every replay."""
+        """Attempts until one answer is passed on; `route.replay` decides every replay. Each upstream
+        answer's status and latency go to `observer` (the slot of a `max_concurrent: auto` route)."""
         policy = route.replay
         balancer = route.balancer
         credential = route.credential
@@ -229,6 +257,7 @@ class Proxy:
                     b"\r\n",
                 ]
             )
+            sent = time.perf_counter() if observer is not None else 0.0
             try:
                 response = await request(  # by position: see UpstreamClient.request
                     upstream.pool,
@@ -274,6 +303,8 @@ class Proxy:
             # the `except` gives the connection back. Waits that follow a discard hold nothing.
             try:
                 status = response.status
+                if observer is not None:
+                    observer.observe(time.perf_counter() - sent, status)
                 balancer.answered(upstream, status, record)
                 replacement: Grant | None = None
                 wait: float | None = None
@@ -308,6 +339,8 @@ class Proxy:
             assert wait is not None
             tried = (*tried, upstream)
             record.retries += 1
+            if observer is not None:  # `auto` lowered its limit: this replay waits for room under it
+                await observer.requeue(None if deadline is None else deadline - time.perf_counter())
             await asyncio.sleep(wait)
 
     async def _answer(self, exchange: Exchange, response: UpstreamResponse, record: RequestRecord) -> None:

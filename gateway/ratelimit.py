@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 #   RateLimit: "routes.iris";r=0;t=1             (r: remaining quota units; t: seconds until more)
 POLICY_HEADER = b"ratelimit-policy"
 STATE_HEADER = b"ratelimit"
+# Callers whose buckets a route remembers (beyond it, it forgets them all and starts again).
+KNOWN_CALLERS = 4096
 # Sums of float intervals drift by a few ulps; a request this early counts as on time.
 _EPSILON_S = 1e-9
 
@@ -94,13 +96,14 @@ class RatePolicy:
 @dataclass(slots=True)
 class RateDecision:
     """A store's answer for the buckets of one request, in their order. `retry_after_s` is 0 when
-    allowed, else the time until every bucket has room; `remaining` and `reset_s` are per bucket: requests
-    left at once, and seconds until the bucket is full again."""
+    allowed, else the time until every bucket has room; `reset_s` and `remaining` are per bucket: seconds
+    until the bucket is full again, and requests left at once (None: not counted by the store, see
+    `RateGrant.remaining`, since an admitted request rarely needs it)."""
 
     allowed: bool
     retry_after_s: float
-    remaining: list[int]
     reset_s: list[float]
+    remaining: list[int] | None = None
 
 
 class RateStore(Protocol):
@@ -112,12 +115,16 @@ class RateStore(Protocol):
         """For `/readyz` details."""
         ...
 
+    async def start(self) -> None:
+        """Get ready on the serving event loop (optional: the first decision does it otherwise)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 class LocalRateStore:
     """GCRA in this process. Memory stays bounded with many distinct callers: a caller whose bucket is
-    full again is forgotten (it is the same as never seen), checked a few keys per decision from the
+    full again is forgotten (it is the same as never seen), checked a few keys per new caller from the
     longest-idle end, and beyond `max_keys` the longest-idle callers are forgotten early (they get a
     fresh bucket: more lenient, never stricter)."""
 
@@ -132,35 +139,43 @@ class LocalRateStore:
 
     def decide(self, buckets: Sequence[tuple[str, RatePolicy]]) -> RateDecision:
         now = self._clock()
+        wait = self.count(buckets, now)
+        return RateDecision(not wait, wait, self.reset_s(buckets, now))
+
+    def count(self, buckets: Sequence[tuple[str, RatePolicy]], now: float | None = None) -> float:
+        """The decision alone, for the request path: 0.0 when the request was counted in every bucket,
+        else the time before a retry fits (and nothing was counted)."""
+        if now is None:
+            now = self._clock()
         tats = self._tats
-        new_tats: list[float] = []
-        wait = _EPSILON_S
+        wait = 0.0
         for key, policy in buckets:
             tat = tats.get(key, now)
-            new_tat = (tat if tat > now else now) + policy.interval_s
-            late = new_tat - policy.tolerance_s - now
+            late = (tat if tat > now else now) + policy.interval_s - policy.tolerance_s - now
             if late > wait:
                 wait = late
-            new_tats.append(new_tat)
         if wait > _EPSILON_S:
-            return RateDecision(False, wait, *self._state(buckets, now))
-        for (key, _), new_tat in zip(buckets, new_tats, strict=True):
-            tats.pop(key, None)  # re-inserted last: the dict stays ordered by last admission
-            tats[key] = new_tat
-        self._forget_idle(now)
-        return RateDecision(True, 0.0, *self._state(buckets, now))
+            return wait
+        new_caller = False
+        for key, policy in buckets:
+            held = tats.pop(key, None)  # re-inserted last: the dict stays ordered by last admission
+            if held is None:
+                new_caller = True
+                held = now
+            tats[key] = (held if held > now else now) + policy.interval_s
+        if new_caller:  # only a new key grows the dict: forgetting keeps pace with new callers
+            self._forget_idle(now)
+        return 0.0
+
+    def reset_s(self, buckets: Sequence[tuple[str, RatePolicy]], now: float | None = None) -> list[float]:
+        """Per bucket, the time until it is full again."""
+        if now is None:
+            now = self._clock()
+        tats = self._tats
+        return [max(0.0, tats.get(key, now) - now) for key, _ in buckets]
 
     async def acquire(self, buckets: Sequence[tuple[str, RatePolicy]]) -> RateDecision:
         return self.decide(buckets)
-
-    def _state(self, buckets: Sequence[tuple[str, RatePolicy]], now: float) -> tuple[list[int], list[float]]:
-        remaining: list[int] = []
-        reset: list[float] = []
-        for key, policy in buckets:
-            ahead = max(0.0, self._tats.get(key, now) - now)  # time until the bucket is full
-            remaining.append(max(0, int((policy.tolerance_s - ahead) / policy.interval_s + _EPSILON_S)))
-            reset.append(ahead)
-        return remaining, reset
 
     def _forget_idle(self, now: float) -> None:
         tats = self._tats
@@ -175,6 +190,9 @@ class LocalRateStore:
     def status(self) -> dict[str, object]:
         return {"store": "local", "callers_tracked": len(self._tats)}
 
+    async def start(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         self._tats.clear()
 
@@ -184,11 +202,9 @@ class CallerQuotas:
 
     def __init__(self, name: str, config: CallerLimitsConfig) -> None:
         self.name = name
+        self.prefix = name + ":"  # of store keys, "<quota name>:<caller key>": quota names hold no ':'
         self.default = None if config.per_caller is None else RatePolicy.of(name, config.per_caller)
         self.overrides = {caller: RatePolicy.of(name, rate) for caller, rate in config.callers.items()}
-
-    def policy(self, caller: str) -> RatePolicy | None:
-        return self.overrides.get(caller, self.default)
 
 
 class RateLimits:
@@ -212,32 +228,73 @@ class RouteRateLimit:
         self.route = route
         self.store = store
         self.quotas = quotas
-        # Store keys are "<quota name>:<caller key>": quota names hold no ':'.
-        self._prefixes = tuple(quota.name + ":" for quota in quotas)
+        # A store in this process decides at once: no coroutine to await (`admit_now`).
+        self._local = store if isinstance(store, LocalRateStore) else None
+        self.decides_now = self._local is not None
+        self._single = quotas[0] if len(quotas) == 1 else None
+        # caller key -> its buckets (they never change for a route): a dict look-up per request.
+        self._known: dict[str, list[tuple[str, RatePolicy]]] = {}
 
     async def admit(self, caller_key: str, caller_label: str) -> RateGrant | None:
         """Count one request of the caller `caller_key` (its name, or the client address of an anonymous
         caller). Raises RateLimited; returns None when no quota applies to this caller.
         `caller_label`: the bounded metric label of the caller (a configured name, else `other`)."""
-        buckets: list[tuple[str, RatePolicy]] = []
-        for quota, prefix in zip(self.quotas, self._prefixes, strict=True):
-            policy = quota.policy(caller_key)
-            if policy is not None:
-                buckets.append((prefix + caller_key, policy))
+        buckets = self._known.get(caller_key) or self._buckets(caller_key)
         if not buckets:
             return None
-        decision = await self.store.acquire(buckets)
+        local = self._local
+        decision = local.decide(buckets) if local is not None else await self.store.acquire(buckets)
         grant = RateGrant(buckets, decision)
         if not decision.allowed:
-            metrics.ADMISSION_REFUSALS.labels(self.route, "rate_limited", caller_label).inc()
-            used_up = [bucket for bucket, left in zip(buckets, decision.remaining, strict=True) if not left]
-            raise RateLimited(
-                f"the caller's request rate on route {self.route} is used up ({_rates(used_up)}); retry "
-                "after the Retry-After delay",
-                retry_after=decision.retry_after_s,
-                headers=grant.headers(),
-            )
+            raise self._refusal(grant, caller_label)
         return grant
+
+    def admit_now(self, caller_key: str, caller_label: str) -> None:
+        """`admit` when `decides_now`, for the request path: no coroutine, nothing made for an admitted
+        request."""
+        buckets = self._known.get(caller_key) or self._buckets(caller_key)
+        if buckets:
+            local = self._local
+            assert local is not None
+            wait = local.count(buckets)
+            if wait:
+                decision = RateDecision(False, wait, local.reset_s(buckets))
+                raise self._refusal(RateGrant(buckets, decision), caller_label)
+
+    def _buckets(self, caller_key: str) -> list[tuple[str, RatePolicy]]:
+        single = self._single
+        if single is not None:  # the usual case: one quota, the route's or the gateway-wide one
+            policy = single.overrides.get(caller_key, single.default)
+            buckets = [] if policy is None else [(single.prefix + caller_key, policy)]
+        else:
+            buckets = []
+            for quota in self.quotas:
+                policy = quota.overrides.get(caller_key, quota.default)
+                if policy is not None:
+                    buckets.append((quota.prefix + caller_key, policy))
+        known = self._known
+        if len(known) >= KNOWN_CALLERS:
+            known.clear()  # many distinct callers (anonymous addresses): start again, still correct
+        known[caller_key] = buckets
+        return buckets
+
+    def _refusal(self, grant: RateGrant, caller_label: str) -> RateLimited:
+        metrics.ADMISSION_REFUSALS.labels(self.route, "rate_limited", caller_label).inc()
+        used_up = [bucket for bucket, left in zip(grant.buckets, grant.remaining(), strict=True) if not left]
+        return RateLimited(
+            f"the caller's request rate on route {self.route} is used up ({_rates(used_up)}); retry "
+            "after the Retry-After delay",
+            retry_after=grant.decision.retry_after_s,
+            headers=grant.headers(),
+        )
+
+
+def _remaining(buckets: Sequence[tuple[str, RatePolicy]], aheads: list[float]) -> list[int]:
+    """Requests each bucket takes at once, `aheads` seconds before it is full again."""
+    return [
+        max(0, int((policy.tolerance_s - ahead) / policy.interval_s + _EPSILON_S))
+        for (_, policy), ahead in zip(buckets, aheads, strict=True)
+    ]
 
 
 def _rates(buckets: Sequence[tuple[str, RatePolicy]]) -> str:
@@ -251,13 +308,19 @@ class RateGrant:
     buckets: list[tuple[str, RatePolicy]]
     decision: RateDecision
 
+    def remaining(self) -> list[int]:
+        """Per bucket, requests left at once."""
+        remaining = self.decision.remaining
+        return _remaining(self.buckets, self.decision.reset_s) if remaining is None else remaining
+
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """`RateLimit-Policy` and `RateLimit` for the answer (a refusal carries them; an admitted
         request may)."""
         decision = self.decision
+        remaining = self.remaining()
         policies = ", ".join(policy.item for _, policy in self.buckets)
         states = ", ".join(
-            f'"{policy.name}";r={decision.remaining[index]};'
+            f'"{policy.name}";r={remaining[index]};'
             f"t={math.ceil(_next_unit_s(policy, decision.reset_s[index]) - _EPSILON_S)}"
             for index, (_, policy) in enumerate(self.buckets)
         )

@@ -289,7 +289,7 @@ def _decision(reply: Any, buckets: Sequence[tuple[str, RatePolicy]]) -> RateDeci
         interval_us, tolerance_us = int(policy.redis_args[0]), int(policy.redis_args[1])
         remaining.append(max(0, (tolerance_us - int(ahead)) // interval_us))
         reset.append(max(0, int(ahead)) / 1e6)
-    return RateDecision(bool(admitted), int(wait_us) / 1e6, remaining, reset)
+    return RateDecision(bool(admitted), int(wait_us) / 1e6, reset, remaining)
 
 
 def _describe(error: BaseException, timeout_s: float) -> str:

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from gateway import metrics
-from gateway.admission import Admission
 from gateway.callers import RouteAccess
+from gateway.concurrency import ConcurrencyLimit
 from gateway.credentials.base import Credential
 from gateway.paths import check_path
+from gateway.ratelimit import RouteRateLimit
 from gateway.retry import ReplayPolicy
 from gateway.secrets import Secret
 from gateway.upstreams import Balancer, Upstream
@@ -39,11 +40,13 @@ class Route:
     outlier_failures: int = 5
     ejection_s: float = 30.0
     probe_timeout_s: float = 10.0
-    max_concurrent: int | None = None
-    queue_timeout_s: float = 1.0
     credential_key: tuple[str, object] = ("", None)
     # `routes.NAME.callers`; None: every caller may use the route, and nobody may choose its deployment.
     access: RouteAccess | None = None
+    # Admission (`routes.NAME.limits`, `inbound.limits`); None: nothing to check, nothing to pay.
+    rate_limit: RouteRateLimit | None = None
+    concurrency: ConcurrencyLimit | None = None
+    concurrency_key: tuple[object, ...] | None = None  # what it was built from (kept across a reload)
     # Client headers never forwarded: those the route sets, and the deployment the client may not choose.
     header_names: frozenset[bytes] = frozenset()
     # The route's fixed header lines, in wire form once; secret-backed ones are read per request.
@@ -51,7 +54,6 @@ class Route:
     secret_headers: tuple[tuple[bytes, Secret], ...] = ()
     prefix_bytes: bytes = b""
     in_flight: metrics.InFlight = field(init=False)  # the route's requests in flight
-    admission: Admission = field(init=False)
     balancer: Balancer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -63,7 +65,6 @@ class Route:
         self.secret_headers = tuple(
             (name, value) for name, value in self.headers if not isinstance(value, bytes)
         )
-        self.admission = Admission(self.name, self.max_concurrent, self.queue_timeout_s)
         self.in_flight = metrics.in_flight(self.name)
         self.balancer = Balancer(
             self.name,

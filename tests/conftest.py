@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from redis_server import RedisServer, require_redis_server
 from servers import ServerThread
 from upstream import Upstream
 
@@ -47,6 +48,14 @@ def gateway_factory() -> Iterator[Callable[..., ServerThread]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on loopback (skipped, saying why, when the binary is missing)."""
+    require_redis_server()
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
 
 
 def key_route(upstream_url: str, **auth: Any) -> dict[str, Any]:

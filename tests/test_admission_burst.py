@@ -3,11 +3,12 @@ emulated Azure ML endpoint (429 beyond `max_concurrent` in flight), over real HT
 a process of its own, so the driver's work does not slow the endpoint down (a GIL shared with it would
 show up as latency the adaptive limit reacts to).
 
-The request path is not wired yet (that is the integration of the admission stage); this driver does
-what the admission stage and the replay policy will do per request: hold a slot for the whole request,
-feed each upstream answer to the limit, replay an upstream 429 after a short backoff (at most 3
-attempts, like `retry.attempts`). With `max_concurrent: auto` or a fixed limit at capacity no client sees
-a 429; without a limit the same burst gets many.
+The building blocks alone, without the gateway around them (tests/test_acceptance_limits.py runs the
+same burst through the real gateway): this driver does what the admission stage and the replay policy
+do per request: hold a slot for the whole request, feed each upstream answer to the limit, replay an
+upstream 429 after a short backoff (at most 3 attempts, like `retry.attempts`). With
+`max_concurrent: auto` or a fixed limit at capacity no client sees a 429; without a limit the same burst
+gets many.
 
 `python tests/test_admission_burst.py` prints the numbers of the three runs.
 """
@@ -17,15 +18,13 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import pytest
+from remote_emulator import RemoteEmulator, start_emulator, stop_emulator
 
 from gateway.adaptive import AdaptiveLimit
 from gateway.concurrency import ConcurrencyLimit
@@ -66,64 +65,6 @@ class BurstResult:
             f"max {waits[-1] * 1000:.0f} ms, "
             f"final limit {self.final_limit}, {self.seconds:.1f} s"
         )
-
-
-@dataclass
-class RemoteEmulator:
-    """`python -m gateway.emulator` in its own process, reached over HTTP only."""
-
-    process: subprocess.Popen[str]
-    url: str
-    key: str
-
-    @property
-    def scoring_uri(self) -> str:
-        return self.url + "/score"
-
-    def admin(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        if body is None:
-            response = httpx.get(f"{self.url}/_emulator/{path}", timeout=10)
-        else:
-            response = httpx.post(f"{self.url}/_emulator/{path}", json=body, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
-    def deployment(self) -> dict[str, Any]:
-        return self.admin("state")["deployments"]["blue"]  # type: ignore[no-any-return]
-
-
-def start_emulator() -> RemoteEmulator:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.emulator", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    url = key = ""
-    deadline = time.monotonic() + 60
-    while not (url and key):
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the emulator exited with {process.wait(10)} before its banner")
-        if line.strip().startswith("plain HTTP"):
-            url = line.split()[2]
-        elif line.strip().startswith("primary key"):
-            key = line.split()[2]
-        assert time.monotonic() < deadline, "no emulator banner within 60 s"
-    emulator = RemoteEmulator(process, url, key)
-    emulator.admin("config", {"score_delay_s": SERVICE_S})
-    emulator.admin("deployments", {"name": "blue", "max_concurrent": CAPACITY})
-    return emulator
-
-
-def stop_emulator(emulator: RemoteEmulator) -> None:
-    emulator.process.terminate()
-    try:
-        emulator.process.wait(15)
-    except subprocess.TimeoutExpired:
-        emulator.process.kill()
-        emulator.process.wait(5)
 
 
 async def burst(emulator: RemoteEmulator, mode: str) -> BurstResult:
@@ -184,7 +125,7 @@ async def burst(emulator: RemoteEmulator, mode: str) -> BurstResult:
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[RemoteEmulator]:
-    remote = start_emulator()
+    remote = start_emulator(capacity=CAPACITY, score_delay_s=SERVICE_S)
     try:
         yield remote
     finally:
@@ -216,7 +157,7 @@ def test_without_a_limit_the_same_burst_gets_429s(emulator: RemoteEmulator) -> N
 
 
 if __name__ == "__main__":
-    remote = start_emulator()
+    remote = start_emulator(capacity=CAPACITY, score_delay_s=SERVICE_S)
     try:
         for run_mode in ("none", "static", "auto"):
             print(asyncio.run(burst(remote, run_mode)).summary())

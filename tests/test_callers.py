@@ -275,3 +275,25 @@ def test_the_wire_answer_carries_the_challenge_too() -> None:
         in error_head(CallerTokenMissing("send a token"), "req-2", b"{}").decode()
     )
     assert "www-authenticate" not in error_head(CallerNotAllowed("caller app:x ..."), "req-3", b"{}").decode()
+
+
+def test_quota_keys_and_labels_of_callers_with_a_rate_of_their_own() -> None:
+    """`limits.callers` names callers as `app:<id>` (in any case), `key:<name>`, `cert:<CN>`: those are the
+    callers' quota keys, unencoded, and a caller named there has its own metric label."""
+    other_app = "7a000000-0000-4000-8000-0000000000ff"
+    data = config(inbound={"limits": {"callers": {f"APP:{other_app.upper()}": {"requests_per_s": 5}}}})
+    data["routes"]["fraud"]["limits"] = {"callers": {"cert:reporting client": {"requests_per_s": 1}}}
+    data["server"] = {"tls": {"cert": "x", "key": "y", "client_ca": "/etc/ca.pem"}}
+    cfg = parse_config(data)
+    assert list(cfg.inbound.limits.callers) == [f"app:{other_app}"]
+    callers = CallerFactory(cfg)
+    app = callers.app(other_app.upper(), oid=None, tenant_id=TENANT, roles=[])
+    assert (app.quota_key, app.label) == (f"app:{other_app}", f"app:{other_app}")
+    cert = callers.cert("reporting client")
+    assert (cert.id, cert.quota_key, cert.label) == (
+        "cert:reporting%20client",
+        "cert:reporting client",
+        cert.id,
+    )
+    stranger = callers.app(SCORER, oid=None, tenant_id=TENANT, roles=[])
+    assert (stranger.quota_key, stranger.label) == (f"app:{SCORER}", "other")

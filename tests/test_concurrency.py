@@ -315,3 +315,69 @@ def _cancel_later(task: asyncio.Task[None], turns: int) -> None:
         task.cancel()
     else:
         asyncio.get_running_loop().call_soon(_cancel_later, task, turns - 1)
+
+
+def test_slot_now_takes_a_free_slot_or_says_to_wait() -> None:
+    """The request path's fast way in: a slot at once when one is free and nobody waits, else None (the
+    request then queues with `slot()`, behind the waiters)."""
+
+    async def main() -> None:
+        limit = ConcurrencyLimit("slot-now", limit=1, queue=1, queue_timeout_s=5)
+        first = limit.slot_now()
+        assert first is not None and limit.in_flight == 1
+        assert limit.slot_now() is None
+        waiter = asyncio.ensure_future(limit.slot().acquire())
+        await asyncio.sleep(0)
+        first.release()
+        first.release()  # once only
+        second = await waiter
+        assert (limit.in_flight, limit.queued) == (1, 0)
+        second.release()
+        assert (limit.in_flight, limit.queued) == (0, 0)
+        adaptive = AdaptiveLimit("slot-now-auto", min_limit=2, max_limit=4)
+        auto = ConcurrencyLimit("slot-now-auto", limit=adaptive, queue=0, queue_timeout_s=1)
+        held = auto.slot_now()
+        assert held is not None and held.epoch == adaptive.epoch
+        held.observe(0.01, 429)  # a held slot feeds the limit
+        assert adaptive.epoch == 1
+        held.release()
+        assert auto.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_a_replay_after_the_limit_came_down_waits_for_room_first() -> None:
+    """`auto` after a 429: the requests in flight are more than the new limit; the one about to replay
+    gives its slot back and waits at the head of the queue, so the replay does not meet the same full
+    endpoint. Nothing is held if that wait is refused."""
+
+    async def main() -> None:
+        adaptive = AdaptiveLimit("requeue", min_limit=1, max_limit=8)
+        adaptive.limit = 2
+        limit = ConcurrencyLimit("requeue", limit=adaptive, queue=4, queue_timeout_s=5)
+        first, second = limit.slot_now(), limit.slot_now()
+        assert first is not None and second is not None
+        newcomer = asyncio.ensure_future(limit.slot().acquire())
+        await asyncio.sleep(0)
+        limit.limit = 1  # as `_follow_limit` sets it after a decrease
+        replay = asyncio.ensure_future(first.requeue(5.0))
+        await asyncio.sleep(0)
+        assert (limit.in_flight, limit.queued) == (1, 2)  # gave its slot back, waits ahead of the newcomer
+        second.release()
+        await replay
+        assert not newcomer.done() and limit.in_flight == 1
+        first.release()
+        (await newcomer).release()
+        assert (limit.in_flight, limit.queued) == (0, 0)
+        # A refused wait holds nothing.
+        short = ConcurrencyLimit("requeue-short", limit=2, queue=0, queue_timeout_s=0.01)
+        a, b = short.slot_now(), short.slot_now()
+        assert a is not None and b is not None
+        short.limit = 1
+        with pytest.raises(RouteBusy):
+            await a.requeue(None)
+        a.release()  # a no-op: it holds nothing
+        b.release()
+        assert (short.in_flight, short.queued) == (0, 0)
+
+    asyncio.run(main())

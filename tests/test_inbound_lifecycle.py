@@ -201,11 +201,11 @@ def test_a_client_hanging_up_cancels_the_upstream_request_and_frees_its_slot(
     assert 'error_code="client_disconnected",route="big"' in metrics
 
 
-def test_an_overloaded_route_refuses_before_reading_the_body(
+def test_a_busy_route_refuses_before_reading_the_body(
     raw_upstream: RawUpstream, gateway_factory: Callable[..., ServerThread]
 ) -> None:
     """Admission comes before the body: with the route's only slot taken, a request whose body has not
-    been sent yet gets 503 overloaded at once, without waiting for (or costing) its upload."""
+    been sent yet gets 503 route_busy at once, without waiting for (or costing) its upload."""
     server = gateway_factory(
         _config(
             raw_upstream.url,
@@ -223,7 +223,7 @@ def test_an_overloaded_route_refuses_before_reading_the_body(
             waiting.settimeout(30)  # far below client_body_timeout_s: the answer must not wait for the body
             answer = waiting.recv(65536)
             assert answer.startswith(b"HTTP/1.1 503 "), answer
-            assert b'"overloaded"' in answer and b"retry-after: 1" in answer.lower()
+            assert b'"route_busy"' in answer and b"retry-after: 1" in answer.lower()
         finally:
             waiting.close()
     finally:

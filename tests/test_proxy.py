@@ -289,7 +289,7 @@ def test_upstream_reset_mid_response_closes_client_connection(upstream, gateway_
     assert httpx.get(gw.url + "/healthz").status_code == 200
 
 
-def test_load_shedding_answers_overloaded(upstream, gateway_factory, monkeypatch):
+def test_load_shedding_answers_route_busy(upstream, gateway_factory, monkeypatch):
     app, server = upstream
     route = key_route(server.url, **_env_keys(monkeypatch))
     route.update(limits={"max_concurrent": 1, "queue": 1, "queue_timeout_s": 0.2})
@@ -301,7 +301,7 @@ def test_load_shedding_answers_overloaded(upstream, gateway_factory, monkeypatch
         time.sleep(0.01)
     response = httpx.get(gw.url + "/iris/echo")
     assert response.status_code == 503
-    assert response.json()["error"]["code"] == "overloaded"
+    assert response.json()["error"]["code"] == "route_busy"
     assert response.headers["retry-after"] == "1"
     assert app.seen("/echo") == 0
     assert server.loop is not None

@@ -204,3 +204,33 @@ def test_memory_stays_bounded_with_many_distinct_callers() -> None:
     for index in range(10):
         store.decide([(f"p:late{index}", policy)])
     assert len(store) <= 150
+
+
+def test_admit_now_decides_as_admit_does_without_a_coroutine() -> None:
+    """The request path's way in for a store in this process: the same decisions and the same refusal."""
+    clock = Clock()
+    quota = _route(clock, route="iris", per_caller={"requests_per_s": 1, "burst": 2})
+    assert quota.decides_now
+    quota.admit_now("app:a", "other")
+    quota.admit_now("app:a", "other")
+    with pytest.raises(RateLimited) as refused:
+        quota.admit_now("app:a", "other")
+    assert dict(refused.value.headers)[b"ratelimit"] == b'"routes.iris";r=0;t=1'
+    assert not _admit(quota, "app:a"), "admit and admit_now count in the same buckets"
+    clock.now += 1.0
+    quota.admit_now("app:a", "other")  # the refusals took nothing
+    unlimited = _route(clock, route="iris", callers={"app:b": {"requests_per_s": 1}})
+    for _ in range(10):
+        unlimited.admit_now("app:other", "other")  # no quota applies to this caller
+
+
+def test_a_route_remembers_a_bounded_number_of_callers_buckets() -> None:
+    from gateway.ratelimit import KNOWN_CALLERS
+
+    clock = Clock()
+    quota = _route(clock, route="iris", per_caller={"requests_per_s": 1, "burst": 1})
+    for index in range(3 * KNOWN_CALLERS):
+        quota.admit_now(f"10.0.{index // 256}.{index % 256}", "other")
+        assert len(quota._known) <= KNOWN_CALLERS
+    with pytest.raises(RateLimited):  # forgetting a caller's buckets never forgets its count
+        quota.admit_now("10.0.0.0", "other")

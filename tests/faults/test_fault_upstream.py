@@ -196,9 +196,9 @@ def test_one_of_several_upstreams_dies(gateway_factory, keys):
     assert Counter(o.status for o in load.outcomes)[200] == load.sent - len(load.failed)
 
 
-def test_load_shedding_answers_503_overloaded_quickly(gateway_factory, keys):
+def test_load_shedding_answers_503_route_busy_quickly(gateway_factory, keys):
     """More concurrent clients than `limits.max_concurrent` on a slow upstream: the upstream never
-    sees more than the limit; the excess waits at most `queue_timeout_s`, then gets 503 overloaded
+    sees more than the limit; the excess waits at most `queue_timeout_s`, then gets 503 route_busy
     with Retry-After, never a hang."""
     ledger = Ledger()
     with fault_upstream(ledger, accepted_keys={PRIMARY}, delay_s=0.1) as upstream:
@@ -210,6 +210,6 @@ def test_load_shedding_answers_503_overloaded_quickly(gateway_factory, keys):
     assert ledger.peak <= 3, f"the upstream had {ledger.peak} requests at once"
     assert load.failed and load.succeeded, load.summary()
     for outcome in load.failed:
-        assert (outcome.status, outcome.code) == (503, "overloaded"), outcome
+        assert (outcome.status, outcome.code) == (503, "route_busy"), outcome
         assert outcome.elapsed < 0.15 + 0.1 + 0.2  # queue timeout, one slot's wait, scheduling slack
     assert load.duplicated == 0
