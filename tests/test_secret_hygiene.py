@@ -129,6 +129,21 @@ def test_log_output_is_checked_after_redaction_for_test_owned_loggers_too():
     assert found == {(unmasked, "log output")}
 
 
+def test_a_record_scanned_between_tests_keeps_its_leaks():
+    """Load tests record hundreds of thousands of answers: between tests a big record is scanned and
+    emptied, and what it held still counts at the end."""
+    private = SecretHygiene()
+    leaked, later = _value(), _value()
+    private.add_secret(leaked, "test")
+    private.add("log output", "t1", f"oops {leaked}")
+    private.add("log output", "t1", "fine")
+    private.scan_now()
+    assert private.entries == [] and private.total == 0
+    private.add_secret(later, "test")
+    private.add("response", "t2", f"again {later}")
+    assert {(leak.secret, leak.where) for leak in private.leaks()} == {(leaked, "t1"), (later, "t2")}
+
+
 def test_the_session_record_is_live(gateway_factory, upstream, monkeypatch):
     """The session's collector really sees log records and the gateway's answers (own and passed
     through), so an empty record cannot pass the final check by accident."""
