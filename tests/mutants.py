@@ -165,8 +165,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "header-byte-limit",
         "server.max_header_bytes counts only the last header",
         "gateway/server_protocol.py",
-        "        self._header_bytes += size",
-        "        self._header_bytes = size",
+        "header_bytes = self._header_bytes = self._header_bytes + len(name) + len(value) + 4",
+        "header_bytes = self._header_bytes = len(name) + len(value) + 4",
         "tests/test_headers.py",
     ),
     one(
@@ -182,8 +182,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "hop-by-hop-response",
         "hop-by-hop headers of the upstream's answer reach the client",
         "gateway/headers.py",
-        "        if lowered in _RESPONSE_OWNED:",
-        '        if lowered == b"x-request-id":',
+        "        if lowered in _RESPONSE_READ:  # hot path",
+        '        if lowered in {b"content-length", b"x-request-id"}:  # hot path',
         "tests/test_headers.py",
     ),
     one(
@@ -279,8 +279,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "transfer-coding",
         "Transfer-Encoding: gzip, chunked is accepted (the body is forwarded still coded, as plain)",
         "gateway/server_protocol.py",
-        'elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":',
-        "elif False:",
+        'elif value.strip().lower() != b"chunked":  # transfer-encoding',
+        "elif False:  # transfer-encoding",
         "tests/test_acceptance_inbound.py::test_a_transfer_coding_other_than_chunked_is_refused_not_dropped",
     ),
     one(
@@ -303,8 +303,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "x-forwarded-for",
         "the client's X-Forwarded-For chain is dropped instead of extended",
         "gateway/proxy.py",
-        'b"X-Forwarded-For: " + (inbound.xff + b", " + client_ip if inbound.xff else client_ip)',
-        'b"X-Forwarded-For: " + client_ip',
+        'lines += (b"X-Forwarded-For: ", inbound.xff, b", ", client_ip, b"\\r\\n")',
+        'lines += (b"X-Forwarded-For: ", client_ip, b"\\r\\n")',
         "tests/test_proxy.py::test_x_forwarded_for_from_the_client_is_extended_not_replaced",
     ),
     one(
