@@ -430,9 +430,12 @@ def test_a_refusal_comes_before_the_body_is_read(
     gateway_factory: Callable[..., ServerThread],
     upstream_key: dict[str, Any],
     refusal: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A 1 MB upload announced without `Expect`, its body never sent: the refusal arrives at once (the
-    gateway would wait `client_body_timeout_s` for the body) and the upstream never hears of it."""
+    gateway would wait `client_body_timeout_s` for the body), the upstream never hears of it, and the
+    operator reads it in the access line."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
     app, server = upstream
     route = key_route(server.url, **upstream_key)
     if refusal == "route_busy":
@@ -459,6 +462,16 @@ def test_a_refusal_comes_before_the_body_is_read(
     assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
     assert f'"{refusal}"'.encode() in answer and b"retry-after: " in answer.lower()
     assert app.seen("/echo") == before
+
+    def refusal_lines() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "gateway.access" and f"error={refusal}" in r.getMessage()
+        ]
+
+    _wait(lambda: len(refusal_lines()) == 1, 10, "the refusal's access line")
+    assert f"status={status.decode()}" in refusal_lines()[0]
 
 
 # ------------------------------------------------------------------------ d. per-caller rate limits

@@ -78,6 +78,37 @@ def test_decisions_are_made_in_redis_with_expiring_keys(redis: RedisServer) -> N
     asyncio.run(main())
 
 
+def test_a_decision_is_one_round_trip_whatever_its_quotas_and_outcome(redis: RedisServer) -> None:
+    """Issue 17: with Redis, admission costs at most one round trip. Redis' own command counters say how
+    many commands 40 decisions (two quotas each, admitted and refused) sent: one EVALSHA each, nothing
+    else (no EVAL, SCRIPT, PING or reconnect per request)."""
+
+    async def main() -> None:
+        store = _store(redis.url)
+        await store.start()
+        assert redis.command("CONFIG", "RESETSTAT") == b"+OK\r\n"
+        gateway_wide, route = RatePolicy("inbound", 10, 5), RatePolicy("routes.iris", 10, 3)
+        decisions = [
+            await store.acquire([("inbound:app:a", gateway_wide), ("routes.iris:app:a", route)])
+            for _ in range(40)
+        ]
+        assert any(d.allowed for d in decisions) and not all(d.allowed for d in decisions)
+        await store.aclose()
+
+    asyncio.run(main())
+    stats = redis.command("INFO", "commandstats").decode()
+    calls = {
+        line.split(":", 1)[0].removeprefix("cmdstat_"): int(line.split("calls=", 1)[1].split(",", 1)[0])
+        for line in stats.splitlines()
+        if line.startswith("cmdstat_")
+    }
+    del calls["config|resetstat"]
+    # Commands the script runs inside Redis are counted too: TIME once, GET per quota, SET per admitted one.
+    inside = {name: calls.pop(name) for name in ("time", "get", "set") if name in calls}
+    assert calls == {"evalsha": 40}, calls
+    assert inside["time"] == 40 and inside["get"] == 80, inside
+
+
 def test_two_replicas_hold_one_quota_within_ten_percent(redis: RedisServer) -> None:
     """Two stores (two replicas) hammer the same caller's quota: together they admit what one quota
     allows over the elapsed time (measured on Redis' clock), not twice as much."""
