@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from run import REPO_ROOT, gateway_available  # bench/run.py: which checkout's gateway a process imports
 
 RESPONSE = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n["setosa", 1]\n'
 REQUEST = (
@@ -130,8 +131,9 @@ def run_once(
     config_path.write_text(yaml.safe_dump(config))
     out = work / f"callgrind-{case}-{requests}.out"
     env = {**os.environ, "BENCH_KEY": "bench-key-0123456789", "PYTHONHASHSEED": "0"}
-    if source:
-        env["PYTHONPATH"] = source
+    # This checkout's gateway unless told otherwise; run from the work directory, as `-m` puts the current
+    # directory first on sys.path (from the repository's root it would import this checkout's package).
+    env["PYTHONPATH"] = str(Path(source).resolve()) if source else str(Path(__file__).resolve().parent.parent)
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -146,7 +148,7 @@ def run_once(
         log_level,
     ]
     log = (work / f"gateway-{case}-{requests}.log").open("wb")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
     try:
         deadline = time.monotonic() + 600
         while True:  # connect only: no request is served before the measured ones
@@ -189,6 +191,9 @@ def main() -> None:
         "--log-level", default="info", help="`warning` leaves the access log out (info: written, the default)"
     )
     args = parser.parse_args()
+    usable, why = gateway_available(Path(args.source) if args.source else REPO_ROOT)
+    if not usable:
+        raise SystemExit(why)
     upstream_port = _start_upstream()
     low, high = args.requests
     with tempfile.TemporaryDirectory(prefix="admission-callgrind-") as directory:

@@ -9,6 +9,7 @@ changes wall-clock figures, not these.
     python bench/callgrind_per_request.py                   # gateway of this checkout, 2000 requests, c=4
     python bench/callgrind_per_request.py --target floor
     python bench/callgrind_per_request.py --annotate 30     # plus the top 30 functions (inclusive)
+    python bench/callgrind_per_request.py --py-spy 25       # py-spy samples instead (pip install py-spy)
 
 `--root DIR` measures the gateway of another checkout (PYTHONPATH=DIR) with this interpreter.
 """
@@ -20,6 +21,7 @@ import asyncio
 import os
 import pstats
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +30,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from run import gateway_available  # bench/run.py: which checkout's gateway a process imports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b'{"data": [[0.1, 2.3, 4.1, 2.0], [0.2, 1.8, 3.9, 2.1]]}'
@@ -71,6 +75,51 @@ def print_cprofile(path: Path, served: int, top: int) -> None:
     for tottime, per, cumtime, name in rows[:top]:
         print(f"{100 * tottime / total:8.1f} {per:9.2f} {1e6 * cumtime / served:10.1f}  {name}")
     print(f"python calls per request: {sum(c[1] for c in stats.stats.values()) / served:.1f}")  # type: ignore[attr-defined]
+
+
+def print_py_spy(path: Path, top: int) -> None:
+    """py-spy's raw output (one line per distinct stack: frames from the outermost, `;`-joined, then a
+    sample count): the share of samples each function is running in (self), and in (inclusive), and the
+    self share per gateway module. Time in a C call (a socket write) counts for the Python frame that
+    made it; the loop's idle wait is not sampled."""
+    self_samples: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    modules: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame_name(frame) for frame in stack.split(";")]
+        leaf = frames[-1]
+        self_samples[leaf] = self_samples.get(leaf, 0) + count
+        for name in set(frames):
+            inclusive[name] = inclusive.get(name, 0) + count
+        module = leaf.split(":")[0] if leaf.startswith("gateway/") else "(not the gateway's code)"
+        modules[module] = modules.get(module, 0) + count
+    if not total:
+        raise SystemExit(f"no samples in {path}")
+    print(f"{total} samples")
+    print(f"{'self%':>6} {'incl%':>6}  function")
+    for name, count in sorted(self_samples.items(), key=lambda item: -item[1])[:top]:
+        print(f"{100 * count / total:6.1f} {100 * inclusive[name] / total:6.1f}  {name}")
+    print("\nself time per module:")
+    for module, count in sorted(modules.items(), key=lambda item: -item[1]):
+        print(f"{100 * count / total:6.1f}  {module}")
+
+
+def _frame_name(frame: str) -> str:
+    """`request (gateway/client.py:797)` -> `gateway/client.py:request`, site-packages shortened."""
+    function, _, where = frame.partition(" (")
+    file = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "lib/python3"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+    if "/gateway/" in file:
+        file = "gateway/" + file.split("/gateway/", 1)[1]
+    return f"{file}:{function}"
 
 
 def free_port() -> int:
@@ -139,6 +188,12 @@ def main() -> int:
         default=0,
         help="instead of callgrind: cProfile the gateway, print the top N functions (calls per request)",
     )
+    ap.add_argument(
+        "--py-spy",
+        type=int,
+        default=0,
+        help="instead of callgrind: sample the gateway with py-spy during the requests, print the top N",
+    )
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cg-"))
@@ -148,6 +203,9 @@ def main() -> int:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env.pop(name, None)
     if args.target == "gateway":
+        usable, why = gateway_available(args.root.resolve())
+        if not usable:
+            raise SystemExit(why)
         config = work / "gateway.yaml"
         config.write_text(
             textwrap.dedent(
@@ -191,11 +249,17 @@ def main() -> int:
     out = work / "callgrind.out"
     if args.cprofile:
         cmd[1:3] = ["-c", CPROFILED % str(work / "cprofile.out")]
+    elif args.py_spy:
+        if shutil.which("py-spy") is None:
+            raise SystemExit("--py-spy needs py-spy on PATH: pip install py-spy")
     else:
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd]
+    # Run from the work directory: `-c` puts the current directory first on sys.path, and from the
+    # repository's root that would import this checkout's gateway whatever `--root` says.
     proxy = subprocess.Popen(
         cmd,
         env=env,
+        cwd=work,
         stdout=subprocess.DEVNULL,
         stderr=open(work / "proxy.log", "wb"),
     )
@@ -214,6 +278,22 @@ def main() -> int:
                 time.sleep(0.1)
             time.sleep(0.5)
             print_cprofile(stats, served, args.cprofile)
+            return 0
+        if args.py_spy:
+            samples = work / "py-spy.txt"
+            spy = subprocess.Popen(
+                [
+                    *("py-spy", "record", "--pid", str(proxy.pid), "--format", "raw", "--rate", "1000"),
+                    *("--output", str(samples)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(work / "py-spy.log", "wb"),
+            )
+            time.sleep(1.0)  # attached before the first measured request
+            run_load(port, args.requests, args.connections)
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            print_py_spy(samples, args.py_spy)
             return 0
         subprocess.run(["callgrind_control", "-z", str(proxy.pid)], check=True, capture_output=True)
         run_load(port, args.requests, args.connections)
