@@ -664,7 +664,9 @@ class UpstreamClient:
             origin.max_connections = max(origin.max_connections, max_connections)
         return origin
 
-    async def _connect(self, origin: Origin, limit_s: float) -> _Connection:
+    async def _connect(self, origin: Origin, limit_s: float, timer: str) -> _Connection:
+        """A new connection within `limit_s` (TCP, the egress proxy's CONNECT, TLS); a TransportTimeout
+        names the wait as `limit_s` seconds of `timer`."""
         loop = asyncio.get_running_loop()
         try:
             _, conn = await egress.open_connection(
@@ -673,7 +675,7 @@ class UpstreamClient:
         except TimeoutError as exc:
             via = f" through the egress proxy {origin.proxy.address}" if origin.proxy is not None else ""
             raise TransportTimeout(
-                f"no connection to {origin.name}{via} within {limit_s:g} s (connect_timeout_s): "
+                f"no connection to {origin.name}{via} within {limit_s:g} s ({timer}): "
                 f"{exc or 'the connection'} did not complete",
                 phase="connect",
                 request_sent=False,
@@ -722,16 +724,21 @@ class UpstreamClient:
             if origin.open < origin.max_connections:
                 origin.open += 1
                 try:
-                    return await self._connect(origin, min(connect_timeout, total_timeout))
+                    if connect_timeout <= total_timeout:
+                        return await self._connect(origin, connect_timeout, "connect_timeout_s")
+                    return await self._connect(origin, total_timeout, _shorter(connect_timeout, "connect"))
                 except BaseException:
                     origin.open -= 1
                     self._wake_waiter(origin)
                     raise
             loop = asyncio.get_running_loop()
-            limit = min(pool_timeout, total_timeout)
+            if pool_timeout <= total_timeout:
+                limit, timer = pool_timeout, "pool_timeout_s"
+            else:
+                limit, timer = total_timeout, _shorter(pool_timeout, "pool")
             if not waited_until:
                 waited_until = loop.time() + limit
-            handed = await self._wait_for_connection(origin, waited_until - loop.time(), limit)
+            handed = await self._wait_for_connection(origin, waited_until - loop.time(), limit, timer)
             if handed is not None:
                 if handed.alive(time.monotonic()):
                     handed.reused = True
@@ -739,8 +746,10 @@ class UpstreamClient:
                 handed.abort()  # closed meanwhile: its slot comes free; look again
 
     async def _wait_for_connection(
-        self, origin: Origin, left: float, pool_timeout: float
+        self, origin: Origin, left: float, limit: float, timer: str
     ) -> _Connection | None:
+        """A connection (or a free slot: None) handed over within `left`; PoolTimeout names the wait as
+        `limit` seconds of `timer`."""
         waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
         origin.waiters.append(waiter)
         try:
@@ -751,7 +760,7 @@ class UpstreamClient:
                 waiter.cancel()
                 raise PoolTimeout(
                     f"all {origin.max_connections} connections to {origin.name} stayed busy for "
-                    f"{pool_timeout:g} s (pool_timeout_s)"
+                    f"{limit:g} s ({timer})"
                 ) from None
             # Handed a connection (or a free slot) just as the wait ran out: take it, never leak it.
             return waiter.result()
@@ -903,6 +912,12 @@ def _close_delimited(headers: list[tuple[bytes, bytes]]) -> bool:
 
 def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
     return sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+def _shorter(value: float, kind: str) -> str:
+    """The timer that ended a wait for a connection when the attempt's timeout_s came before the wait's
+    own timer (`connect` or `pool`), as the operator's log line names it."""
+    return f"timeout_s, shorter than {kind}_timeout_s {value:g} s"
 
 
 def _connect_cause(exc: OSError) -> str:

@@ -2,12 +2,13 @@
 client's answer (issue 19).
 
 Real failing upstreams on loopback: TLS servers with a certificate from an unknown CA, for another name,
-expired; a listener that never completes a TLS handshake; an upstream that stops reading the request,
-one that resets the connection, a closed port; and a real forward proxy (proxy.py) that wants
-credentials (407), forbids the destination (403), cannot reach it (502), or is not running. After each
-failure the gateway's log is read for the route, the request id, the origin, the attempt, the cause and
-the proxy; the access line keeps its stable `error=` code; the client's body names the failure class and
-the route only.
+expired; a listener that never completes a TLS handshake, one whose full accept queue never completes
+the TCP connection; an upstream that stops reading the request, one that resets the connection, a
+closed port, one whose slow answer holds the only pooled connection; and a real forward proxy
+(proxy.py) that wants credentials (407), forbids the destination (403), cannot reach it (502), or is
+not running. After each failure the gateway's log is read for the route, the request id, the origin,
+the attempt, the cause and the proxy; the access line keeps its stable `error=` code; the client's body
+names the failure class and the route only.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -110,11 +113,39 @@ async def _answer_all(peer: Peer) -> None:
         await peer.send(OK)
 
 
+class FullBacklog:
+    """A listener that never accepts, its accept queue filled (backlog 0, one connection queued): the
+    kernel drops the SYNs of further connections, so their TCP connect never completes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.sock.getsockname())
+            self.fillers.append(filler)
+        # The queue is full once a filler's handshake completed (its socket turns writable).
+        deadline = time.monotonic() + 10
+        while not select.select([], self.fillers, [], 0.05)[1]:
+            assert time.monotonic() < deadline, "no connection reached the accept queue"
+
+    def close(self) -> None:
+        for sock in (*self.fillers, self.sock):
+            sock.close()
+
+
 class Failing:
     """One failing upstream per kind, and a gateway with one route to each."""
 
     def __init__(self, tmp: Path) -> None:
         self.stack = contextlib.ExitStack()
+        # The `pool` route's upstream holds every request until `release` is set.
+        self.release = threading.Event()
+        self.stack.callback(self.release.set)
         trusted_a, name_server = _pki(
             _dir(tmp, "name"), hosts=("scoring.example", "*.scoring.example"), ca="name CA"
         )
@@ -133,14 +164,22 @@ class Failing:
             "reset": self._raw(_reset_after_reading),
             "silent": self._raw(_never_answer),
             "dribble": self._raw(_dribble),
+            "pool": self._raw(self._hold),
         }
         # A listener that never accepts: TCP connects (the backlog), the TLS handshake never starts.
         self.stalled = self.stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=64))
+        # A listener whose accept queue is full: the TCP connection itself never completes.
+        backlog = FullBacklog()
+        self.stack.callback(backlog.close)
         closed = socket.create_server(("127.0.0.1", 0))
         self.closed_port = closed.getsockname()[1]
         closed.close()
         urls = {name: server.url for name, server in self.servers.items()}
         urls["stalled-tls"] = f"https://127.0.0.1:{self.stalled.getsockname()[1]}"
+        urls["stalled-tcp"] = f"http://127.0.0.1:{backlog.port}"
+        # The same origins again, for routes whose timeout_s is shorter than the timer that would fire.
+        urls["stalled-tcp-short"] = urls["stalled-tcp"]
+        urls["pool-short"] = urls["pool"]
         urls["refused"] = f"http://127.0.0.1:{self.closed_port}"
         self.urls = urls
         routes = {
@@ -157,9 +196,21 @@ class Failing:
             }
             for name, url in urls.items()
         }
+        # One pooled connection, held by a slow answer: the next request waits pool_timeout_s for it (the
+        # other timers are long, so that only that one can fire).
+        routes["pool"].update(max_connections=1, pool_timeout_s=0.5, read_timeout_s=30, timeout_s=30)
+        # The same pool (one origin, one connection), but the attempt's timeout_s ends the wait before
+        # pool_timeout_s (5 s): the line names the timer that fired. Likewise for a connection.
+        routes["pool-short"].update(max_connections=1, pool_timeout_s=5.0, read_timeout_s=30, timeout_s=0.5)
+        routes["stalled-tcp-short"].update(connect_timeout_s=5.0, timeout_s=0.5)
         config = {"tls": {"ca_bundle": str(bundle)}, "routes": routes}
         self.gateway = ServerThread(GatewayApp(parse_config(config)))
         self.stack.enter_context(self.gateway)
+
+    async def _hold(self, peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            await asyncio.to_thread(self.release.wait, 60)
+            await peer.send(OK)
 
     def _raw(self, handler: Any, ssl_context: Any = None) -> RawUpstream:
         return self.stack.enter_context(RawUpstream(handler, ssl_context=ssl_context))
@@ -202,6 +253,18 @@ CASES = {
         "connect_timeout",
         ["within 0.5 s (connect_timeout_s)", "the TLS handshake with 127.0.0.1:"],
     ),
+    "stalled-tcp": (
+        504,
+        "upstream_timeout",
+        "connect_timeout",
+        ["within 0.5 s (connect_timeout_s)", "the TCP connection to 127.0.0.1:"],
+    ),
+    "stalled-tcp-short": (
+        504,
+        "upstream_timeout",
+        "connect_timeout",
+        ["within 0.5 s (timeout_s, shorter than connect_timeout_s 5 s)", "the TCP connection to 127.0.0.1:"],
+    ),
     "refused": (502, "upstream_unreachable", "refused", ["cannot connect to", "refused"]),
     "reset": (502, "upstream_unreachable", "reset", ["reset the connection"]),
     "silent": (504, "upstream_timeout", "read_timeout", ["sent nothing for 0.5 s", "(read_timeout_s)"]),
@@ -231,6 +294,59 @@ def test_a_failed_attempt_is_explained_in_one_warning_and_not_to_the_client(
     if route == "expired":
         assert failing.expired_on.strftime("%Y-%m-%d") in line
     assert f"error={code}" in _access_line(caplog, request_id)
+
+
+def test_a_request_that_waited_for_a_busy_pool_names_pool_timeout_s_and_its_value(
+    failing: Failing, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`max_connections: 1`, its connection held by a slow answer: the next request waits
+    `pool_timeout_s` for it, then gets 503 `overloaded`. The log line names the route, the origin, the
+    timer and its value, and that the gateway answered 503; the client's body none of the detail."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    upstream = failing.servers["pool"]
+    holder: list[httpx.Response] = []
+    first = threading.Thread(
+        target=lambda: holder.append(_score(failing.gateway, "pool", "failure-pool-held"))
+    )
+    first.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not upstream.requests:  # the first request holds the only connection
+            assert time.monotonic() < deadline, "the first request never reached the upstream"
+            time.sleep(0.01)
+        request_id = "failure-pool"
+        response = _score(failing.gateway, "pool", request_id)
+        short = _score(failing.gateway, "pool-short", "failure-pool-short")
+    finally:
+        failing.release.set()
+        first.join(30)
+    assert response.status_code == 503, response.text
+    error = _client_sees_class_and_route_only(response, "pool", str(failing.urls["pool"].rsplit(":", 1)[1]))
+    assert error["code"] == "overloaded" and "0.5" not in error["message"], error
+
+    line = _failure_line(caplog, request_id)
+    origin = failing.origin("pool")
+    assert f"route pool: request {request_id}: attempt 1 to {origin} failed (pool_timeout): " in line, line
+    assert f"all 1 connections to {origin} stayed busy for 0.5 s (pool_timeout_s)" in line, line
+    assert line.endswith("; answering 503 overloaded"), line
+    assert "error=overloaded" in _access_line(caplog, request_id)
+    # A route to the same pool whose timeout_s (0.5 s) ends the wait before its pool_timeout_s (5 s):
+    # the line names the timer that fired (timeout_s) with its value, not pool_timeout_s.
+    assert short.status_code == 503, short.text
+    _client_sees_class_and_route_only(short, "pool-short", str(failing.urls["pool"].rsplit(":", 1)[1]))
+    line = _failure_line(caplog, "failure-pool-short")
+    assert "route pool-short: request failure-pool-short: attempt 1 to " in line, line
+    assert (
+        f"all 1 connections to {origin} stayed busy for 0.5 s (timeout_s, shorter than pool_timeout_s 5 s)"
+        in line
+    ), line
+    # The request that held the connection was served: the pool was busy, the upstream is fine.
+    assert [r.status_code for r in holder] == [200]
+    assert not _lines_about(caplog, "failure-pool-held")
+
+
+def _lines_about(caplog: pytest.LogCaptureFixture, request_id: str) -> list[str]:
+    return [line for line in _lines(caplog, "gateway.failures") if f"request {request_id}:" in line]
 
 
 def test_a_write_stall_names_write_timeout_s_and_its_value(

@@ -928,12 +928,16 @@ class _Emulator:
             error["innererror"] = {"code": inner}
         return JSONResponse({"error": error}, status, headers=headers)
 
-    def _check_vault_token(self, request: Request) -> JSONResponse | None:
-        challenge = {
+    def _vault_challenge(self) -> dict[str, str]:
+        """Key Vault's answer to a missing or refused token carries where to get one, and for what."""
+        return {
             "WWW-Authenticate": (
                 f'Bearer authorization="{self.base_url}/common", resource="{KEYVAULT_RESOURCE}"'
             )
         }
+
+    def _check_vault_token(self, request: Request) -> JSONResponse | None:
+        challenge = self._vault_challenge()
         token = _bearer(request)
         if token is None:
             return self._vault_error(
@@ -994,6 +998,13 @@ class _Emulator:
         fault = await self._take_fault("keyvault")
         if fault is not None:
             status = fault.failure_status
+            if status == 401:  # the token refused, as Key Vault refuses one: its challenge comes along
+                return self._vault_error(
+                    401,
+                    "Unauthorized",
+                    "AKV10032: Invalid issuer or the token has expired (emulated fault).",
+                    {**self._vault_challenge(), **self._retry_after(fault)},
+                )
             code = "Throttled" if status == 429 else "InternalServerError" if status >= 500 else "Forbidden"
             return self._vault_error(
                 status, code, "The request failed (emulated fault).", self._retry_after(fault)

@@ -59,7 +59,6 @@ class KeyVaultSecret(Secret):
         self.checked_at = time.time()
         self.error: str | None = None
         self.failures = 0  # consecutive failed reads
-        self.retry_at = 0.0  # monotonic: after a 429 or 5xx with Retry-After, no poll before then
 
     @property
     def value(self) -> str:
@@ -114,6 +113,10 @@ class Vault:
         self.refresh_every_s = refresh_every_s
         self.client = client
         self.secrets: dict[str, KeyVaultSecret] = {}
+        # Monotonic: Key Vault answered a read with 429 or 5xx and Retry-After (clamped by azure_rest):
+        # no secret of this vault is read before then. Its limits are per vault, so a pause asked for
+        # in the answer about one secret holds for the others too.
+        self.retry_at = 0.0
         self._task: asyncio.Task[None] | None = None
         # Re-reads after a rejection, one in flight per set of secrets (a route's keys), each rate-limited.
         self._refetches: dict[frozenset[str], asyncio.Task[bool]] = {}
@@ -121,13 +124,11 @@ class Vault:
 
     # ------------------------------------------------------------------ polling
     async def poll(self, names: Sequence[str] | None = None) -> bool:
-        """One request per secret; True when any value changed. Failures keep the last value."""
-        now = time.monotonic()
-        chosen = [
-            s
-            for n in (names or list(self.secrets))
-            if (s := self.secrets.get(n)) is not None and s.retry_at <= now
-        ]
+        """One request per secret; True when any value changed. Failures keep the last value. Nothing is
+        sent while the vault asked for a pause (`retry_at`)."""
+        if self.retry_at > time.monotonic():
+            return False
+        chosen = [s for n in (names or list(self.secrets)) if (s := self.secrets.get(n)) is not None]
         results = await asyncio.gather(*(self._poll_one(s) for s in chosen))
         return any(results)
 
@@ -137,7 +138,7 @@ class Vault:
             changed = secret.store(fetched)
         except KeyVaultError as exc:
             if exc.retry_after is not None:  # Key Vault asked for a pause (clamped to at most 60 s)
-                secret.retry_at = time.monotonic() + exc.retry_after
+                self.retry_at = max(self.retry_at, time.monotonic() + exc.retry_after)
             self._failed(secret, str(exc))
             return False
         except SecretError as exc:
