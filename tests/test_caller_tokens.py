@@ -628,6 +628,45 @@ def test_keys_are_refreshed_in_the_background(emulator: EmulatorServer) -> None:
     run(main)
 
 
+def test_the_background_refresh_waits_a_day_and_backs_off_from_a_minute_after_a_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The schedule `run()` keeps, read from its sleeps: a day between refreshes by default; after a
+    failed one, retries whose ceiling doubles from a minute (full jitter: each at most its ceiling),
+    never longer than the day; a success goes back to the day and starts the backoff over."""
+    entra = parse_config(
+        {
+            "inbound": {"entra_id": {"tenant_id": str(uuid.uuid4()), "audiences": ["api://gw"]}},
+            "routes": {"r": {"path": "/r", "upstream": "http://127.0.0.1:1", "auth": {"type": "none"}}},
+        }
+    ).inbound.entra_id
+    assert entra is not None
+    keys = EntraSigningKeys(entra, lambda: httpx.AsyncClient())
+    outcomes = iter([False, False, False, True, False])
+    sleeps: list[float] = []
+
+    async def refresh() -> bool:
+        return next(outcomes)
+
+    class Enough(Exception):
+        pass
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+        if len(sleeps) == 6:
+            raise Enough
+
+    monkeypatch.setattr(keys, "refresh", refresh)
+    monkeypatch.setattr("gateway.signing_keys.asyncio.sleep", sleep)
+    with pytest.raises(Enough):
+        asyncio.run(keys.run())
+    day = 24 * 3600
+    assert sleeps[0] == day and sleeps[4] == day  # at start, and after the success
+    for delay, ceiling in zip(sleeps[1:4], (60, 120, 240), strict=True):
+        assert 0 <= delay <= ceiling
+    assert 0 <= sleeps[5] <= 60  # the backoff started over
+
+
 def test_start_up_and_periodic_reads_leave_the_unknown_kid_read_free(emulator: EmulatorServer) -> None:
     """The 5-minute limit counts only reads for unknown `kid`s: right after the start-up read, and right
     after a background refresh (even one that follows an unknown-kid read by more than the limit), a
