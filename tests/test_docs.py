@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -323,6 +324,34 @@ def test_relative_links_resolve(doc: Path) -> None:
         assert path.exists(), f"{doc.name}: broken link {target}"
         if anchor and path.suffix == ".md":
             assert anchor in _anchors(path), f"{doc.name}: no anchor #{anchor} in {path.name}"
+
+
+def _yaml_examples() -> list[tuple[str, str]]:
+    found = []
+    for doc in [*DOC_FILES, ROOT / "README.md"]:
+        for number, block in enumerate(re.findall(r"```ya?ml\n(.*?)```", _read(doc), flags=re.DOTALL)):
+            found.append((f"{doc.name}#{number}", block))
+    return found
+
+
+YAML_EXAMPLES = _yaml_examples()
+
+
+@pytest.mark.parametrize(("where", "block"), YAML_EXAMPLES, ids=[where for where, _ in YAML_EXAMPLES])
+def test_every_yaml_example_in_the_docs_is_a_valid_config(where: str, block: str) -> None:
+    """A reader copies these (callers, limits, Key Vault, Docker, Kubernetes...): each must load as the
+    gateway's config, a fragment without routes together with one plain route."""
+    data = yaml.safe_load(block)
+    assert isinstance(data, dict), f"{where}: not a YAML mapping"
+    data.setdefault(
+        "routes", {"x": {"path": "/x", "upstream": "https://e.invalid/score", "auth": {"type": "none"}}}
+    )
+    config_models.parse_config(data)  # a ConfigError names the key at fault
+
+
+def test_the_docs_show_the_new_surfaces_in_yaml() -> None:
+    where = {name.split("#")[0] for name, _ in YAML_EXAMPLES}
+    assert {"callers.md", "limits.md", "README.md"} <= where
 
 
 def test_expected_docs_exist() -> None:
