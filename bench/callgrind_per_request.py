@@ -10,14 +10,24 @@ changes wall-clock figures, not these.
     python bench/callgrind_per_request.py --target floor
     python bench/callgrind_per_request.py --annotate 30     # plus the top 30 functions (inclusive)
     python bench/callgrind_per_request.py --py-spy 25       # py-spy samples instead (pip install py-spy)
+    python bench/callgrind_per_request.py --caller entra    # callers send an Entra ID token (emulator)
+    python bench/callgrind_per_request.py --caller entra --route-callers app_ids
 
 `--root DIR` measures the gateway of another checkout (PYTHONPATH=DIR) with this interpreter.
+
+`--caller entra` (issue 16) starts gateway.emulator in its own process (bench/emulator_launcher.py, not
+under callgrind) as the Entra ID of the gateway's `inbound.entra_id` (authority = its HTTPS origin,
+`tls.ca_bundle` = its CA), registers the gateway's API and a calling app there, gets one token for the
+gateway's audience (client credentials) and sends it as `Authorization: Bearer` with every request, the
+warm-up's included: the measured requests hit the gateway's validated-token cache. `--route-callers`
+adds a rule to the route (`callers.app_ids: [the caller]` or `callers.roles: [Scoring.Invoke]`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pstats
 import re
@@ -30,12 +40,22 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 from run import gateway_available  # bench/run.py: which checkout's gateway a process imports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b'{"data": [[0.1, 2.3, 4.1, 2.0], [0.2, 1.8, 3.9, 2.1]]}'
 KEY = "bench-static-primary-key-0123456789abcdef"
+# --caller entra: the emulated directory, the gateway's API registration and the calling app.
+ENTRA_TENANT = "cb160000-0000-4000-8000-0000000000a1"
+GATEWAY_URI = "api://scoring-gateway"
+GATEWAY_APP = "cb160000-0000-4000-8000-0000000000a2"
+CALLER_APP = "cb160000-0000-4000-8000-0000000000c1"
+CALLER_SECRET = "bench-caller-secret-0123456789"
+ROLE = "Scoring.Invoke"
+EMULATOR_LAUNCHER = Path(__file__).resolve().parent / "emulator_launcher.py"
 UPSTREAM_SERVER = r"""
 import asyncio, sys, httptools, uvloop
 BODY = b'"[\\"setosa\\", \\"versicolor\\"]"'
@@ -139,11 +159,92 @@ def wait_port(port: int, deadline_s: float = 120.0) -> None:
     raise SystemExit(f"port {port} did not open within {deadline_s:.0f} s")
 
 
-async def one_connection(port: int, count: int) -> None:
+def start_emulator(work: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """gateway.emulator in its own process (plain Python, not under callgrind); its URLs and CA file."""
+    info_file = work / "emulator.json"
+    (work / "emulator").mkdir()
+    emulator_env = dict(
+        env,
+        BENCH_EMULATOR_INFO=str(info_file),
+        BENCH_EMULATOR_WORKDIR=str(work / "emulator"),
+        BENCH_AAD_TENANT=ENTRA_TENANT,
+        BENCH_AAD_CLIENT=CALLER_APP,
+        BENCH_AAD_SECRET=CALLER_SECRET,
+        BENCH_PRIMARY_KEY=KEY,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(EMULATOR_LAUNCHER)],
+        env=emulator_env,
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "emulator.log", "wb"),
+    )
+    end = time.monotonic() + 60
+    while not (info_file.exists() and info_file.stat().st_size > 0):
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise SystemExit(f"the emulator did not start: see {work / 'emulator.log'}")
+        time.sleep(0.1)
+    info: dict[str, Any] = json.loads(info_file.read_text())
+    if info.get("error"):
+        proc.terminate()
+        raise SystemExit(str(info["error"]))
+    return proc, info
+
+
+def caller_token(emulator: dict[str, Any]) -> str:
+    """Register the gateway's API (with an app role assigned to the caller) and get the caller's token
+    for it, as an Azure SDK credential would: client credentials, scope `<application ID URI>/.default`."""
+    admin = emulator["http_url"].rstrip("/") + "/_emulator"
+    with httpx.Client(verify=emulator["ca_file"], trust_env=False, timeout=30) as http:
+        http.post(
+            f"{admin}/apis",
+            json={
+                "tenant_id": ENTRA_TENANT,
+                "identifier_uri": GATEWAY_URI,
+                "client_id": GATEWAY_APP,
+                "app_roles": [ROLE],
+            },
+        ).raise_for_status()
+        http.post(
+            f"{admin}/apis/{GATEWAY_APP}/role-assignments", json={"principal": CALLER_APP, "role": ROLE}
+        ).raise_for_status()
+        answer = http.post(
+            f"{emulator['https_url'].rstrip('/')}/{ENTRA_TENANT}/oauth2/v2.0/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": CALLER_APP,
+                "client_secret": CALLER_SECRET,
+                "scope": f"{GATEWAY_URI}/.default",
+            },
+        )
+        answer.raise_for_status()
+        token: str = answer.json()["access_token"]
+    return token
+
+
+def entra_yaml(emulator: dict[str, Any], route_callers: str) -> tuple[str, str]:
+    """The top of the gateway's config (`tls`, `inbound.entra_id`) and the route's `callers` lines."""
+    head = textwrap.dedent(
+        f"""        tls:
+          ca_bundle: {emulator["ca_file"]}
+        inbound:
+          entra_id:
+            tenant_id: {ENTRA_TENANT}
+            audiences: [{GATEWAY_URI}, {GATEWAY_APP}]
+            authority: {emulator["https_url"]}
+        """
+    )
+    rule = {"app_ids": f"app_ids: [{CALLER_APP}]", "roles": f"roles: [{ROLE}]"}.get(route_callers)
+    return head, (f"    callers:\n      {rule}\n" if rule else "")
+
+
+async def one_connection(port: int, count: int, extra_headers: bytes = b"") -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     request = (
-        b"POST /score HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUser-Agent: bench\r\nAccept: */*\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (port, len(PAYLOAD), PAYLOAD)
+        b"POST /score HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUser-Agent: bench\r\nAccept: */*\r\n%s"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (port, extra_headers, len(PAYLOAD), PAYLOAD)
     )
     for _ in range(count):
         writer.write(request)
@@ -157,13 +258,13 @@ async def one_connection(port: int, count: int) -> None:
     writer.close()
 
 
-async def load(port: int, requests: int, connections: int) -> None:
+async def load(port: int, requests: int, connections: int, extra_headers: bytes) -> None:
     per = requests // connections
-    await asyncio.gather(*(one_connection(port, per) for _ in range(connections)))
+    await asyncio.gather(*(one_connection(port, per, extra_headers) for _ in range(connections)))
 
 
-def run_load(port: int, requests: int, connections: int) -> None:
-    asyncio.run(load(port, requests, connections))
+def run_load(port: int, requests: int, connections: int, extra_headers: bytes = b"") -> None:
+    asyncio.run(load(port, requests, connections, extra_headers))
 
 
 def totals(path: Path) -> int:
@@ -180,6 +281,18 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=400)
+    ap.add_argument(
+        "--caller",
+        choices=("none", "entra"),
+        default="none",
+        help="entra: `inbound.entra_id` (the emulator) and every request with a valid bearer token",
+    )
+    ap.add_argument(
+        "--route-callers",
+        choices=("none", "app_ids", "roles"),
+        default="none",
+        help="with --caller entra: a `callers` rule on the route naming the caller's app id or role",
+    )
     ap.add_argument("--annotate", type=int, default=0, help="print the top N functions (inclusive)")
     ap.add_argument("--keep", type=Path, help="keep the callgrind dump at this path")
     ap.add_argument(
@@ -195,20 +308,39 @@ def main() -> int:
         help="instead of callgrind: sample the gateway with py-spy during the requests, print the top N",
     )
     args = ap.parse_args()
+    if args.caller == "entra" and args.target != "gateway":
+        ap.error("--caller entra needs --target gateway")
+    if args.route_callers != "none" and args.caller != "entra":
+        ap.error("--route-callers needs --caller entra")
 
-    work = Path(tempfile.mkdtemp(prefix="cg-"))
-    up_port, port = free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM_SERVER, str(up_port)])
-    env = dict(os.environ)
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        env.pop(name, None)
     if args.target == "gateway":
         usable, why = gateway_available(args.root.resolve())
         if not usable:
             raise SystemExit(why)
+    work = Path(tempfile.mkdtemp(prefix="cg-"))
+    up_port, port = free_port(), free_port()
+    env = dict(os.environ)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(name, None)
+    emulator: subprocess.Popen[bytes] | None = None
+    extra_headers = b""
+    top, callers = "", ""
+    if args.caller == "entra":
+        emulator_env = dict(env, PYTHONPATH=str(args.root.resolve()))
+        emulator, info = start_emulator(work, emulator_env)
+        try:
+            token = caller_token(info)
+        except BaseException:
+            emulator.terminate()
+            raise
+        extra_headers = b"Authorization: Bearer %s\r\n" % token.encode()
+        top, callers = entra_yaml(info, args.route_callers)
+    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM_SERVER, str(up_port)])
+    if args.target == "gateway":
         config = work / "gateway.yaml"
         config.write_text(
-            textwrap.dedent(
+            top
+            + textwrap.dedent(
                 f"""\
                 server:
                   host: 127.0.0.1
@@ -223,6 +355,7 @@ def main() -> int:
                       primary: {{env: BENCH_PRIMARY_KEY}}
                 """
             )
+            + callers
         )
         env["PYTHONPATH"] = str(args.root.resolve())
         env["BENCH_PRIMARY_KEY"] = KEY
@@ -266,11 +399,11 @@ def main() -> int:
     try:
         wait_port(up_port)
         wait_port(port)
-        run_load(port, args.warmup, args.connections)
+        run_load(port, args.warmup, args.connections, extra_headers)
         served = args.requests // args.connections * args.connections
         if args.cprofile:
             os.kill(proxy.pid, signal.SIGUSR1)
-            run_load(port, args.requests, args.connections)
+            run_load(port, args.requests, args.connections, extra_headers)
             os.kill(proxy.pid, signal.SIGUSR2)
             stats = work / "cprofile.out"
             end = time.monotonic() + 30
@@ -290,22 +423,25 @@ def main() -> int:
                 stderr=open(work / "py-spy.log", "wb"),
             )
             time.sleep(1.0)  # attached before the first measured request
-            run_load(port, args.requests, args.connections)
+            run_load(port, args.requests, args.connections, extra_headers)
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
             print_py_spy(samples, args.py_spy)
             return 0
         subprocess.run(["callgrind_control", "-z", str(proxy.pid)], check=True, capture_output=True)
-        run_load(port, args.requests, args.connections)
+        run_load(port, args.requests, args.connections, extra_headers)
         subprocess.run(["callgrind_control", "-d", str(proxy.pid)], check=True, capture_output=True)
         dumps = sorted(work.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
         if not dumps:
             raise SystemExit(f"no dump in {work}")
         dump = dumps[-1]
         per_request = totals(dump) / served
+        caller = "" if args.caller == "none" else f", caller {args.caller}"
+        if args.route_callers != "none":
+            caller += f", route callers.{args.route_callers}"
         print(
             f"{args.target}: {per_request:,.0f} instructions/request "
-            f"({served} requests, c={args.connections})"
+            f"({served} requests, c={args.connections}{caller})"
         )
         if args.keep:
             args.keep.write_bytes(dump.read_bytes())
@@ -319,6 +455,9 @@ def main() -> int:
         upstream.terminate()
         proxy.wait(30)
         upstream.wait(30)
+        if emulator is not None:
+            emulator.terminate()
+            emulator.wait(30)
     return 0
 
 
