@@ -42,8 +42,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-from run import gateway_available  # bench/run.py: which checkout's gateway a process imports
+from run import (  # bench/run.py: which checkout's gateway a process imports; caller tokens (issue 16)
+    entra_caller_token,
+    entra_inbound_yaml,
+    gateway_available,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b'{"data": [[0.1, 2.3, 4.1, 2.0], [0.2, 1.8, 3.9, 2.1]]}'
@@ -195,46 +198,20 @@ def start_emulator(work: Path, env: dict[str, str]) -> tuple[subprocess.Popen[by
 def caller_token(emulator: dict[str, Any]) -> str:
     """Register the gateway's API (with an app role assigned to the caller) and get the caller's token
     for it, as an Azure SDK credential would: client credentials, scope `<application ID URI>/.default`."""
-    admin = emulator["http_url"].rstrip("/") + "/_emulator"
-    with httpx.Client(verify=emulator["ca_file"], trust_env=False, timeout=30) as http:
-        http.post(
-            f"{admin}/apis",
-            json={
-                "tenant_id": ENTRA_TENANT,
-                "identifier_uri": GATEWAY_URI,
-                "client_id": GATEWAY_APP,
-                "app_roles": [ROLE],
-            },
-        ).raise_for_status()
-        http.post(
-            f"{admin}/apis/{GATEWAY_APP}/role-assignments", json={"principal": CALLER_APP, "role": ROLE}
-        ).raise_for_status()
-        answer = http.post(
-            f"{emulator['https_url'].rstrip('/')}/{ENTRA_TENANT}/oauth2/v2.0/token",
-            data={
-                "grant_type": "client_credentials",
-                "client_id": CALLER_APP,
-                "client_secret": CALLER_SECRET,
-                "scope": f"{GATEWAY_URI}/.default",
-            },
-        )
-        answer.raise_for_status()
-        token: str = answer.json()["access_token"]
-    return token
+    return entra_caller_token(
+        emulator,
+        tenant_id=ENTRA_TENANT,
+        client_id=CALLER_APP,
+        client_secret=CALLER_SECRET,
+        api_uri=GATEWAY_URI,
+        api_client_id=GATEWAY_APP,
+        role=ROLE,
+    )
 
 
 def entra_yaml(emulator: dict[str, Any], route_callers: str) -> tuple[str, str]:
     """The top of the gateway's config (`tls`, `inbound.entra_id`) and the route's `callers` lines."""
-    head = textwrap.dedent(
-        f"""        tls:
-          ca_bundle: {emulator["ca_file"]}
-        inbound:
-          entra_id:
-            tenant_id: {ENTRA_TENANT}
-            audiences: [{GATEWAY_URI}, {GATEWAY_APP}]
-            authority: {emulator["https_url"]}
-        """
-    )
+    head = entra_inbound_yaml(emulator, ENTRA_TENANT, [GATEWAY_URI, GATEWAY_APP])
     rule = {"app_ids": f"app_ids: [{CALLER_APP}]", "roles": f"roles: [{ROLE}]"}.get(route_callers)
     return head, (f"    callers:\n      {rule}\n" if rule else "")
 

@@ -51,6 +51,11 @@ STATIC_KEY = "bench-static-primary-key-0123456789abcdef"
 AAD_SECRET = "bench-client-secret-0123456789"
 AAD_TENANT = "0b3c4000-0000-4000-8000-00000000aad1"
 AAD_CLIENT = "0b3c4000-0000-4000-8000-00000000aad2"
+# gateway-caller (issue 16): the gateway's API as registered on the emulator (`inbound.entra_id` accepts
+# its tokens); the caller is the emulator's app above (AAD_CLIENT, client credentials), assigned ROLE.
+CALLER_API_URI = "api://scoring-gateway"
+CALLER_API_APP = "0b3c4000-0000-4000-8000-00000000aad3"
+CALLER_ROLE = "Scoring.Invoke"
 
 ALL_SCENARIOS = [
     "direct",
@@ -62,6 +67,7 @@ ALL_SCENARIOS = [
     "floor",
     "gateway",
     "gateway-baseline",
+    "gateway-caller",
     "gateway-aad",
     "gateway-emulator",
 ]
@@ -69,9 +75,19 @@ ALL_SCENARIOS = [
 BASELINE = "gateway-baseline"
 # Peers and scenarios that may be unavailable (a package that cannot be installed, the emulator):
 # unavailable -> "skipped", not "failed".
-OPTIONAL_SCENARIOS = {"haproxy", "caddy", "aiohttp", "gateway-aad", "gateway-emulator"}
+OPTIONAL_SCENARIOS = {"haproxy", "caddy", "aiohttp", "gateway-caller", "gateway-aad", "gateway-emulator"}
 # The quick run (CI's smoke test) installs nothing but wrk and nginx: peers that are missing are skipped.
-QUICK_SCENARIOS = ["direct", "nginx", "haproxy", "caddy", "naive", "aiohttp", "floor", "gateway"]
+QUICK_SCENARIOS = [
+    "direct",
+    "nginx",
+    "haproxy",
+    "caddy",
+    "naive",
+    "aiohttp",
+    "floor",
+    "gateway",
+    "gateway-caller",
+]
 DESCRIPTIONS = {
     "direct": "nginx (1 worker) answering POST /score with a fixed body: the upstream alone (load core)",
     "nginx": "nginx (1 worker) reverse proxy to `direct`, injects the key, keep-alive upstream pool",
@@ -88,6 +104,9 @@ DESCRIPTIONS = {
     "gateway": "`gateway serve --workers 1`, key auth route to `direct` (this checkout), the inbound limits "
     "at their defaults",
     BASELINE: "`gateway serve --workers 1`, key auth route to `direct`, from the `--baseline` checkout",
+    "gateway-caller": "`gateway`'s key route plus `inbound.entra_id` (the emulator as the authority); wrk "
+    "sends a caller token the emulator issued by client credentials for the gateway's audience with every "
+    "request: all but the first are served from the validated-token cache (issue 16)",
     "gateway-aad": "`gateway serve --workers 1`, aad_token route (tokens from the emulator) to `direct`",
     "gateway-emulator": "`gateway serve --workers 1`, key route to the emulator's scoring endpoint",
 }
@@ -107,6 +126,8 @@ BASELINE_MAX_COST = 0.10
 FLOOR_MAX_RATIO = 1.6
 CADDY_MIN_RATIO = 1.5
 ADDED_P99_MAX_MS = 0.5
+# Issue 16: a cached Entra ID caller may cost at most 10% CPU per request over the key route.
+CALLER_MAX_RATIO = 1.10
 
 
 # Other processes may use at most this share of one core (percent) during a reference run: above it the
@@ -341,12 +362,17 @@ class ProcessSet:
 
 
 def http_request(
-    port: int, method: str, path: str, body: bytes | None = None, timeout: float = 5.0
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    timeout: float = 5.0,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=body, headers=headers)
+        sent = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=sent | (headers or {}))
         resp = conn.getresponse()
         data = resp.read()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
@@ -676,8 +702,10 @@ def run_wrk(
     threads: int,
     timeout_s: int = 10,
     cpu_pids: list[int] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One wrk run; with `cpu_pids`, also the CPU time those processes spent per request."""
+    """One wrk run; with `cpu_pids`, also the CPU time those processes spent per request; `headers` are
+    sent with every request (wrk -H, next to the script's Content-Type)."""
     threads = max(1, min(threads, concurrency))
     cmd = [
         wrk,
@@ -686,6 +714,7 @@ def run_wrk(
         f"-d{int(duration_s)}s",
         "--timeout",
         f"{timeout_s}s",
+        *(arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")),
         "-s",
         str(LUA_SCRIPT),
         url,
@@ -739,14 +768,15 @@ class Scenario:
     requests_served: int = 0
     pids: list[int] = field(default_factory=list)  # the process tree whose CPU time is counted
     pinned_to: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (gateway-caller)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/score"
 
 
-def check_score(port: int) -> tuple[bool, str]:
-    status, headers, body = http_request(port, "POST", "/score", PAYLOAD)
+def check_score(port: int, request_headers: dict[str, str] | None = None) -> tuple[bool, str]:
+    status, headers, body = http_request(port, "POST", "/score", PAYLOAD, headers=request_headers)
     if status != 200:
         return False, f"POST /score -> {status}: {body[:200]!r}"
     return True, headers.get("x-bench-auth", "?")
@@ -842,6 +872,81 @@ def aad_gateway_yaml(port: int, upstream_url: str, authority: str, ca_file: str)
                 authority_host: {authority}
         """
     )
+
+
+def entra_inbound_yaml(emulator: dict[str, Any], tenant_id: str, audiences: list[str]) -> str:
+    """Top-level config lines (`tls`, `inbound.entra_id`) that make the gateway accept caller tokens of
+    `tenant_id` for `audiences`, with the emulator as the authority (its HTTPS origin, trusted through
+    its CA). Shared with bench/callgrind_per_request.py."""
+    return textwrap.dedent(
+        f"""\
+        tls:
+          ca_bundle: {emulator["ca_file"]}
+        inbound:
+          entra_id:
+            tenant_id: {tenant_id}
+            audiences: [{", ".join(audiences)}]
+            authority: {emulator["https_url"]}
+        """
+    )
+
+
+def entra_caller_token(
+    emulator: dict[str, Any],
+    *,
+    tenant_id: str,
+    client_id: str,
+    client_secret: str,
+    api_uri: str,
+    api_client_id: str,
+    role: str,
+) -> str:
+    """Register the gateway's API on the emulator (application ID URI `api_uri`, app role `role`
+    assigned to the app `client_id`, which the emulator must know with `client_secret`) and get that
+    app's token for it, as an Azure SDK credential would: client credentials, scope `<api_uri>/.default`.
+    Stdlib only, no proxy from the environment. Shared with bench/callgrind_per_request.py."""
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=emulator["ca_file"])),
+    )
+
+    def post(url: str, body: bytes, content_type: str) -> dict[str, Any]:
+        request = urllib.request.Request(
+            url, data=body, headers={"Content-Type": content_type}, method="POST"
+        )
+        try:
+            with opener.open(request, timeout=30) as answer:
+                data: dict[str, Any] = json.loads(answer.read())
+                return data
+        except urllib.error.HTTPError as exc:
+            raise BenchError(f"POST {url} -> {exc.code}: {exc.read()[:300]!r}") from None
+
+    def post_json(url: str, doc: dict[str, Any]) -> None:
+        post(url, json.dumps(doc).encode(), "application/json")
+
+    admin = emulator["http_url"].rstrip("/") + "/_emulator"
+    post_json(
+        f"{admin}/apis",
+        {"tenant_id": tenant_id, "identifier_uri": api_uri, "client_id": api_client_id, "app_roles": [role]},
+    )
+    post_json(f"{admin}/apis/{api_client_id}/role-assignments", {"principal": client_id, "role": role})
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": client_id,
+        "client_secret": client_secret,
+        "scope": f"{api_uri}/.default",
+    }
+    answer = post(
+        f"{emulator['https_url'].rstrip('/')}/{tenant_id}/oauth2/v2.0/token",
+        urllib.parse.urlencode(form).encode(),
+        "application/x-www-form-urlencoded",
+    )
+    return str(answer["access_token"])
 
 
 def gateway_check(config: Path, workdir: Path, root: Path = REPO_ROOT) -> tuple[bool, str]:
@@ -1126,6 +1231,7 @@ def derive(scen: dict[str, Scenario], args: argparse.Namespace) -> dict[str, Any
         "gateway / nginx": ratio(gw, s("nginx", tc)),
         "gateway / naive": ratio(gw, s("naive", tc)),
         "gateway-aad / gateway": ratio(s("gateway-aad", tc), gw),
+        "gateway-caller / gateway": ratio(s("gateway-caller", tc), gw),
     }
     decision: dict[str, Any] = {}
     aio = s("aiohttp", tc)
@@ -1156,7 +1262,7 @@ def derive(scen: dict[str, Scenario], args: argparse.Namespace) -> dict[str, Any
         return float(value) if value else None
 
     cost: dict[str, dict[str, float | None]] = {}
-    for name in ("gateway", "gateway-aad", "gateway-emulator", BASELINE):
+    for name in ("gateway", "gateway-caller", "gateway-aad", "gateway-emulator", BASELINE):
         cpu = cpu_of(name)
         if cpu is None:
             continue
@@ -1168,11 +1274,24 @@ def derive(scen: dict[str, Scenario], args: argparse.Namespace) -> dict[str, Any
             # per-core req/s of the gateway / Caddy's = Caddy's CPU per request / the gateway's
             "per_core_x_caddy": caddy_cpu / cpu if caddy_cpu else None,
         }
+    # Issue 16: a cached Entra ID caller against the key route, CPU per request; the two are measured back
+    # to back in every repeat, so the median of the per-repeat ratios cancels slow drifts of the machine.
+    entra_caller: dict[str, Any] = {}
+    caller_sc = scen.get("gateway-caller")
+    if caller_sc and caller_sc.status == "ok" and scen["gateway"].status == "ok":
+        a, b = caller_sc, scen["gateway"]
+        entra_caller = {
+            "cpu_ratio": paired_ratio(a, b, tc, "cpu_us_per_req"),
+            "pairs": min(len(a.runs.get(tc, [])), len(b.runs.get(tc, []))),
+            "caller_cpu_us": cpu_of("gateway-caller"),
+            "key_cpu_us": cpu_of("gateway"),
+        }
     return {
         "throughput_c": tc,
         "latency_c": lc,
         "per_target": per_target,
         "cost": cost,
+        "entra_caller": entra_caller,
         "ratios": ratios,
         "client_decision": decision,
         "before_after": before_after,
@@ -1218,6 +1337,17 @@ def targets(derived: dict[str, Any], soak: dict[str, Any]) -> list[tuple[str, st
             )
         )
     at_least(f"aad route within 5% of key route (c={tc} req/s)", ratios["gateway-aad / gateway"], 0.95, 3)
+    caller = derived["entra_caller"]
+    caller_x = caller.get("cpu_ratio")
+    out.append(
+        (
+            f"cached Entra caller CPU per request <= {CALLER_MAX_RATIO:.2f} x the key route's (issue 16)",
+            "-"
+            if caller_x is None
+            else f"{caller_x:.3f}x (c={tc}, median of {caller['pairs']} back-to-back pair(s))",
+            verdict(None if caller_x is None else caller_x <= CALLER_MAX_RATIO),
+        )
+    )
     decision = derived["client_decision"]
     if decision:
         out.append(
@@ -1379,6 +1509,15 @@ def write_markdown(
         else "no gateway measured"
     )
     out.append("")
+    caller = derived["entra_caller"]
+    if caller.get("cpu_ratio") is not None:
+        out.append(
+            f"Cached Entra ID caller (issue 16): `gateway-caller` / `gateway` CPU µs per request at c={tc}, "
+            f"median of {caller['pairs']} back-to-back pair(s): **{caller['cpu_ratio']:.3f}x** "
+            f"({fmt(caller['caller_cpu_us'], 1)} vs {fmt(caller['key_cpu_us'], 1)} µs, medians); the issue "
+            f"allows {CALLER_MAX_RATIO:.2f}x."
+        )
+        out.append("")
     decision = derived["client_decision"]
     out.append("## Client decision (issue 9)")
     out.append("")
@@ -1750,7 +1889,7 @@ def setup_scenarios(
         t0 = time.monotonic()
         try:
             fn(sc)
-            ok, detail = check_score(sc.port)
+            ok, detail = check_score(sc.port, sc.headers)
             if not ok:
                 raise BenchError(f"sanity request failed: {detail}")
             # The emulator checks the key itself (401 otherwise) and sends no X-Bench-Auth header.
@@ -1865,13 +2004,35 @@ def setup_scenarios(
 
     emulator: dict[str, Any] = {}
     emu_error = ""
-    if "gateway-aad" in gw_wanted or "gateway-emulator" in gw_wanted:
+    if {"gateway-caller", "gateway-aad", "gateway-emulator"} & set(gw_wanted):
         try:
             emulator = start_emulator(procs, workdir)
             log(f"emulator up: { ({k: v for k, v in emulator.items() if k != 'proc'}) }")
         except (BenchError, OSError, ValueError) as exc:
             emu_error = f"emulator unavailable: {exc}"
             log(emu_error)
+
+    def entra_caller(sc: Scenario) -> None:
+        if emu_error:
+            raise BenchError(emu_error)
+        token = entra_caller_token(
+            emulator,
+            tenant_id=AAD_TENANT,
+            client_id=AAD_CLIENT,
+            client_secret=AAD_SECRET,
+            api_uri=CALLER_API_URI,
+            api_client_id=CALLER_API_APP,
+            role=CALLER_ROLE,
+        )
+        # Every request, the sanity check's (the first: it validates the token and caches it) included.
+        sc.headers = {"Authorization": f"Bearer {token}"}
+        yaml_text = key_gateway_yaml(sc.port, direct_url) + entra_inbound_yaml(
+            emulator, AAD_TENANT, [CALLER_API_URI, CALLER_API_APP]
+        )
+        start_gateway(procs, workdir, sc, yaml_text, True, proxy_cpus)
+
+    if "gateway-caller" in gw_wanted:
+        setup("gateway-caller", entra_caller)
 
     def aad(sc: Scenario) -> None:
         if emu_error:
@@ -1923,7 +2084,7 @@ def measure(args: argparse.Namespace, tools: dict[str, str], active: list[Scenar
     them alike."""
     if args.warmup > 0:
         for sc in active:
-            res = run_wrk(tools["wrk"], sc.url, THROUGHPUT_C, args.warmup, args.threads)
+            res = run_wrk(tools["wrk"], sc.url, THROUGHPUT_C, args.warmup, args.threads, headers=sc.headers)
             sc.requests_served += res["requests"]
             log(f"warm-up {sc.name}: {res['rps']:,.0f} req/s, {res['errors']} errors")
     for sc in active:
@@ -1939,7 +2100,9 @@ def measure(args: argparse.Namespace, tools: dict[str, str], active: list[Scenar
                         sc.reason = f"process died during the run: {sc.proc.log_tail()}"
                         log(f"{sc.name}: {sc.reason}")
                     continue
-                res = run_wrk(tools["wrk"], sc.url, c, args.duration, args.threads, cpu_pids=sc.pids)
+                res = run_wrk(
+                    tools["wrk"], sc.url, c, args.duration, args.threads, cpu_pids=sc.pids, headers=sc.headers
+                )
                 res["repeat"] = rep
                 sc.runs.setdefault(c, []).append(res)
                 sc.requests_served += res["requests"]

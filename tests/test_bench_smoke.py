@@ -23,10 +23,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "run.py"
-# Always measured; haproxy and caddy are measured when installed (the quick run installs neither) and
-# aiohttp when importable, otherwise their rows say "skipped".
+# Always measured; haproxy and caddy are measured when installed (the quick run installs neither),
+# aiohttp when importable and gateway-caller when the emulator starts, otherwise their rows say "skipped".
 REQUIRED = ["direct", "nginx", "naive", "floor", "gateway", "gateway-baseline"]
-OPTIONAL = ["haproxy", "caddy", "aiohttp"]
+OPTIONAL = ["haproxy", "caddy", "aiohttp", "gateway-caller"]
 CONCURRENCY = [1, 32]
 
 
@@ -104,6 +104,13 @@ def test_bench_quick_run_writes_report(tmp_path: Path) -> None:
             )
     assert "CPU" in md and "Kernel" in md and "Python" in md
     assert re.search(r"^\| gateway \| [0-9][0-9,.]* \| [0-9.]+x \| [0-9.]+x \|", md, re.MULTILINE), md
+    if "gateway-caller" in measured:  # issue 16: the cached Entra ID caller against the key route
+        assert re.search(r"^\| gateway-caller \| [0-9][0-9,.]* \| ", md, re.MULTILINE), md
+        assert re.search(
+            r"^\| cached Entra caller CPU per request <= 1\.10 x the key route's \(issue 16\) \| [0-9.]+x ",
+            md,
+            re.MULTILINE,
+        ), md
     if raw["settings"]["busy"]:
         assert "Written as latest.md only because of --allow-busy" in md
     assert not (out / "disturbed.md").exists()
