@@ -260,9 +260,11 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=400)
     ap.add_argument(
         "--caller",
-        choices=("none", "entra"),
+        choices=("none", "entra", "token-only"),
         default="none",
-        help="entra: `inbound.entra_id` (the emulator) and every request with a valid bearer token",
+        help="entra: `inbound.entra_id` (the emulator) and every request with a valid bearer token; "
+        "token-only: the same token sent to a gateway without `inbound.entra_id` (which drops it): what "
+        "the bigger request costs, apart from validating it",
     )
     ap.add_argument(
         "--route-callers",
@@ -285,8 +287,8 @@ def main() -> int:
         help="instead of callgrind: sample the gateway with py-spy during the requests, print the top N",
     )
     args = ap.parse_args()
-    if args.caller == "entra" and args.target != "gateway":
-        ap.error("--caller entra needs --target gateway")
+    if args.caller != "none" and args.target != "gateway":
+        ap.error("--caller needs --target gateway")
     if args.route_callers != "none" and args.caller != "entra":
         ap.error("--route-callers needs --caller entra")
 
@@ -302,7 +304,7 @@ def main() -> int:
     emulator: subprocess.Popen[bytes] | None = None
     extra_headers = b""
     top, callers = "", ""
-    if args.caller == "entra":
+    if args.caller != "none":
         emulator_env = dict(env, PYTHONPATH=str(args.root.resolve()))
         emulator, info = start_emulator(work, emulator_env)
         try:
@@ -311,7 +313,8 @@ def main() -> int:
             emulator.terminate()
             raise
         extra_headers = b"Authorization: Bearer %s\r\n" % token.encode()
-        top, callers = entra_yaml(info, args.route_callers)
+        if args.caller == "entra":
+            top, callers = entra_yaml(info, args.route_callers)
     upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM_SERVER, str(up_port)])
     if args.target == "gateway":
         config = work / "gateway.yaml"

@@ -106,7 +106,7 @@ DESCRIPTIONS = {
     BASELINE: "`gateway serve --workers 1`, key auth route to `direct`, from the `--baseline` checkout",
     "gateway-caller": "`gateway`'s key route plus `inbound.entra_id` (the emulator as the authority); wrk "
     "sends a caller token the emulator issued by client credentials for the gateway's audience with every "
-    "request: all but the first are served from the validated-token cache (issue 16)",
+    "request: after the first, each connection recognises it as the token it proved (issue 16)",
     "gateway-aad": "`gateway serve --workers 1`, aad_token route (tokens from the emulator) to `direct`",
     "gateway-emulator": "`gateway serve --workers 1`, key route to the emulator's scoring endpoint",
 }

@@ -186,6 +186,10 @@ class CallerTokenValidator:
     def validate(self, token: bytes | str) -> Caller:
         """The caller `token` proves, or `CallerUnauthenticated`. No I/O: a token naming a key the
         gateway does not hold raises `UnknownSigningKey` (see `authenticate`)."""
+        return self.validate_until(token)[0]
+
+    def validate_until(self, token: bytes | str) -> tuple[Caller, float]:
+        """`validate`, and until when (on `clock()`) the answer holds: the token's expiry plus the skew."""
         raw = token if isinstance(token, bytes) else token.encode("latin-1", "replace")
         # The hash of the whole token: an exact match, where a prefix or a part would let an altered
         # token share a genuine one's entry.
@@ -193,7 +197,7 @@ class CallerTokenValidator:
         cached = self._cache.get(digest)
         if cached is not None:
             if self._clock() < cached[0]:
-                return cached[1]
+                return cached[1], cached[0]
             del self._cache[digest]  # expired: checked again, and the check says why
         try:
             caller, valid_until = self._verify(raw)
@@ -206,7 +210,11 @@ class CallerTokenValidator:
         if cache and len(cache) >= self._cache_size:
             del cache[next(iter(cache))]
         cache[digest] = (valid_until, caller)
-        return caller
+        return caller, valid_until
+
+    def clock(self) -> float:
+        """The clock `valid_until` is read on."""
+        return self._clock()
 
     async def authenticate(self, token: bytes | str) -> Caller:
         """`validate`, and when the token names an unknown key, read the keys again (unless that was done

@@ -25,6 +25,8 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 if TYPE_CHECKING:
     from uvicorn.protocols.http.flow_control import FlowControl
 
+    from gateway.callers import Caller
+
 # Why a client is gone (the error code of its access line).
 DISCONNECTED: Final = "client_disconnected"
 SEND_TIMED_OUT: Final = "client_send_timeout"
@@ -40,6 +42,22 @@ CONNECTION_CLOSE = b"connection: close\r\n"
 
 class ClientGone(Exception):
     """The client went away (or stopped reading) while the proxy waited for its body or wrote to it."""
+
+
+class ConnectionMemo:
+    """What a client connection's requests share: the caller token its last request proved and what it
+    proved (`gateway.inbound`). A keep-alive client sends the same token with request after request for
+    as long as it lasts (an hour from Entra ID); its next request on this connection is recognised by
+    comparing the bytes, without hashing the token for the validator's cache. Lives and dies with the
+    connection, as the request's own headers do."""
+
+    __slots__ = ("caller", "token", "valid_until", "validator")
+
+    def __init__(self) -> None:
+        self.token: bytes | None = None
+        self.caller: Caller | None = None
+        self.valid_until = 0.0  # the validator's clock
+        self.validator: object = None  # the one that proved it: a reload that replaces it forgets the token
 
 
 class Exchange:
@@ -60,6 +78,7 @@ class Exchange:
         "headers",
         "http_version",
         "keep_alive",
+        "memo",
         "method",
         "more_body",
         "path",
@@ -89,6 +108,7 @@ class Exchange:
         transport: asyncio.Transport,
         flow: FlowControl,
         on_complete: Any,
+        memo: ConnectionMemo,
     ) -> None:
         self.method = method
         self.path = path
@@ -103,6 +123,7 @@ class Exchange:
         self.transport = transport
         self._flow = flow
         self._on_complete = on_complete  # the protocol's: start the next pipelined request, re-arm timers
+        self.memo = memo
         self._expect_continue = expect_continue
         self._body: list[bytes] = []
         self._body_size = 0

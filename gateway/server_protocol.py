@@ -49,7 +49,7 @@ from gateway.errors import (
     UpgradeNotSupported,
     UrlTooLong,
 )
-from gateway.exchange import CONNECTION_CLOSE, DISCONNECTED, SEND_TIMED_OUT, Exchange
+from gateway.exchange import CONNECTION_CLOSE, DISCONNECTED, SEND_TIMED_OUT, ConnectionMemo, Exchange
 from gateway.headers import new_request_id
 from gateway.responses import error_body, error_head
 
@@ -201,6 +201,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._gone_reason: str = DISCONNECTED
         self._refused = False  # an error was (or will be) answered: nothing more is parsed
         self._deferred: ClientFacingError | None = None  # answered once earlier answers are out
+        self._memo = ConnectionMemo()
 
     # Connection life
 
@@ -423,6 +424,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             self.transport,
             self.flow,
             self.on_response_complete,
+            self._memo,
         )
         previous = self.cycle
         self.cycle = exchange

@@ -333,6 +333,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/test_callers.py",
         "tests/test_acceptance_callers.py",
     ),
+    one(
+        "connection-token",
+        "a connection that proved one token is let in with any other",
+        "gateway/inbound.py",
+        "if memo.token == token and memo.validator is tokens",
+        "if memo.token is not None and memo.validator is tokens",
+        "tests/test_acceptance_callers.py::test_a_connection_recognises_the_token_its_last_request_proved_and_nothing_else",
+    ),
     # ------------------------------------------------------------------ the attack pass (issue 19)
     one(
         "operation-origin",

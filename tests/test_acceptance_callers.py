@@ -915,3 +915,78 @@ def test_a_reload_keeps_the_signing_keys_unless_their_settings_change(
     answer = raw(gateway.port, "/open/score", bearer(token))
     assert answer.status == 401 and answer.error()["code"] == "client_unauthenticated"
     assert raw(gateway.port, "/fraud/score", {"x-gateway-key": BATCH_KEY}).status == 200
+
+
+class KeptAlive:
+    """One client connection for several requests, each answer read to its Content-Length."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = b""
+
+    def post(self, path: str, headers: dict[str, str], body: bytes = b"{}") -> Answer:
+        lines = [f"POST {path} HTTP/1.1", "Host: gw", f"Content-Length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = int(Answer(head + b"\r\n\r\n").header("content-length")[0])
+        while len(rest) < length:
+            rest += self._recv()
+        self.buffer = rest[length:]
+        return Answer(head + b"\r\n\r\n" + rest[:length])
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        assert data, f"the gateway closed the connection: {self.buffer[:300]!r}"
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_connection_recognises_the_token_its_last_request_proved_and_nothing_else(
+    emulator: EmulatorServer,
+    recording: tuple[Upstream, ServerThread],
+    gateway_factory: Callable[..., ServerThread],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A keep-alive client's token is checked by comparing it with the one its connection's last request
+    proved (no hash): another token on that connection is validated in full, a refusal does not spoil the
+    good token, the proof ends when the token expires, and a reload that changes what is accepted ends it
+    too."""
+    from gateway.config import parse_config
+
+    monkeypatch.setenv("CALLERS_TEST_KEY", PRIMARY)
+    config = gateway_config(emulator, recording[1].url, clock_skew_s=0)
+    gateway = gateway_factory(config)
+    token = issue(emulator)
+    tampered = _secret(token[:-8] + ("A" * 8 if not token.endswith("A" * 8) else "B" * 8), "a tampered token")
+    short = issue(emulator, lifetime_s=3)
+    connection = KeptAlive(gateway.port)
+    try:
+        assert [connection.post("/fraud/score", bearer(token)).status for _ in range(3)] == [200] * 3
+        refused = connection.post("/fraud/score", bearer(tampered))
+        assert refused.status == 401 and refused.error()["code"] == "caller_unauthenticated"
+        assert connection.post("/fraud/score", bearer(token)).status == 200
+
+        # A token that expires while the connection keeps presenting it: refused from its expiry on.
+        assert connection.post("/fraud/score", bearer(short)).status == 200
+        expires = json.loads(base64.urlsafe_b64decode(short.split(".")[1] + "=="))["exp"]
+        deadline = time.monotonic() + 30
+        while (answer := connection.post("/fraud/score", bearer(short))).status == 200:
+            assert time.monotonic() < deadline, "the expired token was still accepted after 30 s"
+            time.sleep(0.05)
+        assert answer.status == 401 and "expired" in answer.error()["message"]
+        assert time.time() >= expires - 1  # not refused early (the token's exp has whole seconds)
+
+        # A reload that accepts only the gateway's client id as the audience: the token (for its
+        # application ID URI) is no longer proved, though its connection presented it a moment ago.
+        assert connection.post("/fraud/score", bearer(token)).status == 200
+        config["inbound"]["entra_id"]["audiences"] = [GATEWAY_APP]
+        gateway.call(gateway.app.reload(parse_config(config)))
+        answer = connection.post("/fraud/score", bearer(token))
+        assert answer.status == 401 and GATEWAY_APP in answer.error()["message"]
+    finally:
+        connection.close()
