@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import subprocess
 import sys
@@ -127,3 +128,29 @@ def gateway_process(config: dict[str, Any], tmp: Path) -> Iterator[tuple[subproc
             process.wait(15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+class FullBacklog:
+    """A listener that never accepts, its accept queue filled (backlog 0, one connection queued): the
+    kernel drops the SYNs of further connections, so their TCP connect never completes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.sock.getsockname())
+            self.fillers.append(filler)
+        # The queue is full once a filler's handshake completed (its socket turns writable).
+        deadline = time.monotonic() + 10
+        while not select.select([], self.fillers, [], 0.05)[1]:
+            assert time.monotonic() < deadline, "no connection reached the accept queue"
+
+    def close(self) -> None:
+        for sock in (*self.fillers, self.sock):
+            sock.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import free_socket, gateway_process
+from servers import FullBacklog, free_socket, gateway_process
 
 Behaviour = Callable[[socket.socket, "RawUpstream"], None]
 
@@ -210,25 +210,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         }
         for name, options in ROUTES.items()
     }
-    with run_gateway(tmp, port, routes) as process:
-        yield Gateway(process, port, tmp / "gateway.log", upstreams)
-
-
-class FullBacklog:
-    """A listening socket that never accepts, its accept queue filled: the kernel drops new SYNs."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.fillers: list[socket.socket] = []
-        for _ in range(4):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(self.sock.getsockname())
-            self.fillers.append(filler)
-        time.sleep(0.2)
+    try:
+        with run_gateway(tmp, port, routes) as process:
+            yield Gateway(process, port, tmp / "gateway.log", upstreams)
+    finally:
+        backlog.close()
 
 
 def _upstream(

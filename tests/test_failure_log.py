@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import select
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ import pytest
 from azure_env import wait_for
 from cryptography import x509
 from proxy_policy import REASON
-from servers import ServerThread
+from servers import FullBacklog, ServerThread
 from test_client_conformance import OK, Peer, RawUpstream, _pki
 from test_egress import ForwardProxy
 
@@ -111,31 +110,6 @@ async def _dribble(peer: Peer) -> None:
 async def _answer_all(peer: Peer) -> None:
     while await peer.read_request() is not None:
         await peer.send(OK)
-
-
-class FullBacklog:
-    """A listener that never accepts, its accept queue filled (backlog 0, one connection queued): the
-    kernel drops the SYNs of further connections, so their TCP connect never completes."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.port = self.sock.getsockname()[1]
-        self.fillers: list[socket.socket] = []
-        for _ in range(4):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(self.sock.getsockname())
-            self.fillers.append(filler)
-        # The queue is full once a filler's handshake completed (its socket turns writable).
-        deadline = time.monotonic() + 10
-        while not select.select([], self.fillers, [], 0.05)[1]:
-            assert time.monotonic() < deadline, "no connection reached the accept queue"
-
-    def close(self) -> None:
-        for sock in (*self.fillers, self.sock):
-            sock.close()
 
 
 class Failing:
