@@ -12,6 +12,7 @@ changes wall-clock figures, not these.
     python bench/callgrind_per_request.py --py-spy 25       # py-spy samples instead (pip install py-spy)
     python bench/callgrind_per_request.py --caller entra    # callers send an Entra ID token (emulator)
     python bench/callgrind_per_request.py --caller entra --route-callers app_ids
+    python bench/callgrind_per_request.py --access-log      # log level info: an access line per request
 
 `--root DIR` measures the gateway of another checkout (PYTHONPATH=DIR) with this interpreter.
 
@@ -272,6 +273,11 @@ def main() -> int:
         default="none",
         help="with --caller entra: a `callers` rule on the route naming the caller's app id or role",
     )
+    ap.add_argument(
+        "--access-log",
+        action="store_true",
+        help="the gateway at log level info (its default): an access line per request, to a file",
+    )
     ap.add_argument("--annotate", type=int, default=0, help="print the top N functions (inclusive)")
     ap.add_argument("--keep", type=Path, help="keep the callgrind dump at this path")
     ap.add_argument(
@@ -299,6 +305,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cg-"))
     up_port, port = free_port(), free_port()
     env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # as the Dockerfile and bench/run.py run the gateway
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env.pop(name, None)
     emulator: subprocess.Popen[bytes] | None = None
@@ -349,7 +356,7 @@ def main() -> int:
             "--workers",
             "1",
             "--log-level",
-            "warning",
+            "info" if args.access_log else "warning",
         ]
     else:
         env.update(
@@ -419,6 +426,8 @@ def main() -> int:
         caller = "" if args.caller == "none" else f", caller {args.caller}"
         if args.route_callers != "none":
             caller += f", route callers.{args.route_callers}"
+        if args.access_log:
+            caller += ", access log"
         print(
             f"{args.target}: {per_request:,.0f} instructions/request "
             f"({served} requests, c={args.connections}{caller})"

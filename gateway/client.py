@@ -820,19 +820,22 @@ class UpstreamClient:
         the socket raises with `request_sent=True` (the caller's retry policy decides).
 
         The proxy passes every argument by position (keyword arguments cost a dict per request)."""
-        loop = asyncio.get_running_loop()
         if origin.forward_prefix is not None:
             # An http origin behind the egress proxy: the request line in absolute form.
             assert origin.proxy is not None
             head = egress.absolute_form(head, origin.forward_prefix, origin.proxy)
-        now = loop.time()
-        deadline = now + total_timeout
-        # Hot path: a live idle connection is taken without a coroutine (nor a second clock reading);
-        # `_acquire` when there is none.
+        # Hot path: a live idle connection is taken without a coroutine, and its loop's clock read
+        # without `asyncio.get_running_loop()` (a getpid system call per call); `_acquire` when there
+        # is none.
         conn = self._idle_connection(origin)
         if conn is None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + total_timeout
             conn = await self._acquire(origin, pool_timeout, connect_timeout, total_timeout)
             now = loop.time()
+        else:
+            now = conn.loop.time()
+            deadline = now + total_timeout
         transport = conn.transport
         assert transport is not None
         if now >= deadline:

@@ -11,7 +11,8 @@ connection is lost before the answer is complete, or when the client read none o
 `server.send_timeout_s` (the protocol's send timer aborts the connection). `client_gone` records the
 reason and cancels the task serving the exchange; the cancellation runs the proxy's `finally` blocks on the
 way out (the upstream attempt is aborted, never pooled; the admission slot is released), and `Proxy.serve`
-records the request as 499 with `gone` as its error code.
+records the request as 499 with `gone` as its error code. (The task is the connection's, which serves its
+requests in turn: a client gone ends the connection too, so no later request of it runs in that task.)
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -80,8 +81,21 @@ class TextFormatter(logging.Formatter):
         return f"{self._second_text}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
+        # `logging.Formatter.format` with this class's format string written out (it is fixed, and it
+        # uses the time): the library's version asks `usesTime()` and formats a `%` template with the
+        # record's attributes for every line, and the access line is written per request.
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        text = f"{record.asctime} {record.levelname} {record.name}: {record.message}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text = f"{text}\n{record.exc_text}" if text[-1:] != "\n" else text + record.exc_text
+        if record.stack_info:
+            text = f"{text}\n" if text[-1:] != "\n" else text
+            text += self.formatStack(record.stack_info)
         # One record, one line: a value that carries a line break cannot forge a second record.
-        return _CONTROL.sub(_escape_control, super().format(record))
+        return _CONTROL.sub(_escape_control, text)
 
 
 def configure(level: str = "info", fmt: str = "text", stream: Any = None) -> None:
@@ -92,7 +106,7 @@ def configure(level: str = "info", fmt: str = "text", stream: Any = None) -> Non
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _LineHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
@@ -114,6 +128,40 @@ def configure(level: str = "info", fmt: str = "text", stream: Any = None) -> Non
     uvicorn_error = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _UnfinishedResponseFilter) for f in uvicorn_error.filters):
         uvicorn_error.addFilter(_UnfinishedResponseFilter())
+
+
+def _flushes_itself(stream: Any) -> bool:
+    """True for a text stream whose every line reaches the file as it is written: line-buffered (stderr,
+    terminal or not, since Python 3.9), or written through to an unbuffered file (PYTHONUNBUFFERED=1,
+    as the Dockerfile sets)."""
+    if getattr(stream, "line_buffering", False):
+        return True
+    return bool(getattr(stream, "write_through", False)) and isinstance(
+        getattr(stream, "buffer", None), io.RawIOBase
+    )
+
+
+class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """`logging.StreamHandler`, without its flush after each line when the stream has written the line
+    out already (`_flushes_itself`): the flush takes the handler's lock and calls the stream once more per
+    record, and the access line is written per request."""
+
+    _checked: Any = None  # the stream `_flushes_itself` was asked about (`setStream` may replace it)
+    _flushes = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            stream = self.stream
+            stream.write(message + self.terminator)
+            if stream is not self._checked:
+                self._checked, self._flushes = stream, _flushes_itself(stream)
+            if not self._flushes:
+                self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
 
 
 class _UnfinishedResponseFilter(logging.Filter):

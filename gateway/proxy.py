@@ -268,7 +268,9 @@ class Proxy:
                     route.read_timeout_s,
                     route.write_timeout_s,
                     route.pool_timeout_s,
-                    policy.attempt_timeout(route.timeout_s, deadline),
+                    route.timeout_s
+                    if deadline is None
+                    else policy.attempt_timeout(route.timeout_s, deadline),
                 )
             except _BodyLimit:
                 raise _body_too_large(route) from None

@@ -55,6 +55,7 @@ class Route:
     prefix_bytes: bytes = b""
     in_flight: metrics.InFlight = field(init=False)  # the route's requests in flight
     balancer: Balancer = field(init=False)
+    single_upstream: Upstream | None = field(init=False)  # the route's only upstream: no balancer to ask
 
     def __post_init__(self) -> None:
         self.prefix_bytes = self.prefix.encode()
@@ -66,6 +67,7 @@ class Route:
             (name, value) for name, value in self.headers if not isinstance(value, bytes)
         )
         self.in_flight = metrics.in_flight(self.name)
+        self.single_upstream = self.upstreams[0] if len(self.upstreams) == 1 else None
         self.balancer = Balancer(
             self.name,
             self.upstreams,
@@ -73,10 +75,6 @@ class Route:
             ejection_s=self.ejection_s,
             probe_timeout_s=self.probe_timeout_s,
         )
-
-    @property
-    def single_upstream(self) -> Upstream | None:
-        return self.upstreams[0] if len(self.upstreams) == 1 else None
 
     def forward_path(self, path: str, raw_path: bytes | None) -> bytes:
         """The part of the request path after the route prefix, in its original encoding."""

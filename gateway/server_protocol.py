@@ -13,12 +13,13 @@ connection whose answer went out before its request body was read, and answers a
 behind good ones only after their answers.
 
 A proxied request does not go through ASGI: once its head is complete it becomes an `Exchange`
-(`gateway.exchange`) and the gateway app's `serve_exchange` runs on it as the request's task, writing the
-answer straight to this connection. The admin endpoints (and every request of an app that is not the
-gateway) keep uvicorn's ASGI request cycle; both kinds share one pipeline, in order. When the client goes
-away, or reads none of the answer for `server.send_timeout_s`, the request in progress is told through its
-exchange (`Exchange.client_gone`). One timer per connection covers the wait for a request head and the
-keep-alive; a send timer exists only while the client is not reading.
+(`gateway.exchange`) and the gateway app's `serve_exchange` runs on it in the connection's task (one per
+connection, serving its proxied requests in turn), writing the answer straight to this connection. The
+admin endpoints (and every request of an app that is not the gateway) keep uvicorn's ASGI request cycle;
+both kinds share one pipeline, in order. When the client goes away, or reads none of the answer for
+`server.send_timeout_s`, the request in progress is told through its exchange (`Exchange.client_gone`).
+One timer per connection covers the wait for a request head and the keep-alive; a send timer exists only
+while the client is not reading.
 
 Pass `http_protocol(InboundLimits.from_config(server))` to uvicorn as `http=`.
 """
@@ -180,7 +181,6 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _IDLE
         self._url_bytes = 0
         self._header_bytes = 0
-        self._header_count = 0
         self._host_count = 0
         self._connection_header = False  # the request being parsed has a Connection header
         self._trailer_bytes = 0
@@ -202,6 +202,12 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False  # an error was (or will be) answered: nothing more is parsed
         self._deferred: ClientFacingError | None = None  # answered once earlier answers are out
         self._memo = ConnectionMemo()
+        # The connection's task serving its proxied requests (`_serve_exchanges`), the future it waits on
+        # between requests, and a request handed over while it still finishes the one before.
+        self._worker: asyncio.Task[None] | None = None
+        self._worker_waiting: asyncio.Future[Exchange | None] | None = None
+        self._worker_next: Exchange | None = None
+        self._closed = False
 
     # Connection life
 
@@ -230,6 +236,12 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
                 timer.cancel()
         self._linger_timer = self._send_timer = None
         self.connections.discard(self)
+        self._closed = True
+        waiting = self._worker_waiting
+        if waiting is not None:  # the connection's task waits for a request that will not come
+            self._worker_waiting = None
+            waiting.set_result(None)
+        self._worker_next = None  # a request queued behind the one in progress never starts
         running = self._running
         if running is not None and not running.response_complete:
             if isinstance(running, Exchange):
@@ -312,7 +324,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.headers = []
         self._phase = _HEAD
         self._begun_in_feed += 1
-        self._url_bytes = self._header_bytes = self._header_count = self._trailer_bytes = 0
+        self._url_bytes = self._header_bytes = self._trailer_bytes = 0
         self._host_count = 0
         self._connection_header = False
         self._head_raw = self._framing_raw = 0
@@ -338,9 +350,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             if self._trailer_bytes > self.limits.max_trailer_bytes:
                 raise _Refused(self._trailers_too_large())
             return
-        self._header_count += 1
+        headers = self.headers  # the count: the headers taken so far (trailers are never added)
         header_bytes = self._header_bytes = self._header_bytes + len(name) + len(value) + 4  # ": ", CRLF
-        if header_bytes > self._max_header_bytes or self._header_count > self._max_header_count:
+        if header_bytes > self._max_header_bytes or len(headers) >= self._max_header_count:
             raise _Refused(self._headers_too_large())
         name = name.lower()
         # As uvicorn's own `on_header` does: llhttp keeps trailing whitespace, which RFC 9110 5.5
@@ -353,7 +365,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
                     raise _Refused(MalformedRequest("the request has more than one Host header; send one"))
             else:
                 self._check_header(name, value)
-        self.headers.append((name, value))
+        headers.append((name, value))
 
     def _check_header(self, name: bytes, value: bytes) -> None:
         if name == b"connection":
@@ -459,15 +471,50 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     def _start(self, cycle: Exchange | RequestResponseCycle, app: Any) -> None:
         self._running = cycle
         if isinstance(cycle, Exchange):
-            assert self._gateway is not None
-            # Hot path: a Task made with a name of its own; the loop's create_task would have the Task
-            # format a numbered name ("Task-123") per request.
-            task = asyncio.Task(self._gateway.serve_exchange(cycle), loop=self.loop, name=_EXCHANGE_TASK)
-            cycle.task = task
-            task.add_done_callback(self.tasks.discard)
-            self.tasks.add(task)
+            worker = self._worker
+            if worker is None:
+                # A Task made with a name of its own; the loop's create_task would have the Task format
+                # a numbered name ("Task-123").
+                worker = self._worker = asyncio.Task(
+                    self._serve_exchanges(cycle), loop=self.loop, name=_EXCHANGE_TASK
+                )
+                worker.add_done_callback(self._worker_done)
+                self.tasks.add(worker)
+            else:
+                waiting = self._worker_waiting
+                if waiting is not None:
+                    self._worker_waiting = None
+                    waiting.set_result(cycle)
+                else:  # still finishing the request before: it takes this one next
+                    self._worker_next = cycle
+            cycle.task = worker
         else:
             super()._start_asgi_task(cycle, app)
+
+    async def _serve_exchanges(self, exchange: Exchange | None) -> None:
+        """The connection's task: serves its proxied requests one after the other, as the protocol hands
+        them over (`_start`), and ends with the connection. One task per connection, not per request: a
+        Task costs an allocation, a registration in asyncio's set of all tasks and a done callback, and a
+        keep-alive client sends request after request. A client gone cancels it (`Exchange.client_gone`)
+        only while it serves that client's request, and the connection is closing then."""
+        gateway = self._gateway
+        assert gateway is not None
+        while exchange is not None:
+            await gateway.serve_exchange(exchange)
+            exchange = self._worker_next
+            if exchange is not None:
+                self._worker_next = None
+            elif self._closed:
+                return
+            else:
+                waiting = self._worker_waiting = self.loop.create_future()
+                exchange = await waiting
+
+    def _worker_done(self, worker: asyncio.Task[None]) -> None:
+        self.tasks.discard(worker)
+        if self._worker is worker:
+            self._worker = None
+            self._worker_waiting = None
 
     def on_body(self, body: bytes) -> None:
         self._body_event = True

@@ -341,6 +341,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "if memo.token is not None and memo.validator is tokens",
         "tests/test_acceptance_callers.py::test_a_connection_recognises_the_token_its_last_request_proved_and_nothing_else",
     ),
+    one(
+        "connection-task-left-waiting",
+        "a closed connection's task keeps waiting for a request (a shutdown waits for it)",
+        "gateway/server_protocol.py",
+        "            waiting.set_result(None)\n",
+        "            pass\n",
+        "tests/test_proxy.py::test_a_keep_alive_connection_is_served_by_one_task_that_ends_with_it",
+    ),
+    one(
+        "access-record-extras",
+        "the access record built from the template loses its structured fields (JSON lines, caplog)",
+        "gateway/telemetry.py",
+        "    fields.update(extra)\n",
+        "",
+        "tests/test_logs.py",
+    ),
+    one(
+        "log-handler-no-flush",
+        "a buffered log stream keeps the access lines in its buffer",
+        "gateway/logs.py",
+        "            if not self._flushes:\n                self.flush()\n",
+        "",
+        "tests/test_logs.py",
+    ),
     # ------------------------------------------------------------------ the attack pass (issue 19)
     one(
         "operation-origin",

@@ -118,9 +118,20 @@ def _source_files() -> Iterator[Path]:
 
 
 def _log_formats() -> Iterator[tuple[str, str, str]]:
-    """(where, level, format string) of every logger call with a literal message."""
+    """(where, level, format string) of every logger call with a literal message, or with a module's string
+    constant as its message (the access line's `ACCESS_FORMAT`)."""
     for path in _source_files():
-        for node in ast.walk(ast.parse(_read(path))):
+        tree = ast.parse(_read(path))
+        constants = {
+            target.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             target = node.func.value
@@ -129,9 +140,11 @@ def _log_formats() -> Iterator[tuple[str, str, str]]:
             if not target.id.endswith("logger") or not node.args:
                 continue
             message = node.args[0]
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
             if isinstance(message, ast.Constant) and isinstance(message.value, str):
-                where = f"{path.relative_to(ROOT)}:{node.lineno}"
                 yield where, node.func.attr, message.value
+            elif isinstance(message, ast.Name) and message.id in constants:
+                yield where, node.func.attr, constants[message.id]
 
 
 LOG_FORMATS = [item for item in _log_formats() if item[1] != "debug"]

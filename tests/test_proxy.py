@@ -408,6 +408,58 @@ def test_stalled_request_body_gets_408(upstream, gateway_factory, monkeypatch):
     assert app.seen("/echo") == 0
 
 
+def _read_answer(sock: socket.socket) -> bytes:
+    """One answer with a Content-Length, read whole from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the gateway closed the connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def test_a_keep_alive_connection_is_served_by_one_task_that_ends_with_it(
+    upstream, gateway_factory, monkeypatch
+):
+    """Proxied requests of one connection share one task (a task per request cost a fifth of the gateway's
+    own work per request); it ends when the connection does, so a shutdown does not wait for it, and
+    every connection gets its own."""
+    _app, server = upstream
+    gw = gateway_factory({"routes": {"iris": key_route(server.url, **_env_keys(monkeypatch))}})
+
+    async def serving() -> set:
+        return {task for task in gw.server.server_state.tasks if task.get_name() == "gateway-request"}
+
+    request = b"POST /iris/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    seen: list[set] = []
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        for _ in range(3):
+            sock.sendall(request)
+            assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
+            seen.append(gw.call(serving()))
+        sock.sendall(request * 2)  # pipelined: the second is handed over while the first finishes
+        assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
+        assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
+        seen.append(gw.call(serving()))
+    assert len(seen[0]) == 1 and all(tasks == seen[0] for tasks in seen), seen
+    deadline = time.monotonic() + 5
+    while gw.call(serving()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not gw.call(serving()), "the connection closed, and its task still waits for a request"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
+        assert gw.call(serving()).isdisjoint(seen[0])
+
+
 def test_upstream_connection_pool_is_bounded_and_reused(upstream, gateway_factory, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
