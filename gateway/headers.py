@@ -92,14 +92,17 @@ def read_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> InboundHeaders:
     result = InboundHeaders()
     forwarded = result.forwarded
     dropped: set[bytes] | None = None
-    for name, value in raw:
+    # Hot path: each header tuple is passed on as it is, not unpacked and built again.
+    for header in raw:
+        name = header[0]
         if name in _READ:
+            value = header[1]
             if name == b"x-request-id":
                 if _REQUEST_ID_FORM.fullmatch(value):
                     result.request_id = value.decode("ascii")
             elif name == _CLIENT_REQUEST_ID:
                 result.client_request_id = True
-                forwarded.append((name, value))
+                forwarded.append(header)
             elif name == b"host":
                 result.host = value
             elif name == b"content-length":
@@ -112,7 +115,7 @@ def read_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> InboundHeaders:
             elif name == b"connection":
                 dropped = (dropped or set()) | connection_tokens(value)
             continue
-        forwarded.append((name, value))
+        forwarded.append(header)
     if dropped:
         result.forwarded = [(n, v) for n, v in forwarded if n.lower() not in dropped]
         if _CLIENT_REQUEST_ID in dropped:
