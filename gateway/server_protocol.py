@@ -471,25 +471,30 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     def _start(self, cycle: Exchange | RequestResponseCycle, app: Any) -> None:
         self._running = cycle
         if isinstance(cycle, Exchange):
+            # Handed to the connection's task: waiting for it, still finishing the request before (it
+            # takes this one next), or none that can take it (the first request, or the task ended).
             worker = self._worker
-            if worker is None:
-                # A Task made with a name of its own; the loop's create_task would have the Task format
-                # a numbered name ("Task-123").
-                worker = self._worker = asyncio.Task(
-                    self._serve_exchanges(cycle), loop=self.loop, name=_EXCHANGE_TASK
-                )
-                worker.add_done_callback(self._worker_done)
-                self.tasks.add(worker)
+            waiting = self._worker_waiting
+            self._worker_waiting = None
+            if waiting is not None and not waiting.done():
+                waiting.set_result(cycle)
+            elif waiting is None and worker is not None and not worker.done():
+                self._worker_next = cycle
             else:
-                waiting = self._worker_waiting
-                if waiting is not None:
-                    self._worker_waiting = None
-                    waiting.set_result(cycle)
-                else:  # still finishing the request before: it takes this one next
-                    self._worker_next = cycle
+                worker = self._start_worker(cycle)
             cycle.task = worker
         else:
             super()._start_asgi_task(cycle, app)
+
+    def _start_worker(self, exchange: Exchange) -> asyncio.Task[None]:
+        # A Task made with a name of its own; the loop's create_task would have the Task format a
+        # numbered name ("Task-123").
+        worker = self._worker = asyncio.Task(
+            self._serve_exchanges(exchange), loop=self.loop, name=_EXCHANGE_TASK
+        )
+        worker.add_done_callback(self._worker_done)
+        self.tasks.add(worker)
+        return worker
 
     async def _serve_exchanges(self, exchange: Exchange | None) -> None:
         """The connection's task: serves its proxied requests one after the other, as the protocol hands
@@ -512,9 +517,19 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
 
     def _worker_done(self, worker: asyncio.Task[None]) -> None:
         self.tasks.discard(worker)
-        if self._worker is worker:
-            self._worker = None
-            self._worker_waiting = None
+        if not worker.cancelled() and worker.exception() is not None:
+            # `Proxy.serve` answers every error of a request itself: this is a bug, not a request's failure.
+            logger.error("the task serving a client connection failed", exc_info=worker.exception())
+        if self._worker is not worker:
+            return
+        self._worker = None
+        self._worker_waiting = None
+        handed = self._worker_next
+        if handed is not None and not self._closed:
+            # It ended before taking the request handed to it (a cancellation that was not the client's,
+            # or a failure `Proxy.serve` did not answer): a new task takes it, so it is not left unanswered.
+            self._worker_next = None
+            handed.task = self._start_worker(handed)
 
     def on_body(self, body: bytes) -> None:
         self._body_event = True

@@ -350,6 +350,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/test_proxy.py::test_a_keep_alive_connection_is_served_by_one_task_that_ends_with_it",
     ),
     one(
+        "connection-task-handover-lost",
+        "a request handed to a connection's task that then fails is never answered",
+        "gateway/server_protocol.py",
+        "            handed.task = self._start_worker(handed)\n",
+        "            pass\n",
+        "tests/test_proxy.py::test_a_request_handed_to_a_connection_task_that_then_fails_is_still_answered",
+    ),
+    one(
         "access-record-extras",
         "the access record built from the template loses its structured fields (JSON lines, caplog)",
         "gateway/telemetry.py",
