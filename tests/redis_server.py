@@ -107,13 +107,14 @@ class RedisServer:
     def stop(self) -> None:
         self.kill()
 
-    def command(self, *args: str) -> bytes:
-        """One command over a plain connection (not for TLS servers); the raw RESP reply."""
+    def command(self, *args: str, timeout: float = 5.0) -> bytes:
+        """One command over a plain connection (not for TLS servers); the raw RESP reply, within `timeout`
+        seconds."""
         parts = [f"*{len(args)}\r\n".encode()]
         for arg in args:
             data = arg.encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
             password = self._password()
             if password is not None:
                 sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(password), password.encode()))

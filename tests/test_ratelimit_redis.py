@@ -239,7 +239,7 @@ def test_slow_redis_never_holds_a_decision(redis: RedisServer, caplog: pytest.Lo
 
     def sleep_redis() -> None:
         asleep.set()
-        redis.command("DEBUG", "SLEEP", "5")
+        redis.command("DEBUG", "SLEEP", "5", timeout=30)  # answers after its 5 s: not the default 5 s wait
         awake.set()
 
     async def main() -> None:
@@ -255,6 +255,7 @@ def test_slow_redis_never_holds_a_decision(redis: RedisServer, caplog: pytest.Lo
         assert all(d.allowed for d in decisions)
         assert store.falling_back and store.status()["reason"] == "no answer within 100 ms"
         await asyncio.get_running_loop().run_in_executor(None, sleeper.join)
+        assert awake.is_set(), "Redis never answered DEBUG SLEEP"
         await _until(lambda: not store.falling_back)
         await store.aclose()
 
