@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import select
 import socket
 import subprocess
@@ -154,3 +155,64 @@ class FullBacklog:
     def close(self) -> None:
         for sock in (*self.fillers, self.sock):
             sock.close()
+
+
+class Answer:
+    """An HTTP answer read from a raw socket: status, headers (names lowered), body."""
+
+    def __init__(self, raw: bytes) -> None:
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers: list[tuple[str, str]] = []
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers.append((name.strip().lower(), value.strip()))
+
+    def header(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
+
+    def error(self) -> dict[str, Any]:
+        error: dict[str, Any] = json.loads(self.body)["error"]
+        return error
+
+
+class KeptAlive:
+    """One client connection for several requests (pipelined or not), each answer read to its
+    Content-Length; bytes of the next answer that came with one stay buffered for it."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = b""
+
+    def post(self, path: str, headers: dict[str, str], body: bytes = b"{}") -> Answer:
+        self.send(request_bytes(path, headers, body))
+        return self.answer()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def answer(self) -> Answer:
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = int(Answer(head + b"\r\n\r\n").header("content-length")[0])
+        while len(rest) < length:
+            rest += self._recv()
+        self.buffer = rest[length:]
+        return Answer(head + b"\r\n\r\n" + rest[:length])
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        assert data, f"the gateway closed the connection: {self.buffer[:300]!r}"
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def request_bytes(path: str, headers: dict[str, str] | None = None, body: bytes = b"{}") -> bytes:
+    """A POST with a Content-Length, as raw bytes."""
+    lines = [f"POST {path} HTTP/1.1", "Host: gw", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -43,7 +43,7 @@ from conftest import HYGIENE, PRIMARY
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
-from servers import ServerThread
+from servers import Answer, KeptAlive, ServerThread
 from upstream import Upstream
 
 from gateway.emulator import EmulatorServer, EmulatorState, MsalHttpxClient
@@ -203,24 +203,6 @@ def good_claims(**changes: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the raw socket
-class Answer:
-    def __init__(self, raw: bytes) -> None:
-        head, _, self.body = raw.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        self.status = int(lines[0].split()[1])
-        self.headers: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            self.headers.append((name.strip().lower(), value.strip()))
-
-    def header(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key == name]
-
-    def error(self) -> dict[str, Any]:
-        error: dict[str, Any] = json.loads(self.body)["error"]
-        return error
-
-
 def raw(
     port: int, path: str, headers: dict[str, str], body: bytes = b"{}", *, send_body: bool = True
 ) -> Answer:
@@ -915,35 +897,6 @@ def test_a_reload_keeps_the_signing_keys_unless_their_settings_change(
     answer = raw(gateway.port, "/open/score", bearer(token))
     assert answer.status == 401 and answer.error()["code"] == "client_unauthenticated"
     assert raw(gateway.port, "/fraud/score", {"x-gateway-key": BATCH_KEY}).status == 200
-
-
-class KeptAlive:
-    """One client connection for several requests, each answer read to its Content-Length."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buffer = b""
-
-    def post(self, path: str, headers: dict[str, str], body: bytes = b"{}") -> Answer:
-        lines = [f"POST {path} HTTP/1.1", "Host: gw", f"Content-Length: {len(body)}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self._recv()
-        head, _, rest = self.buffer.partition(b"\r\n\r\n")
-        length = int(Answer(head + b"\r\n\r\n").header("content-length")[0])
-        while len(rest) < length:
-            rest += self._recv()
-        self.buffer = rest[length:]
-        return Answer(head + b"\r\n\r\n" + rest[:length])
-
-    def _recv(self) -> bytes:
-        data = self.sock.recv(65536)
-        assert data, f"the gateway closed the connection: {self.buffer[:300]!r}"
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_a_connection_recognises_the_token_its_last_request_proved_and_nothing_else(

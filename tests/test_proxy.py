@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import PRIMARY, SECONDARY, key_route
+from servers import KeptAlive, request_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 
@@ -409,24 +410,6 @@ def test_stalled_request_body_gets_408(upstream, gateway_factory, monkeypatch):
     assert app.seen("/echo") == 0
 
 
-def _read_answer(sock: socket.socket) -> bytes:
-    """One answer with a Content-Length, read whole from a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, "the gateway closed the connection"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head
-
-
 def test_a_keep_alive_connection_is_served_by_one_task_that_ends_with_it(
     upstream, gateway_factory, monkeypatch
 ):
@@ -439,26 +422,30 @@ def test_a_keep_alive_connection_is_served_by_one_task_that_ends_with_it(
     async def serving() -> set:
         return {task for task in gw.server.server_state.tasks if task.get_name() == "gateway-request"}
 
-    request = b"POST /iris/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    request = request_bytes("/iris/echo")
     seen: list[set] = []
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+    connection = KeptAlive(gw.port)
+    try:
         for _ in range(3):
-            sock.sendall(request)
-            assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
+            connection.send(request)
+            assert connection.answer().status == 200
             seen.append(gw.call(serving()))
-        sock.sendall(request * 2)  # pipelined: the second is handed over while the first finishes
-        assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
-        assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
+        connection.send(request * 2)  # pipelined: the second is handed over while the first finishes
+        assert [connection.answer().status for _ in range(2)] == [200, 200]
         seen.append(gw.call(serving()))
+    finally:
+        connection.close()
     assert len(seen[0]) == 1 and all(tasks == seen[0] for tasks in seen), seen
     deadline = time.monotonic() + 5
     while gw.call(serving()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not gw.call(serving()), "the connection closed, and its task still waits for a request"
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
-        sock.sendall(request)
-        assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
+    connection = KeptAlive(gw.port)
+    try:
+        assert connection.post("/iris/echo", {}).status == 200
         assert gw.call(serving()).isdisjoint(seen[0])
+    finally:
+        connection.close()
 
 
 def test_a_request_handed_to_a_connection_task_that_then_fails_is_still_answered(
@@ -479,13 +466,12 @@ def test_a_request_handed_to_a_connection_task_that_then_fails_is_still_answered
 
     monkeypatch.setattr(app, "serve_exchange", failing_after)
     caplog.set_level(logging.ERROR, logger="gateway.server")
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /iris/explode HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
-            b"POST /iris/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
-        )
-        assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
-        assert b" 200 " in _read_answer(sock).split(b"\r\n", 1)[0]
+    connection = KeptAlive(gw.port)
+    try:
+        connection.send(request_bytes("/iris/explode") + request_bytes("/iris/echo"))
+        assert [connection.answer().status for _ in range(2)] == [200, 200]
+    finally:
+        connection.close()
     assert any(
         # The traceback: as the record came, or as the gateway's redacting filter left it (its summary)
         r.getMessage() == "the task serving a client connection failed" and (r.exc_info or r.exc_text)
