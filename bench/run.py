@@ -67,6 +67,8 @@ ALL_SCENARIOS = [
     "floor",
     "gateway",
     "gateway-baseline",
+    "gateway-logged",
+    "gateway-json",
     "gateway-caller",
     "gateway-aad",
     "gateway-emulator",
@@ -94,6 +96,8 @@ DESCRIPTIONS = {
     "gateway": "`gateway serve --workers 1`, key auth route to `direct` (this checkout), the inbound limits "
     "at their defaults",
     BASELINE: "`gateway serve --workers 1`, key auth route to `direct`, from the `--baseline` checkout",
+    "gateway-logged": "`gateway` at the default log level (info): an access line per request, to a file",
+    "gateway-json": "`gateway-logged` with `log_format: json`, as the Kubernetes manifests set it",
     "gateway-caller": "`gateway`'s key route plus `inbound.entra_id` (the emulator as the authority); wrk "
     "sends a caller token the emulator issued by client credentials for the gateway's audience with every "
     "request: after the first, each connection recognises it as the token it proved (issue 16)",
@@ -772,8 +776,8 @@ def check_score(port: int, request_headers: dict[str, str] | None = None) -> tup
     return True, headers.get("x-bench-auth", "?")
 
 
-def gateway_cmd(config: Path, workers: int) -> list[str]:
-    # Equivalent to `gateway serve --config FILE --workers N --log-level warning`, but always runs
+def gateway_cmd(config: Path, workers: int, log_level: str = "warning") -> list[str]:
+    # Equivalent to `gateway serve --config FILE --workers N --log-level LEVEL`, but always runs
     # the gateway package of this checkout (the console script may point at another install).
     return [
         sys.executable,
@@ -785,7 +789,7 @@ def gateway_cmd(config: Path, workers: int) -> list[str]:
         "--workers",
         str(workers),
         "--log-level",
-        "warning",
+        log_level,
     ]
 
 
@@ -822,12 +826,13 @@ def gateway_available(root: Path = REPO_ROOT) -> tuple[bool, str]:
     return True, ""
 
 
-def key_gateway_yaml(port: int, upstream_url: str) -> str:
+def key_gateway_yaml(port: int, upstream_url: str, log_format: str = "text") -> str:
     return textwrap.dedent(
         f"""\
         server:
           host: 127.0.0.1
           port: {port}
+          log_format: {log_format}
         routes:
           score:
             path: /score
@@ -975,6 +980,7 @@ def start_gateway(
     check_first: bool,
     cpus: set[int] | None,
     root: Path = REPO_ROOT,
+    log_level: str = "warning",
 ) -> None:
     cfg = workdir / f"{sc.name}.yaml"
     cfg.write_text(yaml_text)
@@ -984,7 +990,7 @@ def start_gateway(
             raise BenchError(why)
     sc.proc = procs.start(
         sc.name,
-        gateway_cmd(cfg, 1),
+        gateway_cmd(cfg, 1, log_level),
         workdir / f"{sc.name}.log",
         env=gateway_env(root),
         cwd=workdir,
@@ -1222,6 +1228,8 @@ def derive(scen: dict[str, Scenario], args: argparse.Namespace) -> dict[str, Any
         "gateway / naive": ratio(gw, s("naive", tc)),
         "gateway-aad / gateway": ratio(s("gateway-aad", tc), gw),
         "gateway-caller / gateway": ratio(s("gateway-caller", tc), gw),
+        "gateway-logged / gateway": ratio(s("gateway-logged", tc), gw),
+        "gateway-json / gateway": ratio(s("gateway-json", tc), gw),
     }
     decision: dict[str, Any] = {}
     aio = s("aiohttp", tc)
@@ -1252,7 +1260,15 @@ def derive(scen: dict[str, Scenario], args: argparse.Namespace) -> dict[str, Any
         return float(value) if value else None
 
     cost: dict[str, dict[str, float | None]] = {}
-    for name in ("gateway", "gateway-caller", "gateway-aad", "gateway-emulator", BASELINE):
+    for name in (
+        "gateway",
+        "gateway-logged",
+        "gateway-json",
+        "gateway-caller",
+        "gateway-aad",
+        "gateway-emulator",
+        BASELINE,
+    ):
         cpu = cpu_of(name)
         if cpu is None:
             continue
@@ -1989,6 +2005,21 @@ def setup_scenarios(
                 name,
                 lambda sc, root=roots[name]: start_gateway(  # type: ignore[misc]
                     procs, workdir, sc, key_gateway_yaml(sc.port, direct_url), False, proxy_cpus, root
+                ),
+            )
+
+    for name, log_format in (("gateway-logged", "text"), ("gateway-json", "json")):
+        if name in gw_wanted:
+            setup(
+                name,
+                lambda sc, log_format=log_format: start_gateway(  # type: ignore[misc]
+                    procs,
+                    workdir,
+                    sc,
+                    key_gateway_yaml(sc.port, direct_url, log_format),
+                    False,
+                    proxy_cpus,
+                    log_level="info",
                 ),
             )
 

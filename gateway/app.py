@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any
 
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.assembly import Assembly
 from gateway.config import (
     GatewayConfig,
@@ -218,6 +218,8 @@ class GatewayApp:
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (tests) or no SIGHUP on this platform
+        # Its log lines (an access line per request) are written once per loop iteration from now on.
+        logs.batch_lines(asyncio.get_running_loop())
         logger.info(
             "gateway ready: %s",
             ", ".join(
@@ -242,13 +244,16 @@ class GatewayApp:
                 await self.reload_from_file()
 
     async def shutdown(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-        for credential in self.credentials:
-            await credential.close()
-        await self.assembly.close()
-        if self.tracing is not None:
-            await self.tracing.shutdown()
+        try:
+            if self._watch_task is not None:
+                self._watch_task.cancel()
+            for credential in self.credentials:
+                await credential.close()
+            await self.assembly.close()
+            if self.tracing is not None:
+                await self.tracing.shutdown()
+        finally:
+            logs.unbatch_lines()
 
     async def reload(self, config: GatewayConfig) -> None:
         """Swap to a validated config; unchanged credentials keep their state and cached tokens.
@@ -369,8 +374,6 @@ class GatewayApp:
 
 def app_from_env() -> GatewayApp:
     """uvicorn factory for multi-worker mode: each worker process builds its own app."""
-    from gateway import logs
-
     logs.configure(os.environ.get("GATEWAY_LOG_LEVEL", "info"), os.environ.get("GATEWAY_LOG_FORMAT", "text"))
     path = default_config_path()
     return GatewayApp(load_config(path), config_path=path)

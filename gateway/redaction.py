@@ -103,29 +103,24 @@ def _mask_shape(match: re.Match[str]) -> str:
     return f"{prefix}{MASK}" if prefix else MASK
 
 
-# `_SHAPES` can match only where one of these occurs, compared as `(?i)` compares: casefold, plus the
+# `_SHAPES` can match only where one of its words occurs, compared as `(?i)` compares: casefold, plus the
 # one letter `re` matches to `i` that casefold keeps apart (dotless i, U+0131). A line without any of
 # them (the access line, most lines) skips the case-insensitive scan: ~10 µs on a 300-character line.
-_SHAPE_WORDS = (
-    "bearer",
-    "eyj",
-    "client_secret",
-    "client_assertion",
-    "access_token",
-    "accesstoken",
-    "primarykey",
-    "secondarykey",
-)
-
-
+# The words, one `in` each, written out: a loop over them cost a fifth more per line.
 def _may_hold_a_shape(text: str) -> bool:
     folded = text.casefold()
     if "\u0131" in folded:
         folded = folded.replace("\u0131", "i")
-    for word in _SHAPE_WORDS:
-        if word in folded:
-            return True
-    return False
+    return (
+        "bearer" in folded
+        or "eyj" in folded
+        or "client_secret" in folded
+        or "client_assertion" in folded
+        or "access_token" in folded
+        or "accesstoken" in folded
+        or "primarykey" in folded
+        or "secondarykey" in folded
+    )
 
 
 def redact(text: str) -> str:

@@ -7,11 +7,11 @@ import bisect
 import collections
 import logging
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway import metrics
 from gateway.callers import ANONYMOUS, Caller
+from gateway.logs import sole_handler
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -23,36 +23,6 @@ ACCESS_FORMAT = (
     "%s %s route=%s caller=%s status=%s upstream_status=%s duration_ms=%.1f attempts=%d "
     "credential=%s bytes_in=%d bytes_out=%d%s"
 )
-# The attributes every access record shares (`_access_record`), from a record the library made, and that
-# record's two clock readings.
-_access_template: tuple[dict[str, object], float, float] | None = None
-
-
-def _access_record(args: tuple[object, ...], extra: Mapping[str, object]) -> logging.LogRecord:
-    """The access line's LogRecord, as `access_logger.info(ACCESS_FORMAT, *args, extra=extra)` makes it
-    once `gateway.logs.configure` has turned off the caller look-up, and only then (no caller's file and
-    line, the default record factory): the library's `makeRecord` and `LogRecord.__init__` set the same
-    two dozen attributes for every request (about a seventh of the line's cost). Handlers, filters and
-    formatters get it from `access_logger.handle` as they would from `info`."""
-    global _access_template
-    if _access_template is None:
-        made = logging.LogRecord(
-            access_logger.name, logging.INFO, "(unknown file)", 0, "", None, None, "(unknown function)"
-        )
-        _access_template = (dict(vars(made)), made.created, made.relativeCreated)
-    template, template_created, template_relative = _access_template
-    record = logging.LogRecord.__new__(logging.LogRecord)
-    fields = record.__dict__
-    fields.update(template)
-    # As LogRecord.__init__ sets them (relativeCreated: milliseconds since the logging module started).
-    created = time.time()
-    fields["created"] = created
-    fields["msecs"] = int((created - int(created)) * 1000) + 0.0
-    fields["relativeCreated"] = template_relative + (created - template_created) * 1000
-    fields["msg"] = ACCESS_FORMAT
-    fields["args"] = args
-    fields.update(extra)
-    return record
 
 
 class RequestRecord:
@@ -170,12 +140,11 @@ class Telemetry:
     @staticmethod
     def _access_line(record: RequestRecord, route: str) -> None:
         duration = time.perf_counter() - record.started
-        caller = record.caller
         args = (
             record.request_id or "-",
             record.method,
             route or "-",
-            caller.id,
+            record.caller.id,
             record.status,
             record.upstream_status if record.upstream_status is not None else "-",
             duration * 1000,
@@ -185,24 +154,14 @@ class Telemetry:
             record.bytes_out,
             f" error={record.error}" if record.error else "",
         )
-        extra = {
-            "request_id": record.request_id,
-            "route": route or None,
-            "caller": caller.id,
-            "method": record.method,
-            "status": record.status,
-            "upstream_status": record.upstream_status,
-            "duration_ms": round(duration * 1000, 2),
-            "attempts": record.attempts,
-            "credential": record.credential,
-            "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out,
-            "error_code": record.error,
-        }
-        if logging._srcfile is None and logging.getLogRecordFactory() is logging.LogRecord:
-            access_logger.handle(_access_record(args, extra))
-        else:  # the caller's file and line asked for, or records made by a factory of somebody's
-            access_logger.info(ACCESS_FORMAT, *args, extra=extra)
+        handler = sole_handler(access_logger, logging.INFO)
+        if handler is None:
+            access_logger.info(ACCESS_FORMAT, *args, extra=_access_extra(record, route, duration))
+        else:
+            # Nothing but the gateway's own handler would see the record: its line, without the record
+            # and the library's handler chain.
+            extra = _access_extra(record, route, duration) if handler.wants_extra else None
+            handler.write_message(time.time(), "INFO", access_logger.name, ACCESS_FORMAT % args, extra)
 
     def flush(self) -> None:
         """Add the counts since the last flush to the Prometheus metrics (and the in-flight gauges)."""
@@ -240,3 +199,21 @@ class Telemetry:
 _LATENCY_BOUNDS: tuple[float, ...] = tuple(
     bound for bound in metrics.UPSTREAM_LATENCY._upper_bounds if bound != float("inf")
 )
+
+
+def _access_extra(record: RequestRecord, route: str, duration: float) -> dict[str, Any]:
+    """The access line's fields, as JSON lines show them and handlers other than the gateway's see them."""
+    return {
+        "request_id": record.request_id,
+        "route": route or None,
+        "caller": record.caller.id,
+        "method": record.method,
+        "status": record.status,
+        "upstream_status": record.upstream_status,
+        "duration_ms": round(duration * 1000, 2),
+        "attempts": record.attempts,
+        "credential": record.credential,
+        "bytes_in": record.bytes_in,
+        "bytes_out": record.bytes_out,
+        "error_code": record.error,
+    }

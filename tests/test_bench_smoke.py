@@ -25,7 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "bench" / "run.py"
 # Always measured; haproxy and caddy are measured when installed (the quick run installs neither),
 # aiohttp when importable and gateway-caller when the emulator starts, otherwise their rows say "skipped".
-REQUIRED = ["direct", "nginx", "naive", "floor", "gateway", "gateway-baseline"]
+REQUIRED = [
+    "direct",
+    "nginx",
+    "naive",
+    "floor",
+    "gateway",
+    "gateway-baseline",
+    "gateway-logged",
+    "gateway-json",
+]
 OPTIONAL = ["haproxy", "caddy", "aiohttp", "gateway-caller"]
 CONCURRENCY = [1, 32]
 

@@ -3,21 +3,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import io
+import json
 import logging
+import re
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway import logs, telemetry
+from gateway import logs, redaction, telemetry
 from gateway.callers import ANONYMOUS
 from gateway.telemetry import RequestRecord, Telemetry, access_logger
-
-# The clock's readings, and the time text a formatter added from them.
-_TIME_FIELDS = {"created", "msecs", "relativeCreated", "asctime"}
 
 
 def _request_record(started: float) -> RequestRecord:
@@ -44,36 +48,31 @@ class _Keep(logging.Handler):
         self.records.append(record)
 
 
-def test_the_access_record_is_the_one_the_library_makes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Built from a template when `configure` turned the caller look-up off; made by `info()` when somebody
-    installed a record factory: the same attributes, the same values but the clock's."""
+def test_the_access_record_carries_the_lines_fields_for_other_handlers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When anything but the gateway's own handler listens (JSON lines, `caplog`), the access line is a
+    record with its fields as extras."""
     keep = _Keep()
     logs.configure("info", "text", stream=io.StringIO())
     access_logger.addHandler(keep)
     try:
         monkeypatch.setattr(telemetry.time, "perf_counter", lambda: 100.25)
         Telemetry._access_line(_request_record(100.0), "iris")
-        built = keep.records.pop()
-        factory = logging.getLogRecordFactory()
-        logging.setLogRecordFactory(lambda *args, **kwargs: logging.LogRecord(*args, **kwargs))
-        try:
-            Telemetry._access_line(_request_record(100.0), "iris")
-        finally:
-            logging.setLogRecordFactory(factory)
-        made = keep.records.pop()
+        (made,) = keep.records
     finally:
         access_logger.removeHandler(keep)
         logs.configure("warning")
-    assert set(vars(built)) == set(vars(made))
-    assert {k: v for k, v in vars(built).items() if k not in _TIME_FIELDS} == {
-        k: v for k, v in vars(made).items() if k not in _TIME_FIELDS
-    }
-    assert abs(built.created - made.created) < 60 and built.msecs == int(built.msecs)
-    assert built.getMessage() == (
+    assert made.getMessage() == (
         "0a1b2c3d4e5f0000000001 POST route=iris caller=anonymous status=502 upstream_status=503 "
         "duration_ms=250.0 attempts=2 credential=primary bytes_in=55 bytes_out=120 error=upstream_unavailable"
     )
-    assert (built.route, built.error_code, built.duration_ms) == ("iris", "upstream_unavailable", 250.0)
+    assert (made.route, made.error_code, made.duration_ms, made.caller) == (
+        "iris",
+        "upstream_unavailable",
+        250.0,
+        "anonymous",
+    )
 
 
 def _records() -> list[dict[str, Any]]:
@@ -95,11 +94,17 @@ def _records() -> list[dict[str, Any]]:
         {**base, "msg": "ends in a newline\n", "args": None, "exc_text": "ValueError: boom"},
         {**base, "msg": "with a stack", "args": None, "stack_info": "Stack (most recent call last):\n  here"},
         {**base, "msg": "both", "args": None, "exc_text": "E", "stack_info": "S"},
+        # Printable beyond ASCII (the formatter skips its control-character scan), then a tab and a line
+        # separator (it does not).
+        {**base, "msg": "caller=cert:\u00e9t\u00e9 \u6f22\u5b57", "args": None},
+        {**base, "msg": "a\ttab and a\u2028separator\x7f", "args": None},
     ]
 
 
 @pytest.mark.parametrize(
-    "fields", _records(), ids=["plain", "control", "exc_info", "newline", "stack", "both"]
+    "fields",
+    _records(),
+    ids=["plain", "control", "exc_info", "newline", "stack", "both", "printable", "unprintable"],
 )
 def test_the_text_formatter_writes_what_logging_formatter_writes(fields: dict[str, Any]) -> None:
     formatter = logs.TextFormatter()
@@ -144,3 +149,201 @@ def test_the_handler_does_not_flush_a_stream_that_wrote_the_line_out_itself(tmp_
         assert logs._flushes_itself(stream)
         assert _handler_writes(stream, path).endswith(": written\n")
         assert stream.flushes == 0
+
+
+class _Writes(io.StringIO):
+    """A stream that keeps each `write` call's text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def _batching_handler() -> tuple[logs._LineHandler, _Writes]:
+    stream = _Writes()
+    handler = logs._LineHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler, stream
+
+
+def _log(handler: logging.Handler, message: str) -> None:
+    handler.handle(logging.makeLogRecord({"name": "gateway.test", "msg": message, "levelno": logging.INFO}))
+
+
+def test_the_lines_of_one_loop_iteration_are_written_in_one_write_when_it_ends() -> None:
+    handler, stream = _batching_handler()
+
+    async def serve() -> None:
+        handler.batch(asyncio.get_running_loop())
+        for n in range(3):
+            _log(handler, f"line {n}")
+        assert stream.writes == []  # the iteration that logged them has not ended
+        await asyncio.sleep(0)
+        assert stream.writes == ["line 0\nline 1\nline 2\n"]
+        _log(handler, "line 3")
+        handler.flush()  # as `logging.shutdown()` does at exit
+        assert stream.writes[-1] == "line 3\n"
+        _log(handler, "line 4")
+        handler.unbatch()  # the gateway's shutdown
+        assert stream.writes[-1] == "line 4\n"
+        _log(handler, "line 5")
+        assert stream.writes[-1] == "line 5\n"  # no longer batched: at once
+        await asyncio.sleep(0)
+
+    asyncio.run(serve())
+    assert stream.getvalue() == "".join(f"line {n}\n" for n in range(6))  # each once, in order
+
+
+def test_a_burst_in_one_iteration_is_written_in_bounded_batches() -> None:
+    handler, stream = _batching_handler()
+
+    async def serve() -> None:
+        handler.batch(asyncio.get_running_loop())
+        for n in range(logs._BATCH_LINES + 10):
+            _log(handler, str(n))
+        assert [text.count("\n") for text in stream.writes] == [logs._BATCH_LINES]
+        await asyncio.sleep(0)
+        assert [text.count("\n") for text in stream.writes] == [logs._BATCH_LINES, 10]
+
+    asyncio.run(serve())
+    assert stream.getvalue().split() == [str(n) for n in range(logs._BATCH_LINES + 10)]
+
+
+def test_a_line_from_another_thread_writes_the_loop_threads_lines_first() -> None:
+    handler, stream = _batching_handler()
+
+    async def serve() -> None:
+        handler.batch(asyncio.get_running_loop())
+        _log(handler, "from the loop")
+        other = threading.Thread(target=_log, args=(handler, "from a thread"))
+        other.start()
+        other.join()
+        assert stream.writes == ["from the loop\n", "from a thread\n"]
+        await asyncio.sleep(0)  # the loop's own write finds nothing left
+
+    asyncio.run(serve())
+    assert stream.getvalue() == "from the loop\nfrom a thread\n"
+
+
+def test_lines_are_written_at_once_when_the_batching_loop_does_not_run() -> None:
+    """A loop stopped or closed without the gateway's shutdown would never run the write."""
+    handler, stream = _batching_handler()
+    loop = asyncio.new_event_loop()
+    try:
+        handler.batch(loop)
+        _log(handler, "while stopped")
+        assert stream.writes == ["while stopped\n"]
+    finally:
+        loop.close()
+    _log(handler, "once closed")
+    assert stream.writes == ["while stopped\n", "once closed\n"]
+
+
+@contextlib.contextmanager
+def _configured_alone(stream: io.StringIO, fmt: str = "text") -> Iterator[logs._LineHandler]:
+    """`logs.configure` as the gateway process has it: its handler the root's only one (the test suite's
+    secret-hygiene collector, which `configure` puts back, is set aside meanwhile)."""
+    logs.configure("info", fmt, stream=stream)
+    root = logging.getLogger()
+    others = [handler for handler in root.handlers if not isinstance(handler, logs._LineHandler)]
+    for handler in others:
+        root.removeHandler(handler)
+    try:
+        (installed,) = root.handlers
+        assert isinstance(installed, logs._LineHandler)
+        yield installed
+    finally:
+        for handler in others:
+            root.addHandler(handler)
+        logs.configure("warning")
+
+
+def _access_lines(record: RequestRecord, fmt: str, *, force_record: bool) -> list[str]:
+    """The access line as the gateway's handler writes it: straight from the request (`write_message`), or
+    through a LogRecord and the library's handler chain (a filter on the access logger forces that). The
+    time apart: the two are written at different instants."""
+    stream = io.StringIO()
+    passes = logging.Filter()  # lets every record through
+    with _configured_alone(stream, fmt):
+        if force_record:
+            access_logger.addFilter(passes)
+        try:
+            assert (logs.sole_handler(access_logger, logging.INFO) is None) is force_record
+            Telemetry._access_line(record, record.route or "")
+        finally:
+            access_logger.removeFilter(passes)
+    lines = stream.getvalue().splitlines()
+    if fmt == "json":
+        return [re.sub(r'^\{"time": "[^"]*", ', "{", line) for line in lines]
+    return [line.split(" ", 1)[1] for line in lines]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_access_line_written_without_a_record_is_the_one_the_record_makes(
+    fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Byte for byte (the time apart), also where redaction and the one-line rule change it."""
+    monkeypatch.setattr(telemetry.time, "perf_counter", lambda: 100.25)
+    secret = "s3cr3t-registered-value-0123456789"
+    redaction.register(secret)
+    plain = _request_record(100.0)
+    hostile = _request_record(100.0)
+    hostile.request_id = secret  # a client that sent a secret of the gateway's as its request id
+    hostile.caller = dataclasses.replace(ANONYMOUS, id="cert:x\nforged INFO line bearer abc")
+    for record in (plain, hostile):
+        direct = _access_lines(record, fmt, force_record=False)
+        assert direct == _access_lines(record, fmt, force_record=True)
+        assert len(direct) == 1
+    line = direct[0]
+    if fmt == "json":
+        assert json.loads(line)["caller"] == "cert:x\nforged INFO line bearer ***"
+        assert json.loads(line)["logger"] == "gateway.access"
+    else:
+        assert line.startswith("INFO gateway.access: ") and "\n" not in line and "bearer ***" in line
+    assert secret not in line
+
+
+def test_the_access_line_goes_through_the_library_whenever_anything_else_would_see_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = logging.getLogger()
+    with _configured_alone(io.StringIO()) as installed:
+        assert logs.sole_handler(access_logger, logging.INFO) is installed
+        assert logs.sole_handler(access_logger, logging.DEBUG) is installed
+        installed.setLevel(logging.WARNING)
+        assert logs.sole_handler(access_logger, logging.INFO) is None
+        installed.setLevel(logging.NOTSET)
+        for logger in (access_logger, logging.getLogger("gateway"), root):
+            extra = _Keep()
+            logger.addHandler(extra)
+            try:
+                assert logs.sole_handler(access_logger, logging.INFO) is None, logger.name
+            finally:
+                logger.removeHandler(extra)
+        access_logger.propagate = False
+        try:
+            assert logs.sole_handler(access_logger, logging.INFO) is None
+        finally:
+            access_logger.propagate = True
+        installed.addFilter(logging.Filter())
+        assert logs.sole_handler(access_logger, logging.INFO) is None
+        installed.filters.pop()
+        monkeypatch.setattr(logging, "_srcfile", "logging/__init__.py")
+        assert logs.sole_handler(access_logger, logging.INFO) is None
+        monkeypatch.undo()
+        factory = logging.getLogRecordFactory()
+        logging.setLogRecordFactory(lambda *args, **kwargs: logging.LogRecord(*args, **kwargs))
+        try:
+            assert logs.sole_handler(access_logger, logging.INFO) is None
+        finally:
+            logging.setLogRecordFactory(factory)
+        assert logs.sole_handler(access_logger, logging.INFO) is installed
+        assert not installed.wants_extra
+        installed.setFormatter(logging.Formatter())  # somebody else's format
+        assert logs.sole_handler(access_logger, logging.INFO) is None
+    with _configured_alone(io.StringIO(), "json") as installed:
+        assert logs.sole_handler(access_logger, logging.INFO) is installed and installed.wants_extra
