@@ -78,18 +78,14 @@ class _LineFormatter(logging.Formatter):
 
 class JsonFormatter(_LineFormatter):
     def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "time": self._time_text(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
+        extra = {
+            key: value
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD_ATTRS and not key.startswith("_")
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                data[key] = value
         if record.exc_text:
-            data["error"] = record.exc_text
-        return redact(_encode_json(data))
+            extra["error"] = record.exc_text
+        return self.line(record.created, record.levelname, record.name, record.getMessage(), extra)
 
     def line(
         self, created: float, level_name: str, logger_name: str, message: str, extra: dict[str, Any] | None

@@ -347,3 +347,31 @@ def test_the_access_line_goes_through_the_library_whenever_anything_else_would_s
         assert logs.sole_handler(access_logger, logging.INFO) is None
     with _configured_alone(io.StringIO(), "json") as installed:
         assert logs.sole_handler(access_logger, logging.INFO) is installed and installed.wants_extra
+
+
+def test_a_json_line_has_the_records_extras_and_error_after_its_own_fields() -> None:
+    record = logging.makeLogRecord(
+        {
+            "name": "gateway.test",
+            "levelname": "WARNING",
+            "created": 1796616000.25,
+            "msecs": 250.0,
+            "msg": "failed %s",
+            "args": ("here",),
+            "route": "iris",
+            "_private": "not shown",
+            "exc_text": "ValueError: boom",
+        }
+    )
+    line = logs.JsonFormatter().format(record)
+    assert line.startswith(
+        '{"time": "2026-12-07T04:00:00.250Z", "level": "warning", "logger": "gateway.test", '
+    )
+    assert json.loads(line) == {
+        "time": "2026-12-07T04:00:00.250Z",
+        "level": "warning",
+        "logger": "gateway.test",
+        "message": "failed here",
+        "route": "iris",
+        "error": "ValueError: boom",
+    }
