@@ -228,12 +228,13 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         shows none) and no exception, without making the record: the message redacted as the
         `RedactingFilter` does it, then formatted as the formatter's `format` does. Only for the handler
         `sole_handler` finds."""
+        message = redact(message)  # first: an error report below shows the message too
         try:
             formatter = self.formatter
             assert isinstance(formatter, _LineFormatter)
-            line = formatter.line(created, level_name, logger_name, redact(message), extra) + self.terminator
+            # Formatted under the lock, as `handle()` formats: the formatter's clock text is shared.
             with self.lock:  # type: ignore[union-attr]
-                self._put(line)
+                self._put(formatter.line(created, level_name, logger_name, message, extra) + self.terminator)
         except RecursionError:
             raise
         except Exception:
@@ -245,16 +246,17 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if batch is not None:
             if threading.get_ident() == self._batch_thread:
                 batch.append(line)
-                if self._batch_due:
-                    if len(batch) >= _BATCH_LINES:
-                        self._write_out()
-                    return
                 loop = self._batch_loop
                 assert loop is not None
-                if loop.is_running():
+                if not loop.is_running():
+                    # Stopped or closed without the gateway's shutdown (perhaps with the write due still
+                    # queued in it): the loop may never run it.
+                    self._batch_due = False
+                    self._write_out()
+                elif not self._batch_due:
                     self._batch_due = True
                     loop.call_soon(self._write_batch)
-                else:  # stopped or closed without the gateway's shutdown: no callback would run
+                elif len(batch) >= _BATCH_LINES:
                     self._write_out()
                 return
             if batch:
@@ -307,9 +309,9 @@ def sole_handler(logger: logging.Logger, level: int) -> _LineHandler | None:
     """The handler a record of `logger` at `level` would reach, when `handle()` would pass it to that one
     alone and it is the `_LineHandler` that `configure` installs (its `RedactingFilter` the only filter,
     its formatter the text or JSON one): its `write_message` then writes what `handle()` would, without the
-    record. None when anything
-    else would see the record (a handler or filter added since, `caplog`, a record factory, the caller
-    look-up). Asked per line: it reads a few attributes of the two or three loggers on the way."""
+    record. None when anything else would see the record (a handler or filter added since, `caplog`, a
+    record factory, the caller look-up). Asked per line: it reads a few attributes of the two or three
+    loggers on the way."""
     if (
         logger.disabled
         or logger.filters

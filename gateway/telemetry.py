@@ -161,7 +161,13 @@ class Telemetry:
             # Nothing but the gateway's own handler would see the record: its line, without the record
             # and the library's handler chain.
             extra = _access_extra(record, route, duration) if handler.wants_extra else None
-            handler.write_message(time.time(), "INFO", access_logger.name, ACCESS_FORMAT % args, extra)
+            handler.write_message(
+                time.time(),
+                logging.getLevelName(logging.INFO),
+                access_logger.name,
+                ACCESS_FORMAT % args,
+                extra,
+            )
 
     def flush(self) -> None:
         """Add the counts since the last flush to the Prometheus metrics (and the in-flight gauges)."""

@@ -375,3 +375,89 @@ def test_a_json_line_has_the_records_extras_and_error_after_its_own_fields() -> 
         "route": "iris",
         "error": "ValueError: boom",
     }
+
+
+def test_the_access_line_names_the_level_as_the_library_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telemetry.time, "perf_counter", lambda: 100.25)
+    logging.addLevelName(logging.INFO, "NOTE")
+    try:
+        for fmt in ("text", "json"):
+            direct = _access_lines(_request_record(100.0), fmt, force_record=False)
+            assert direct == _access_lines(_request_record(100.0), fmt, force_record=True)
+            assert "NOTE gateway.access" in direct[0] or '"level": "note"' in direct[0]
+    finally:
+        logging.addLevelName(logging.INFO, "INFO")
+
+
+class _FailingStream(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError("disk full")
+
+
+def test_an_access_line_that_cannot_be_written_is_reported_redacted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = "s3cr3t-registered-value-for-the-error-report"
+    redaction.register(secret)
+    record = _request_record(100.0)
+    record.request_id = secret
+    with _configured_alone(_FailingStream()):
+        Telemetry._access_line(record, "iris")
+    report = capsys.readouterr().err
+    assert "--- Logging error ---" in report and "disk full" in report
+    assert secret not in report and "***" in report
+
+
+def test_lines_logged_after_the_loop_was_told_to_stop_are_written_once_it_has() -> None:
+    """The loop stops at the end of the iteration that logged: the write it had queued never runs."""
+    handler, stream = _batching_handler()
+    loop = asyncio.new_event_loop()
+
+    def last_iteration() -> None:
+        handler.batch(loop)
+        loop.stop()
+        _log(handler, "one")  # batched: the write is queued for the next iteration, which will not come
+
+    try:
+        loop.call_soon(last_iteration)
+        loop.run_forever()
+        assert stream.getvalue() == ""
+        _log(handler, "two")  # the loop no longer runs: everything is written now
+        assert stream.getvalue() == "one\ntwo\n"
+    finally:
+        loop.close()
+    _log(handler, "three")
+    assert stream.getvalue() == "one\ntwo\nthree\n"
+
+
+def test_a_line_written_without_a_record_is_formatted_under_the_handlers_lock() -> None:
+    """The formatter keeps one clock text for both paths: a record formatted by another thread meanwhile
+    must not interleave with it."""
+    stream = io.StringIO()
+    with _configured_alone(stream) as handler:
+        formatter = handler.formatter
+        assert isinstance(formatter, logs.TextFormatter)
+        inside = threading.Event()
+        release = threading.Event()
+        overlapped: list[bool] = []
+        original = formatter._time_text
+
+        def paused(created: float) -> str:
+            if threading.current_thread() is threading.main_thread():
+                inside.set()
+                release.wait(5)
+            else:
+                overlapped.append(not release.is_set())  # the main thread is still inside
+            return original(created)
+
+        formatter._time_text = paused  # type: ignore[method-assign]
+        other = threading.Thread(target=lambda: (inside.wait(5), _log(handler, "from a thread")))
+        other.start()
+        try:
+            threading.Timer(0.2, release.set).start()
+            handler.write_message(time.time(), "INFO", "gateway.access", "from the loop", None)
+        finally:
+            release.set()
+            other.join(5)
+    assert overlapped == [False]
+    assert stream.getvalue().splitlines()[0].endswith("gateway.access: from the loop")
