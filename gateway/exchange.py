@@ -76,6 +76,7 @@ class Exchange:
         "absolute_form",
         "client",
         "gone",
+        "gone_status",
         "headers",
         "http_version",
         "keep_alive",
@@ -85,6 +86,7 @@ class Exchange:
         "path",
         "query",
         "raw_path",
+        "request_id",
         "response_complete",
         "response_started",
         "scheme",
@@ -131,7 +133,10 @@ class Exchange:
         self.more_body = True
         self._waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        self.request_id: str | None = None  # the proxy's, once it has one: the id of every answer to it
+        # Why serving it stopped early (the error code of its access line), and the status recorded with it.
         self.gone: str | None = None
+        self.gone_status = 499  # client closed request (nginx's): the client went away
         self.response_started = False
         self.response_complete = False
 
@@ -153,9 +158,19 @@ class Exchange:
     def client_gone(self, reason: str) -> None:
         """The client is gone (`reason`): the task serving this exchange is cancelled, and so is every
         wait on the upstream it is in."""
+        self._stop(reason, 499)
+
+    def refused(self, status: int, code: str) -> None:
+        """The server protocol answers this request itself, `status` with `code` (its body broke the
+        framing or a limit while it was served): serving it stops as for a gone client, and it is
+        recorded as that answer."""
+        self._stop(code, status)
+
+    def _stop(self, reason: str, status: int) -> None:
         if self.response_complete or self.gone is not None:
             return
         self.gone = reason
+        self.gone_status = status
         self._wake()
         task = self.task
         if task is not None and not task.done():

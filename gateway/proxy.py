@@ -68,6 +68,8 @@ logger = logging.getLogger("gateway.proxy")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FORWARDED_PROTO = {scheme: b"X-Forwarded-Proto: %s\r\n" % scheme.encode() for scheme in ("http", "https")}
 _LAST_CHUNK = b"0\r\n\r\n"
+# Recorded, never sent: the gateway shut down (server.grace_period_s ended) before the answer was complete.
+SHUTTING_DOWN = "shutting_down"
 
 
 # An answer without Content-Length for an HTTP/1.0 client is collected to learn its length, up to this.
@@ -116,7 +118,7 @@ class Proxy:
                     record.request_id = new_request_id()  # refused before the client's headers count
                     raise
             inbound = read_request_headers(exchange.headers)
-            record.request_id = inbound.request_id or new_request_id()
+            record.request_id = exchange.request_id = inbound.request_id or new_request_id()
             if self.tracing is not None:
                 self.tracing.begin(record, inbound)  # the span is ended by the telemetry's request_done
             # 2. router
@@ -132,18 +134,24 @@ class Proxy:
             record.status = exc.status
             _answer_error(exchange, exc, record)
         except ClientGone as exc:
-            record.status = 499
+            record.status = exchange.gone_status
             record.error = str(exc)
         except _UpstreamAborted:
             pass  # logged where it happened; the record keeps the upstream's status
         except asyncio.CancelledError:
             gone = exchange.gone
             if gone is None:
-                raise  # a shutdown, not the client: let it through
-            # The client went away: the finally blocks on the way here aborted the upstream attempt
-            # and released the slot; what is left is to record it.
+                # A shutdown, not the client: let it through. The `finally` cuts the connection; the record
+                # says so (503 when no answer had started: a failure of the gateway's, not an answer).
+                record.error = SHUTTING_DOWN
+                if not exchange.response_started:
+                    record.status = 503
+                raise
+            # The client went away (or the server protocol answered the request itself): the finally
+            # blocks on the way here aborted the upstream attempt and released the slot; what is left is
+            # to record it.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            record.status = 499
+            record.status = exchange.gone_status
             record.error = gone
         except Exception:
             # The server-error guard of proxied requests, which know their request id and route.

@@ -16,8 +16,10 @@ A proxied request does not go through ASGI: once its head is complete it becomes
 (`gateway.exchange`) and the gateway app's `serve_exchange` runs on it in the connection's task (one per
 connection, serving its proxied requests in turn), writing the answer straight to this connection. The
 admin endpoints (and every request of an app that is not the gateway) keep uvicorn's ASGI request cycle;
-both kinds share one pipeline, in order. When the client goes away, or reads none of the answer for
-`server.send_timeout_s`, the request in progress is told through its exchange (`Exchange.client_gone`).
+both kinds share one pipeline, in order. A client that does not read its answers gets no further request
+taken while the connection's write buffer is over its high-water mark. When the client goes away, or
+reads none of the answer for `server.send_timeout_s`, the request in progress is told through its exchange
+(`Exchange.client_gone`).
 One timer per connection covers the wait for a request head and the keep-alive; a send timer exists only
 while the client is not reading.
 
@@ -131,8 +133,7 @@ class _Refused(Exception):
         self.error = error
 
 
-def _answer(error: ClientFacingError) -> bytes:
-    request_id = new_request_id()
+def _answer(error: ClientFacingError, request_id: str) -> bytes:
     body = error_body(error.code, error.message, request_id)
     return error_head(error, request_id, body) + CONNECTION_CLOSE + b"\r\n" + body
 
@@ -201,6 +202,9 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._gone_reason: str = DISCONNECTED
         self._refused = False  # an error was (or will be) answered: nothing more is parsed
         self._deferred: ClientFacingError | None = None  # answered once earlier answers are out
+        # An answer ended with the write buffer over its high-water mark: the next request waits for the
+        # client to read (`resume_writing`), so a client that reads nothing holds one answer, not all.
+        self._next_waits_for_drain = False
         self._memo = ConnectionMemo()
         # The connection's task serving its proxied requests (`_serve_exchanges`), the future it waits on
         # between requests, and a request handed over while it still finishes the one before.
@@ -440,7 +444,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         )
         previous = self.cycle
         self.cycle = exchange
-        if previous is None or previous.response_complete:
+        if (previous is None or previous.response_complete) and not self._next_waits_for_drain:
             self._start(exchange, None)
         else:
             self.flow.pause_reading()
@@ -466,6 +470,10 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             cycle.keep_alive = False  # until the body has arrived (see on_headers_complete)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if self._next_waits_for_drain:  # uvicorn starts it when the answer before is complete
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
+            return
         self._start(cycle, app)
 
     def _start(self, cycle: Exchange | RequestResponseCycle, app: Any) -> None:
@@ -571,6 +579,16 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
+        if self.flow.write_paused:
+            # The client has not read what is written (it pipelines, or keeps sending on a keep-alive
+            # connection, without reading): its next request waits until it does, so the answers it does
+            # not read are not all forwarded and buffered. `server.send_timeout_s` ends the wait.
+            self._next_waits_for_drain = True
+            return
+        self._next_request()
+
+    def _next_request(self) -> None:
+        """The answer before is out: resume reading, and start the next request (or arm the keep-alive)."""
         flow = self.flow
         if flow.read_paused:  # hot path: the call only when reading was paused
             flow.resume_reading()
@@ -605,6 +623,10 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        if self._next_waits_for_drain:
+            self._next_waits_for_drain = False
+            if not self.transport.is_closing():
+                self._next_request()
 
     def _send_timed_out(self, timeout: float) -> None:
         self._send_timer = None
@@ -630,20 +652,28 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         # In the body phase `self.cycle` is the request being parsed.
         offending = cycle if self._phase == _BODY and cycle is not None else None
         if offending is not None:
-            # The request whose body broke a limit: the request in progress sees its client gone.
-            if isinstance(offending, Exchange):
-                offending.client_gone(DISCONNECTED)
-            else:
-                offending.disconnected = True
-                offending.message_event.set()
+            # The request whose body broke a limit: whoever serves it stops. Running and not yet answered,
+            # it gets the error now (a proxied one recorded as that answer, under its request id); queued,
+            # it never starts; with its answer out, it sees its client gone.
             queued = [entry for entry in self.pipeline if entry[0] is offending]
             for entry in queued:
                 self.pipeline.remove(entry)
-            if not queued:  # it is the one running: nothing before it waits for an answer
-                if offending.response_started:
-                    self.transport.close()  # its answer is out (or half out): nothing more to say
+            answer_now = not queued and not offending.response_started
+            request_id = None
+            if isinstance(offending, Exchange):
+                if answer_now:
+                    request_id = offending.request_id
+                    offending.refused(error.status, error.code)
                 else:
-                    self._send_error_and_close(error)
+                    offending.client_gone(DISCONNECTED)
+            else:
+                offending.disconnected = True
+                offending.message_event.set()
+            if not queued:  # it is the one running: nothing before it waits for an answer
+                if answer_now:
+                    self._send_error_and_close(error, request_id)
+                else:
+                    self.transport.close()  # its answer is out (or half out): nothing more to say
                 return
         elif not self.pipeline and (cycle is None or cycle.response_complete):
             self._send_error_and_close(error)
@@ -651,13 +681,14 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._deferred = error
         self.flow.pause_reading()
 
-    def _send_error_and_close(self, error: ClientFacingError) -> None:
+    def _send_error_and_close(self, error: ClientFacingError, request_id: str | None = None) -> None:
+        """Answer `error` (as request `request_id`, or a new id) and close the connection, lingering."""
         transport = self.transport
         if transport.is_closing():
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
         logger.info("connection from %s: answered %d %s and closed it", client, error.status, error.code)
-        transport.write(_answer(error))
+        transport.write(_answer(error, request_id or new_request_id()))
         if transport.can_write_eof():
             transport.write_eof()
             self.flow.resume_reading()  # read and discard until the client closes or LINGER_S passes

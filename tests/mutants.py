@@ -421,6 +421,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "",
         "tests/test_logs.py",
     ),
+    one(
+        "unread-answers-buffered",
+        "a client that reads no answer has request after request forwarded and its answers buffered",
+        "gateway/server_protocol.py",
+        "        if self.flow.write_paused:\n            # The client has not read",
+        "        if False:\n            # The client has not read",
+        "tests/test_inbound_lifecycle.py::test_a_client_that_reads_no_answer_gets_no_more_of_its_requests_forwarded",
+    ),
+    one(
+        "shutdown-cut-unrecorded",
+        "a request cut off when the grace period ends is logged as status 0 without an error code",
+        "gateway/proxy.py",
+        "                record.error = SHUTTING_DOWN\n",
+        "",
+        "tests/test_cli.py::test_requests_cut_off_when_the_grace_period_ends_say_so_in_the_access_log",
+    ),
+    one(
+        "refused-body-logged-as-gone",
+        "a body refused while its request is served is logged as a client gone, under another request id",
+        "gateway/server_protocol.py",
+        "                    offending.refused(error.status, error.code)",
+        "                    offending.client_gone(DISCONNECTED)",
+        "tests/test_inbound_attacks.py::test_a_body_refused_while_its_request_is_served_is_logged_as_the_answer_the_client_got",
+    ),
     # ------------------------------------------------------------------ the attack pass (issue 19)
     one(
         "operation-origin",

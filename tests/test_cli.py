@@ -140,6 +140,51 @@ def test_serve_drains_in_flight_requests_on_sigterm(upstream, tmp_path):
     assert PRIMARY not in stderr and SECONDARY not in stderr
 
 
+def test_requests_cut_off_when_the_grace_period_ends_say_so_in_the_access_log(upstream, tmp_path):
+    """SIGTERM with requests still in flight after server.grace_period_s: their connections are cut,
+    and each access line names the cut (`error=shutting_down`), with 503 for the request that had no
+    answer yet and the upstream's status for the one whose answer had started. They used to read
+    `status=0` with no error code, counted among the requests the upstream answered."""
+    app, server = upstream
+    port = _free_port()
+    process = _start(_config(tmp_path, server.url, port, grace_period_s=1))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process)
+        got: dict[str, str] = {}
+
+        def request(path: str) -> None:
+            try:
+                with httpx.stream("GET", url + path, timeout=20) as response:
+                    got[path] = f"{response.status_code} " + response.read().decode()
+            except httpx.HTTPError as exc:
+                got[path] = type(exc).__name__
+
+        threads = [threading.Thread(target=request, args=(path,)) for path in ("/iris/hang", "/iris/chunks")]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while (app.seen("/hang") == 0 or app.seen("/chunks") == 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(20)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        server.loop.call_soon_threadsafe(app.release.set)  # type: ignore[union-attr]
+    _, stderr = process.communicate()
+    # Neither client got a complete answer: no answer at all, or the first chunk and then the cut.
+    assert got["/iris/hang"] == "RemoteProtocolError" and got["/iris/chunks"] == "RemoteProtocolError"
+    access = [line for line in stderr.splitlines() if "gateway.access" in line]
+    hang = [line for line in access if " GET " in line and "upstream_status=-" in line]
+    chunks = [line for line in access if " GET " in line and "upstream_status=200" in line]
+    assert len(hang) == 1 and len(chunks) == 1, access
+    assert " status=503 " in hang[0] and hang[0].endswith(" error=shutting_down"), hang
+    assert " status=200 " in chunks[0] and chunks[0].endswith(" error=shutting_down"), chunks
+
+
 def test_serve_with_two_workers(upstream, tmp_path):
     _, server = upstream
     port = _free_port()

@@ -455,6 +455,28 @@ def test_pipelined_requests_are_all_answered_in_order(gateway):
     assert gateway.upstream_paths() == ["/api/one", "/api/two", "/api/three"]
 
 
+def test_a_body_refused_while_its_request_is_served_is_logged_as_the_answer_the_client_got(gateway):
+    """A chunked body that breaks its framing after the proxy took the request: the gateway answers 400
+    malformed_request and closes. The access line says that answer, under the request id the client got
+    (x-request-id and the error body). It used to say 499 client_disconnected, under another id."""
+    gateway.clear()
+    with _connect(gateway) as sock:
+        sock.sendall(b"POST /iris/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
+        time.sleep(0.5)  # the proxy serves it meanwhile: forwarded, its body streaming (the upstream waits)
+        sock.sendall(b"zz\r\nnot a chunk\r\n")
+        answer = _read_all(sock)
+    [(status, headers, body)] = _responses(answer)
+    assert status == 400 and _error_code(body) == "malformed_request"
+    request_id = headers["x-request-id"]
+    assert json.loads(body)["error"]["request_id"] == request_id
+    deadline = time.monotonic() + 5
+    while f"gateway.access: {request_id} " not in gateway.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = [line for line in gateway.log().splitlines() if f"gateway.access: {request_id} " in line]
+    assert " status=400 " in line and line.endswith(" error=malformed_request"), line
+    assert "status=499" not in gateway.log()
+
+
 # ---------------------------------------------------------------------------------------------------- 8
 
 

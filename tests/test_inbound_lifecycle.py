@@ -24,6 +24,7 @@ from gateway.credentials.base import NoCredential
 from gateway.errors import ConfigError, SecretError
 
 BIG_BODY = 64 * 1024 * 1024  # far beyond every socket buffer between the upstream and a non-reading client
+WHOLE_BODY = 60_000  # one loopback segment: it arrives whole, and the gateway writes it with the head at once
 
 
 class RawUpstream:
@@ -32,6 +33,7 @@ class RawUpstream:
     `/slow`: reads the request, never answers, waits for the gateway to close the connection.
     `/big`: answers with BIG_BODY bytes, written as fast as the gateway reads them.
     `/stream`: a chunked answer that trickles for 30 s, like an LLM generating tokens.
+    `/whole`: answers WHOLE_BODY bytes, head and body in one write (the gateway reads the answer at once).
     anything else: a small 200.
     """
 
@@ -89,6 +91,11 @@ class RawUpstream:
                         block = b"x" * 65536
                         for _ in range(BIG_BODY // len(block)):
                             conn.sendall(block)
+                        continue
+                    if path.endswith("/whole"):
+                        conn.sendall(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % WHOLE_BODY + b"w" * WHOLE_BODY
+                        )
                         continue
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 except OSError:
@@ -179,6 +186,44 @@ def test_clients_that_never_read_do_not_hold_the_concurrency_slots(
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_a_client_that_reads_no_answer_gets_no_more_of_its_requests_forwarded(
+    raw_upstream: RawUpstream, gateway_factory: Callable[..., ServerThread]
+) -> None:
+    """A keep-alive client that sends request after request and reads none of the answers: once the
+    connection's write buffer is over its high-water mark the gateway takes no further request of it
+    (reading stays paused) until the client reads. Each answer used to be forwarded and buffered in full:
+    one such connection grew the gateway by 36 MiB a second, until server.send_timeout_s. Nothing is lost
+    or answered out of turn: once the client reads, every answer arrives whole and in order."""
+    server = gateway_factory(_config(raw_upstream.url))
+    sent = 0
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        sock.connect(("127.0.0.1", server.port))
+        sock.settimeout(10)
+        # One request at a time, the next once the upstream has the one before: none piles up unread (a
+        # read of more than MAX_PIPELINED requests is refused on its own account).
+        while sent < 200:
+            sock.sendall(b"GET /big/whole HTTP/1.1\r\nHost: gw\r\n\r\n")
+            sent += 1
+            deadline = time.monotonic() + 2.0
+            while raw_upstream.count(raw_upstream.started, "/whole") < sent and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if raw_upstream.count(raw_upstream.started, "/whole") < sent:
+                break  # the gateway takes no more of this client's requests
+        forwarded = raw_upstream.count(raw_upstream.started, "/whole")
+        sock.sendall(b"GET /big/last HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(1 << 20):
+            answer += chunk
+    # The kernel's socket buffers on loopback (about 3 MiB here) take answers before the gateway sees
+    # the client is not reading; the unchanged gateway forwarded all 200.
+    assert forwarded <= 120, f"{forwarded} requests forwarded while the client read nothing"
+    whole = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % WHOLE_BODY
+    assert answer.count(whole) == sent and answer.count(b"HTTP/1.1 ") == sent + 1
+    assert answer.count(b"w" * WHOLE_BODY) == sent and answer.endswith(b"\r\n\r\nok")
+    assert raw_upstream.count(raw_upstream.started, "/last") == 1
 
 
 def test_a_client_hanging_up_cancels_the_upstream_request_and_frees_its_slot(
