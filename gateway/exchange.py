@@ -134,9 +134,10 @@ class Exchange:
         self._waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.request_id: str | None = None  # the proxy's, once it has one: the id of every answer to it
-        # Why serving it stopped early (the error code of its access line), and the status recorded with it.
+        # Why serving it stopped early (the error code of its access line), and the status recorded with it
+        # (None: the status of the answer that had started).
         self.gone: str | None = None
-        self.gone_status = 499  # client closed request (nginx's): the client went away
+        self.gone_status: int | None = 499  # client closed request (nginx's): the client went away
         self.response_started = False
         self.response_complete = False
 
@@ -160,13 +161,13 @@ class Exchange:
         wait on the upstream it is in."""
         self._stop(reason, 499)
 
-    def refused(self, status: int, code: str) -> None:
-        """The server protocol answers this request itself, `status` with `code` (its body broke the
-        framing or a limit while it was served): serving it stops as for a gone client, and it is
-        recorded as that answer."""
+    def refused(self, code: str, status: int | None) -> None:
+        """The server protocol refused this request while it was served (its body broke the framing or a
+        limit): it answers `status` with `code` itself, or, with the answer already started (`status`
+        None), cuts it off. Serving it stops as for a gone client; it is recorded with that code."""
         self._stop(code, status)
 
-    def _stop(self, reason: str, status: int) -> None:
+    def _stop(self, reason: str, status: int | None) -> None:
         if self.response_complete or self.gone is not None:
             return
         self.gone = reason

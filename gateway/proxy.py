@@ -133,9 +133,8 @@ class Proxy:
             record.error = exc.code
             record.status = exc.status
             _answer_error(exchange, exc, record)
-        except ClientGone as exc:
-            record.status = exchange.gone_status
-            record.error = str(exc)
+        except ClientGone:
+            _record_stopped(record, exchange)
         except _UpstreamAborted:
             pass  # logged where it happened; the record keeps the upstream's status
         except asyncio.CancelledError:
@@ -151,8 +150,7 @@ class Proxy:
             # blocks on the way here aborted the upstream attempt and released the slot; what is left is
             # to record it.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            record.status = exchange.gone_status
-            record.error = gone
+            _record_stopped(record, exchange)
         except Exception:
             # The server-error guard of proxied requests, which know their request id and route.
             record.status = 500
@@ -457,6 +455,16 @@ class Proxy:
         record.response_started = True
         record.bytes_out = len(body)
         exchange.end()
+
+
+def _record_stopped(record: RequestRecord, exchange: Exchange) -> None:
+    """A request whose serving stopped early (`Exchange.gone`): its client went away, or the server
+    protocol refused it (and answered it, under the exchange's request id)."""
+    record.error = exchange.gone
+    if exchange.gone_status is not None:
+        record.status = exchange.gone_status
+    if record.request_id is None:
+        record.request_id = exchange.request_id  # refused before the proxy had read its headers
 
 
 def _route(exchange: Exchange, router: Router) -> Route:

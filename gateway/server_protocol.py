@@ -652,23 +652,22 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         # In the body phase `self.cycle` is the request being parsed.
         offending = cycle if self._phase == _BODY and cycle is not None else None
         if offending is not None:
-            # The request whose body broke a limit: whoever serves it stops. Running and not yet answered,
-            # it gets the error now (a proxied one recorded as that answer, under its request id); queued,
-            # it never starts; with its answer out, it sees its client gone.
+            # The request whose body broke a limit: whoever serves it stops. Queued, it never starts.
+            # Running, it gets the error now, or is cut off when its answer is out already; a proxied one
+            # is recorded with the error's code (and status, under the request id of the answer).
             queued = [entry for entry in self.pipeline if entry[0] is offending]
             for entry in queued:
                 self.pipeline.remove(entry)
             answer_now = not queued and not offending.response_started
             request_id = None
-            if isinstance(offending, Exchange):
-                if answer_now:
-                    request_id = offending.request_id
-                    offending.refused(error.status, error.code)
-                else:
-                    offending.client_gone(DISCONNECTED)
-            else:
+            if not isinstance(offending, Exchange):
                 offending.disconnected = True
                 offending.message_event.set()
+            elif queued:
+                offending.client_gone(DISCONNECTED)
+            else:
+                request_id = offending.request_id = offending.request_id or new_request_id()
+                offending.refused(error.code, error.status if answer_now else None)
             if not queued:  # it is the one running: nothing before it waits for an answer
                 if answer_now:
                     self._send_error_and_close(error, request_id)

@@ -441,8 +441,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "refused-body-logged-as-gone",
         "a body refused while its request is served is logged as a client gone, under another request id",
         "gateway/server_protocol.py",
-        "                    offending.refused(error.status, error.code)",
-        "                    offending.client_gone(DISCONNECTED)",
+        "                offending.refused(error.code, error.status if answer_now else None)",
+        "                offending.client_gone(DISCONNECTED)",
         "tests/test_inbound_attacks.py::test_a_body_refused_while_its_request_is_served_is_logged_as_the_answer_the_client_got",
     ),
     # ------------------------------------------------------------------ the attack pass (issue 19)

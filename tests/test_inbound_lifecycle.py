@@ -295,6 +295,36 @@ def test_a_client_hanging_up_mid_stream_stops_the_upstream_generation(
     assert "error=client_disconnected" in line and "status=499" in line
 
 
+def test_a_body_refused_after_its_answer_started_is_logged_with_the_refusal(
+    raw_upstream: RawUpstream,
+    gateway_factory: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A chunked body streamed to the upstream, which answers before it ends; then the client breaks the
+    chunk framing. The answer is cut off (the connection closed), and the access line keeps the answer's
+    status with the refusal's code, not a 499 client_disconnected: the client did not go away."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    server = gateway_factory(_config(raw_upstream.url, replay_buffer_bytes=0))
+    client = _raw_client(
+        server.port,
+        b"POST /big/stream HTTP/1.1\r\nHost: gw\r\nx-request-id: refused-1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n",
+    )
+    client.settimeout(10)
+    received = b""
+    while b"token" not in received:
+        received += client.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200")
+    client.sendall(b"zz\r\nnot a chunk\r\n")
+    while chunk := client.recv(65536):  # until the gateway closes the connection
+        received += chunk
+    client.close()
+    assert not received.endswith(b"0\r\n\r\n")  # cut off, not completed
+    _wait(lambda: any("refused-1" in line for line in _access_lines(caplog)), 10, "the access line")
+    (line,) = [line for line in _access_lines(caplog) if "refused-1" in line]
+    assert " status=200 upstream_status=200 " in line and line.endswith(" error=malformed_request"), line
+
+
 def test_a_key_file_with_a_byte_order_mark_is_refused_at_load(
     tmp_path: Path, raw_upstream: RawUpstream
 ) -> None:
