@@ -203,7 +203,8 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False  # an error was (or will be) answered: nothing more is parsed
         self._deferred: ClientFacingError | None = None  # answered once earlier answers are out
         # An answer ended with the write buffer over its high-water mark: the next request waits for the
-        # client to read (`resume_writing`), so a client that reads nothing holds one answer, not all.
+        # client to read (`resume_writing`). A client that reads nothing holds what its socket buffers take
+        # and one answer more, not every answer to everything it sends.
         self._next_waits_for_drain = False
         self._memo = ConnectionMemo()
         # The connection's task serving its proxied requests (`_serve_exchanges`), the future it waits on
