@@ -1227,6 +1227,12 @@ def test_an_answer_cut_by_the_upstream_is_logged_once_as_a_warning(gateway):
         time.sleep(0.02)
     assert [line for line in lines() if "failed mid-response" in line and "WARNING" in line], lines()
     assert not [line for line in lines() if " ERROR " in line], lines()
+    # Recorded as documented (troubleshooting.md, "records, but never sends"): the upstream's status,
+    # which the client got, and `upstream_aborted`, in the access line and the metric.
+    [access] = [line for line in lines() if "gateway.access" in line and "route=once" in line]
+    assert " status=200 upstream_status=200 " in access and access.endswith(" error=upstream_aborted"), access
+    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert 'error_code="upstream_aborted",route="once",status="200"' in metrics
 
 
 @pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
