@@ -13,6 +13,8 @@ changes wall-clock figures, not these.
     python bench/callgrind_per_request.py --caller entra    # callers send an Entra ID token (emulator)
     python bench/callgrind_per_request.py --caller entra --route-callers app_ids
     python bench/callgrind_per_request.py --access-log      # log level info: an access line per request
+    python bench/callgrind_per_request.py --access-log json # the same as JSON lines (Kubernetes manifests)
+    python bench/callgrind_per_request.py --auth aad        # an aad_token route (tokens from the emulator)
     python bench/callgrind_per_request.py --opcodes 30      # bytecodes per request: top functions and lines
 
 `--root DIR` measures the gateway of another checkout (PYTHONPATH=DIR) with this interpreter.
@@ -309,6 +311,12 @@ def main() -> int:
         "the bigger request costs, apart from validating it",
     )
     ap.add_argument(
+        "--auth",
+        choices=("key", "aad"),
+        default="key",
+        help="the route's credential: key, or aad: aad_token from the emulator (started, not measured)",
+    )
+    ap.add_argument(
         "--route-callers",
         choices=("none", "app_ids", "roles"),
         default="none",
@@ -316,8 +324,11 @@ def main() -> int:
     )
     ap.add_argument(
         "--access-log",
-        action="store_true",
-        help="the gateway at log level info (its default): an access line per request, to a file",
+        nargs="?",
+        const="text",
+        choices=("text", "json"),
+        help="the gateway at log level info (its default): an access line per request, to a file, as text "
+        "lines (the default) or JSON lines",
     )
     ap.add_argument("--annotate", type=int, default=0, help="print the top N functions (inclusive)")
     ap.add_argument("--keep", type=Path, help="keep the callgrind dump at this path")
@@ -359,17 +370,29 @@ def main() -> int:
     emulator: subprocess.Popen[bytes] | None = None
     extra_headers = b""
     top, callers = "", ""
-    if args.caller != "none":
+    auth = "      type: key\n      primary: {env: BENCH_PRIMARY_KEY}\n"  # under routes.score.auth
+    if args.caller != "none" or args.auth == "aad":
         emulator_env = dict(env, PYTHONPATH=str(args.root.resolve()))
         emulator, info = start_emulator(work, emulator_env)
-        try:
-            token = caller_token(info)
-        except BaseException:
-            emulator.terminate()
-            raise
-        extra_headers = b"Authorization: Bearer %s\r\n" % token.encode()
+        if args.caller != "none":
+            try:
+                token = caller_token(info)
+            except BaseException:
+                emulator.terminate()
+                raise
+            extra_headers = b"Authorization: Bearer %s\r\n" % token.encode()
         if args.caller == "entra":
             top, callers = entra_yaml(info, args.route_callers)
+        if args.auth == "aad":
+            if not top:
+                top = f"tls:\n  ca_bundle: {info['ca_file']}\n"
+            # The emulator's registered app (bench/emulator_launcher.py) as the gateway's own identity.
+            auth = (
+                "      type: aad_token\n      identity:\n"
+                f"        tenant_id: {ENTRA_TENANT}\n        client_id: {CALLER_APP}\n"
+                "        client_secret: {env: BENCH_AAD_SECRET}\n"
+                f"        authority_host: {info['https_url']}\n"
+            )
     upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM_SERVER, str(up_port)])
     if args.target == "gateway":
         config = work / "gateway.yaml"
@@ -386,14 +409,14 @@ def main() -> int:
                     upstream: http://127.0.0.1:{up_port}/score
                     timeout_s: 60
                     auth:
-                      type: key
-                      primary: {{env: BENCH_PRIMARY_KEY}}
                 """
             )
+            + auth
             + callers
         )
         env["PYTHONPATH"] = str(args.root.resolve())
         env["BENCH_PRIMARY_KEY"] = KEY
+        env["BENCH_AAD_SECRET"] = CALLER_SECRET
         cmd = [
             sys.executable,
             "-c",
@@ -405,6 +428,8 @@ def main() -> int:
             "1",
             "--log-level",
             "info" if args.access_log else "warning",
+            "--log-format",
+            args.access_log or "text",
         ]
     else:
         env.update(
@@ -483,7 +508,7 @@ def main() -> int:
         if args.route_callers != "none":
             caller += f", route callers.{args.route_callers}"
         if args.access_log:
-            caller += ", access log"
+            caller += f", access log ({args.access_log})"
         print(
             f"{args.target}: {per_request:,.0f} instructions/request "
             f"({served} requests, c={args.connections}{caller})"

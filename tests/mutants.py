@@ -401,8 +401,16 @@ MUTANTS: tuple[Mutant, ...] = (
         "access-line-json-extras-unredacted",
         "the JSON access line written without a record shows a secret a client put in a field",
         "gateway/logs.py",
-        "        if extra:\n            data.update(extra)\n        return redact(_encode_json(data))\n",
-        "        if extra:\n            data.update(extra)\n        return _encode_json(data)\n",
+        '        return redact(f"{text}, {_encode_extras(extra)[1:]}" if extra else f"{text}}}")\n',
+        '        return f"{text}, {_encode_extras(extra)[1:]}" if extra else f"{text}}}"\n',
+        "tests/test_logs.py",
+    ),
+    one(
+        "json-line-extra-named-like-a-field",
+        "a JSON line whose extra has a field's name (`time`) shows both, not the extra in its place",
+        "gateway/logs.py",
+        "        if extra and not _JSON_LINE_FIELDS.isdisjoint(extra):\n",
+        "        if False:\n",
         "tests/test_logs.py",
     ),
     one(

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from gateway import logs, redaction, telemetry
 from gateway.callers import ANONYMOUS
@@ -375,6 +377,61 @@ def test_a_json_line_has_the_records_extras_and_error_after_its_own_fields() -> 
         "route": "iris",
         "error": "ValueError: boom",
     }
+
+
+class _Opaque:
+    """A value JSON has no form for: the line shows its `str()` (`default=str`)."""
+
+    def __str__(self) -> str:
+        return "opaque \u00e9\n"
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()  # NaN and the infinities too: the library writes NaN, Infinity
+    | st.text()
+    | st.builds(_Opaque),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_EXTRA_NAMES = st.sampled_from(["time", "level", "logger", "message", "request_id", "caller"]) | st.text()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    level=st.sampled_from(["INFO", "WARNING", "Level 5"]),
+    name=st.text(max_size=12),
+    message=st.text(),
+    extra=st.none() | st.dictionaries(_EXTRA_NAMES, _JSON_VALUES, max_size=6),
+)
+@example(level="INFO", name="gateway.access", message='a \u2028 "quoted" bearer abc', extra={"time": 1})
+@example(
+    level="INFO",
+    name="gateway.access",
+    message="m",
+    extra={"nan": float("nan"), "inf": [float("-inf")], "opaque": _Opaque(), "text": "\u00e9\u2028\\"},
+)
+def test_a_json_line_is_what_json_dumps_writes_for_its_fields_and_extras(
+    level: str, name: str, message: str, extra: dict[str, Any] | None
+) -> None:
+    """`JsonFormatter.line` writes the four fields itself and the extras with the C encoder: byte for byte
+    what `json.dumps(default=str)` of the one dict writes (an extra of a field's name in its place)."""
+    formatter = logs.JsonFormatter()
+    created = 1796616000.25
+    data = {"time": "2026-12-07T04:00:00.250Z", "level": level.lower(), "logger": name, "message": message}
+    data.update(extra or {})
+    assert formatter.line(created, level, name, message, extra) == redaction.redact(
+        json.dumps(data, default=str)
+    )
+
+
+def test_a_json_line_with_a_circular_extra_is_refused_as_json_dumps_refuses_it() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        logs.JsonFormatter().line(1796616000.25, "INFO", "gateway.test", "m", {"loop": loop})
 
 
 def test_the_access_line_names_the_level_as_the_library_does(monkeypatch: pytest.MonkeyPatch) -> None:
