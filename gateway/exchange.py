@@ -240,8 +240,9 @@ class Exchange:
 
     def answer(self, head: bytes, body: bytes) -> None:
         """A complete answer of the gateway's own: `head` is the status line and headers without the
-        blank line; written with `body` in one write."""
-        self.start([head], body)
+        blank line; written with `body` in one write (without it to HEAD, RFC 9110 9.3.2: the head says
+        what a GET would get, and a keep-alive client reads its next answer right after it)."""
+        self.start([head], b"" if self.method == "HEAD" else body)
         self.end()
 
     def start(self, head: list[bytes], body: bytes = b"") -> None:
@@ -265,12 +266,12 @@ class Exchange:
         self.transport.write(data)
 
     def end(self, data: bytes = b"") -> None:
-        """The answer is complete (`data`: its last bytes, e.g. the last chunk)."""
+        """The answer is complete (`data`: its last bytes, e.g. the last chunk). The protocol goes on with
+        the connection: the next request, or, when this answer was its last (`keep_alive` false), the
+        close."""
         if data:
             self.transport.write(data)
         self.response_complete = True
-        if not self.keep_alive:
-            self.transport.close()
         self._on_complete()
 
     def cut_off(self) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -82,6 +83,10 @@ _CHECKED_REQUEST_HEADERS = frozenset({b"connection", b"expect", b"host", b"trans
 
 # The name of every task serving a proxied request.
 _EXCHANGE_TASK = "gateway-request"
+
+# RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [":" port]: an IP literal, or a reg-name / IPv4 address (empty
+# too: a target URI without an authority), then the port's digits.
+_HOST_FORM = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
 # Where the parser is in the current request.
 _IDLE = 0  # between requests: nothing of the next one has arrived
@@ -183,6 +188,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._url_bytes = 0
         self._header_bytes = 0
         self._host_count = 0
+        self._valid_host: bytes | None = None  # the last Host value found valid on this connection
         self._connection_header = False  # the request being parsed has a Connection header
         self._trailer_bytes = 0
         self._head_raw = 0  # bytes fed while the head was incomplete (what the parser may buffer)
@@ -368,6 +374,15 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
                 self._host_count += 1
                 if self._host_count > 1:  # RFC 9112 3.2: which host is meant is ambiguous
                     raise _Refused(MalformedRequest("the request has more than one Host header; send one"))
+                if value != self._valid_host:  # a connection sends the same Host each time: checked once
+                    if _HOST_FORM.fullmatch(value) is None:  # RFC 9112 3.2: invalid, 400
+                        raise _Refused(
+                            MalformedRequest(
+                                "the Host header is not a host name or address with an optional port; "
+                                "send the gateway's host[:port]"
+                            )
+                        )
+                    self._valid_host = value
             else:
                 self._check_header(name, value)
         headers.append((name, value))
@@ -390,7 +405,6 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_wait_since = None  # the head arrived in time (`_end_head_wait`, inlined: hot path)
-        self._phase = _BODY
         parser = self.parser
         method = parser.get_method()
         if method == b"CONNECT" or parser.should_upgrade():
@@ -419,9 +433,19 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             http_version = "1.1"
         else:
             http_version = parser.get_http_version()
+            if http_version == "1.0":
+                # RFC 9110 10.1.1: HTTP/1.0 knows no 1xx answer; its `Expect: 100-continue` is ignored.
+                self.expect_100_continue = False
+        if not self._host_count and http_version != "1.0":
+            raise _Refused(
+                MalformedRequest("an HTTP/1.1 request needs a Host header (RFC 9112 section 3.2); send one")
+            )
         # Until the body has arrived, an answer closes the connection: its unread rest (or, after a
         # refused `Expect: 100-continue`, the client's next request) must not be parsed as a request.
         self._keep_alive_after_body = http_version != "1.0" and keep_alive
+        # The head is taken: from here a refusal is this request's. Until here it is refused as a head
+        # (`_refuse`: answered after the requests before it), never pinned on the request parsed before.
+        self._phase = _BODY
         gateway = self._gateway
         if gateway is None or path in self._asgi_paths:
             self._start_asgi_cycle()
@@ -579,6 +603,10 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self.server_state.total_requests += 1
         if self.transport.is_closing():
+            return  # an ASGI cycle that was the connection's last closes it itself
+        running = self._running
+        if running is not None and not running.keep_alive:
+            self._close_after_answer(running)
             return
         if self.flow.write_paused:
             # The client has not read what is written (it pipelines, or keeps sending on a keep-alive
@@ -689,9 +717,26 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
         logger.info("connection from %s: answered %d %s and closed it", client, error.status, error.code)
         transport.write(_answer(error, request_id or new_request_id()))
+        self._close_lingering()
+
+    def _close_after_answer(self, exchange: Exchange | RequestResponseCycle) -> None:
+        """The answer just written was the connection's last. Closed at once when the whole request had
+        arrived; an answer given from the head while the body still arrives (404, 413, 429, 503 ...)
+        lingers instead: closing with bytes unread makes the kernel reset the connection, and a client
+        still uploading reads the reset, not the answer."""
+        if not exchange.more_body:
+            self.transport.close()
+            return
+        self._refused = True  # nothing more is parsed: the rest of the body, and whatever follows it
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """Half-close after what is written, then read and drop what the client still sends until it
+        closes or LINGER_S passes."""
+        transport = self.transport
         if transport.can_write_eof():
             transport.write_eof()
-            self.flow.resume_reading()  # read and discard until the client closes or LINGER_S passes
+            self.flow.resume_reading()
             self._linger_timer = self.loop.call_later(LINGER_S, transport.close)
         else:
             transport.close()

@@ -24,7 +24,7 @@ from test_inbound_tls import Ca, _free_port, _request, _stop, _tls_client, _wait
 from test_inbound_tls import _serve as _serve_tls
 from upstream import Upstream
 
-from gateway.server_protocol import LINGER_S
+from gateway.server_protocol import LINGER_S, MAX_PIPELINED
 
 MAX_CONNECTIONS = 20
 MIB = 1024 * 1024
@@ -49,7 +49,7 @@ def _serve(tmp: Path, server: dict[str, Any], route: dict[str, Any] | None = Non
             },
         }
         with gateway_process(config, tmp) as (process, log_path):
-            yield Gateway(process, port, upstream, log_path)
+            yield Gateway(process, port, upstream, log_path, up)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +190,8 @@ def test_pipelined_requests_behind_a_slow_one_keep_memory_bounded(slow_route):
         responses = _responses(_read_all(clients[0], 10.0))
         statuses = [r[0] for r in responses]
         assert statuses[0] == 504 and set(statuses[1:-1]) == {200} and statuses[-1] == 503, statuses[:5]
+        # Every request the queue took is answered: the refusal is the next one's, not the last queued.
+        assert len(statuses) == 1 + MAX_PIPELINED + 1, statuses
         assert _error_code(responses[-1][2]) == "overloaded"
         assert responses[-1][1]["connection"] == "close"
     finally:

@@ -8,6 +8,7 @@ apart, and client-controlled values cannot forge fields in the text access log.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -36,6 +37,13 @@ class Gateway:
     port: int
     upstream: Upstream
     log_path: Path
+    upstream_server: ServerThread
+
+    def release_chunks(self) -> None:
+        """Let the upstream's `/chunks` answer, held after its first chunk, finish."""
+        loop = self.upstream_server.loop
+        assert loop is not None
+        loop.call_soon_threadsafe(self.upstream.release.set)
 
     @property
     def url(self) -> str:
@@ -80,7 +88,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             "routes": {"iris": {"path": "/iris", "upstream": up.url + "/api", "auth": {"type": "none"}}},
         }
         with gateway_process(config, tmp) as (process, log_path):
-            yield Gateway(process, port, upstream, log_path)
+            yield Gateway(process, port, upstream, log_path, up)
 
 
 def _connect(gw: Gateway, timeout: float = 5.0) -> socket.socket:
@@ -427,6 +435,75 @@ def test_error_before_the_body_was_read_closes_the_connection(gateway):
     assert status == 404 and headers["connection"] == "close" and answer.endswith(b"<EOF>")
 
 
+@pytest.mark.parametrize("path", ["/nowhere", "/iris/echo"], ids=["route_not_found", "body_too_large"])
+def test_an_answer_given_before_the_body_reaches_a_client_still_uploading(gateway, path):
+    """404 (no route) and 413 (Content-Length over the route's limit) are answered from the head, while
+    the client still sends its body: the gateway drains it and closes gracefully, so the client reads the
+    answer (it used to close at once, and the unread body made the kernel reset the connection: the
+    client's upload failed with a broken pipe or a reset, the answer unread)."""
+    for _ in range(3):
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        try:
+            connection.request(
+                "POST", path, body=b"x" * (8 * MIB), headers={"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            status, body = response.status, response.read()
+        finally:
+            connection.close()
+        assert status == (404 if path == "/nowhere" else 413)
+        assert _error_code(body) == ("route_not_found" if path == "/nowhere" else "body_too_large")
+
+
+def test_the_gateways_own_answer_to_head_has_no_body(gateway):
+    """RFC 9110 9.3.2: an answer to HEAD carries no content. The keep-alive connection's next answer must
+    start where the client expects it (a body after the 404 head was read as the next status line)."""
+    with _connect(gateway) as sock:
+        sock.sendall(b"HEAD /nowhere HTTP/1.1\r\nHost: x\r\n\r\nGET /iris/one HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = _read_all(sock, 1.0)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 "), answer[:300]
+    assert rest.startswith(b"HTTP/1.1 200 "), answer[:500]
+
+
+def test_an_http_1_0_request_with_expect_gets_no_100_continue(gateway):
+    """RFC 9110 10.1.1: a server ignores `Expect: 100-continue` from HTTP/1.0, which knows no 1xx."""
+    with _connect(gateway) as sock:
+        sock.sendall(
+            b"POST /iris/echo HTTP/1.0\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        )
+        time.sleep(0.3)
+        sock.sendall(b"{}")
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert b"100 Continue" not in answer
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /iris/one HTTP/1.1\r\n", 400),  # RFC 9112 3.2: an HTTP/1.1 request without Host
+        (b"GET /iris/one HTTP/1.1\r\nHost: a b/c\r\n", 400),  # not host[:port]
+        (b"GET /iris/one HTTP/1.1\r\nHost: x:80x\r\n", 400),
+        (b"GET /iris/one HTTP/1.0\r\n", 200),  # HTTP/1.0 need not send one
+        (b"GET /iris/one HTTP/1.1\r\nHost: [::1]:8080\r\n", 200),
+        (b"GET /iris/one HTTP/1.1\r\nHost: scoring.example:443\r\n", 200),
+        (b"GET /iris/one HTTP/1.1\r\nHost:\r\n", 200),  # empty: allowed (a URI without authority)
+    ],
+    ids=["missing", "space-slash", "bad-port", "http-1.0-without", "ipv6", "name-port", "empty"],
+)
+def test_a_request_without_a_valid_host_is_refused(gateway, head, status):
+    gateway.clear()
+    with _connect(gateway) as sock:
+        sock.sendall(head + b"Connection: close\r\n\r\n")
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+    if status == 400:
+        ((_, _, body),) = _responses(answer)
+        assert _error_code(body) == "malformed_request" and "Host" in json.loads(body)["error"]["message"]
+        assert gateway.upstream_paths() == []
+
+
 def test_malformed_request_pipelined_behind_a_valid_one_keeps_the_valid_answer(gateway):
     gateway.clear()
     with _connect(gateway) as sock:
@@ -439,6 +516,69 @@ def test_malformed_request_pipelined_behind_a_valid_one_keeps_the_valid_answer(g
     assert _error_code(responses[1][2]) == "malformed_request"
     assert responses[1][1]["connection"] == "close" and answer.endswith(b"<EOF>")
     assert gateway.upstream_paths() == ["/api/echo"]
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        b"CONNECT /iris/x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /iris/x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    ],
+    ids=["connect", "upgrade"],
+)
+def test_a_refused_upgrade_pipelined_behind_requests_leaves_their_answers_alone(gateway, refused):
+    """The refusal is the refused request's: the two before it are answered, then the 400, then the close
+    (it was pinned on the request parsed before it, whose answer was dropped)."""
+    gateway.clear()
+    with _connect(gateway) as sock:
+        sock.sendall(
+            b"GET /iris/one HTTP/1.1\r\nHost: x\r\n\r\nGET /iris/two HTTP/1.1\r\nHost: x\r\n\r\n" + refused
+        )
+        answer = _read_all(sock)
+    responses = _responses(answer)
+    assert [r[0] for r in responses] == [200, 200, 400], answer[:500]
+    assert _error_code(responses[2][2]) == "upgrade_not_supported"
+    assert responses[2][1]["connection"] == "close" and answer.endswith(b"<EOF>")
+    assert gateway.upstream_paths() == ["/api/one", "/api/two"]
+
+
+def test_an_upgrade_after_a_finished_request_is_answered_400_not_dropped(gateway):
+    with _connect(gateway) as sock:
+        sock.sendall(b"GET /iris/one HTTP/1.1\r\nHost: x\r\n\r\n")
+        ((status, _, _),) = _responses(_read_all(sock, 0.5))
+        assert status == 200
+        sock.sendall(b"GET /iris/x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+        answer = _read_all(sock)
+    ((status, headers, body),) = _responses(answer)
+    assert status == 400 and _error_code(body) == "upgrade_not_supported"
+    assert headers["connection"] == "close" and answer.endswith(b"<EOF>")
+
+
+def test_an_upgrade_sent_while_a_request_is_in_flight_does_not_kill_it(gateway):
+    """Request A waits on its upstream when B asks for an upgrade: A is answered in full under its own
+    id and logged 200; B gets the 400 after it (it was A that got the 400, under A's id, its upstream
+    attempt aborted, and B left no trace)."""
+    gateway.upstream.release.clear()
+    with _connect(gateway) as sock:
+        sock.sendall(b"GET /iris/chunks HTTP/1.1\r\nHost: x\r\nx-request-id: request-A\r\n\r\n")
+        first = _read_all(sock, 1.0)
+        assert b"first;" in first, first
+        sock.sendall(
+            b"GET /iris/x HTTP/1.1\r\nHost: x\r\nx-request-id: request-B\r\nConnection: Upgrade\r\n"
+            b"Upgrade: h2c\r\n\r\n"
+        )
+        time.sleep(0.3)
+        gateway.release_chunks()
+        answer = first + _read_all(sock)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"x-request-id: request-A" in head, answer[:500]
+    assert b"first;" in rest and b"second" in rest
+    refusal = rest[rest.index(b"HTTP/1.1 400 ") :]
+    ((_, headers, body),) = _responses(refusal)
+    assert _error_code(body) == "upgrade_not_supported" and headers["x-request-id"] != "request-A"
+    time.sleep(0.3)
+    access = [line for line in gateway.log().splitlines() if "request-A" in line and "route=" in line]
+    assert len(access) == 1 and "status=200" in access[0], access
 
 
 def test_pipelined_requests_are_all_answered_in_order(gateway):
