@@ -42,6 +42,7 @@ from gateway.errors import (
     ClientTimeout,
     CredentialUnavailable,
     InternalError,
+    Overloaded,
     RouteNotFound,
     TransportError,
     TransportTimeout,
@@ -72,8 +73,11 @@ _LAST_CHUNK = b"0\r\n\r\n"
 SHUTTING_DOWN = "shutting_down"
 
 
-# An answer without Content-Length for an HTTP/1.0 client is collected to learn its length, up to this.
+# An answer without Content-Length for an HTTP/1.0 client is collected to learn its length, up to this;
+# all such answers being collected at once hold at most HTTP10_COLLECTED_BYTES (a few HTTP/1.0 clients
+# must not hold the memory of many).
 HTTP10_ANSWER_BYTES = 16 * 1024 * 1024
+HTTP10_COLLECTED_BYTES = 4 * HTTP10_ANSWER_BYTES
 
 
 class _UpstreamAborted(Exception):
@@ -100,6 +104,7 @@ class Proxy:
         self.body_timeout_s = body_timeout_s
         self.tracing = tracing
         self.failures = FailureLog()
+        self._http10_collected = 0  # bytes held by `_answer_with_length` in all requests together
 
     async def serve(self, exchange: Exchange, guard: Inbound | None, router: Router) -> None:
         """The task of one proxied request: the chain of stages, the answer, and one record of it.
@@ -425,36 +430,58 @@ class Proxy:
     ) -> None:
         """For an HTTP/1.0 client, which cannot read chunked framing: the whole answer, collected up to
         `HTTP10_ANSWER_BYTES`, then sent with its Content-Length."""
-        chunks = [first] if first else []
-        size = len(first)
-        while True:
-            try:
-                chunk = await response.next_chunk()
-            except TransportError as exc:
-                logger.warning(
-                    "request %s: route %s: the upstream connection failed mid-response (%s)",
-                    record.request_id,
-                    record.route,
-                    exc,
-                )
-                # The client's answer names the failure class only (the detail is the line above).
-                error = UpstreamTimeout if isinstance(exc, TransportTimeout) else UpstreamUnreachable
-                raise error(f"route {record.route}: {exc.summary}") from None
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > HTTP10_ANSWER_BYTES:
-                raise UpstreamProtocolError(
-                    f"the upstream's answer has no Content-Length and is over {HTTP10_ANSWER_BYTES} bytes, "
-                    "more than the gateway collects for an HTTP/1.0 client; send the request as HTTP/1.1"
-                )
-            chunks.append(chunk)
-        body = b"".join(chunks)
+        chunks: list[bytes] = []
+        held = 0  # what this answer counts in `_http10_collected`
+        try:
+            chunk = first or await self._next_http10_chunk(response, record)
+            while chunk:
+                if held + len(chunk) > HTTP10_ANSWER_BYTES:
+                    raise UpstreamProtocolError(
+                        f"the upstream's answer has no Content-Length and is over {HTTP10_ANSWER_BYTES} "
+                        "bytes, more than the gateway collects for an HTTP/1.0 client; send the request as "
+                        "HTTP/1.1"
+                    )
+                self._hold_http10(chunk, record)
+                held += len(chunk)
+                chunks.append(chunk)
+                chunk = await self._next_http10_chunk(response, record)
+            body = b"".join(chunks)
+        finally:
+            self._http10_collected -= held
         head.append(b"content-length: %d\r\n" % len(body))
         exchange.start(head, body)
         record.response_started = True
         record.bytes_out = len(body)
         exchange.end()
+
+    def _hold_http10(self, chunk: bytes, record: RequestRecord) -> None:
+        """Count `chunk` as collected for an HTTP/1.0 client, or refuse the request when the answers being
+        collected would hold more than HTTP10_COLLECTED_BYTES."""
+        if self._http10_collected + len(chunk) > HTTP10_COLLECTED_BYTES:
+            raise Overloaded(
+                f"route {record.route}: answers for HTTP/1.0 clients are collected whole to learn their "
+                f"length, and those in progress hold the gateway's limit of {HTTP10_COLLECTED_BYTES} bytes; "
+                "retry shortly, or send the request as HTTP/1.1 (its answer streams)",
+                retry_after=1,
+            )
+        self._http10_collected += len(chunk)
+
+    @staticmethod
+    async def _next_http10_chunk(response: UpstreamResponse, record: RequestRecord) -> bytes:
+        """The next piece of an answer being collected (b"" at its end); a broken upstream connection is
+        the client's 502 or 504 (nothing of the answer was sent yet)."""
+        try:
+            return await response.next_chunk()
+        except TransportError as exc:
+            logger.warning(
+                "request %s: route %s: the upstream connection failed mid-response (%s)",
+                record.request_id,
+                record.route,
+                exc,
+            )
+            # The client's answer names the failure class only (the detail is the line above).
+            error = UpstreamTimeout if isinstance(exc, TransportTimeout) else UpstreamUnreachable
+            raise error(f"route {record.route}: {exc.summary}") from None
 
 
 def _record_stopped(record: RequestRecord, exchange: Exchange) -> None:
@@ -473,6 +500,11 @@ def _route(exchange: Exchange, router: Router) -> Route:
         # An upstream that honours TRACE echoes the request, the gateway's credential included.
         raise BadRequestPath("TRACE is not supported: it would echo the gateway's credential back")
     path = exchange.path
+    if path == "*" and not exchange.absolute_form:
+        raise BadRequestPath(
+            "asterisk-form request targets (OPTIONS *) are not supported: the gateway answers requests for "
+            "a route's path only"
+        )
     if path[:1] != "/" or exchange.absolute_form:
         raise BadRequestPath(
             "absolute-form request targets (GET http://host/path) are not supported: this is not "

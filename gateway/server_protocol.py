@@ -421,7 +421,7 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             )
         url = self.url
         parsed = httptools.parse_url(url)
-        raw_path: bytes = parsed.path
+        raw_path: bytes = parsed.path or b"/"  # none in `http://host:port`: its path is "/" (RFC 9112 3.2.2)
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)

@@ -332,6 +332,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/test_inbound_attacks.py::test_an_http_1_0_request_with_expect_gets_no_100_continue",
     ),
     one(
+        "http10-collection-unbounded",
+        "answers collected for HTTP/1.0 clients hold memory without a bound across requests",
+        "gateway/proxy.py",
+        "        if self._http10_collected + len(chunk) > HTTP10_COLLECTED_BYTES:",
+        "        if False:",
+        "tests/test_acceptance_upstream.py::test_http10_answers_being_collected_hold_a_bounded_amount_of_memory_together",
+    ),
+    one(
         "keyvault-header-check",
         "a polled Key Vault version that cannot go in a header replaces the last good value",
         "gateway/keyvault/vaults.py",

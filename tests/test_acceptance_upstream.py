@@ -170,6 +170,8 @@ ROUTES: dict[str, dict[str, object]] = {
     "budget": {"timeout_s": 3, "retry": {"backoff_base_s": 0.01}},
     # an upstream whose accept queue is full: connections hang in the handshake
     "backlog": {"timeout_s": 3, "connect_timeout_s": 0.5, "retry": {"backoff_base_s": 0.01}},
+    # answers that take their time (HTTP/1.0 clients' answers held while collected)
+    "slow": {"retry": {"attempts": 1}, "timeout_s": 20, "read_timeout_s": 20},
 }
 
 
@@ -1248,6 +1250,54 @@ def test_http10_client_gets_a_close_delimited_answer_whole(gateway, connection):
     assert rest == BIG + b"<EOF>" or (
         b"transfer-encoding: chunked" not in head.lower() and rest[: len(BIG)] == BIG
     )
+
+
+def test_http10_answers_being_collected_hold_a_bounded_amount_of_memory_together(gateway):
+    """Each HTTP/1.0 client's answer without Content-Length is collected whole (up to 16 MiB) to learn its
+    length, read from the upstream whether or not the client reads: six at once, held at 12 MiB each,
+    would hold 72 MiB. Past HTTP10_COLLECTED_BYTES (64 MiB) the request that would cross it is refused
+    with 503 overloaded; the others get their whole answer once the upstream finishes."""
+    part = 12 * 1024 * 1024
+    hold = threading.Event()
+
+    def held_answer(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + b"a" * part)
+        hold.wait(15)
+        conn.sendall(b"end")
+        conn.shutdown(socket.SHUT_WR)
+        time.sleep(0.2)
+
+    up = gateway.upstreams["slow"]
+    up.reset(held_answer)
+    answers: list[bytes] = []
+
+    def client() -> None:
+        answers.append(raw_exchange(gateway, b"POST /slow/score HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}", 20))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        hold.set()
+        for thread in threads:
+            thread.join(20)
+    statuses = sorted(int(answer[9:12]) for answer in answers)
+    assert len(answers) == 6 and 503 in statuses and set(statuses) == {200, 503}, statuses
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 503"):
+            assert json.loads(body.removesuffix(b"<EOF>"))["error"]["code"] == "overloaded"
+        else:
+            assert (
+                b"content-length: %d" % (part + 3) in head.lower()
+                and len(body.removesuffix(b"<EOF>")) == part + 3
+            )
 
 
 def test_waiters_of_a_full_pool_get_fresh_connections_when_the_upstream_closes_each(gateway):

@@ -504,6 +504,29 @@ def test_a_request_without_a_valid_host_is_refused(gateway, head, status):
         assert gateway.upstream_paths() == []
 
 
+@pytest.mark.parametrize(
+    ("target", "words"),
+    [
+        (b"http://x/iris/one", "absolute-form"),
+        (
+            b"http://x:8080",
+            "absolute-form",
+        ),  # no path: it used to be "not valid HTTP/1.1 (User callback error)"
+        (b"*", "asterisk-form"),
+    ],
+    ids=["absolute", "absolute-without-path", "asterisk"],
+)
+def test_request_targets_other_than_a_path_are_refused_by_name(gateway, target, words):
+    gateway.clear()
+    with _connect(gateway) as sock:
+        sock.sendall(b"OPTIONS %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+        answer = _read_all(sock)
+    ((status, _, body),) = _responses(answer)
+    assert status == 400 and _error_code(body) == "bad_request_path"
+    assert words in json.loads(body)["error"]["message"]
+    assert gateway.upstream_paths() == []
+
+
 def test_malformed_request_pipelined_behind_a_valid_one_keeps_the_valid_answer(gateway):
     gateway.clear()
     with _connect(gateway) as sock:
