@@ -704,10 +704,27 @@ async def _stream_rest(
             return
 
 
+# A refusal that is replayed (a retryable status, a refused credential) has its body read and dropped up
+# to this many bytes, so that its connection can go back to the pool. Azure ML's refusals are JSON of well
+# under 1 KiB; past the bound the connection is closed instead (`release` closes one whose answer was not
+# read to its end): the replay's new connection costs a handshake, where reading on would cost whatever
+# the upstream chose to send (an endless body: until timeout_s). Nothing is kept, so the memory a refusal
+# holds is the client's read buffer (paused past its high-water mark), whatever the body's size.
+DISCARD_BYTES = 64 * 1024
+
+
 async def _discard(response: UpstreamResponse) -> None:
-    """Read a small refusal to the end so its connection goes back to the pool."""
+    """Drop a refusal's body before the replay: read to its end when that is within `DISCARD_BYTES` (the
+    connection is pooled again), else stop reading and close the connection."""
     try:
-        await response.read()
+        # The usual small refusal arrived whole with its head: taken without a wait.
+        if response.take_complete_body() is None:
+            dropped = 0
+            while dropped <= DISCARD_BYTES:
+                chunk = await response.next_chunk()
+                if not chunk:
+                    break
+                dropped += len(chunk)
     except TransportError:
         pass
     finally:

@@ -501,6 +501,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "                offending.client_gone(DISCONNECTED)",
         "tests/test_inbound_attacks.py::test_a_body_refused_while_its_request_is_served_is_logged_as_the_answer_the_client_got",
     ),
+    one(
+        "refusal-read-whole",
+        "a replayed refusal's body is read to its end, however large (unbounded memory and waiting)",
+        "gateway/proxy.py",
+        "            while dropped <= DISCARD_BYTES:",
+        "            while True:",
+        "tests/test_replay.py::test_a_refusal_with_a_large_body_is_not_read_whole_before_the_replay",
+    ),
     # ------------------------------------------------------------------ the attack pass (issue 19)
     one(
         "operation-origin",

@@ -12,6 +12,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -22,7 +23,9 @@ from azure_env import (
     identity,
     register_app,
 )
+from conftest import PRIMARY, SECONDARY
 from servers import ServerThread
+from test_client_conformance import Peer, RawUpstream
 
 from gateway.config import parse_config
 from gateway.emulator.server import EmulatorServer
@@ -322,6 +325,91 @@ def test_connection_lost_after_sending_is_replayed_only_with_the_opt_in(gateway_
         assert upstream.received == (3 if opt_in else 1)
     finally:
         upstream.close()
+
+
+# --------------------------------------------------------------------- a refusal with a large body
+
+REFUSAL_BODY = 64 << 20  # far beyond every socket buffer between the upstream and the gateway
+
+
+class LargeRefusal:
+    """A raw upstream that refuses (the requests `refuses` picks) with `head` and a REFUSAL_BODY-byte body
+    written as fast as the gateway reads it, and answers everything else with a small 200. `outcomes`
+    says, per refusal, whether its body was written whole or the write broke off (the gateway closed the
+    connection), and after how many body bytes."""
+
+    def __init__(self, head: bytes, refuses: Callable[[bytes], bool]) -> None:
+        self.head = head
+        self.refuses = refuses
+        self.lock = threading.Lock()
+        self.outcomes: list[tuple[str, int]] = []
+
+    async def __call__(self, peer: Peer) -> None:
+        while (request := await peer.read_request()) is not None:
+            if not self.refuses(request[0]):
+                await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nreplayed")
+                continue
+            await peer.send(self.head + b"Content-Length: %d\r\n\r\n" % REFUSAL_BODY)
+            block = b"r" * (64 * 1024)
+            sent = 0
+            try:
+                while sent < REFUSAL_BODY:
+                    await peer.send(block)
+                    sent += len(block)
+            except ConnectionError:
+                with self.lock:
+                    self.outcomes.append(("broken off", sent))
+                return
+            with self.lock:
+                self.outcomes.append(("written whole", sent))
+
+    def outcome(self) -> tuple[str, int]:
+        wait_until(lambda: bool(self.outcomes))
+        with self.lock:
+            return self.outcomes[0]
+
+
+def _first_request(head: bytes, seen: list[bytes]) -> bool:
+    seen.append(head)
+    return len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        pytest.param(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\n", id="503-retry-after-0"),
+        pytest.param(b"HTTP/1.1 401 Unauthorized\r\n", id="401-key-failover"),
+    ],
+)
+def test_a_refusal_with_a_large_body_is_not_read_whole_before_the_replay(
+    gateway_factory, monkeypatch, caplog, refusal
+):
+    """A retryable refusal (503 with Retry-After: 0) or a refused key (401, replayed with the secondary)
+    comes with a 64 MiB body: the gateway drops a small bounded part of it and closes that connection
+    instead of reading (and holding) the rest, and the replay, on a new connection, answers the client.
+    Evidence from the upstream's side: the refusal's write broke off before its end."""
+    seen: list[bytes] = []
+    if refusal.startswith(b"HTTP/1.1 401"):
+        monkeypatch.setenv("TEST_PRIMARY", PRIMARY)
+        monkeypatch.setenv("TEST_SECONDARY", SECONDARY)
+        auth = {"type": "key", "primary": {"env": "TEST_PRIMARY"}, "secondary": {"env": "TEST_SECONDARY"}}
+        upstream_app = LargeRefusal(refusal, lambda head: PRIMARY.encode() in head)
+    else:
+        auth = {"type": "none"}
+        upstream_app = LargeRefusal(refusal, lambda head: _first_request(head, seen))
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with RawUpstream(upstream_app) as upstream:
+        gw = gateway_factory({"routes": {"iris": {"path": "/iris", "upstream": upstream.url, "auth": auth}}})
+        response = httpx.post(
+            gw.url + "/iris/score", content=b"{}", headers={"x-request-id": "large-refusal"}, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        assert response.content == b"replayed"
+        how, sent = upstream_app.outcome()
+        assert how == "broken off" and sent < REFUSAL_BODY, (how, sent)
+        assert upstream.accepted == 2  # the refusal's connection was closed, not pooled for the replay
+    line = access_line(caplog, "large-refusal").getMessage()
+    assert " status=200 upstream_status=200 " in line and " attempts=2 " in line, line
 
 
 # ----------------------------------------------------------------------------------- the retry budget
