@@ -38,7 +38,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Final, NoReturn
 from urllib.parse import urlsplit
 
 import httptools
@@ -361,6 +361,8 @@ class _Connection(asyncio.Protocol):
             raise _StopParsing
         status = self.parser.get_status_code()
         if status < 200:
+            if status < 100:
+                self._invalid_status(status)  # not an interim answer: never wait for a final one after it
             if status == 101:
                 logger.warning(
                     "upstream %s answered 101 Switching Protocols; the gateway does not forward protocol "
@@ -375,6 +377,8 @@ class _Connection(asyncio.Protocol):
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self._headers = []
             return
+        if status > 599:
+            self._invalid_status(status)  # a client of the gateway could not tell what it means
         headers = self._headers
         if self.head_bytes > MAX_RESPONSE_HEAD_BYTES and _head_size(headers) > MAX_RESPONSE_HEAD_BYTES:
             # Only a large read can hide a large head (the common small answer skips the sum).
@@ -517,6 +521,14 @@ class _Connection(asyncio.Protocol):
     def _protocol_error(self, message: str) -> None:
         self._fail(ProtocolError(message, request_sent=True))
         self.abort()
+
+    def _invalid_status(self, status: int) -> NoReturn:
+        """RFC 9110 15: a status code outside 100..599 is invalid (httptools parses any three digits)."""
+        self._protocol_error(
+            f"the upstream {self.origin.name} answered with the status {status:03d}, outside 100..599: "
+            "not a valid HTTP status"
+        )
+        raise _StopParsing
 
     def _head_limit_message(self) -> str:
         return (

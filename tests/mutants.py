@@ -509,6 +509,19 @@ MUTANTS: tuple[Mutant, ...] = (
         "            while True:",
         "tests/test_replay.py::test_a_refusal_with_a_large_body_is_not_read_whole_before_the_replay",
     ),
+    Mutant(
+        "invalid-status",
+        "an upstream status below 100 is taken for an interim answer, one over 599 is passed on",
+        "gateway/client.py",
+        (
+            (
+                "            if status < 100:\n                self._invalid_status(status)",
+                "            pass",
+            ),
+            ("        if status > 599:\n", "        if status > 999:\n"),
+        ),
+        ("tests/test_client_conformance.py::test_a_status_outside_100_to_599_is_a_protocol_error",),
+    ),
     # ------------------------------------------------------------------ the attack pass (issue 19)
     one(
         "operation-origin",

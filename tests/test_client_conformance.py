@@ -503,6 +503,52 @@ def test_101_through_the_gateway_is_a_502_without_a_traceback(gateway_factory, c
     assert not [r for r in caplog.records if r.exc_info or "Fatal error" in r.getMessage()]
 
 
+def _answer_bad_status(status: bytes) -> Handler:
+    """Answers `GET /bad` with `status` (a well-formed head and body otherwise), everything else with OK."""
+
+    async def handler(peer: Peer) -> None:
+        while (request := await peer.read_request()) is not None:
+            if request[0].startswith(b"GET /bad "):
+                await peer.send(b"HTTP/1.1 %b Odd\r\nContent-Length: 2\r\n\r\nok" % status)
+            else:
+                await peer.send(OK)
+
+    return handler
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+def test_a_status_outside_100_to_599_is_a_protocol_error(status):
+    """RFC 9110 15: a status outside 100..599 is invalid. Below 100 it is not an interim answer (the
+    client would wait for a final one until read_timeout_s), above 599 it is not passed on: a protocol
+    error on sight, naming the status, and the connection is not used again."""
+
+    async def main() -> tuple[ProtocolError, int]:
+        client, origin = new_client(upstream.url)
+        with pytest.raises(ProtocolError) as caught:
+            await client.request(origin, get("/bad"), None, **FAST)  # unfixed, 000 and 099 time out
+        response = await client.request(origin, get("/good"), None, **FAST)
+        assert await read_all(response) == b"ok"
+        return caught.value, response.status
+
+    with RawUpstream(_answer_bad_status(status)) as upstream:
+        error, status_after = run(main)
+        assert status_after == 200
+        assert upstream.accepted == 2  # the connection of the invalid answer was closed
+    assert f"status {status.decode()}, outside 100..599" in str(error), str(error)
+    assert error.request_sent is True
+
+
+@pytest.mark.parametrize("status", [b"099", b"600"])
+def test_a_status_outside_100_to_599_through_the_gateway_is_a_502(gateway_factory, status):
+    with RawUpstream(_answer_bad_status(status)) as upstream:
+        gw = gateway_factory(
+            {"routes": {"open": open_route(upstream.url, retry={"attempts": 1}, timeout_s=5)}}
+        )
+        response = httpx.get(gw.url + "/open/bad", timeout=30)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_protocol_error"
+
+
 def test_head_204_and_304_keep_the_connection_reusable():
     async def handler(peer: Peer) -> None:
         while (request := await peer.read_request()) is not None:
