@@ -208,8 +208,9 @@ class Proxy:
             # 5. credential: without one the answer is 503 at once, before the body is read
             grant = route.credential.grant_nowait() or await _wait_for_grant(route, record)
             record.credential = grant.slot
-            body, stream = await _read_body(exchange, route, self.client_body_timeout_s, self.body_timeout_s)
-            record.bytes_in = len(body) if body is not None else 0
+            body, stream = await _read_body(
+                exchange, route, record, self.client_body_timeout_s, self.body_timeout_s
+            )
             common, stream = _forwarded_headers(exchange, route, inbound, record, body, stream)
             target = route.forward_path(exchange.path, exchange.raw_path)
             query = exchange.query
@@ -393,17 +394,18 @@ class Proxy:
             await self._answer_with_length(exchange, response, head, first, record)
             return
         chunked = self._start_stream(exchange, head, length, first, record)
-        sent = len(first)
+        sent = len(first)  # body bytes written to the client: its access line says so however this ends
         try:
             while True:
                 chunk = await response.next_chunk()
                 if not chunk:
                     break
-                sent += len(chunk)
                 await exchange.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                sent += len(chunk)
         except TransportError as exc:
             raise _aborted(exchange, record, sent, exc) from None
-        record.bytes_out = sent
+        finally:
+            record.bytes_out = sent  # the client left, the gateway shut down: what it was sent until then
         exchange.end(_LAST_CHUNK if chunked else b"")
 
     @staticmethod
@@ -624,21 +626,24 @@ def _body_too_large(route: Route) -> BodyTooLarge:
 
 
 async def _read_body(
-    exchange: Exchange, route: Route, idle_timeout_s: float, body_timeout_s: float
+    exchange: Exchange, route: Route, record: RequestRecord, idle_timeout_s: float, body_timeout_s: float
 ) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
     """The whole body when it fits the replay buffer; otherwise a stream that is sent once.
 
     Every wait for the client is timed: the first body bytes and every later pause get `idle_timeout_s`
     (server.client_body_timeout_s), the whole body `body_timeout_s` (server.body_timeout_s). A body that
-    came with the head (the usual case) is taken without a timer."""
+    came with the head (the usual case) is taken without a timer. `record.bytes_in` counts the body bytes
+    taken from the client so far, whatever ends the reading (a stream's as it is sent)."""
     limit = route.max_body_bytes
     body = exchange.take_complete_body()
     if body is not None:  # hot path: all of it came with the head
+        record.bytes_in = len(body)
         if len(body) > limit:
             raise _body_too_large(route)
         return body, None
     if exchange.body_waiting():
         chunk, more = exchange.take_body()
+        record.bytes_in = len(chunk)
         if len(chunk) > limit:
             raise _body_too_large(route)
         if not more:
@@ -651,12 +656,13 @@ async def _read_body(
     while size <= replay_limit:
         chunk, more = await _next_body(exchange, idle_timeout_s, deadline, body_timeout_s)
         size += len(chunk)
+        record.bytes_in = size
         if size > limit:
             raise _body_too_large(route)
         chunks.append(chunk)
         if not more:
             return b"".join(chunks), None
-    return None, _stream_rest(chunks, size, exchange, limit, idle_timeout_s, deadline, body_timeout_s)
+    return None, _stream_rest(chunks, exchange, record, limit, idle_timeout_s, deadline, body_timeout_s)
 
 
 async def _next_body(
@@ -682,20 +688,22 @@ async def _next_body(
 
 async def _stream_rest(
     head: list[bytes],
-    size: int,
     exchange: Exchange,
+    record: RequestRecord,
     limit: int,
     idle_timeout_s: float,
     deadline: float,
     body_timeout_s: float,
 ) -> AsyncIterator[bytes]:
+    """The rest of a body over the replay buffer: the chunks read so far (`head`, already counted in
+    `record.bytes_in`), then each chunk read from the client, counted as it comes."""
     for chunk in head:
         if chunk:
             yield chunk
     head.clear()
     while True:
         chunk, more = await _next_body(exchange, idle_timeout_s, deadline, body_timeout_s)
-        size += len(chunk)
+        size = record.bytes_in = record.bytes_in + len(chunk)
         if size > limit:
             raise _BodyLimit
         if chunk:

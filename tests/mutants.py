@@ -522,6 +522,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         ("tests/test_client_conformance.py::test_a_status_outside_100_to_599_is_a_protocol_error",),
     ),
+    one(
+        "bytes-in-streamed",
+        "the access line's bytes_in leaves out a streamed body's bytes past the replay buffer",
+        "gateway/proxy.py",
+        "        size = record.bytes_in = record.bytes_in + len(chunk)",
+        "        size = record.bytes_in + len(chunk)",
+        "tests/test_proxy.py::test_bytes_in_counts_a_streamed_request_body",
+    ),
+    one(
+        "bytes-out-client-gone",
+        "the access line of a client that left mid-answer says bytes_out=0",
+        "gateway/proxy.py",
+        "        finally:\n            record.bytes_out = sent",
+        "        else:\n            record.bytes_out = sent",
+        "tests/test_inbound_lifecycle.py::test_a_client_leaving_mid_answer_is_logged_with_the_body_bytes_it_was_sent",
+    ),
     # ------------------------------------------------------------------ the attack pass (issue 19)
     one(
         "operation-origin",

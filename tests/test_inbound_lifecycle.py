@@ -295,6 +295,37 @@ def test_a_client_hanging_up_mid_stream_stops_the_upstream_generation(
     assert "error=client_disconnected" in line and "status=499" in line
 
 
+@pytest.mark.parametrize("path", ["/big/big", "/big/stream"], ids=["content-length", "chunked"])
+def test_a_client_leaving_mid_answer_is_logged_with_the_body_bytes_it_was_sent(
+    raw_upstream: RawUpstream,
+    gateway_factory: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """The client reads the head and part of the body, then hangs up: its access line (499) counts the body
+    bytes the gateway wrote to it until then, at least those the client received, never the whole body."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    server = gateway_factory(_config(raw_upstream.url))
+    request_id = f"partial-{path.rsplit('/', 1)[1]}"
+    client = _raw_client(
+        server.port, f"GET {path} HTTP/1.1\r\nHost: gw\r\nx-request-id: {request_id}\r\n\r\n".encode()
+    )
+    client.settimeout(10)
+    received = b""
+    while b"\r\n\r\n" not in received or len(received.split(b"\r\n\r\n", 1)[1]) < 200:
+        received += client.recv(65536)
+    client.close()
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200")
+    # What the client got of the body itself (the chunked answer's framing left out).
+    got = body.count(b"token ") * len(b"token ") if path.endswith("/stream") else len(body)
+    _wait(lambda: any(request_id in line for line in _access_lines(caplog)), 10, "the access line")
+    (line,) = [line for line in _access_lines(caplog) if request_id in line]
+    assert "status=499" in line and "error=client_disconnected" in line, line
+    bytes_out = int(line.split(" bytes_out=", 1)[1].split(" ", 1)[0])
+    assert got <= bytes_out < BIG_BODY, (got, line)
+
+
 def test_a_body_refused_after_its_answer_started_is_logged_with_the_refusal(
     raw_upstream: RawUpstream,
     gateway_factory: Callable[..., ServerThread],

@@ -157,6 +157,43 @@ def test_large_request_body_is_streamed_not_buffered(upstream, gateway_factory, 
     assert _echo(response)["body_length"] == 64 * 16384
 
 
+def _access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> str:
+    """The access line of `request_id`, once written (after the answer is out and the request ended)."""
+    deadline = time.monotonic() + 20
+    while True:
+        lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+        found = [line for line in lines if line.startswith(f"{request_id} ")]
+        if found:
+            (line,) = found
+            return line
+        assert time.monotonic() < deadline, f"no access line for {request_id}: {lines}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "whole"])
+def test_bytes_in_counts_a_streamed_request_body(upstream, gateway_factory, monkeypatch, caplog, framing):
+    """A body over the route's replay buffer is streamed to the upstream as it is read: the access line's
+    bytes_in counts every body byte read from the client, as it does for a body kept whole."""
+    _app, server = upstream
+    route = key_route(server.url, **_env_keys(monkeypatch))
+    route["replay_buffer_bytes"] = 1024
+    gw = gateway_factory({"routes": {"iris": route}})
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    size = 3 * 1024 * 1024 if framing != "whole" else 1000
+
+    def pieces():
+        for _ in range(size // 16384):
+            yield b"x" * 16384
+
+    content = pieces() if framing == "chunked" else b"x" * size
+    request_id = f"bytes-in-{framing}"
+    response = httpx.post(gw.url + "/iris/echo", content=content, headers={"x-request-id": request_id})
+    assert response.status_code == 200
+    assert _echo(response)["body_length"] == size
+    line = _access_line(caplog, request_id)
+    assert f" bytes_in={size} bytes_out={len(response.content)}" in line, line
+
+
 def test_body_too_large(upstream, gateway_factory, monkeypatch):
     app, server = upstream
     route = key_route(server.url, **_env_keys(monkeypatch))
