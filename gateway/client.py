@@ -58,6 +58,9 @@ logger = logging.getLogger("gateway.client")
 _HIGH_WATER = 256 * 1024  # pause reading from the upstream while this much body waits for the client
 _LOW_WATER = 64 * 1024
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+# The settings an attempt's own time limit comes from, as errors name them.
+TIMEOUT_S: Final = "timeout_s"
+DEADLINE_S: Final = "retry.deadline_s"
 MAX_RESPONSE_HEADERS = 100
 # Timers may fire a hair early (the loop's clock resolution): a deadline this close counts as reached.
 _EPSILON = 0.001
@@ -249,6 +252,7 @@ class _Connection(asyncio.Protocol):
         self.timer_at = 0.0  # loop time `timer` fires at
         self.deadline = 0.0
         self.total_timeout = 0.0
+        self.total_timer = TIMEOUT_S  # the setting total_timeout comes from (see UpstreamClient.request)
         self.read_timeout = 0.0
         self.last_activity = 0.0
         self.write_timeout = 0.0
@@ -488,8 +492,8 @@ class _Connection(asyncio.Protocol):
         if now >= self.deadline - _EPSILON:
             self._time_out(
                 f"the upstream {self.origin.name} did not complete its answer within "
-                f"{self.total_timeout:g} s (timeout_s)",
-                "total",
+                f"{self.total_timeout:g} s ({self.total_timer})",
+                _total_phase(self.total_timer),
             )
             return
         if state == SENDING or self._reading_paused:
@@ -676,9 +680,11 @@ class UpstreamClient:
             origin.max_connections = max(origin.max_connections, max_connections)
         return origin
 
-    async def _connect(self, origin: Origin, limit_s: float, timer: str) -> _Connection:
+    async def _connect(
+        self, origin: Origin, limit_s: float, timer: str, phase: str = "connect"
+    ) -> _Connection:
         """A new connection within `limit_s` (TCP, the egress proxy's CONNECT, TLS); a TransportTimeout
-        names the wait as `limit_s` seconds of `timer`."""
+        names the wait as `limit_s` seconds of `timer`, in `phase`."""
         loop = asyncio.get_running_loop()
         try:
             _, conn = await egress.open_connection(
@@ -689,7 +695,7 @@ class UpstreamClient:
             raise TransportTimeout(
                 f"no connection to {origin.name}{via} within {limit_s:g} s ({timer}): "
                 f"{exc or 'the connection'} did not complete",
-                phase="connect",
+                phase=phase,
                 request_sent=False,
             ) from None
         except ssl.SSLCertVerificationError as exc:
@@ -721,7 +727,12 @@ class UpstreamClient:
         return None
 
     async def _acquire(
-        self, origin: Origin, pool_timeout: float, connect_timeout: float, total_timeout: float
+        self,
+        origin: Origin,
+        pool_timeout: float,
+        connect_timeout: float,
+        total_timeout: float,
+        total_timer: str = TIMEOUT_S,
     ) -> _Connection:
         """A live connection: an idle one, one handed over by a finishing request, or a new one.
 
@@ -738,7 +749,12 @@ class UpstreamClient:
                 try:
                     if connect_timeout <= total_timeout:
                         return await self._connect(origin, connect_timeout, "connect_timeout_s")
-                    return await self._connect(origin, total_timeout, _shorter(connect_timeout, "connect"))
+                    return await self._connect(
+                        origin,
+                        total_timeout,
+                        _shorter(connect_timeout, "connect", total_timer),
+                        "connect" if total_timer == TIMEOUT_S else "deadline",
+                    )
                 except BaseException:
                     origin.open -= 1
                     self._wake_waiter(origin)
@@ -747,7 +763,7 @@ class UpstreamClient:
             if pool_timeout <= total_timeout:
                 limit, timer = pool_timeout, "pool_timeout_s"
             else:
-                limit, timer = total_timeout, _shorter(pool_timeout, "pool")
+                limit, timer = total_timeout, _shorter(pool_timeout, "pool", total_timer)
             if not waited_until:
                 waited_until = loop.time() + limit
             handed = await self._wait_for_connection(origin, waited_until - loop.time(), limit, timer)
@@ -826,10 +842,13 @@ class UpstreamClient:
         write_timeout: float = 30.0,
         pool_timeout: float = 5.0,
         total_timeout: float = 60.0,
+        total_timer: str = TIMEOUT_S,
     ) -> UpstreamResponse:
         """Send `head` (request line and headers, ending in a blank line) and `body`; return the response
         once its headers arrived. Never sends the request twice: a failure after its first byte reached
-        the socket raises with `request_sent=True` (the caller's retry policy decides).
+        the socket raises with `request_sent=True` (the caller's retry policy decides). `total_timer`
+        names the setting `total_timeout` comes from, in the errors (`TIMEOUT_S`, or `DEADLINE_S` when
+        the request's deadline left the attempt less).
 
         The proxy passes every argument by position (keyword arguments cost a dict per request)."""
         if origin.forward_prefix is not None:
@@ -843,7 +862,7 @@ class UpstreamClient:
         if conn is None:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + total_timeout
-            conn = await self._acquire(origin, pool_timeout, connect_timeout, total_timeout)
+            conn = await self._acquire(origin, pool_timeout, connect_timeout, total_timeout, total_timer)
             now = loop.time()
         else:
             now = conn.loop.time()
@@ -854,11 +873,13 @@ class UpstreamClient:
             # The wait for a connection used the whole attempt: give it back unused.
             self._release(conn)
             raise TransportTimeout(
-                f"no time left to send the request to {origin.name} within {total_timeout:g} s (timeout_s)",
-                phase="total",
+                f"no time left to send the request to {origin.name} within {total_timeout:g} s "
+                f"({total_timer})",
+                phase=_total_phase(total_timer),
                 request_sent=False,
             )
         waiter = conn.begin(now, head_request, deadline, total_timeout, read_timeout, write_timeout)
+        conn.total_timer = total_timer
         conn.request_sent = True
         try:
             if body is None or isinstance(body, bytes):
@@ -929,10 +950,16 @@ def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
     return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
-def _shorter(value: float, kind: str) -> str:
-    """The timer that ended a wait for a connection when the attempt's timeout_s came before the wait's
-    own timer (`connect` or `pool`), as the operator's log line names it."""
-    return f"timeout_s, shorter than {kind}_timeout_s {value:g} s"
+def _shorter(value: float, kind: str, total_timer: str) -> str:
+    """The timer that ended a wait for a connection when the attempt's own limit (`total_timer`) came
+    before the wait's timer (`connect` or `pool`), as the operator's log line names it."""
+    return f"{total_timer}, shorter than {kind}_timeout_s {value:g} s"
+
+
+def _total_phase(total_timer: str) -> str:
+    """The phase of a TransportTimeout of the attempt's own limit: `total` (timeout_s), or `deadline`
+    when the request's retry.deadline_s left the attempt less than timeout_s (no upstream's fault)."""
+    return "total" if total_timer == TIMEOUT_S else "deadline"
 
 
 def _connect_cause(exc: OSError) -> str:

@@ -71,6 +71,7 @@ CAUSES: dict[str, str] = {
     "read_timeout": "the upstream sent nothing for read_timeout_s",
     "write_timeout": "the upstream stopped reading the request for write_timeout_s",
     "total_timeout": "the upstream did not complete its answer within timeout_s",
+    "deadline_timeout": "the request's retry.deadline_s ran out before the upstream's answer was complete",
     "pool_timeout": "every connection to the upstream stayed busy for pool_timeout_s",
     "proxy_unreachable": "the egress proxy could not be reached",
     "proxy_refused": "the egress proxy refused the connection to the upstream",

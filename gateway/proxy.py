@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from gateway.client import UpstreamClient, UpstreamResponse, encode_chunked
+from gateway.client import DEADLINE_S, TIMEOUT_S, UpstreamClient, UpstreamResponse, encode_chunked
 from gateway.concurrency import Slot
 from gateway.credentials.base import Grant
 from gateway.errors import (
@@ -55,6 +55,7 @@ from gateway.exchange import STATUS_LINES, ClientGone, Exchange
 from gateway.failure_log import FailureLog
 from gateway.headers import InboundHeaders, new_request_id, read_request_headers, response_header_lines
 from gateway.responses import error_body, error_head
+from gateway.retry import MIN_ATTEMPT_S
 from gateway.routing import DEPLOYMENT_HEADER, Route, Router
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.upstreams import Upstream
@@ -252,6 +253,15 @@ class Proxy:
         head_request = record.method == "HEAD"
         request = self.client.request
         while True:
+            if deadline is None:
+                attempt_timeout, timer = route.timeout_s, TIMEOUT_S
+            else:
+                left = deadline - time.perf_counter()
+                if left < MIN_ATTEMPT_S:
+                    raise _deadline_passed(route, record)
+                attempt_timeout, timer = (
+                    (left, DEADLINE_S) if left < route.timeout_s else (route.timeout_s, TIMEOUT_S)
+                )
             upstream = route.single_upstream or balancer.pick(tried, record)
             record.attempts += 1
             # One join per attempt: the request line, Host, the common lines' pieces, the credential.
@@ -280,9 +290,8 @@ class Proxy:
                     route.read_timeout_s,
                     route.write_timeout_s,
                     route.pool_timeout_s,
-                    route.timeout_s
-                    if deadline is None
-                    else policy.attempt_timeout(route.timeout_s, deadline),
+                    attempt_timeout,
+                    timer,
                 )
             except _BodyLimit:
                 raise _body_too_large(route) from None
@@ -484,6 +493,16 @@ class Proxy:
             # The client's answer names the failure class only (the detail is the line above).
             error = UpstreamTimeout if isinstance(exc, TransportTimeout) else UpstreamUnreachable
             raise error(f"route {record.route}: {exc.summary}") from None
+
+
+def _deadline_passed(route: Route, record: RequestRecord) -> UpstreamTimeout:
+    """The request's deadline left no time for an attempt (its body arrived slowly, or it waited for a
+    credential, a slot or a Retry-After): nothing is sent, and no upstream is blamed."""
+    where = "before it was sent to the upstream" if not record.attempts else "before it could be replayed"
+    return UpstreamTimeout(
+        f"route {route.name}: the request's retry.deadline_s ({route.replay.deadline_s:g} s) ran out {where} "
+        "(receiving its body or waiting took it); nothing more was sent"
+    )
 
 
 def _record_stopped(record: RequestRecord, exchange: Exchange) -> None:

@@ -211,6 +211,14 @@ class ReplayPolicy:
                 upstream_fault=False,
             )
         error: ClientFacingError
+        if isinstance(exc, TransportTimeout) and exc.phase == "deadline":
+            # The attempt had only what the request's deadline left, less than timeout_s: the deadline,
+            # not the upstream, ran out (no time is left for a replay either).
+            return TransportFailure(
+                UpstreamTimeout(f"route {route}: {exc.summary}{see_log}"),
+                replayable=False,
+                upstream_fault=False,
+            )
         if isinstance(exc, TransportTimeout):
             error = UpstreamTimeout(f"route {route}: {exc.summary}{see_log}")
             before_sending = exc.phase == "connect" or not exc.request_sent
@@ -266,9 +274,3 @@ class ReplayPolicy:
         if not seconds <= self.retry_after_cap_s:  # also NaN, which compares false with everything
             return None
         return max(seconds, 0.0)
-
-    def attempt_timeout(self, timeout_s: float, deadline: float | None) -> float:
-        """`retry.deadline_s` bounds the whole request: an attempt gets only what is left of it."""
-        if deadline is None:
-            return timeout_s
-        return min(timeout_s, max(deadline - time.perf_counter(), 0.001))

@@ -340,6 +340,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/test_acceptance_upstream.py::test_http10_answers_being_collected_hold_a_bounded_amount_of_memory_together",
     ),
     one(
+        "deadline-passed-still-sent",
+        "a request whose retry.deadline_s ran out before it was sent is sent anyway, with 1 ms to answer",
+        "gateway/proxy.py",
+        "                if left < MIN_ATTEMPT_S:",
+        "                if False:",
+        "tests/test_deadline.py::test_a_request_whose_deadline_passed_before_it_was_sent_is_not_sent",
+    ),
+    one(
+        "deadline-cut-blamed",
+        "an attempt cut short by retry.deadline_s counts against the upstream and is called timeout_s",
+        "gateway/retry.py",
+        '        if isinstance(exc, TransportTimeout) and exc.phase == "deadline":',
+        "        if False:",
+        "tests/test_deadline.py::test_an_attempt_cut_short_by_the_deadline_names_it_and_does_not_count_against_the_upstream",
+    ),
+    one(
         "keyvault-header-check",
         "a polled Key Vault version that cannot go in a header replaces the last good value",
         "gateway/keyvault/vaults.py",

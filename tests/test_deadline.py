@@ -1,0 +1,92 @@
+"""`retry.deadline_s`, the whole request's time across attempts: a request with no time left is not sent,
+and an attempt cut short by the deadline says so and does not count against the upstream.
+
+(An attack round found a request whose slow body upload used the deadline sent upstream anyway with
+1 ms to answer: executed, answered 504 `... within 0.001 s (timeout_s)`, and the healthy upstream
+ejected after two such requests.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from typing import Any
+
+import httpx
+import pytest
+from test_client_conformance import OK, Peer, RawUpstream, open_route
+
+DEADLINE_S = 0.5
+
+
+def _route(url: str) -> dict[str, Any]:
+    return open_route(
+        url,
+        timeout_s=30,
+        retry={"deadline_s": DEADLINE_S, "backoff_base_s": 0.01},
+        outlier={"consecutive_failures": 1, "ejection_s": 30},
+    )
+
+
+def _slow_upload(port: int) -> bytes:
+    """A POST whose body takes longer than the deadline to arrive (half, a pause, the rest)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /open/score HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+        time.sleep(DEADLINE_S + 0.3)
+        sock.sendall(b"56789")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_a_request_whose_deadline_passed_before_it_was_sent_is_not_sent(
+    gateway_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            await peer.send(OK)
+
+    caplog.set_level(logging.INFO)
+    with RawUpstream(handler) as upstream:
+        gw = gateway_factory({"routes": {"open": _route(upstream.url)}})
+        assert httpx.post(gw.url + "/open/score", content=b"{}", timeout=10).status_code == 200
+        for _ in range(2):
+            answer = _slow_upload(gw.port)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 504 "), answer[:300]
+            error = json.loads(body)["error"]
+            assert error["code"] == "upstream_timeout" and "retry.deadline_s" in error["message"], error
+        assert upstream.executions(b"POST /score") == 1  # the first request's only
+        # The upstream was never at fault: not ejected, and the next request goes to it.
+        assert not [r for r in caplog.records if "ejected" in r.getMessage()]
+        assert httpx.post(gw.url + "/open/score", content=b"{}", timeout=10).status_code == 200
+        access = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+        assert sum(" status=504 " in line and " attempts=0 " in line for line in access) == 2, access
+
+
+def test_an_attempt_cut_short_by_the_deadline_names_it_and_does_not_count_against_the_upstream(
+    gateway_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            await asyncio.sleep(DEADLINE_S + 1.0)  # slower than the deadline, well within timeout_s
+            await peer.send(OK)
+
+    caplog.set_level(logging.INFO)
+    with RawUpstream(handler) as upstream:
+        gw = gateway_factory({"routes": {"open": _route(upstream.url)}})
+        response = httpx.post(gw.url + "/open/score", content=b"{}", timeout=10)
+        assert response.status_code == 504
+        error = response.json()["error"]
+        assert error["code"] == "upstream_timeout" and "retry.deadline_s" in error["message"], error
+        failures = [r.getMessage() for r in caplog.records if r.name == "gateway.failures"]
+        assert failures and all("retry.deadline_s" in line for line in failures), failures
+        assert not any("(timeout_s" in line for line in failures), failures
+        assert not [r for r in caplog.records if "ejected" in r.getMessage()]
