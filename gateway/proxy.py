@@ -332,7 +332,10 @@ class Proxy:
                 replacement: Grant | None = None
                 wait: float | None = None
                 if status in credential.rejection_statuses:
-                    replacement = await credential.rejected(grant)
+                    # The key's verdict is waited for until the request's deadline at most.
+                    replacement = await credential.rejected(
+                        grant, record.started + route.timeout_s if deadline is None else deadline
+                    )
                     if replacement is not None and not policy.allows_credential_replay(
                         replayable, record.credential_replays, deadline
                     ):

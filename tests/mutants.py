@@ -554,6 +554,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "        else:\n            record.bytes_out = sent",
         "tests/test_inbound_lifecycle.py::test_a_client_leaving_mid_answer_is_logged_with_the_body_bytes_it_was_sent",
     ),
+    one(
+        "probe-wait-unbounded",
+        "a request waits for the gateway's key probe past its own deadline (up to PROBE_TIMEOUT_S)",
+        "gateway/credentials/key.py",
+        "async with asyncio.timeout(None if until is None else until - time.perf_counter()) as window:",
+        "async with asyncio.timeout(None) as window:",
+        "tests/test_verdicts.py::test_a_probe_that_never_answers_holds_the_request_no_longer_than_its_deadline",
+    ),
     # ------------------------------------------------------------------ the attack pass (issue 19)
     one(
         "operation-origin",

@@ -10,6 +10,7 @@ Real servers on loopback: the scriptable test upstream for keys, the emulator fo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,11 @@ from azure_env import (
 )
 from conftest import PRIMARY, SECONDARY, key_route
 from servers import ServerThread
+from test_client_conformance import Peer, RawUpstream
+from test_replay import access_line
 
 from gateway.app import GatewayApp
+from gateway.credentials.probe import PROBE_TIMEOUT_S
 from gateway.emulator.server import EmulatorServer
 
 ROWS = {"data": [[5.1, 3.5, 1.4, 0.2]]}
@@ -229,6 +233,46 @@ def test_a_probe_that_cannot_tell_leaves_the_rule_of_repeated_refusals(
     assert [r["path"] for r in app.requests if r["path"] == "/status/404"] == ["/status/404"]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("primary" in e and "/status/404" in e and "404" in e for e in errors), errors
+
+
+async def _refuse_every_key_and_never_answer_the_probe(peer: Peer) -> None:
+    """Every scoring request gets 401; the gateway's probe (GET swagger.json) never gets an answer."""
+    while (request := await peer.read_request()) is not None:
+        if b"/swagger.json" in request[0]:
+            await asyncio.sleep(60)  # cancelled when the upstream stops
+            return
+        await peer.send(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 7\r\n\r\nrefused")
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        pytest.param({"timeout_s": 2, "retry": {"deadline_s": 1}}, id="retry.deadline_s"),
+        pytest.param({"timeout_s": 1}, id="timeout_s"),
+    ],
+)
+def test_a_probe_that_never_answers_holds_the_request_no_longer_than_its_deadline(
+    gateway_factory, monkeypatch, caplog, limits
+):
+    """The refusal that calls for the verdict waits for the gateway's probe only until the request's own
+    deadline (`retry.deadline_s`, else `timeout_s`): a probe URL that never answers held the client for
+    PROBE_TIMEOUT_S (10 s) with deadline_s 1. Past its deadline the request gets the upstream's refusal,
+    as it would without a replay."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with RawUpstream(_refuse_every_key_and_never_answer_the_probe) as raw:
+        route_config = key_route(raw.url, **_keys(monkeypatch, secondary=False), reject_after=1)
+        gw = gateway_factory({"routes": {"iris": {**route_config, **limits}}})
+        started = time.monotonic()
+        response = httpx.post(
+            gw.url + "/iris/score", content=b"{}", headers={"x-request-id": "probe-deadline"}, timeout=30
+        )
+        waited = time.monotonic() - started
+        assert response.status_code == 401 and response.content == b"refused", response.text
+        assert raw.executions(b"/swagger.json") == 1  # the probe was sent and is still under way
+    # Well over the deadline of 1 s (a loaded machine), well under the probe's own timeout.
+    assert waited < PROBE_TIMEOUT_S / 2, f"the client waited {waited:.1f} s for the gateway's probe"
+    line = access_line(caplog, "probe-deadline").getMessage()
+    assert " status=401 upstream_status=401 " in line and " attempts=1 " in line, line
 
 
 def test_a_score_refused_whatever_the_key_at_the_emulator_declares_nothing(

@@ -170,8 +170,9 @@ class Credential(abc.ABC):
         assert grant is not None
         return grant
 
-    async def rejected(self, grant: Grant) -> Grant | None:
-        """The upstream refused `grant`. Return another one to replay the request with, or None."""
+    async def rejected(self, grant: Grant, until: float | None = None) -> Grant | None:
+        """The upstream refused `grant`. Return another one to replay the request with, or None. `until`
+        is the request's deadline (on `time.perf_counter()`): a wait for a verdict ends there at most."""
         return None
 
     def accepted(self, grant: Grant) -> None:  # noqa: B027 - optional hook, a no-op by default

@@ -7,8 +7,9 @@ provoke a 401 (see `gateway.credentials.base`). Refusals in `reject_after` disti
 request of its own (`probe`, see `gateway.credentials.probe`): accepted, the refusals came from what
 the requests asked and the slot is cleared; refused, or when the probe cannot tell, the slot is
 declared rejected (readiness, error log, metric). The request whose refusal called for the verdict
-waits for the probe; at most one probe per slot runs at a time, and after a probe accepted the key,
-the next one waits `PROBE_INTERVAL_S`. A declared slot is skipped by failover and tried again when its
+waits for the probe, until its own deadline at most (then it gets the refusal and the probe goes on for
+the requests that follow); at most one probe per slot runs at a time, and after a probe accepted the
+key, the next one waits `PROBE_INTERVAL_S`. A declared slot is skipped by failover and tried again when its
 value changes (a rotated file, keys fetched again from the control plane) or after `recheck_after_s`.
 The route is not ready while every slot is declared rejected.
 
@@ -177,7 +178,7 @@ class KeyCredential(Credential):
             return active.grant()
         return self._choose().grant()
 
-    async def rejected(self, grant: Grant) -> Grant | None:
+    async def rejected(self, grant: Grant, until: float | None = None) -> Grant | None:
         slot = self._slot(grant)
         if slot is None:
             return None
@@ -186,8 +187,8 @@ class KeyCredential(Credential):
             # The key changed while this request was in flight: the new value deserves a try, and the
             # refusal of the old one says nothing about it.
             return replay(slot.grant(), tried)
-        if slot.name not in tried:
-            await self._count_rejection(slot, time.monotonic())
+        if slot.name not in tried and not await self._count_rejection(slot, time.monotonic(), until):
+            return None  # the request's deadline came before the probe's verdict: it gets the refusal
         now = time.monotonic()
         tried = tried | {slot.name}
         for other in self.slots:
@@ -212,26 +213,37 @@ class KeyCredential(Credential):
                     return replay(other.grant(), tried)
         return None
 
-    async def _count_rejection(self, slot: KeySlot, now: float) -> None:
+    async def _count_rejection(self, slot: KeySlot, now: float, until: float | None) -> bool:
+        """Count the refusal; False when the request's deadline (`until`, on `time.perf_counter()`) came
+        while it waited for the gateway's probe."""
         metrics.CREDENTIAL_REJECTIONS.labels(self.route, slot.name).inc()
         if not slot.reject(now):
             if slot.rejected_value is not None:
                 slot.declared_after = self._accepts
                 self.publish()  # refused again after recheck_after_s: declared anew, without a new log
-            return
+            return True
         value = slot.secret.value
         probe = self.probe
         if probe is None:
             self._declare(slot, value, now, "")
-            return
+            return True
         if slot.probing is not None:
-            return  # the probe under way decides
+            return True  # the probe under way decides
         cleared = slot.cleared
         if cleared is not None and cleared[0] == value and now - cleared[1] < PROBE_INTERVAL_S:
-            return
+            return True
         slot.probing = asyncio.create_task(self._probe(slot, value, probe))
-        # Waited for by this request (so its answer comes after the verdict), never cancelled with it.
-        await asyncio.shield(slot.probing)
+        # Waited for by this request (so its answer comes after the verdict), but never past the request's
+        # own deadline: a probe URL that does not answer would hold it (and its route's concurrency slot)
+        # for PROBE_TIMEOUT_S. Never cancelled with the request: the verdict serves the requests after it.
+        try:
+            async with asyncio.timeout(None if until is None else until - time.perf_counter()) as window:
+                await asyncio.shield(slot.probing)
+        except TimeoutError:
+            if not window.expired():
+                raise  # the probe's own, not the request's deadline
+            return False
+        return True
 
     async def _probe(self, slot: KeySlot, value: str, probe: KeyProbe) -> None:
         try:

@@ -50,7 +50,7 @@ class TokenCredential(Credential):
     async def grant(self) -> Grant:
         return await self.entry.get()
 
-    async def rejected(self, grant: Grant) -> Grant | None:
+    async def rejected(self, grant: Grant, until: float | None = None) -> Grant | None:
         return await self.entry.reject(grant)
 
     def accepted(self, grant: Grant) -> None:
