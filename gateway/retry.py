@@ -20,6 +20,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 from gateway.errors import (
@@ -258,8 +260,9 @@ class ReplayPolicy:
         return random.uniform(0, ceiling)
 
     def status_delay(self, headers: Iterable[tuple[bytes, bytes]], retry: int) -> float | None:
-        """Seconds to wait before replaying after a retryable status, or None when its Retry-After asks
-        for longer than the gateway waits itself (the client gets the answer and its Retry-After)."""
+        """Seconds to wait before replaying after a retryable status, or None when its Retry-After
+        (seconds, or an HTTP-date: until then) asks for longer than the gateway waits itself, or is
+        neither (the client gets the answer and its Retry-After)."""
         value = None
         for name, header_value in headers:
             if name.lower() == b"retry-after":
@@ -270,7 +273,24 @@ class ReplayPolicy:
         try:
             seconds = float(value)
         except ValueError:
-            return None  # an HTTP date: far enough away to pass it on
+            until = seconds_until(value)
+            if until is None:
+                # Neither delay-seconds nor an HTTP-date: the client gets the answer and its Retry-After,
+                # unretried (the gateway cannot tell how long the upstream asked it to wait).
+                return None
+            seconds = until
         if not seconds <= self.retry_after_cap_s:  # also NaN, which compares false with everything
             return None
         return max(seconds, 0.0)
+
+
+def seconds_until(http_date: bytes) -> float | None:
+    """Seconds from now to a Retry-After given as an HTTP-date (RFC 9110 5.6.7: IMF-fixdate, or the
+    obsolete RFC 850 and asctime forms; negative when it is past), or None when the text is no date."""
+    try:
+        when = parsedate_to_datetime(http_date.decode("latin-1"))
+    except (ValueError, TypeError, IndexError, OverflowError):  # what the parser raises on odd text
+        return None
+    if when.tzinfo is None:  # asctime names no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp() - time.time()

@@ -562,6 +562,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "async with asyncio.timeout(None) as window:",
         "tests/test_verdicts.py::test_a_probe_that_never_answers_holds_the_request_no_longer_than_its_deadline",
     ),
+    one(
+        "retry-after-date",
+        "a Retry-After given as an HTTP date is passed to the client instead of being waited for",
+        "gateway/retry.py",
+        "            until = seconds_until(value)\n",
+        "            until = None\n",
+        "tests/test_replay.py::test_retry_after_as_an_http_date_is_honoured_through_the_gateway",
+    ),
     # ------------------------------------------------------------------ the attack pass (issue 19)
     one(
         "operation-origin",

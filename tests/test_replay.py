@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -162,6 +163,60 @@ def test_sparse_failures_are_each_retried(scripted, gateway_factory):
         assert time.monotonic() - started >= 0.9, "Retry-After: 1 was not honoured"
         assert app.received == 7
         assert _retries(client, "sparse") == retries_before + 4  # every retry is counted
+
+
+def _http_date(seconds_from_now: float, form: str = "IMF-fixdate") -> bytes:
+    """An HTTP-date (RFC 9110 5.6.7) in one of its three forms, all GMT (whole seconds: truncated)."""
+    when = datetime.fromtimestamp(time.time() + seconds_from_now, UTC)
+    text = {
+        "IMF-fixdate": f"{when:%a, %d %b %Y %H:%M:%S} GMT",
+        "rfc850": f"{when:%A, %d-%b-%y %H:%M:%S} GMT",
+        "asctime": f"{when:%a %b} {when.day:2d} {when:%H:%M:%S %Y}",  # the day padded with a space
+    }[form]
+    return text.encode()
+
+
+@pytest.mark.parametrize("form", ["IMF-fixdate", "rfc850", "asctime"])
+def test_retry_after_as_an_http_date_is_waited_until_that_date(form):
+    """RFC 9110 10.2.3: Retry-After is delay-seconds or an HTTP-date. A date within retry_after_cap_s is
+    waited for (until the date: dates are whole seconds, so up to a second less than asked), a past
+    date is no wait; either way under the same cap as the seconds form."""
+    policy = ReplayPolicy(retry_after_cap_s=5)
+    ahead = policy.status_delay([(b"Retry-After", _http_date(3, form))], 1)
+    assert ahead is not None and 1.0 < ahead <= 3.0, ahead
+    assert policy.status_delay([(b"retry-after", _http_date(-100, form))], 1) == 0.0
+    assert policy.status_delay([(b"retry-after", _http_date(60, form))], 1) is None  # past the cap
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"Tomorrow", b"Fri, 32 Foo 2024 00:00:00 GMT", b"Sun, 06 Nov 1994 25:49:37 GMT", b"Sun, 06 Nov 99999 "],
+)
+def test_retry_after_neither_seconds_nor_an_http_date_is_passed_on(value):
+    assert ReplayPolicy().status_delay([(b"retry-after", value)], 1) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "seconds_from_now"),
+    [pytest.param(503, 1, id="503-a-second-ahead"), pytest.param(429, -100, id="429-long-past")],
+)
+def test_retry_after_as_an_http_date_is_honoured_through_the_gateway(
+    scripted, gateway_factory, caplog, status, seconds_from_now
+):
+    """A 503 whose Retry-After is a date a second ahead (or a 429 whose date is past) was passed straight
+    to the client, while `Retry-After: 1` was waited out and retried."""
+    app, server = scripted
+    gw = gateway_factory({"routes": {"dates": open_route(server.url)}})
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    app.then(status, [(b"retry-after", _http_date(seconds_from_now))])
+    request_id = f"retry-after-date-{status}"
+    response = httpx.post(
+        gw.url + "/iris/score", content=b"{}", headers={"x-request-id": request_id}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    assert app.received == 2
+    line = access_line(caplog, request_id).getMessage()
+    assert " status=200 upstream_status=200 " in line and " attempts=2 " in line, line
 
 
 def _retries(client: httpx.Client, route: str) -> float:
