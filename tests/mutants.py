@@ -356,6 +356,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/test_deadline.py::test_an_attempt_cut_short_by_the_deadline_names_it_and_does_not_count_against_the_upstream",
     ),
     one(
+        "token-refresh-wait-unbounded",
+        "a request whose token was refused waits for the whole forced refresh, past its deadline",
+        "gateway/credentials/token.py",
+        "        if until is None:\n            return await self.entry.reject(grant)\n",
+        "        if True:\n            return await self.entry.reject(grant)\n",
+        "tests/test_deadline.py::test_a_forced_token_refresh_after_a_401_is_waited_for_no_longer_than_the_deadline",
+    ),
+    one(
         "keyvault-header-check",
         "a polled Key Vault version that cannot go in a header replaces the last good value",
         "gateway/keyvault/vaults.py",

@@ -17,7 +17,18 @@ from typing import Any
 
 import httpx
 import pytest
+from azure_env import (
+    clean_emulator_fixture,  # noqa: F401 - fixture
+    emulator_fixture,  # noqa: F401 - fixture
+    identity,
+    register_app,
+)
+from servers import ServerThread
 from test_client_conformance import OK, Peer, RawUpstream, open_route
+
+from gateway.app import GatewayApp
+from gateway.config import parse_config
+from gateway.emulator.server import EmulatorServer
 
 DEADLINE_S = 0.5
 
@@ -90,3 +101,42 @@ def test_an_attempt_cut_short_by_the_deadline_names_it_and_does_not_count_agains
         assert failures and all("retry.deadline_s" in line for line in failures), failures
         assert not any("(timeout_s" in line for line in failures), failures
         assert not [r for r in caplog.records if "ejected" in r.getMessage()]
+
+
+def test_a_forced_token_refresh_after_a_401_is_waited_for_no_longer_than_the_deadline(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream refuses the token; the gateway asks Entra ID for a new one, which takes 4 s (within
+    identity.timeout_s). The request waits until its deadline at most and gets the 401 (it waited for the
+    whole fetch); the fetch goes on for the requests after it."""
+    app = register_app(emulator)
+    config = {
+        "tls": {"ca_bundle": str(emulator.ca_file)},
+        "routes": {
+            "aad": {
+                "path": "/aad",
+                "upstream": emulator.http_url,
+                "retry": {"deadline_s": 1.0},
+                "auth": {"type": "aad_token", "identity": identity(emulator, app, timeout_s=10)},
+            }
+        },
+    }
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with ServerThread(GatewayApp(parse_config(config))) as gw:
+        assert (
+            httpx.post(f"{gw.url}/aad/score", json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=30).status_code
+            == 200
+        )
+        fetches = emulator.state.token_request_count(client_id=app.client_id)
+        emulator.state.set_fault("score", status=401, count=1)
+        emulator.state.set_fault("token", delay_s=4.0, count=1)
+        started = time.monotonic()
+        response = httpx.post(f"{gw.url}/aad/score", json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=30)
+        took = time.monotonic() - started
+        assert response.status_code == 401 and took < 3.5, (response.status_code, took)
+        assert emulator.state.token_request_count(client_id=app.client_id) > fetches  # the fetch was asked
+        # The fetch went on: the next request gets the new token once it arrives.
+        assert (
+            httpx.post(f"{gw.url}/aad/score", json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=30).status_code
+            == 200
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
 from gateway.credentials.base import (
@@ -51,7 +53,18 @@ class TokenCredential(Credential):
         return await self.entry.get()
 
     async def rejected(self, grant: Grant, until: float | None = None) -> Grant | None:
-        return await self.entry.reject(grant)
+        if until is None:
+            return await self.entry.reject(grant)
+        # A new token is waited for until the request's deadline at most (Entra ID can take up to
+        # identity.timeout_s): then the request gets the refusal, and the fetch, shielded in the cache,
+        # goes on for the requests after it.
+        try:
+            async with asyncio.timeout(until - time.perf_counter()) as window:
+                return await self.entry.reject(grant)
+        except TimeoutError:
+            if not window.expired():
+                raise
+            return None
 
     def accepted(self, grant: Grant) -> None:
         # Per request: one identity check while the token is known good.
