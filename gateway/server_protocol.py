@@ -84,9 +84,9 @@ _CHECKED_REQUEST_HEADERS = frozenset({b"connection", b"expect", b"host", b"trans
 # The name of every task serving a proxied request.
 _EXCHANGE_TASK = "gateway-request"
 
-# RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [":" port]: an IP literal, or a reg-name / IPv4 address (empty
-# too: a target URI without an authority), then the port's digits.
-_HOST_FORM = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+# RFC 9112 3.2 / RFC 3986 3.2.2: uri-host [":" port]: an IP literal (IPv6, with a zone id or IPvFuture),
+# or a reg-name / IPv4 address (empty too: a target URI without an authority), then the port's digits.
+_HOST_FORM = re.compile(rb"(?:\[[A-Za-z0-9\-._~%!$&'()*+,;=:]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
 # Where the parser is in the current request.
 _IDLE = 0  # between requests: nothing of the next one has arrived

@@ -487,10 +487,11 @@ def test_an_http_1_0_request_with_expect_gets_no_100_continue(gateway):
         (b"GET /iris/one HTTP/1.1\r\nHost: x:80x\r\n", 400),
         (b"GET /iris/one HTTP/1.0\r\n", 200),  # HTTP/1.0 need not send one
         (b"GET /iris/one HTTP/1.1\r\nHost: [::1]:8080\r\n", 200),
+        (b"GET /iris/one HTTP/1.1\r\nHost: [fe80::1%25eth0]:8080\r\n", 200),  # RFC 6874 zone id
         (b"GET /iris/one HTTP/1.1\r\nHost: scoring.example:443\r\n", 200),
         (b"GET /iris/one HTTP/1.1\r\nHost:\r\n", 200),  # empty: allowed (a URI without authority)
     ],
-    ids=["missing", "space-slash", "bad-port", "http-1.0-without", "ipv6", "name-port", "empty"],
+    ids=["missing", "space-slash", "bad-port", "http-1.0-without", "ipv6", "ipv6-zone", "name-port", "empty"],
 )
 def test_a_request_without_a_valid_host_is_refused(gateway, head, status):
     gateway.clear()
