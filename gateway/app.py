@@ -311,6 +311,7 @@ class GatewayApp:
                     ", ".join(restart),
                 )
             self.router = router  # atomic: requests in flight keep the Route objects they hold
+            self.assembly.retire_pools(old, router)  # a changed max_connections applies from here
             self._server_state[SEND_TIMEOUT_STATE] = config.server.send_timeout_s
             self.guard = guard
             self.config = config

@@ -27,6 +27,11 @@ and `queue_timeout_s` (and, for `auto`, `max_connections`) as they were, so requ
 adaptive limit's learning carry on too. The store starts with the assembly and is closed with it (a
 reload that changes `limits_store` closes the old one once the new configuration runs).
 
+Upstream connection pools (`routes.NAME.max_connections`): one per route and upstream origin, so each
+route's limit holds for its own requests even when routes share an origin. A reload keeps a route's pool
+(and its open connections) when the route still reaches that origin with the same `max_connections`; the
+pools it does not keep are retired once the new configuration runs (`retire_pools`).
+
 Settings only a restart changes (`tls`, `egress`, `server`, `keyvault` but its interval) are those the
 assembly was made with: a reloaded configuration is read with them (`_effective`), so the certificate
 of the listener and the proxy's credentials stay polled whatever the reloaded file says.
@@ -39,6 +44,7 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -46,7 +52,7 @@ from gateway.adaptive import AdaptiveLimit
 from gateway.azure_rest import AzureRest, Pause
 from gateway.caller_tokens import CallerTokenValidator
 from gateway.callers import CallerFactory, RouteAccess
-from gateway.client import UpstreamClient
+from gateway.client import Origin, UpstreamClient
 from gateway.concurrency import ConcurrencyLimit
 from gateway.config import (
     EntraIdConfig,
@@ -78,6 +84,7 @@ logger = logging.getLogger("gateway.config")
 
 T = TypeVar("T")
 CredentialKey = tuple[str, object]
+PoolKey = tuple[str, str, int]  # route, scheme://host:port, max_connections
 ConcurrencyKey = tuple[object, ...]
 
 
@@ -331,9 +338,12 @@ class Assembly:
         concurrency limits whose settings are unchanged are reused as they are."""
         reuse: dict[CredentialKey, Credential] = {}
         limits_in_use: dict[tuple[str, ConcurrencyKey], ConcurrencyLimit] = {}
+        pools: dict[PoolKey, Origin] = {}
         if running is not None:
             for old in running.routes:
                 reuse[old.credential_key] = old.credential
+                for upstream in old.upstreams:
+                    pools[old.name, upstream.origin, upstream.pool.max_connections] = upstream.pool
                 if old.concurrency is not None and old.concurrency_key is not None:
                     limits_in_use[old.name, old.concurrency_key] = old.concurrency
         self._prepared_store = None
@@ -370,7 +380,7 @@ class Assembly:
                     upstreams=[
                         Upstream(
                             u.url,
-                            self.client.origin(u.url, max_connections=rc.max_connections),
+                            self._pool(pools, name, u.url, rc.max_connections),
                             priority=u.priority,
                             weight=u.weight,
                         )
@@ -397,6 +407,25 @@ class Assembly:
                 )
             )
         return Router(routes)
+
+    def _pool(self, pools: dict[PoolKey, Origin], route: str, url: str, max_connections: int) -> Origin:
+        """Route `route`'s pool for `url`'s origin: the running one when the limit is unchanged, else a
+        new one (upstreams of one route on one origin share it: the route's limit counts them together)."""
+        parts = urlsplit(url)
+        key = (route, f"{parts.scheme}://{parts.netloc}", max_connections)
+        pool = pools.get(key)
+        if pool is None:
+            pool = pools[key] = self.client.origin(url, max_connections=max_connections)
+        return pool
+
+    def retire_pools(self, old: Router, new: Router) -> None:
+        """`new` runs instead of `old`: the pools of `old` that `new` does not use are retired (their idle
+        connections closed now, their busy ones when their requests are done)."""
+        kept = {id(upstream.pool) for route in new.routes for upstream in route.upstreams}
+        for route in old.routes:
+            for upstream in route.upstreams:
+                if id(upstream.pool) not in kept:
+                    self.client.retire(upstream.pool)
 
     def commit(self, config: GatewayConfig) -> None:
         """`config` is the running one: its Key Vault settings apply, its secrets are the polled ones

@@ -6,6 +6,12 @@ bench/ measures the difference. This client does only what a reverse proxy needs
 head and body already in wire form, hand back status, raw headers and a flow-controlled body stream,
 and keep connections alive. Everything per origin (Host header, TLS settings) is prepared once.
 
+A pool (`Origin`) belongs to one route's upstream origin: routes that reach the same scheme://host:port
+each have their own, so each route's `max_connections` and `pool_timeout_s` hold for its own requests
+(a shared pool would need one limit for all of them). A reload builds new pools for routes whose limit
+changed or that are gone, and retires the old ones (`retire`): their idle connections are closed and
+their busy ones closed when their answer is done.
+
 Each connection follows one exchange at a time through an explicit state machine, with h11's and
 httpcore's discipline:
 
@@ -37,6 +43,7 @@ import select
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Final, NoReturn
 from urllib.parse import urlsplit
@@ -85,7 +92,7 @@ class _StopParsing(Exception):
 
 
 class Origin:
-    """One scheme://host:port with its connection pool."""
+    """One scheme://host:port as one route reaches it: its connection pool."""
 
     def __init__(
         self,
@@ -118,6 +125,8 @@ class Origin:
         self.idle: collections.deque[_Connection] = collections.deque()
         self.open = 0
         self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
+        # True once a reload replaced the pool: no connection of it is pooled again.
+        self.retired = False
         # The certificate the origin presented when the gateway last refused it (see _certificate_problem).
         self.presented: tuple[float, _Presented | None] | None = None
 
@@ -655,30 +664,38 @@ _DEAD_PARSER: httptools.HttpResponseParser = _NoParser()  # type: ignore[assignm
 
 
 class UpstreamClient:
-    """One per process. Origins are created at start-up (`origin()`) and reused for every request."""
+    """One per process. Pools are created when a configuration is built (`origin()`), one per route and
+    upstream origin, and reused for every request of that configuration (and of a reload that keeps them)."""
 
     def __init__(
         self, ssl_context: ssl.SSLContext | None, egress_policy: egress.Egress | None = None
     ) -> None:
         self.ssl_context = ssl_context
         self.egress = egress_policy or egress.Egress.direct()
-        self._origins: dict[str, Origin] = {}
+        # Every pool still in use (by a route, or by a connection of a retired pool): `close` closes
+        # their idle connections. Weak: the pools of a configuration that was built and never ran go away.
+        self._pools: weakref.WeakSet[Origin] = weakref.WeakSet()
         self._closed = False
 
     def origin(self, url: str, *, max_connections: int = 256) -> Origin:
+        """A new pool of at most `max_connections` connections to `url`'s origin, for one route."""
         parts = urlsplit(url)
-        key = f"{parts.scheme}://{parts.netloc}"
-        origin = self._origins.get(key)
-        if origin is None:
-            origin = self._origins[key] = Origin(
-                url,
-                self.ssl_context,
-                max_connections=max_connections,
-                proxy=self.egress.proxy_for(parts.scheme, parts.hostname or ""),
-            )
-        else:
-            origin.max_connections = max(origin.max_connections, max_connections)
+        origin = Origin(
+            url,
+            self.ssl_context,
+            max_connections=max_connections,
+            proxy=self.egress.proxy_for(parts.scheme, parts.hostname or ""),
+        )
+        self._pools.add(origin)
         return origin
+
+    @staticmethod
+    def retire(origin: Origin) -> None:
+        """A reload replaced `origin`: its idle connections are closed now, its busy ones once their
+        answer is done (requests in flight finish on it; none is pooled again)."""
+        origin.retired = True
+        while origin.idle:
+            origin.idle.pop().abort()
 
     async def _connect(
         self, origin: Origin, limit_s: float, timer: str, phase: str = "connect"
@@ -815,6 +832,9 @@ class UpstreamClient:
             if not waiter.done():
                 waiter.set_result(conn)  # the waiter checks it is still alive when it resumes
                 return
+        if origin.retired:
+            conn.abort()
+            return
         origin.idle.append(conn)
 
     def _forget(self, conn: _Connection) -> None:
@@ -904,7 +924,7 @@ class UpstreamClient:
 
     async def close(self) -> None:
         self._closed = True
-        for origin in self._origins.values():
+        for origin in list(self._pools):
             while origin.idle:
                 origin.idle.pop().abort()
 

@@ -954,7 +954,13 @@ class RouteConfig(_Model):
         description="Longest wait for a pooled connection when all `max_connections` are busy; after it "
         "503 overloaded with Retry-After (never retried, never counted against the upstream).",
     )
-    max_connections: int = Field(256, ge=1, description="Pooled upstream connections for this route.")
+    max_connections: int = Field(
+        256,
+        ge=1,
+        description="Pooled upstream connections for this route, to each of its upstream origins (its own, "
+        "whatever other routes reach the same origin). A reload that changes it closes the route's "
+        "connections, the busy ones once their requests are done.",
+    )
     limits: RouteLimitsConfig = Field(
         default_factory=RouteLimitsConfig,  # type: ignore[arg-type]
         description="Admission: requests in flight (with a queue) and per-caller request rates.",

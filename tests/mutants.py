@@ -587,6 +587,42 @@ MUTANTS: tuple[Mutant, ...] = (
         "        if False:",
         "tests/test_rotate.py::test_an_operation_url_off_the_arm_host_is_not_followed",
     ),
+    one(
+        "pool-shared-by-routes",
+        "routes reaching one origin share one pool: a route's max_connections is not its own",
+        "gateway/assembly.py",
+        '        key = (route, f"{parts.scheme}://{parts.netloc}", max_connections)',
+        '        key = ("", f"{parts.scheme}://{parts.netloc}", max_connections)',
+        "tests/test_acceptance_upstream.py::test_routes_sharing_an_origin_each_keep_their_own_max_connections",
+    ),
+    one(
+        "pool-not-retired",
+        "a reload leaves the connections of a replaced pool open beside the new one",
+        "gateway/app.py",
+        "            self.assembly.retire_pools(old, router)",
+        "            pass",
+        "tests/test_acceptance_upstream.py"
+        "::test_a_reload_lowering_max_connections_takes_effect_and_closes_the_old_connections",
+    ),
+    Mutant(
+        "pool-kept-across-a-limit-change",
+        "a reload that lowers max_connections keeps the running pool and its old limit",
+        "gateway/assembly.py",
+        (
+            (
+                "pools[old.name, upstream.origin, upstream.pool.max_connections] = upstream.pool",
+                "pools[old.name, upstream.origin, 0] = upstream.pool",
+            ),
+            (
+                '        key = (route, f"{parts.scheme}://{parts.netloc}", max_connections)',
+                '        key = (route, f"{parts.scheme}://{parts.netloc}", 0)',
+            ),
+        ),
+        (
+            "tests/test_acceptance_upstream.py"
+            "::test_a_reload_lowering_max_connections_takes_effect_and_closes_the_old_connections",
+        ),
+    ),
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from servers import FullBacklog, free_socket, gateway_process
 
 Behaviour = Callable[[socket.socket, "RawUpstream"], None]
@@ -1362,3 +1364,188 @@ def test_http10_clients_502_names_the_failure_class_and_route_only(gateway):
         time.sleep(0.05)
     logged = [line for line in gateway.log().splitlines() if "failed mid-response" in line]
     assert logged and "route once" in logged[-1], logged
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A route's own pool: `max_connections` and `pool_timeout_s` hold for the route's requests whatever other
+# routes reach the same origin, and a reload applies new values.
+
+
+class Held:
+    """An upstream behaviour that answers each request only once the test lets it go."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+
+    def __call__(self, conn: socket.socket, up: RawUpstream) -> None:
+        while up.request(conn) is not None:
+            self.go.wait(30)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Upstream: held\r\n\r\nok")
+
+
+def _post_in_thread(url: str, results: list[httpx.Response]) -> threading.Thread:
+    thread = threading.Thread(
+        target=lambda: results.append(httpx.post(url, content=b"{}", timeout=20)), daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _wait_until(predicate: Callable[[], bool], what: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_routes_sharing_an_origin_each_keep_their_own_max_connections(tmp_path):
+    held = Held()
+    up = RawUpstream(held)
+    port = free_port()
+    routes: dict[str, dict[str, object]] = {
+        # One upstream origin, two routes (e.g. two deployments of one endpoint).
+        "small": {
+            "path": "/small",
+            "upstream": up.url,
+            "auth": {"type": "none"},
+            "max_connections": 1,
+            "pool_timeout_s": 0.3,
+            "timeout_s": 20,
+            "retry": {"attempts": 1},
+        },
+        # The same limits: each route has one connection of its own, not one between them.
+        "other": {
+            "path": "/other",
+            "upstream": up.url + "/",
+            "auth": {"type": "none"},
+            "max_connections": 1,
+            "pool_timeout_s": 0.3,
+            "timeout_s": 20,
+            "retry": {"attempts": 1},
+        },
+    }
+    with run_gateway(tmp_path, port, routes):
+        url = f"http://127.0.0.1:{port}"
+        first: list[httpx.Response] = []
+        holder = _post_in_thread(url + "/small/score", first)
+        _wait_until(lambda: up.executions == 1, "the first request never reached the upstream")
+        # The other route opens its own connection while small's only one is busy.
+        others: list[httpx.Response] = []
+        other_threads = [_post_in_thread(url + "/other/score", others)]
+        _wait_until(lambda: up.executions == 2, "the other route was held back by small's connection", 10)
+        # Beyond small's one connection in flight: 503 overloaded once pool_timeout_s ran out.
+        for _ in range(2):
+            refused = httpx.post(url + "/small/score", content=b"{}", timeout=20)
+            assert refused.status_code == 503, refused.text
+            assert error_code(refused) == "overloaded"
+            assert "pool_timeout_s" in refused.json()["error"]["message"], refused.text
+        assert up.executions == 2  # the refused ones never reached the upstream
+        held.go.set()
+        for thread in [holder, *other_threads]:
+            thread.join(20)
+        assert [r.status_code for r in first + others] == [200, 200]
+
+
+def test_a_reload_lowering_max_connections_takes_effect_and_closes_the_old_connections(tmp_path):
+    held = Held()
+    up = RawUpstream(held)
+    port = free_port()
+    route: dict[str, object] = {
+        "path": "/small",
+        "upstream": up.url,
+        "auth": {"type": "none"},
+        "max_connections": 8,
+        "pool_timeout_s": 0.3,
+        "timeout_s": 20,
+        "retry": {"attempts": 1},
+    }
+    config = {"server": {"host": "127.0.0.1", "port": port, "log_format": "text"}, "routes": {"small": route}}
+    with gateway_process(config, tmp_path) as (process, log_path):
+        url = f"http://127.0.0.1:{port}"
+        # Three connections opened under the old limit, pooled when their answers are done.
+        warm: list[httpx.Response] = []
+        threads = [_post_in_thread(url + "/small/score", warm) for _ in range(3)]
+        _wait_until(lambda: up.executions == 3, "the warm-up requests never reached the upstream")
+        held.go.set()
+        for thread in threads:
+            thread.join(20)
+        assert [r.status_code for r in warm] == [200, 200, 200]
+        assert up.connections == 3
+        held.go.clear()
+
+        (tmp_path / "gateway.yaml").write_text(
+            yaml.safe_dump({**config, "routes": {"small": {**route, "max_connections": 1}}})
+        )
+        process.send_signal(signal.SIGHUP)
+        _wait_until(lambda: "configuration reloaded" in log_path.read_text(), "no reload")
+        # The connections pooled under the old limit are closed, not kept beside the new pool.
+        _wait_until(lambda: not up.open, f"{len(up.open)} old connections left open")
+
+        first: list[httpx.Response] = []
+        holder = _post_in_thread(url + "/small/score", first)
+        _wait_until(lambda: up.executions == 4, "the first request never reached the upstream")
+        extra: list[httpx.Response] = []
+        extra_threads = [_post_in_thread(url + "/small/score", extra) for _ in range(2)]
+        for thread in extra_threads:
+            thread.join(10)  # a 503 comes after pool_timeout_s; without the new limit, after `go`
+        held.go.set()
+        holder.join(20)
+        for thread in extra_threads:
+            thread.join(20)
+        assert [r.status_code for r in first] == [200]
+        assert [(r.status_code, error_code(r)) for r in extra] == [(503, "overloaded")] * 2
+        assert up.executions == 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outlier detection counts an answer that breaks off mid-body as the upstream's failure.
+
+
+def _breaks_off(then: str) -> Behaviour:
+    """A 200 head and part of the body, then a reset ("rst") or silence past read_timeout_s ("stall")."""
+
+    def behaviour(conn: socket.socket, up: RawUpstream) -> None:
+        if up.request(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
+        if then == "stall":
+            time.sleep(3)
+        rst(conn)
+
+    return behaviour
+
+
+@pytest.mark.parametrize("then", ["rst", "stall"])
+def test_an_upstream_whose_answers_break_off_mid_body_is_ejected(tmp_path, then):
+    healthy = RawUpstream(ok)
+    broken = RawUpstream(_breaks_off(then))
+    port = free_port()
+    routes: dict[str, dict[str, object]] = {
+        "r": {
+            "path": "/r",
+            "upstreams": [{"url": healthy.url}, {"url": broken.url}],
+            "auth": {"type": "none"},
+            "timeout_s": 10,
+            "read_timeout_s": 0.3,
+            "outlier": {"consecutive_failures": 2, "ejection_s": 300},
+        }
+    }
+    with run_gateway(tmp_path, port, routes):
+        url = f"http://127.0.0.1:{port}/r/score"
+        # The balancer picks at random between the two: go on until the broken one had its two answers.
+        for _ in range(60):
+            if broken.executions >= 2:
+                break
+            try:
+                httpx.post(url, content=b"{}", timeout=20).read()
+            except httpx.HTTPError:
+                pass  # the broken answer reaches the client cut short
+        assert broken.executions == 2
+        log = (tmp_path / "gateway.log").read_text()
+        assert re.search(rf"upstream http://127\.0\.0\.1:{broken.port} ejected for", log), log
+        # Ejected: every later request goes to the healthy upstream.
+        served_before = healthy.executions
+        for _ in range(10):
+            assert httpx.post(url, content=b"{}", timeout=20).status_code == 200
+        assert broken.executions == 2
+        assert healthy.executions == served_before + 10

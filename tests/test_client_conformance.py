@@ -839,6 +839,38 @@ def test_pool_timeout_when_every_connection_stays_busy():
     assert elapsed > 0.25
 
 
+def test_a_pool_wait_ended_by_a_shorter_timeout_s_names_timeout_s_and_pool_timeout_s():
+    """The attempt's timeout_s (0.3 s) ends the wait for a busy pool before pool_timeout_s (5 s): the
+    error names the timer that fired with its value, and the one that did not."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await asyncio.sleep(5)
+
+    async def main() -> PoolTimeout:
+        client, origin = new_client(upstream.url, max_connections=1)
+        busy = asyncio.create_task(client.request(origin, get(), None, **FAST))
+        await asyncio.sleep(0.1)
+        with pytest.raises(PoolTimeout) as caught:
+            await client.request(
+                origin,
+                get(),
+                None,
+                connect_timeout=2.0,
+                read_timeout=5.0,
+                pool_timeout=5.0,
+                total_timeout=0.3,
+            )
+        busy.cancel()
+        with contextlib.suppress(BaseException):
+            await busy
+        return caught.value
+
+    with RawUpstream(handler) as upstream:
+        error = run(main)
+    assert "stayed busy for 0.3 s (timeout_s, shorter than pool_timeout_s 5 s)" in str(error), error
+
+
 def test_connect_timeout_has_its_own_phase():
     # A listener whose backlog is full never completes the handshake of the next connection.
     listener = socket.socket()
