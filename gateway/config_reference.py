@@ -63,7 +63,8 @@ FIELD_NOTES: dict[str, str] = {
     "RetryConfig.backoff_base_s": "First backoff ceiling; it doubles per retry (full jitter).",
     "RetryConfig.backoff_max_s": "Largest backoff ceiling.",
     "OutlierConfig.consecutive_failures": (
-        "Consecutive failures (connection errors, timeouts, 5xx other than 501) that eject an upstream."
+        "Consecutive failures (connection errors, timeouts, 5xx other than 501, answers that break off "
+        "mid-body) that eject an upstream; an answer counts as a success once it arrived whole."
     ),
     "OutlierConfig.ejection_s": ("How long an ejected upstream gets no traffic; then one request probes it."),
     # auth

@@ -220,9 +220,13 @@ class Proxy:
             # 6. replay policy and client: the answer to pass on
             response = await self._attempts(route, record, common, target, body, stream, grant, observer)
             try:
-                await self._answer(exchange, response, record)
+                await self._answer(exchange, response, record, route)
             finally:
                 response.release()
+            # The answer arrived whole: only now is it the upstream's success (see `Balancer.answered`).
+            upstream = record.upstream
+            if upstream is not None and (upstream.consecutive_failures or upstream.ejected_until):
+                route.balancer.completed(upstream, response.status)
         finally:
             route.balancer.release(record)  # a probe this request still holds ends with it, whatever ended it
             in_flight.value -= 1
@@ -354,6 +358,7 @@ class Proxy:
                     record.headers_at = time.perf_counter()
                     return response
                 await _discard(response)
+                balancer.completed(upstream, status)  # a refusal, read and dropped: the upstream answered
             except BaseException:
                 response.release()
                 raise
@@ -369,9 +374,12 @@ class Proxy:
                 await observer.requeue(None if deadline is None else deadline - time.perf_counter())
             await asyncio.sleep(wait)
 
-    async def _answer(self, exchange: Exchange, response: UpstreamResponse, record: RequestRecord) -> None:
+    async def _answer(
+        self, exchange: Exchange, response: UpstreamResponse, record: RequestRecord, route: Route
+    ) -> None:
         """The upstream's answer to the client: head and a body that has already arrived whole in one
-        write; otherwise the head at once and the body streamed as it comes."""
+        write; otherwise the head at once and the body streamed as it comes. An answer that breaks off
+        mid-body counts against the upstream (`_broke_off`)."""
         request_id = record.request_id
         assert request_id is not None
         status = response.status
@@ -400,10 +408,11 @@ class Proxy:
             try:
                 first = await response.next_chunk()
             except TransportError as exc:
+                _broke_off(route, record, exc)
                 self._start_stream(exchange, head, length, b"", record)
                 raise _aborted(exchange, record, 0, exc) from None
         if length is None and exchange.http_version == "1.0":
-            await self._answer_with_length(exchange, response, head, first, record)
+            await self._answer_with_length(exchange, response, head, first, record, route)
             return
         chunked = self._start_stream(exchange, head, length, first, record)
         sent = len(first)  # body bytes written to the client: its access line says so however this ends
@@ -415,6 +424,7 @@ class Proxy:
                 await exchange.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 sent += len(chunk)
         except TransportError as exc:
+            _broke_off(route, record, exc)
             raise _aborted(exchange, record, sent, exc) from None
         finally:
             record.bytes_out = sent  # the client left, the gateway shut down: what it was sent until then
@@ -441,13 +451,14 @@ class Proxy:
         head: list[bytes],
         first: bytes,
         record: RequestRecord,
+        route: Route,
     ) -> None:
         """For an HTTP/1.0 client, which cannot read chunked framing: the whole answer, collected up to
         `HTTP10_ANSWER_BYTES`, then sent with its Content-Length."""
         chunks: list[bytes] = []
         held = 0  # what this answer counts in `_http10_collected`
         try:
-            chunk = first or await self._next_http10_chunk(response, record)
+            chunk = first or await self._next_http10_chunk(response, record, route)
             while chunk:
                 if held + len(chunk) > HTTP10_ANSWER_BYTES:
                     raise UpstreamProtocolError(
@@ -458,7 +469,7 @@ class Proxy:
                 self._hold_http10(chunk, record)
                 held += len(chunk)
                 chunks.append(chunk)
-                chunk = await self._next_http10_chunk(response, record)
+                chunk = await self._next_http10_chunk(response, record, route)
             body = b"".join(chunks)
         finally:
             self._http10_collected -= held
@@ -481,12 +492,13 @@ class Proxy:
         self._http10_collected += len(chunk)
 
     @staticmethod
-    async def _next_http10_chunk(response: UpstreamResponse, record: RequestRecord) -> bytes:
+    async def _next_http10_chunk(response: UpstreamResponse, record: RequestRecord, route: Route) -> bytes:
         """The next piece of an answer being collected (b"" at its end); a broken upstream connection is
         the client's 502 or 504 (nothing of the answer was sent yet)."""
         try:
             return await response.next_chunk()
         except TransportError as exc:
+            _broke_off(route, record, exc)
             logger.warning(
                 "request %s: route %s: the upstream connection failed mid-response (%s)",
                 record.request_id,
@@ -625,6 +637,20 @@ def _answer_error(exchange: Exchange, error: ClientFacingError, record: RequestR
     request_id = record.request_id or new_request_id()
     body = error_body(error.code, error.message, request_id)
     exchange.answer(error_head(error, request_id, body), body)
+
+
+def _broke_off(route: Route, record: RequestRecord, exc: TransportError) -> None:
+    """The upstream's answer broke off mid-body (its connection was reset or closed, it went silent for
+    read_timeout_s, its framing broke): a failure of the upstream's, counted as one before its head is
+    (outlier detection, the verdict of a probe). Not `timeout_s` running out mid-body: a client that
+    reads slowly holds the answer back as much as a slow upstream, and is no reason to eject it. (The
+    client leaving is no TransportError: it never gets here.)"""
+    if isinstance(exc, TransportTimeout) and exc.phase == "total":
+        return
+    upstream = record.upstream
+    if upstream is not None:
+        route.balancer.failed(upstream, record)
+        record.upstream_errors += 1
 
 
 def _aborted(exchange: Exchange, record: RequestRecord, sent: int, exc: TransportError) -> _UpstreamAborted:

@@ -1,10 +1,12 @@
 """A route's upstreams: selection by priority and weight, and passive outlier detection.
 
-An upstream that fails `outlier.consecutive_failures` times in a row is ejected for `outlier.ejection_s`;
-then one request probes it while the others keep to the rest. The probe ends on every exit of its
-attempt: a verdict (an answer, a failure), or none (the client went away, its body broke the limit,
-an exception, a cancellation) and then the next request probes again. A probe also has its own deadline
-(`outlier.probe_timeout_s`): one that has no verdict by then (a slow model) stops blocking the others.
+An upstream that fails `outlier.consecutive_failures` times in a row is ejected for `outlier.ejection_s`
+(a failure: no connection, a timeout, a 5xx other than 501, or an answer that broke off mid-body; a
+success: any other answer, once it arrived whole); then one request probes it while the others keep to
+the rest. The probe ends on every exit of its attempt: a verdict (an answer, a failure), or none (the
+client went away, its body broke the limit, an exception, a cancellation) and then the next request
+probes again. A probe also has its own deadline (`outlier.probe_timeout_s`): one that has no verdict by
+then (a slow model) stops blocking the others.
 """
 
 from __future__ import annotations
@@ -87,11 +89,16 @@ class Balancer:
         return min(fresh, key=lambda u: u.ejected_until)
 
     def answered(self, upstream: Upstream, status: int, owner: object | None = None) -> None:
-        """The upstream answered: a server error counts as a failure (501 is an answer), the rest as
-        success."""
+        """The head of the upstream's answer arrived: a server error counts as a failure at once (501 is
+        an answer). Any other answer is a success only once its body has arrived whole (`completed`,
+        or `succeeded` for one the gateway discards): an upstream whose answers break off mid-body
+        would otherwise be healthy again at every head, and never reach `consecutive_failures`."""
         if status >= 500 and status != 501:
             self.failed(upstream, owner)
-        elif upstream.consecutive_failures or upstream.ejected_until:
+
+    def completed(self, upstream: Upstream, status: int) -> None:
+        """The answer with `status` arrived whole: a success unless its status was a failure already."""
+        if status < 500 or status == 501:
             self.succeeded(upstream)
 
     def succeeded(self, upstream: Upstream) -> None:

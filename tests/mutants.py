@@ -623,6 +623,24 @@ MUTANTS: tuple[Mutant, ...] = (
             "::test_a_reload_lowering_max_connections_takes_effect_and_closes_the_old_connections",
         ),
     ),
+    one(
+        "midbody-not-counted",
+        "an upstream whose streamed answers break off mid-body is never ejected",
+        "gateway/proxy.py",
+        "            _broke_off(route, record, exc)\n            raise _aborted(exchange, record, sent, exc)",
+        "            raise _aborted(exchange, record, sent, exc)",
+        "tests/test_acceptance_upstream.py::test_an_upstream_whose_answers_break_off_mid_body_is_ejected",
+    ),
+    one(
+        "success-at-the-head",
+        "an answer's head counts as the upstream's success before its body arrived: one that then breaks "
+        "off resets the count, and the upstream is never ejected",
+        "gateway/upstreams.py",
+        "            self.failed(upstream, owner)\n\n    def completed",
+        "            self.failed(upstream, owner)\n        else:\n            self.succeeded(upstream)\n\n"
+        "    def completed",
+        "tests/test_acceptance_upstream.py::test_an_upstream_whose_answers_break_off_mid_body_is_ejected",
+    ),
 )
 
 
