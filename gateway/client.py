@@ -978,7 +978,7 @@ def _shorter(value: float, kind: str, total_timer: str) -> str:
 
 def _total_phase(total_timer: str) -> str:
     """The phase of a TransportTimeout of the attempt's own limit: `total` (timeout_s), or `deadline`
-    when the request's retry.deadline_s left the attempt less than timeout_s (no upstream's fault)."""
+    when the request's retry.deadline_s left the attempt less than timeout_s (the cause then names it)."""
     return "total" if total_timer == TIMEOUT_S else "deadline"
 
 

@@ -72,6 +72,8 @@ _FORWARDED_PROTO = {scheme: b"X-Forwarded-Proto: %s\r\n" % scheme.encode() for s
 _LAST_CHUNK = b"0\r\n\r\n"
 # Recorded, never sent: the gateway shut down (server.grace_period_s ended) before the answer was complete.
 SHUTTING_DOWN = "shutting_down"
+# The phases of a TransportTimeout of the attempt's own limit: timeout_s, or what retry.deadline_s left.
+_ATTEMPT_LIMIT_PHASES = frozenset({"total", "deadline"})
 
 
 # An answer without Content-Length for an HTTP/1.0 client is collected to learn its length, up to this;
@@ -643,9 +645,10 @@ def _broke_off(route: Route, record: RequestRecord, exc: TransportError) -> None
     """The upstream's answer broke off mid-body (its connection was reset or closed, it went silent for
     read_timeout_s, its framing broke): a failure of the upstream's, counted as one before its head is
     (outlier detection, the verdict of a probe). Not `timeout_s` running out mid-body: a client that
-    reads slowly holds the answer back as much as a slow upstream, and is no reason to eject it. (The
-    client leaving is no TransportError: it never gets here.)"""
-    if isinstance(exc, TransportTimeout) and exc.phase == "total":
+    reads slowly holds the answer back as much as a slow upstream, and is no reason to eject it; nor is
+    what `retry.deadline_s` left the attempt running out. (The client leaving is no TransportError: it
+    never gets here.)"""
+    if isinstance(exc, TransportTimeout) and exc.phase in _ATTEMPT_LIMIT_PHASES:
         return
     upstream = record.upstream
     if upstream is not None:

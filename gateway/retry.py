@@ -213,14 +213,6 @@ class ReplayPolicy:
                 upstream_fault=False,
             )
         error: ClientFacingError
-        if isinstance(exc, TransportTimeout) and exc.phase == "deadline":
-            # The attempt had only what the request's deadline left, less than timeout_s: the deadline,
-            # not the upstream, ran out (no time is left for a replay either).
-            return TransportFailure(
-                UpstreamTimeout(f"route {route}: {exc.summary}{see_log}"),
-                replayable=False,
-                upstream_fault=False,
-            )
         if isinstance(exc, TransportTimeout):
             error = UpstreamTimeout(f"route {route}: {exc.summary}{see_log}")
             before_sending = exc.phase == "connect" or not exc.request_sent
