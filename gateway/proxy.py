@@ -359,8 +359,11 @@ class Proxy:
                     record.upstream = upstream
                     record.headers_at = time.perf_counter()
                     return response
-                await _discard(response)
-                balancer.completed(upstream, status)  # a refusal, read and dropped: the upstream answered
+                broken = await _discard(response)
+                if broken is None:
+                    balancer.completed(upstream, status)  # a refusal, read and dropped: the upstream answered
+                else:
+                    _broke_off(route, upstream, record, broken)
             except BaseException:
                 response.release()
                 raise
@@ -410,7 +413,7 @@ class Proxy:
             try:
                 first = await response.next_chunk()
             except TransportError as exc:
-                _broke_off(route, record, exc)
+                _broke_off(route, record.upstream, record, exc)
                 self._start_stream(exchange, head, length, b"", record)
                 raise _aborted(exchange, record, 0, exc) from None
         if length is None and exchange.http_version == "1.0":
@@ -426,7 +429,7 @@ class Proxy:
                 await exchange.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 sent += len(chunk)
         except TransportError as exc:
-            _broke_off(route, record, exc)
+            _broke_off(route, record.upstream, record, exc)
             raise _aborted(exchange, record, sent, exc) from None
         finally:
             record.bytes_out = sent  # the client left, the gateway shut down: what it was sent until then
@@ -473,12 +476,17 @@ class Proxy:
                 chunks.append(chunk)
                 chunk = await self._next_http10_chunk(response, record, route)
             body = b"".join(chunks)
+            chunks.clear()  # joined: the answer is held once
+            head.append(b"content-length: %d\r\n" % len(body))
+            exchange.start(head, body)
+            record.response_started = True
+            record.bytes_out = len(body)
+            del body
+            # Still counted while it waits in the connection's write buffer: until the client has read it
+            # down to the buffer's high-water mark (a client that reads nothing: server.send_timeout_s).
+            await exchange.send(b"")
         finally:
             self._http10_collected -= held
-        head.append(b"content-length: %d\r\n" % len(body))
-        exchange.start(head, body)
-        record.response_started = True
-        record.bytes_out = len(body)
         exchange.end()
 
     def _hold_http10(self, chunk: bytes, record: RequestRecord) -> None:
@@ -500,7 +508,7 @@ class Proxy:
         try:
             return await response.next_chunk()
         except TransportError as exc:
-            _broke_off(route, record, exc)
+            _broke_off(route, record.upstream, record, exc)
             logger.warning(
                 "request %s: route %s: the upstream connection failed mid-response (%s)",
                 record.request_id,
@@ -641,7 +649,7 @@ def _answer_error(exchange: Exchange, error: ClientFacingError, record: RequestR
     exchange.answer(error_head(error, request_id, body), body)
 
 
-def _broke_off(route: Route, record: RequestRecord, exc: TransportError) -> None:
+def _broke_off(route: Route, upstream: Upstream | None, record: RequestRecord, exc: TransportError) -> None:
     """The upstream's answer broke off mid-body (its connection was reset or closed, it went silent for
     read_timeout_s, its framing broke): a failure of the upstream's, counted as one before its head is
     (outlier detection, the verdict of a probe). Not `timeout_s` running out mid-body: a client that
@@ -650,7 +658,6 @@ def _broke_off(route: Route, record: RequestRecord, exc: TransportError) -> None
     never gets here.)"""
     if isinstance(exc, TransportTimeout) and exc.phase in _ATTEMPT_LIMIT_PHASES:
         return
-    upstream = record.upstream
     if upstream is not None:
         route.balancer.failed(upstream, record)
         record.upstream_errors += 1
@@ -772,9 +779,10 @@ async def _stream_rest(
 DISCARD_BYTES = 64 * 1024
 
 
-async def _discard(response: UpstreamResponse) -> None:
+async def _discard(response: UpstreamResponse) -> TransportError | None:
     """Drop a refusal's body before the replay: read to its end when that is within `DISCARD_BYTES` (the
-    connection is pooled again), else stop reading and close the connection."""
+    connection is pooled again), else stop reading and close the connection. Returns the error that broke
+    the body off, if one did (the upstream's failure, as mid-body in an answer passed on)."""
     try:
         # The usual small refusal arrived whole with its head: taken without a wait.
         if response.take_complete_body() is None:
@@ -784,10 +792,11 @@ async def _discard(response: UpstreamResponse) -> None:
                 if not chunk:
                     break
                 dropped += len(chunk)
-    except TransportError:
-        pass
+    except TransportError as exc:
+        return exc
     finally:
         response.release()
+    return None
 
 
 async def _wait_for_grant(route: Route, record: RequestRecord) -> Grant:

@@ -372,6 +372,31 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/test_deadline.py::test_a_forced_token_refresh_after_a_401_is_waited_for_no_longer_than_the_deadline",
     ),
     one(
+        "http10-released-before-read",
+        "an answer collected for an HTTP/1.0 client stops counting before the client has read it",
+        "gateway/proxy.py",
+        '            await exchange.send(b"")\n',
+        "            pass\n",
+        "tests/test_acceptance_upstream.py::test_http10_answers_waiting_for_clients_that_do_not_read_count_against_the_bound",
+    ),
+    one(
+        "broken-refusal-counted-as-answer",
+        "a refusal whose body broke off while it was dropped counts as the upstream's success",
+        "gateway/proxy.py",
+        "                if broken is None:\n",
+        "                if True:\n",
+        "tests/test_deadline.py::test_a_refusal_whose_body_breaks_off_while_it_is_dropped_counts_against_the_upstream",
+    ),
+    one(
+        "key-refetch-wait-unbounded",
+        "a request whose every key was refused waits for the whole key read, past its deadline",
+        "gateway/credentials/key.py",
+        "asyncio.timeout(None if until is None else until - time.perf_counter()) as window:\n"
+        "                    await self._refetch()",
+        "asyncio.timeout(None) as window:\n                    await self._refetch()",
+        "tests/test_deadline.py::test_a_key_refetch_after_every_key_was_refused_is_waited_for_no_longer_than_the_deadline",
+    ),
+    one(
         "keyvault-header-check",
         "a polled Key Vault version that cannot go in a header replaces the last good value",
         "gateway/keyvault/vaults.py",

@@ -1304,6 +1304,38 @@ def test_http10_answers_being_collected_hold_a_bounded_amount_of_memory_together
             )
 
 
+def test_http10_answers_waiting_for_clients_that_do_not_read_count_against_the_bound(gateway):
+    """The collected answer stays counted until the client has read it: eight HTTP/1.0 clients that read
+    nothing for a while, each sent a 15 MiB answer, would otherwise hold 120 MiB in write buffers while
+    the bound counted none of it (it was released once the answer was collected, in milliseconds)."""
+    part = 15 * 1024 * 1024
+    gateway.upstreams["slow"].reset(answer_with(b"HTTP/1.1 200 OK\r\n\r\n" + b"b" * part))
+    sockets = []
+    try:
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+            sock.sendall(b"POST /slow/score HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+            sockets.append(sock)
+            time.sleep(0.3)  # each answer collected and waiting before the next request
+        answers = []
+        for sock in sockets:  # now read them, one after the other
+            data = b""
+            while chunk := sock.recv(1 << 20):
+                data += chunk
+            answers.append(data)
+    finally:
+        for sock in sockets:
+            sock.close()
+    statuses = [int(answer[9:12]) for answer in answers]
+    assert 503 in statuses and 200 in statuses, statuses
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 200"):
+            assert len(body) == part, len(body)
+        else:
+            assert json.loads(body)["error"]["code"] == "overloaded"
+
+
 def test_waiters_of_a_full_pool_get_fresh_connections_when_the_upstream_closes_each(gateway):
     up = gateway.upstreams["pool"]  # max_connections 1, pool_timeout_s 0.5
     up.reset(answer_with(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"))

@@ -33,7 +33,9 @@ from test_client_conformance import OK, Peer, RawUpstream, open_route
 
 from gateway.app import GatewayApp
 from gateway.config import parse_config
+from gateway.credentials.key import KeyCredential, KeySlot
 from gateway.emulator.server import EmulatorServer
+from gateway.secrets import LiteralSecret
 
 DEADLINE_S = 0.5
 
@@ -215,3 +217,58 @@ def test_a_forced_token_refresh_after_a_401_is_waited_for_no_longer_than_the_dea
             httpx.post(f"{gw.url}/aad/score", json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=30).status_code
             == 200
         )
+
+
+def _refuses_and_breaks_off(conn: socket.socket, up: Any) -> None:
+    """A retryable refusal (429, Retry-After: 0) whose body breaks off: 10 of its 100 bytes, then a reset."""
+    if up.request(conn) is None:
+        return
+    conn.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 100\r\n\r\n0123456789")
+    time.sleep(0.05)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    conn.close()
+
+
+def test_a_refusal_whose_body_breaks_off_while_it_is_dropped_counts_against_the_upstream(
+    tmp_path: Path,
+) -> None:
+    """Dropped before the replay, a refusal is an answer only when its body ended cleanly; one that broke
+    off is the upstream's failure, as mid-body in an answer passed on (it reset the failure count, so an
+    upstream that always did this was never ejected)."""
+    healthy, broken = RawSocketUpstream(ok), RawSocketUpstream(_refuses_and_breaks_off)
+    port = free_port()
+    route = {
+        "path": "/r",
+        "upstreams": [{"url": healthy.url}, {"url": broken.url}],
+        "auth": {"type": "none"},
+        "retry": {"backoff_base_s": 0.01},
+        "outlier": {"consecutive_failures": 2, "ejection_s": 300},
+    }
+    with run_gateway(tmp_path, port, {"r": route}):
+        url = f"http://127.0.0.1:{port}/r/score"
+        statuses = [httpx.post(url, content=b"{}", timeout=20).status_code for _ in range(12)]
+        log = (tmp_path / "gateway.log").read_text()
+    assert "ejected for" in log, (statuses, broken.executions)
+    assert broken.executions <= 3, (statuses, broken.executions)
+
+
+def test_a_key_refetch_after_every_key_was_refused_is_waited_for_no_longer_than_the_deadline() -> None:
+    """An aml_key route whose every held key was refused reads its keys again from the control plane
+    (several ARM round trips at worst): the request waits for that read until its deadline at most, then
+    gets the refusal (it waited for the whole read)."""
+
+    async def main() -> tuple[object, float]:
+        async def slow_refetch() -> bool:
+            await asyncio.sleep(3)  # the control plane's read of the keys
+            return False
+
+        credential = KeyCredential(
+            "r", [KeySlot("primary", LiteralSecret("key-one-0123456789"))], refetch=slow_refetch
+        )
+        grant = credential.grant_nowait()
+        started = time.perf_counter()
+        replacement = await credential.rejected(grant, started + DEADLINE_S)
+        return replacement, time.perf_counter() - started
+
+    replacement, took = asyncio.run(main())
+    assert replacement is None and took < 2.0, (replacement, took)

@@ -196,7 +196,15 @@ class KeyCredential(Credential):
                 return replay(other.grant(), tried)
         if self._refetch is not None:
             held = {s.name: s.secret.value for s in self.slots}
-            await self._refetch()
+            # Waited for until the request's deadline at most, as the probe is: past it the request gets
+            # the refusal, and the read (shielded by the control plane's single flight) goes on.
+            try:
+                async with asyncio.timeout(None if until is None else until - time.perf_counter()) as window:
+                    await self._refetch()
+            except TimeoutError:
+                if not window.expired():
+                    raise
+                return None
             # Whatever changed while it read, not only what its own read changed: the poll loop may
             # have stored the new keys first (its read was in flight), and then this one changes nothing.
             now = time.monotonic()
