@@ -599,8 +599,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "probe-wait-unbounded",
         "a request waits for the gateway's key probe past its own deadline (up to PROBE_TIMEOUT_S)",
         "gateway/credentials/key.py",
-        "async with asyncio.timeout(None if until is None else until - time.perf_counter()) as window:",
-        "async with asyncio.timeout(None) as window:",
+        "asyncio.timeout(None if until is None else until - time.perf_counter()) as window:\n"
+        "                await asyncio.shield(slot.probing)",
+        "asyncio.timeout(None) as window:\n                await asyncio.shield(slot.probing)",
         "tests/test_verdicts.py::test_a_probe_that_never_answers_holds_the_request_no_longer_than_its_deadline",
     ),
     one(
@@ -660,7 +661,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "midbody-not-counted",
         "an upstream whose streamed answers break off mid-body is never ejected",
         "gateway/proxy.py",
-        "            _broke_off(route, record, exc)\n            raise _aborted(exchange, record, sent, exc)",
+        "            _broke_off(route, record.upstream, record, exc)\n            raise _aborted(exchange, record, sent, exc)",
         "            raise _aborted(exchange, record, sent, exc)",
         "tests/test_acceptance_upstream.py::test_an_upstream_whose_answers_break_off_mid_body_is_ejected",
     ),
