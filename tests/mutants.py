@@ -661,7 +661,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "midbody-not-counted",
         "an upstream whose streamed answers break off mid-body is never ejected",
         "gateway/proxy.py",
-        "            _broke_off(route, record.upstream, record, exc)\n            raise _aborted(exchange, record, sent, exc)",
+        "            _broke_off(route, record.upstream, record, exc)\n"
+        "            raise _aborted(exchange, record, sent, exc)",
         "            raise _aborted(exchange, record, sent, exc)",
         "tests/test_acceptance_upstream.py::test_an_upstream_whose_answers_break_off_mid_body_is_ejected",
     ),
