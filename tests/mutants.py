@@ -367,8 +367,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "token-refresh-wait-unbounded",
         "a request whose token was refused waits for the whole forced refresh, past its deadline",
         "gateway/credentials/token.py",
-        "        if until is None:\n            return await self.entry.reject(grant)\n",
-        "        if True:\n            return await self.entry.reject(grant)\n",
+        "            return await by_deadline(until, self.entry.reject(grant))",
+        "            return await self.entry.reject(grant)",
         "tests/test_deadline.py::test_a_forced_token_refresh_after_a_401_is_waited_for_no_longer_than_the_deadline",
     ),
     one(
@@ -391,9 +391,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "key-refetch-wait-unbounded",
         "a request whose every key was refused waits for the whole key read, past its deadline",
         "gateway/credentials/key.py",
-        "asyncio.timeout(None if until is None else until - time.perf_counter()) as window:\n"
-        "                    await self._refetch()",
-        "asyncio.timeout(None) as window:\n                    await self._refetch()",
+        "            await by_deadline(until, self._refetch())",
+        "            await self._refetch()",
         "tests/test_deadline.py::test_a_key_refetch_after_every_key_was_refused_is_waited_for_no_longer_than_the_deadline",
     ),
     one(
@@ -599,9 +598,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "probe-wait-unbounded",
         "a request waits for the gateway's key probe past its own deadline (up to PROBE_TIMEOUT_S)",
         "gateway/credentials/key.py",
-        "asyncio.timeout(None if until is None else until - time.perf_counter()) as window:\n"
-        "                await asyncio.shield(slot.probing)",
-        "asyncio.timeout(None) as window:\n                await asyncio.shield(slot.probing)",
+        "        await by_deadline(until, asyncio.shield(slot.probing))",
+        "        await asyncio.shield(slot.probing)",
         "tests/test_verdicts.py::test_a_probe_that_never_answers_holds_the_request_no_longer_than_its_deadline",
     ),
     one(

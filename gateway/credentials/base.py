@@ -16,10 +16,13 @@ refused within its request (`Grant.tried`), and the proxy passes it back unchang
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
+import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from gateway import metrics
 from gateway.errors import SecretError
@@ -51,6 +54,26 @@ class Grant:
 
     def __repr__(self) -> str:
         return f"Grant(slot={self.slot!r})"
+
+
+T = TypeVar("T")
+
+
+class DeadlinePassed(Exception):
+    """The request's deadline came while `rejected()` waited for a verdict: the request gets the refusal."""
+
+
+async def by_deadline(until: float | None, awaitable: Awaitable[T]) -> T:
+    """`await awaitable` until the request's deadline `until` (on `time.perf_counter()`) at most; raises
+    DeadlinePassed past it. What it waits for (a probe, a token or key fetch) is shielded by its owner and
+    goes on for the requests that follow."""
+    try:
+        async with asyncio.timeout(None if until is None else until - time.perf_counter()) as window:
+            return await awaitable
+    except TimeoutError:
+        if not window.expired():
+            raise  # the awaited thing's own timeout, not the request's deadline
+        raise DeadlinePassed from None
 
 
 def replay(grant: Grant, tried: frozenset[str]) -> Grant:

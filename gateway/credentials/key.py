@@ -31,9 +31,11 @@ from gateway.credentials.base import (
     DEFAULT_REJECTION,
     Credential,
     CredentialStatus,
+    DeadlinePassed,
     Grant,
     RejectionPolicy,
     Suspicion,
+    by_deadline,
     replay,
 )
 from gateway.credentials.probe import KeyProbe, ProbeResult, ProbeVerdict
@@ -187,8 +189,15 @@ class KeyCredential(Credential):
             # The key changed while this request was in flight: the new value deserves a try, and the
             # refusal of the old one says nothing about it.
             return replay(slot.grant(), tried)
-        if slot.name not in tried and not await self._count_rejection(slot, time.monotonic(), until):
-            return None  # the request's deadline came before the probe's verdict: it gets the refusal
+        try:
+            if slot.name not in tried:
+                await self._count_rejection(slot, time.monotonic(), until)
+            return await self._replacement(slot, tried, until)
+        except DeadlinePassed:
+            return None  # the request's deadline came before a verdict or the keys: it gets the refusal
+
+    async def _replacement(self, slot: KeySlot, tried: frozenset[str], until: float | None) -> Grant | None:
+        """The grant to replay a request refused with `slot` (and `tried` already) with, or None."""
         now = time.monotonic()
         tried = tried | {slot.name}
         for other in self.slots:
@@ -196,15 +205,8 @@ class KeyCredential(Credential):
                 return replay(other.grant(), tried)
         if self._refetch is not None:
             held = {s.name: s.secret.value for s in self.slots}
-            # Waited for until the request's deadline at most, as the probe is: past it the request gets
-            # the refusal, and the read (shielded by the control plane's single flight) goes on.
-            try:
-                async with asyncio.timeout(None if until is None else until - time.perf_counter()) as window:
-                    await self._refetch()
-            except TimeoutError:
-                if not window.expired():
-                    raise
-                return None
+            # Until the request's deadline at most, as the probe (the read is the control plane's, shielded).
+            await by_deadline(until, self._refetch())
             # Whatever changed while it read, not only what its own read changed: the poll loop may
             # have stored the new keys first (its read was in flight), and then this one changes nothing.
             now = time.monotonic()
@@ -221,37 +223,30 @@ class KeyCredential(Credential):
                     return replay(other.grant(), tried)
         return None
 
-    async def _count_rejection(self, slot: KeySlot, now: float, until: float | None) -> bool:
-        """Count the refusal; False when the request's deadline (`until`, on `time.perf_counter()`) came
-        while it waited for the gateway's probe."""
+    async def _count_rejection(self, slot: KeySlot, now: float, until: float | None) -> None:
+        """Count the refusal; a probe it starts is waited for until the request's deadline (`until`, on
+        `time.perf_counter()`) at most: DeadlinePassed past it."""
         metrics.CREDENTIAL_REJECTIONS.labels(self.route, slot.name).inc()
         if not slot.reject(now):
             if slot.rejected_value is not None:
                 slot.declared_after = self._accepts
                 self.publish()  # refused again after recheck_after_s: declared anew, without a new log
-            return True
+            return
         value = slot.secret.value
         probe = self.probe
         if probe is None:
             self._declare(slot, value, now, "")
-            return True
+            return
         if slot.probing is not None:
-            return True  # the probe under way decides
+            return  # the probe under way decides
         cleared = slot.cleared
         if cleared is not None and cleared[0] == value and now - cleared[1] < PROBE_INTERVAL_S:
-            return True
+            return
         slot.probing = asyncio.create_task(self._probe(slot, value, probe))
         # Waited for by this request (so its answer comes after the verdict), but never past the request's
         # own deadline: a probe URL that does not answer would hold it (and its route's concurrency slot)
         # for PROBE_TIMEOUT_S. Never cancelled with the request: the verdict serves the requests after it.
-        try:
-            async with asyncio.timeout(None if until is None else until - time.perf_counter()) as window:
-                await asyncio.shield(slot.probing)
-        except TimeoutError:
-            if not window.expired():
-                raise  # the probe's own, not the request's deadline
-            return False
-        return True
+        await by_deadline(until, asyncio.shield(slot.probing))
 
     async def _probe(self, slot: KeySlot, value: str, probe: KeyProbe) -> None:
         try:

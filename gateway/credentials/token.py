@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Sequence
 
 from gateway.credentials.base import (
     DEFAULT_REJECTION,
     Credential,
     CredentialStatus,
+    DeadlinePassed,
     Grant,
     RejectionPolicy,
     Suspicion,
+    by_deadline,
 )
 from gateway.tokens import TokenEntry
 
@@ -53,17 +53,11 @@ class TokenCredential(Credential):
         return await self.entry.get()
 
     async def rejected(self, grant: Grant, until: float | None = None) -> Grant | None:
-        if until is None:
-            return await self.entry.reject(grant)
         # A new token is waited for until the request's deadline at most (Entra ID can take up to
-        # identity.timeout_s): then the request gets the refusal, and the fetch, shielded in the cache,
-        # goes on for the requests after it.
+        # identity.timeout_s); the fetch, shielded in the cache, goes on for the requests after it.
         try:
-            async with asyncio.timeout(until - time.perf_counter()) as window:
-                return await self.entry.reject(grant)
-        except TimeoutError:
-            if not window.expired():
-                raise
+            return await by_deadline(until, self.entry.reject(grant))
+        except DeadlinePassed:
             return None
 
     def accepted(self, grant: Grant) -> None:
